@@ -1,0 +1,218 @@
+"""The one settings model: a TOML file, overridden by ``KONPRO_BRIDGE_*`` environment variables.
+
+Key names are a contract: deployment tooling writes them. Every key has a default that is safe to
+run with, and every secret is a ``SecretStr`` so that it cannot reach a log line or ``repr`` by
+accident.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from yarl import URL
+
+ENV_PREFIX = "KONPRO_BRIDGE_"
+CONFIG_ENV_VAR = f"{ENV_PREFIX}CONFIG"
+DEFAULT_CONFIG_FILE = Path("config.toml")
+MASK = "***"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is fit to show an operator as it is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = "0.0.0.0"  # noqa: S104 - a sidecar listens on the pod's interfaces
+    port: int = Field(default=8080, ge=1, le=65535)
+    webhook_path: str = Field(default="/webhooks/konpro", pattern=r"^/[^\s?#]*$")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_header_bytes: int = Field(default=8190, ge=1024)
+    body_timeout: float = Field(default=10.0, gt=0)
+    keepalive_timeout: float = Field(default=75.0, ge=0)
+    shutdown_timeout: float = Field(default=10.0, ge=0)
+    workers: int = Field(default=1, ge=1, le=64)
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
+
+class Route(_Section):
+    match: str = Field(min_length=1)
+    exchange: str = Field(min_length=1, max_length=200)
+
+
+class AmqpSettings(_Section):
+    url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    exchange: str = Field(default="konpro.events", min_length=1, max_length=200)
+    publish_timeout: float = Field(default=5.0, gt=0)
+    reconnect_interval: float = Field(default=2.0, gt=0)
+    routes: tuple[Route, ...] = ()
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
+        url = URL(value.get_secret_value())
+        if url.scheme not in {"amqp", "amqps"} or not url.host:
+            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        return value
+
+    @field_serializer("url", when_used="json")
+    def _masked_url(self, value: SecretStr) -> str:
+        return masked_url(value.get_secret_value())
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        """Every exchange events may be published to, the default first, without repeats."""
+        return tuple(dict.fromkeys([self.exchange, *(route.exchange for route in self.routes)]))
+
+
+class KonProSettings(_Section):
+    api_url: str = "https://api.konpro.ai"
+    api_key: SecretStr = SecretStr("")
+    webhook_secret: SecretStr = SecretStr("")
+    previous_webhook_secrets: tuple[SecretStr, ...] = ()
+    require_signature: bool = False
+    timestamp_tolerance: float = Field(default=300.0, gt=0)
+    replay_window: float = Field(default=600.0, ge=0)
+    replay_cache_size: int = Field(default=100_000, ge=0)
+    public_url: str = ""
+    events: tuple[str, ...] = ("avatar_video.success", "avatar_video.fail")
+    request_timeout: float = Field(default=10.0, gt=0)
+
+    @field_validator("api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in {"http", "https"} or not url.host:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url_or_empty(cls, value: str) -> str:
+        return cls._http_url(value) if value else value
+
+    @property
+    def webhook_secrets(self) -> tuple[str, ...]:
+        """All secrets a delivery may be signed with: the current one, then those being retired."""
+        secrets = (self.webhook_secret, *self.previous_webhook_secrets)
+        return tuple(s.get_secret_value() for s in secrets if s.get_secret_value())
+
+
+class ReconcileSettings(_Section):
+    enabled: bool = True
+    interval: float = Field(default=300.0, ge=1.0)
+    mode: Literal["repair", "verify"] = "repair"
+    max_backoff: float = Field(default=300.0, ge=1.0)
+
+
+class SpoolSettings(_Section):
+    path: Path = Path("/var/lib/konpro-bridge/spool")
+    max_bytes: int = Field(default=268_435_456, ge=1024)
+    max_events: int = Field(default=100_000, ge=1)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        hide_input_in_errors=True,
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    amqp: AmqpSettings = AmqpSettings()
+    konpro: KonProSettings = KonProSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
+    spool: SpoolSettings = SpoolSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: arguments, then the environment, then the TOML file.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value in force, so that log output can be scrubbed of them."""
+        password = URL(self.amqp.url.get_secret_value()).password
+        values = (password, self.konpro.api_key.get_secret_value(), *self.konpro.webhook_secrets)
+        return tuple(value for value in values if value)
+
+
+def masked_url(url: str) -> str:
+    """The URL with its password replaced, fit for logs and ``check-config``."""
+    parsed = URL(url)
+    return str(parsed.with_password(MASK)) if parsed.password else url
+
+
+def resolve_config_path(explicit: Path | None) -> Path | None:
+    """``--config``, else ``$KONPRO_BRIDGE_CONFIG``, else ``./config.toml`` if present."""
+    if explicit is None and (from_env := os.environ.get(CONFIG_ENV_VAR)):
+        explicit = Path(from_env)
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file not found: {explicit}")
+        return explicit
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Load settings from the resolved TOML file and the environment, or raise ``ConfigError``."""
+    toml_file = resolve_config_path(path)
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=toml_file)
+
+    try:
+        return _FromFile()
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, toml_file)) from None
+    except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
+        raise ConfigError(f"{toml_file}: {exc}") from None
+
+
+def describe_errors(error: ValidationError, source: Path | None) -> str:
+    """One line per bad key, naming it as the TOML file spells it; never the offending value."""
+    origin = f"{source}: " if source else ""
+    lines = []
+    for item in error.errors(include_input=False, include_url=False):
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"{origin}{key}: {item['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""What a KonPro delivery is, once it has passed validation, and how the bridge may answer it.
+
+Validation is deliberately shallow: the envelope (``event_type`` and ``event_data``) is checked,
+the event data is not. KonPro adds event types and fields over time; the bridge forwards the raw
+body byte for byte and leaves the schema of ``event_data`` to consumers.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+import orjson
+
+EVENT_TYPE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+EVENT_TYPE_MAX_LENGTH: Final = 255
+
+EVENT_ID_HEADER: Final = "KonPro-Event-Id"
+TIMESTAMP_HEADER: Final = "KonPro-Timestamp"
+SIGNATURE_HEADERS: Final = ("KonPro-Signature", "Signature")
+MAX_EVENT_ID_LENGTH: Final = 200
+
+
+class InvalidEvent(ValueError):
+    """The body is not a KonPro event envelope; the message says why, in words safe to return."""
+
+
+class DeliveryRefused(Exception):
+    """The bridge cannot take responsibility for a delivery now; KonPro should retry later."""
+
+    def __init__(self, reason: str, retry_after: int = 5) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class Outcome(enum.StrEnum):
+    """What became of an accepted delivery; each value is a promise that it will reach the bus."""
+
+    PUBLISHED = "published"
+    SPOOLED = "spooled"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One validated KonPro event, as it will be published."""
+
+    event_type: str
+    body: bytes
+    message_id: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    received_at: float = field(default_factory=time.time)
+
+
+def parse_event_type(body: bytes) -> str:
+    """The envelope's ``event_type``, after checking the envelope; raises ``InvalidEvent``."""
+    try:
+        envelope = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"body is not valid JSON: {_first_line(exc)}") from None
+    if not isinstance(envelope, dict):
+        raise InvalidEvent("body must be a JSON object")
+    event_type = envelope.get("event_type")
+    if not isinstance(event_type, str):
+        raise InvalidEvent("event_type must be a string")
+    if not 0 < len(event_type) <= EVENT_TYPE_MAX_LENGTH or not EVENT_TYPE_PATTERN.fullmatch(
+        event_type
+    ):
+        raise InvalidEvent(
+            "event_type must be 1-255 characters: words of [A-Za-z0-9_-] joined by single dots"
+        )
+    if not isinstance(envelope.get("event_data"), dict):
+        raise InvalidEvent("event_data must be a JSON object")
+    return event_type
+
+
+def message_id_for(body: bytes, event_id: str | None) -> str:
+    """KonPro's event id when it sent one, else a digest of the body: stable across retries."""
+    if event_id:
+        if len(event_id) > MAX_EVENT_ID_LENGTH or not event_id.isprintable():
+            raise InvalidEvent(f"{EVENT_ID_HEADER} must be at most 200 printable characters")
+        return event_id
+    return hashlib.sha256(body).hexdigest()
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200]
