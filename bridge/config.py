@@ -44,7 +44,7 @@ class _Section(BaseModel):
 
 class ServerSettings(_Section):
     host: str = "0.0.0.0"  # noqa: S104 - a sidecar listens on the pod's interfaces
-    port: int = Field(default=8080, ge=1, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535)
     webhook_path: str = Field(default="/webhooks/konpro", pattern=r"^/[^\s?#]*$")
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_header_bytes: int = Field(default=8190, ge=1024)

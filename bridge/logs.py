@@ -1,0 +1,132 @@
+"""structlog configuration: one renderer for our own lines and for aiohttp's and aio-pika's.
+
+Every rendered line passes through a redactor that knows the secrets in force, so a secret that
+slips into an exception message or a URL is masked before it reaches the stream. Per-delivery
+logging sits on the hot path, so the bound logger filters by level before doing any work.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from bridge.config import MASK, LogSettings
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_CHATTY_LIBRARIES = ("aiormq", "aio_pika", "asyncio")
+
+
+class Redactor:
+    """Replaces every known secret in a rendered line; secrets can be added while running."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: set[str] = set()
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: str) -> None:
+        if not secret:
+            return
+        self._secrets.add(secret)
+        escaped = orjson.dumps(secret).decode()[1:-1]  # as it appears inside a JSON string
+        self._secrets.add(escaped)
+
+    def __call__(self, line: str) -> str:
+        for secret in self._secrets:
+            if secret in line:
+                line = line.replace(secret, MASK)
+        return line
+
+
+class _RedactingRenderer:
+    def __init__(self, renderer: Processor, redactor: Redactor) -> None:
+        self._renderer = renderer
+        self._redactor = redactor
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> str:
+        rendered = self._renderer(logger, name, event_dict)
+        return self._redactor(rendered if isinstance(rendered, str) else str(rendered))
+
+
+redactor = Redactor()
+"""The process-wide redactor; ``configure_logging`` fills it, reconciliation adds learnt secrets."""
+
+
+def configure_logging(
+    settings: LogSettings, secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
+    """Route structlog and the standard library through one redacting renderer to ``stream``."""
+    stream = stream or sys.stderr
+    for secret in secrets:
+        redactor.add(secret)
+    level = _LEVELS.get(settings.level, logging.ERROR)
+    renderer = _RedactingRenderer(_renderer(settings, stream), redactor)
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, _format_exceptions(settings, stream), renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+    _route_standard_logging(shared, renderer, settings, stream, level)
+
+
+def _renderer(settings: LogSettings, stream: TextIO) -> Processor:
+    if _wants_json(settings, stream):
+        return structlog.processors.JSONRenderer(serializer=_dumps)
+    return structlog.dev.ConsoleRenderer(colors=stream.isatty())
+
+
+def _format_exceptions(settings: LogSettings, stream: TextIO) -> Processor:
+    if _wants_json(settings, stream):
+        return structlog.processors.dict_tracebacks
+    return _passthrough
+
+
+def _passthrough(logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+    return event_dict
+
+
+def _wants_json(settings: LogSettings, stream: TextIO) -> bool:
+    if settings.format == "auto":
+        return not stream.isatty()
+    return settings.format == "json"
+
+
+def _dumps(obj: Any, **_: Any) -> str:
+    return orjson.dumps(obj, default=str).decode()
+
+
+def _route_standard_logging(
+    shared: list[Processor],
+    renderer: Processor,
+    settings: LogSettings,
+    stream: TextIO,
+    level: int,
+) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _format_exceptions(settings, stream),
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in _CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(max(level, logging.INFO))

@@ -1,0 +1,226 @@
+"""Publishing to RabbitMQ with publisher confirms, and knowing when that is possible.
+
+One robust connection, one confirming channel, many publishes in flight on it. ``publish``
+returns only once the broker has confirmed the message; every other ending raises
+``PublishFailed`` so that the caller never mistakes "written to a socket" for "stored".
+
+Topology, declared on every (re)connect: each target exchange is a durable topic exchange whose
+alternate exchange ``<exchange>.unrouted`` (fanout) feeds a durable queue of the same name, so an
+event no service has bound a queue for is kept instead of silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import fnmatch
+import functools
+import random
+from collections.abc import Callable
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    DeliveryMode,
+    ExchangeType,
+)
+
+from bridge.config import AmqpSettings, Route, masked_url
+from bridge.events import Delivery, DeliveryRefused
+
+log = structlog.get_logger(__name__)
+
+APP_ID = "konpro-bridge"
+UNROUTED_SUFFIX = ".unrouted"
+_FIRST_RETRY_DELAY = 0.5
+_MAX_CONNECT_DELAY = 30.0
+
+
+class PublishFailed(DeliveryRefused):
+    """The broker did not confirm the message; it may or may not have stored it."""
+
+
+class BrokerUnavailable(PublishFailed):
+    """There is no usable broker connection right now."""
+
+
+def unrouted_name(exchange: str) -> str:
+    return exchange + UNROUTED_SUFFIX
+
+
+class Router:
+    """Maps an event type to its exchange: the first matching route's glob wins."""
+
+    def __init__(self, default_exchange: str, routes: tuple[Route, ...]) -> None:
+        self._default = default_exchange
+        self._routes = routes
+        # Bounded: event types come from the network, a hostile sender could invent many.
+        self.exchange_for: Callable[[str], str] = functools.lru_cache(maxsize=4096)(self._match)
+
+    def _match(self, event_type: str) -> str:
+        for route in self._routes:
+            if fnmatch.fnmatchcase(event_type, route.match):
+                return route.exchange
+        return self._default
+
+
+class Publisher:
+    """Owns the AMQP connection; safe to call ``publish`` from many tasks at once."""
+
+    def __init__(self, settings: AmqpSettings) -> None:
+        self._settings = settings
+        self._router = Router(settings.exchange, settings.routes)
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._topology_declared = False
+        self._last_error: str | None = "connecting to the broker"
+        self._connect_task: asyncio.Task[None] | None = None
+        self._on_ready: list[Callable[[], None]] = []
+
+    def on_ready(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the broker becomes usable (first connect and reconnects)."""
+        self._on_ready.append(callback)
+
+    async def start(self) -> None:
+        """Begin connecting in the background: a broker that is down at start is not fatal."""
+        self._connect_task = asyncio.create_task(self._connect_until_ready(), name="amqp-connect")
+
+    async def wait_ready(self) -> None:
+        if self._connect_task is not None:
+            await asyncio.shield(self._connect_task)
+
+    @property
+    def is_ready(self) -> bool:
+        connection, channel = self._connection, self._channel
+        return (
+            self._topology_declared
+            and connection is not None
+            and connection.connected.is_set()
+            and channel is not None
+            and not channel.is_closed
+        )
+
+    def not_ready_reason(self) -> str | None:
+        """Why publishing cannot succeed now, or ``None`` when it can."""
+        if self.is_ready:
+            return None
+        return self._last_error or "broker connection lost; reconnecting"
+
+    async def publish(self, delivery: Delivery) -> None:
+        """Publish and wait for the broker's confirm, all within ``publish_timeout``."""
+        if not self.is_ready:
+            raise BrokerUnavailable(self.not_ready_reason() or "broker unavailable")
+        exchange = self._exchanges[self._router.exchange_for(delivery.event_type)]
+        message = aio_pika.Message(
+            delivery.body,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            content_type="application/json",
+            type=delivery.event_type,
+            message_id=delivery.message_id,
+            timestamp=dt.datetime.fromtimestamp(delivery.received_at, tz=dt.UTC),
+            app_id=APP_ID,
+            headers=dict(delivery.headers),
+        )
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                await exchange.publish(message, delivery.event_type, mandatory=True)
+        except TimeoutError:
+            raise PublishFailed("broker did not confirm in time") from None
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishFailed(f"broker refused the message: {_describe(exc)}") from None
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise PublishFailed(f"publish failed: {_describe(exc)}") from None
+
+    async def close(self) -> None:
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connect_task
+        if self._connection is not None:
+            await self._connection.close()
+        self._topology_declared = False
+        self._last_error = "publisher closed"
+
+    async def _connect_until_ready(self) -> None:
+        delay = _FIRST_RETRY_DELAY
+        while True:
+            try:
+                await self._connect_once()
+            except Exception as exc:  # noqa: BLE001 - any failure to connect is retried
+                self._last_error = f"cannot connect to the broker: {_describe(exc)}"
+                log.warning(
+                    "amqp.connect_failed",
+                    url=masked_url(self._settings.url.get_secret_value()),
+                    error=_describe(exc),
+                    retry_in=round(delay, 2),
+                )
+                await self._discard_connection()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_CONNECT_DELAY) * random.uniform(0.8, 1.2)
+            else:
+                return
+
+    async def _connect_once(self) -> None:
+        connection = await aio_pika.connect_robust(
+            self._settings.url.get_secret_value(),
+            reconnect_interval=self._settings.reconnect_interval,
+            client_properties={"connection_name": APP_ID},
+        )
+        self._connection = connection
+        connection.close_callbacks.add(self._connection_lost)
+        connection.reconnect_callbacks.add(self._reconnected)
+        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self._declare_topology(self._channel)
+        self._mark_ready()
+        log.info(
+            "amqp.connected",
+            url=masked_url(self._settings.url.get_secret_value()),
+            exchanges=list(self._exchanges),
+        )
+
+    async def _declare_topology(self, channel: AbstractRobustChannel) -> None:
+        for name in self._settings.exchanges:
+            unrouted = await channel.declare_exchange(
+                unrouted_name(name), ExchangeType.FANOUT, durable=True
+            )
+            queue = await channel.declare_queue(unrouted_name(name), durable=True)
+            await queue.bind(unrouted, routing_key="#")
+            self._exchanges[name] = await channel.declare_exchange(
+                name,
+                ExchangeType.TOPIC,
+                durable=True,
+                arguments={"alternate-exchange": unrouted_name(name)},
+            )
+
+    def _mark_ready(self) -> None:
+        self._topology_declared = True
+        self._last_error = None
+        for callback in self._on_ready:
+            callback()
+
+    async def _discard_connection(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    def _connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            self._last_error = f"broker connection lost: {_describe(exc)}"
+            log.warning("amqp.connection_lost", error=_describe(exc))
+
+    def _reconnected(self, _: object) -> None:
+        # The robust channel has re-declared the exchanges, queues and bindings it made.
+        self._mark_ready()
+        log.info("amqp.reconnected")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:300]

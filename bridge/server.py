@@ -1,0 +1,177 @@
+"""The HTTP side: KonPro's deliveries in, an honest answer out.
+
+A delivery is answered 2xx only once the sink has taken responsibility for it (the broker
+confirmed it, or it is durably spooled). Input that is not a KonPro event gets a 4xx naming the
+problem and a log line; it never reaches the sink. OPTIONS on any path is answered at once:
+KonPro's registration check gives up after one second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final, Protocol
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from bridge.config import ServerSettings
+from bridge.events import (
+    EVENT_ID_HEADER,
+    SIGNATURE_HEADERS,
+    TIMESTAMP_HEADER,
+    Delivery,
+    DeliveryRefused,
+    InvalidEvent,
+    Outcome,
+    message_id_for,
+    parse_event_type,
+)
+
+log = structlog.get_logger(__name__)
+
+_JSON_TYPES: Final = frozenset({"application/json", "application/octet-stream"})
+_FORWARDED_HEADERS: Final = (EVENT_ID_HEADER, TIMESTAMP_HEADER, *SIGNATURE_HEADERS)
+_ALLOW: Final = "POST, OPTIONS"
+
+
+class EventSink(Protocol):
+    """Takes responsibility for a delivery, or refuses it with ``DeliveryRefused``."""
+
+    async def deliver(self, delivery: Delivery) -> Outcome: ...
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ReadinessProbe = Callable[[], str | None]
+"""Returns why the bridge cannot take deliveries now, or ``None`` when it can."""
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+class WebhookHandler:
+    """``POST {webhook_path}``: read, validate, hand to the sink, answer."""
+
+    def __init__(self, settings: ServerSettings, sink: EventSink) -> None:
+        self._settings = settings
+        self._sink = sink
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            delivery = await self._accept(request)
+        except _Rejected as rejected:
+            return self._reject(request, rejected, started)
+        try:
+            outcome = await self._sink.deliver(delivery)
+        except DeliveryRefused as refused:
+            log.warning(
+                "webhook.refused",
+                event_type=delivery.event_type,
+                message_id=delivery.message_id,
+                reason=refused.reason,
+                duration_ms=_elapsed_ms(started),
+            )
+            return web.json_response(
+                {"status": "unavailable", "detail": "retry later"},
+                status=503,
+                headers={"Retry-After": str(refused.retry_after)},
+            )
+        log.info(
+            "webhook.accepted",
+            event_type=delivery.event_type,
+            message_id=delivery.message_id,
+            outcome=outcome.value,
+            duration_ms=_elapsed_ms(started),
+        )
+        return web.json_response(
+            {"status": "accepted", "outcome": outcome.value, "message_id": delivery.message_id},
+            status=202 if outcome is Outcome.SPOOLED else 200,
+        )
+
+    async def _accept(self, request: web.Request) -> Delivery:
+        self._check_content_type(request)
+        body = await self._read_body(request)
+        try:
+            event_type = parse_event_type(body)
+            message_id = message_id_for(body, request.headers.get(EVENT_ID_HEADER))
+        except InvalidEvent as exc:
+            raise _Rejected(400, "invalid_event", str(exc)) from None
+        return Delivery(event_type, body, message_id, _konpro_headers(request.headers))
+
+    def _check_content_type(self, request: web.Request) -> None:
+        content_type = request.content_type  # aiohttp's default when absent: octet-stream
+        if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
+            raise _Rejected(415, "unsupported_media_type", "content type must be application/json")
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self._settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
+        try:
+            async with asyncio.timeout(self._settings.body_timeout):
+                body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes") from None
+        except TimeoutError:
+            raise _Rejected(408, "body_timeout", "request body not received in time") from None
+        if not body:
+            raise _Rejected(400, "invalid_event", "body is empty")
+        return body
+
+    @staticmethod
+    def _reject(request: web.Request, rejected: _Rejected, started: float) -> web.Response:
+        log.warning(
+            "webhook.rejected",
+            status=rejected.status,
+            error=rejected.error,
+            detail=rejected.detail,
+            remote=request.remote,
+            duration_ms=_elapsed_ms(started),
+        )
+        return web.json_response(
+            {"error": rejected.error, "detail": rejected.detail}, status=rejected.status
+        )
+
+
+def create_app(
+    settings: ServerSettings, sink: EventSink, readiness: ReadinessProbe
+) -> web.Application:
+    """The aiohttp application; the caller owns running it."""
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app.router.add_route("OPTIONS", "/{path:.*}", _options)
+    app.router.add_post(settings.webhook_path, WebhookHandler(settings, sink).handle)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz(readiness))
+    return app
+
+
+async def _options(request: web.Request) -> web.Response:
+    return web.Response(status=200, headers={"Allow": _ALLOW})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def _readyz(readiness: ReadinessProbe) -> Handler:
+    async def readyz(request: web.Request) -> web.Response:
+        reason = readiness()
+        if reason is None:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
+    return readyz
+
+
+def _konpro_headers(headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
+    return {name: value for name in _FORWARDED_HEADERS if (value := headers.get(name)) is not None}
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

@@ -1,0 +1,140 @@
+"""Fixtures that start real things: the bridge on a free port, RabbitMQ queues, a TCP proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+
+from bridge.app import Bridge
+from bridge.config import Settings
+from tests.support.tcp_proxy import TcpProxy
+
+AMQP_URL = os.environ.get("KONPRO_BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
+
+BridgeFactory = Callable[..., AbstractAsyncContextManager[Bridge]]
+QueueFactory = Callable[..., Awaitable[AbstractQueue]]
+
+
+def make_settings(tmp_path: Path, exchange: str, **sections: dict[str, Any]) -> Settings:
+    """Settings for a test bridge: a free port, its own exchange and spool, no reconciliation."""
+    data: dict[str, dict[str, Any]] = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0},
+        "amqp": {"url": AMQP_URL, "exchange": exchange, "reconnect_interval": 0.2},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return Settings.model_validate(data)
+
+
+@pytest.fixture
+def exchange_name() -> str:
+    return f"test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def amqp() -> AsyncIterator[AbstractRobustConnection]:
+    connection = await aio_pika.connect_robust(AMQP_URL)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def channel(
+    amqp: AbstractRobustConnection, exchange_name: str
+) -> AsyncIterator[AbstractChannel]:
+    """A channel for the test's own queues; deletes the test's exchanges afterwards."""
+    channel = await amqp.channel()
+    yield channel
+    cleanup = await amqp.channel()
+    for suffix in ("", ".unrouted", ".routed"):
+        for base in (exchange_name, f"{exchange_name}.other"):
+            await cleanup.exchange_delete(base + suffix)
+            await cleanup.queue_delete(base + suffix)
+    await cleanup.close()
+
+
+@pytest.fixture
+def bind_queue(channel: AbstractChannel, exchange_name: str) -> QueueFactory:
+    """Declares an exclusive queue bound to an exchange (the test's own by default)."""
+
+    async def bind(routing_key: str = "#", exchange: str | None = None) -> AbstractQueue:
+        target = exchange or exchange_name
+        await channel.declare_exchange(
+            target,
+            aio_pika.ExchangeType.TOPIC,
+            durable=True,
+            arguments={"alternate-exchange": f"{target}.unrouted"},
+        )
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(target, routing_key)
+        return queue
+
+    return bind
+
+
+@pytest.fixture
+def start_bridge(tmp_path: Path, exchange_name: str) -> BridgeFactory:
+    """Starts a bridge in this event loop; waits for the broker unless told not to."""
+
+    @asynccontextmanager
+    async def start(
+        *, wait_ready: bool = True, **sections: dict[str, Any]
+    ) -> AsyncIterator[Bridge]:
+        bridge = Bridge(make_settings(tmp_path, exchange_name, **sections))
+        await bridge.start()
+        try:
+            if wait_ready:
+                await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
+            yield bridge
+        finally:
+            await bridge.stop()
+
+    return start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        yield session
+
+
+@pytest.fixture
+async def broker_proxy() -> AsyncIterator[TcpProxy]:
+    async with TcpProxy(BROKER_HOST, BROKER_PORT) as proxy:
+        yield proxy
+
+
+def proxied_amqp_url(proxy: TcpProxy) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+
+
+async def drain(queue: AbstractQueue, *, expect: int, within: float = 5.0) -> list[Any]:
+    """Collects exactly ``expect`` messages (acking them), then checks nothing else arrives."""
+    messages: list[Any] = []
+    deadline = asyncio.get_running_loop().time() + within
+    while len(messages) < expect and asyncio.get_running_loop().time() < deadline:
+        message = await queue.get(fail=False)
+        if message is None:
+            await asyncio.sleep(0.02)
+            continue
+        await message.ack()
+        messages.append(message)
+    await asyncio.sleep(0.1)
+    while (extra := await queue.get(fail=False)) is not None:
+        await extra.ack()
+        messages.append(extra)
+    return messages

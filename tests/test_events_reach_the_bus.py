@@ -1,0 +1,180 @@
+"""Every accepted delivery is on the bus, byte for byte, routed by its event type."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import aiohttp
+import orjson
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from bridge.app import Bridge
+from tests.conftest import BridgeFactory, QueueFactory, drain
+
+SEED_EVENTS = {
+    "avatar_video.success": {
+        "video_id": "v1",
+        "url": "https://resource.example/video/v1/1280x720.mp4",
+        "gif_download_url": None,
+        "video_share_page_url": None,
+        "folder_id": "",
+        "callback_id": None,
+    },
+    "avatar_video.fail": {"video_id": "v2", "msg": "render failed", "callback_id": "c2"},
+    "avatar_video_gif.success": {"video_id": "v3", "url": "https://r.example/v3.gif"},
+    "avatar_video_gif.fail": {"video_id": "v4", "msg": "gif failed", "callback_id": None},
+    "video_translate.success": {
+        "video_translate_id": "t1",
+        "url": "https://r.example/t1.mp4",
+        "callback_id": None,
+        "output_language": "de",
+    },
+    "video_translate.fail": {
+        "video_translate_id": "t2",
+        "message": "unsupported",
+        "callback_id": None,
+        "output_language": "fr",
+    },
+    "personalized_video": {
+        "project_id": "p1",
+        "video_id": "v5",
+        "video_url": "https://r.example/v5.mp4",
+        "landing_page_url": "https://r.example/l",
+        "gif_url": None,
+        "gif_html": None,
+        "contact_info": {"email": "a@example.com"},
+    },
+}
+
+
+def event_body(event_type: str, **event_data: object) -> bytes:
+    data = event_data or SEED_EVENTS.get(event_type, {"id": "x"})
+    return orjson.dumps({"event_type": event_type, "event_data": data})
+
+
+async def post(
+    http: aiohttp.ClientSession,
+    bridge: Bridge,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, object]]:
+    url = bridge.url + bridge.settings.server.webhook_path
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    async with http.post(url, data=body, headers=all_headers) as response:
+        return response.status, await response.json(content_type=None)
+
+
+@pytest.mark.parametrize("event_type", sorted(SEED_EVENTS))
+async def test_each_seed_event_lands_in_a_queue_bound_to_its_type_unchanged(
+    event_type: str,
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue(event_type)
+    # Deliberately odd spacing: the bridge must forward the bytes, not a re-serialisation.
+    body = b'{"event_type":  "%s", "event_data": %s }' % (
+        event_type.encode(),
+        orjson.dumps(SEED_EVENTS[event_type]),
+    )
+    headers = {"KonPro-Event-Id": f"evt-{event_type}", "KonPro-Timestamp": str(int(time.time()))}
+    async with start_bridge() as bridge:
+        before = time.time()
+        status, answer = await post(http, bridge, body, headers)
+
+    assert (status, answer["status"], answer["outcome"]) == (200, "accepted", "published")
+    assert answer["message_id"] == f"evt-{event_type}"
+    [message] = await drain(queue, expect=1)
+    assert message.body == body
+    assert message.routing_key == event_type
+    assert message.type == event_type
+    assert message.message_id == f"evt-{event_type}"
+    assert message.delivery_mode == 2
+    assert message.content_type == "application/json"
+    assert message.app_id == "konpro-bridge"
+    assert message.timestamp is not None
+    assert message.timestamp.timestamp() >= int(before)
+    assert message.headers == headers
+
+
+async def test_message_id_is_the_body_digest_when_konpro_sends_no_event_id(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    body = event_body("avatar_video.success")
+    async with start_bridge() as bridge:
+        status, answer = await post(http, bridge, body)
+
+    assert status == 200
+    [message] = await drain(queue, expect=1)
+    assert message.message_id == answer["message_id"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_a_fail_binding_receives_only_fail_events(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    failures = await bind_queue("*.fail")
+    async with start_bridge() as bridge:
+        for event_type in SEED_EVENTS:
+            assert (await post(http, bridge, event_body(event_type)))[0] == 200
+
+    received = await drain(failures, expect=3)
+    assert sorted(m.routing_key for m in received) == [
+        "avatar_video.fail",
+        "avatar_video_gif.fail",
+        "video_translate.fail",
+    ]
+
+
+async def test_routes_send_matching_event_types_to_their_own_exchange(
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+    exchange_name: str,
+) -> None:
+    other = f"{exchange_name}.other"
+    main_queue = await bind_queue("#")
+    routed_queue = await bind_queue("#", exchange=other)
+    routes = [{"match": "video_translate.*", "exchange": other}]
+    async with start_bridge(amqp={"routes": routes}) as bridge:
+        for event_type in ("video_translate.success", "video_translate.fail", "avatar_video.fail"):
+            assert (await post(http, bridge, event_body(event_type)))[0] == 200
+
+    assert [m.routing_key for m in await drain(main_queue, expect=1)] == ["avatar_video.fail"]
+    assert sorted(m.routing_key for m in await drain(routed_queue, expect=2)) == [
+        "video_translate.fail",
+        "video_translate.success",
+    ]
+
+
+async def test_an_event_no_queue_is_bound_for_is_kept_in_the_unrouted_queue(
+    start_bridge: BridgeFactory,
+    channel: AbstractChannel,
+    http: aiohttp.ClientSession,
+    exchange_name: str,
+) -> None:
+    body = event_body("instant_avatar.success", avatar_id="a1")
+    async with start_bridge() as bridge:
+        status, _ = await post(http, bridge, body)
+        assert status == 200
+
+    unrouted = await channel.declare_queue(f"{exchange_name}.unrouted", passive=True)
+    [message] = await drain(unrouted, expect=1)
+    assert message.body == body
+    assert message.routing_key == "instant_avatar.success"
+
+
+async def test_many_deliveries_in_flight_at_once_are_all_confirmed_and_stored(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    bodies = [event_body("avatar_video.success", video_id=f"v{i}") for i in range(300)]
+    async with start_bridge() as bridge:
+        answers = await asyncio.gather(*(post(http, bridge, body) for body in bodies))
+
+    assert {status for status, _ in answers} == {200}
+    stored = await drain(queue, expect=len(bodies))
+    assert sorted(m.body for m in stored) == sorted(bodies)
