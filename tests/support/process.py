@@ -1,0 +1,122 @@
+"""The bridge as a separate process, started the way an operator starts it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """A minimal TOML writer for test settings (strings, numbers, booleans, lists of strings)."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+class BridgeProcess:
+    """``python -m bridge run --config <file>`` with its log captured to a file."""
+
+    def __init__(self, workdir: Path, sections: dict[str, dict[str, Any]]) -> None:
+        self.port = free_port()
+        sections = {
+            **sections,
+            "server": {"host": "127.0.0.1", "port": self.port, **sections.get("server", {})},
+        }
+        self.config = write_toml(workdir / "bridge.toml", sections)
+        self.log_path = workdir / "bridge.log"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, *, wait_ready: bool = True) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bridge",
+                "run",
+                "--config",
+                str(self.config),
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
+        await self._wait_for("/readyz" if wait_ready else "/healthz")
+
+    async def _wait_for(self, path: str, within: float = 15.0) -> None:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(within):
+            while True:
+                assert self.process is not None
+                assert self.process.returncode is None, self.log()
+                try:
+                    async with http.get(self.url + path) as response:
+                        if response.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    def send(self, signum: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    async def wait(self, within: float = 20.0) -> int:
+        assert self.process is not None
+        async with asyncio.timeout(within):
+            return await self.process.wait()
+
+    async def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.returncode is not None:
+            return self.process.returncode
+        self.send(signal.SIGTERM)
+        try:
+            return await self.wait()
+        except TimeoutError:
+            self.process.kill()
+            return await self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,151 @@
+"""Input that is not a KonPro event gets a clear 4xx and a log line, and never reaches the bus."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+import structlog
+from aio_pika.abc import AbstractChannel
+
+from tests.conftest import BridgeFactory, QueueFactory, drain
+
+VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
+
+BAD_BODIES = {
+    "empty body": b"",
+    "not json": b"event_type=avatar_video.success",
+    "truncated json": VALID[:-3],
+    "json array": b'[{"event_type": "avatar_video.success", "event_data": {}}]',
+    "json string": b'"avatar_video.success"',
+    "missing event_type": b'{"event_data": {}}',
+    "numeric event_type": b'{"event_type": 7, "event_data": {}}',
+    "empty event_type": b'{"event_type": "", "event_data": {}}',
+    "double dot": b'{"event_type": "avatar_video..success", "event_data": {}}',
+    "leading dot": b'{"event_type": ".success", "event_data": {}}',
+    "trailing dot": b'{"event_type": "avatar_video.", "event_data": {}}',
+    "space in type": b'{"event_type": "avatar video.success", "event_data": {}}',
+    "routing wildcard": b'{"event_type": "avatar_video.#", "event_data": {}}',
+    "non-ascii type": '{"event_type": "vidéo.success", "event_data": {}}'.encode(),
+    "type of 256 chars": json.dumps({"event_type": "a" * 256, "event_data": {}}).encode(),
+    "missing event_data": b'{"event_type": "avatar_video.success"}',
+    "event_data array": b'{"event_type": "avatar_video.success", "event_data": []}',
+    "event_data null": b'{"event_type": "avatar_video.success", "event_data": null}',
+    "invalid utf-8": b'{"event_type": "avatar_video.success", "event_data": {"x": "\xff\xfe"}}',
+    "deeply nested": b'{"event_type": "a.b", "event_data": '
+    + b'{"x": ' * 2000
+    + b"1"
+    + b"}" * 2001,
+}
+
+
+async def test_every_malformed_envelope_is_answered_400_naming_the_problem(
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    channel: AbstractChannel,
+    http: aiohttp.ClientSession,
+    exchange_name: str,
+) -> None:
+    queue = await bind_queue("#")
+    answers = {}
+    async with start_bridge() as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        with structlog.testing.capture_logs() as logs:
+            for name, body in BAD_BODIES.items():
+                headers = {"Content-Type": "application/json"}
+                async with http.post(url, data=body, headers=headers) as response:
+                    answers[name] = (response.status, await response.json())
+
+    assert {name: status for name, (status, _) in answers.items()} == dict.fromkeys(BAD_BODIES, 400)
+    assert {answer["error"] for _, answer in answers.values()} == {"invalid_event"}
+    assert "event_type" in answers["double dot"][1]["detail"]
+    assert "event_data" in answers["event_data array"][1]["detail"]
+    assert "JSON" in answers["not json"][1]["detail"]
+    rejected = [line for line in logs if line["event"] == "webhook.rejected"]
+    assert len(rejected) == len(BAD_BODIES)
+    assert await drain(queue, expect=0) == []
+    unrouted = await channel.declare_queue(f"{exchange_name}.unrouted", passive=True)
+    assert await drain(unrouted, expect=0) == []
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+async def test_a_body_that_does_not_claim_to_be_json_is_answered_415(
+    content_type: str,
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge() as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        async with http.post(url, data=VALID, headers={"Content-Type": content_type}) as response:
+            assert response.status == 415
+            assert (await response.json())["error"] == "unsupported_media_type"
+    assert await drain(queue, expect=0) == []
+
+
+async def test_json_variants_of_the_content_type_are_accepted(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge() as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        for content_type in ("application/json; charset=utf-8", "application/cloudevents+json"):
+            async with http.post(url, data=VALID, headers={"Content-Type": content_type}) as resp:
+                assert resp.status == 200
+    assert len(await drain(queue, expect=2)) == 2
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_over_the_limit_is_answered_413(
+    chunked: bool,
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    padding = b" " * 5000
+    body = VALID[:-1] + padding + b"}"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    async with start_bridge(server={"max_body_bytes": 4096}) as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        data = chunks() if chunked else body
+        headers = {"Content-Type": "application/json"}
+        async with http.post(url, data=data, headers=headers) as response:
+            assert response.status == 413
+            assert (await response.json())["error"] == "body_too_large"
+        # The server is still healthy and accepts a delivery under the limit.
+        async with http.post(url, data=VALID, headers=headers) as response:
+            assert response.status == 200
+    assert len(await drain(queue, expect=1)) == 1
+
+
+async def test_an_unusable_event_id_header_is_answered_400(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge() as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        headers = {"Content-Type": "application/json", "KonPro-Event-Id": "e" * 201}
+        async with http.post(url, data=VALID, headers=headers) as response:
+            assert response.status == 400
+            assert "KonPro-Event-Id" in (await response.json())["detail"]
+    assert await drain(queue, expect=0) == []
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+async def test_other_methods_on_the_webhook_path_are_answered_405(
+    method: str, start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    async with start_bridge() as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        async with http.request(method, url) as response:
+            assert response.status == 405

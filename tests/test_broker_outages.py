@@ -1,0 +1,122 @@
+"""The broker going away: OPTIONS and health stay instant, readiness tells the truth, no false 2xx.
+
+The link to the shared broker is cut with a TCP proxy of the test's own; the broker itself is
+never stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from bridge.app import Bridge
+from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.support.tcp_proxy import TcpProxy
+
+VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
+JSON = {"Content-Type": "application/json"}
+
+
+async def readiness(http: aiohttp.ClientSession, bridge: Bridge) -> tuple[int, dict[str, str]]:
+    async with http.get(bridge.url + "/readyz") as response:
+        return response.status, await response.json()
+
+
+async def wait_for_readiness(
+    http: aiohttp.ClientSession, bridge: Bridge, status: int, within: float = 10.0
+) -> dict[str, str]:
+    async with asyncio.timeout(within):
+        while True:
+            current, body = await readiness(http, bridge)
+            if current == status:
+                return body
+            await asyncio.sleep(0.05)
+
+
+async def test_options_and_health_are_answered_while_the_broker_is_unreachable(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    await broker_proxy.cut()
+    amqp = {"url": proxied_amqp_url(broker_proxy)}
+    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        for path in (url, bridge.url + "/", bridge.url + "/any/path"):
+            async with http.options(path, timeout=aiohttp.ClientTimeout(total=1)) as response:
+                assert response.status == 200
+                assert "POST" in response.headers["Allow"]
+        async with http.get(bridge.url + "/healthz") as response:
+            assert response.status == 200
+        status, body = await readiness(http, bridge)
+        assert status == 503
+        assert "cannot connect to the broker" in body["reason"]
+
+
+async def test_a_delivery_while_the_broker_is_down_is_refused_with_retry_after(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    await broker_proxy.cut()
+    amqp = {"url": proxied_amqp_url(broker_proxy)}
+    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        async with http.post(url, data=VALID, headers=JSON) as response:
+            assert response.status == 503
+            assert int(response.headers["Retry-After"]) > 0
+
+
+async def test_the_bridge_connects_and_forwards_once_the_broker_appears(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    await broker_proxy.cut()
+    amqp = {"url": proxied_amqp_url(broker_proxy)}
+    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+        assert (await readiness(http, bridge))[0] == 503
+        await broker_proxy.restore()
+        await wait_for_readiness(http, bridge, 200)
+        async with http.post(
+            bridge.url + bridge.settings.server.webhook_path, data=VALID, headers=JSON
+        ) as response:
+            assert response.status == 200
+    assert [m.body for m in await drain(queue, expect=1)] == [VALID]
+
+
+async def test_readiness_follows_the_link_down_and_up_and_delivery_resumes(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    amqp = {"url": proxied_amqp_url(broker_proxy)}
+    async with start_bridge(amqp=amqp) as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        assert (await readiness(http, bridge))[0] == 200
+
+        await broker_proxy.cut()
+        body = await wait_for_readiness(http, bridge, 503)
+        assert "broker" in body["reason"]
+        async with http.post(url, data=VALID, headers=JSON) as response:
+            assert response.status == 503
+
+        await broker_proxy.restore()
+        await wait_for_readiness(http, bridge, 200)
+        async with http.post(url, data=VALID, headers=JSON) as response:
+            assert response.status == 200
+    assert [m.body for m in await drain(queue, expect=1)] == [VALID]
+
+
+async def test_a_broker_that_stops_confirming_gets_503_within_the_publish_timeout(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 0.5}
+    async with start_bridge(amqp=amqp) as bridge:
+        broker_proxy.hold()
+        url = bridge.url + bridge.settings.server.webhook_path
+        async with http.post(url, data=VALID, headers=JSON) as response:
+            assert response.status == 503
+            assert "Retry-After" in response.headers
+        broker_proxy.release()

@@ -1,0 +1,85 @@
+"""Start and stop like a well-behaved daemon: SIGTERM drains what is in flight, then exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from tests.conftest import QueueFactory, drain, proxied_amqp_url
+from tests.support.process import BridgeProcess
+from tests.support.tcp_proxy import TcpProxy
+
+
+def settings(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
+    return {
+        "amqp": {"url": amqp_url, "exchange": exchange},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+
+
+async def test_sigterm_lets_in_flight_publishes_finish_then_exits_zero(
+    tmp_path: Path,
+    exchange_name: str,
+    bind_queue: QueueFactory,
+    broker_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    bridge = BridgeProcess(
+        tmp_path, settings(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
+    )
+    await bridge.start()
+    broker_proxy.delay = 0.4  # every confirm now takes a while: the publishes are in flight
+    url = bridge.url + "/webhooks/konpro"
+    bodies = [
+        orjson.dumps({"event_type": "avatar_video.success", "event_data": {"video_id": f"v{i}"}})
+        for i in range(20)
+    ]
+
+    async def post(body: bytes) -> int:
+        async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+            return r.status
+
+    posts = [asyncio.create_task(post(body)) for body in bodies]
+    await asyncio.sleep(0.2)
+    bridge.send(signal.SIGTERM)
+    statuses = await asyncio.gather(*posts)
+    exit_code = await bridge.wait()
+
+    assert exit_code == 0, bridge.log()
+    assert statuses == [200] * len(bodies)
+    assert sorted(m.body for m in await drain(queue, expect=len(bodies))) == sorted(bodies)
+    log = bridge.log()
+    assert log.index('"bridge.signal"') < log.index('"bridge.stopped"')
+
+
+async def test_a_bridge_started_while_the_broker_is_down_serves_health_and_stops_cleanly(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    await broker_proxy.cut()
+    bridge = BridgeProcess(
+        tmp_path, settings(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
+    )
+    await bridge.start(wait_ready=False)
+    async with http.get(bridge.url + "/readyz") as response:
+        assert response.status == 503
+    assert await bridge.stop() == 0
+    assert "amqp.connect_failed" in bridge.log()
+
+
+async def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_path: Path) -> None:
+    console_script = str(Path(sys.executable).parent / "konpro-bridge")
+    for argv in ([console_script], [sys.executable, "-m", "bridge"]):
+        process = await asyncio.create_subprocess_exec(
+            *argv, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, _ = await process.communicate()
+        assert process.returncode == 0
+        assert out.startswith(b"konpro-bridge ")
