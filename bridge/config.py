@@ -201,11 +201,12 @@ def load_settings(path: Path | None = None) -> Settings:
         model_config = SettingsConfigDict(toml_file=toml_file)
 
     try:
-        return _FromFile()
+        merged = _FromFile()
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc, toml_file)) from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
         raise ConfigError(f"{toml_file}: {exc}") from None
+    return Settings.model_validate(merged.model_dump())
 
 
 def describe_errors(error: ValidationError, source: Path | None) -> str:

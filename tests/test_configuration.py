@@ -1,0 +1,182 @@
+"""Settings come from one TOML file, environment variables override it, and mistakes are named."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, SecretStr
+
+from bridge.config import ConfigError, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def defaults(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every leaf key of the settings model with its default, as plain TOML-like values."""
+    flat: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            flat.update(defaults(annotation, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = _plain(field.default)
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def run_cli(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No stray KONPRO_BRIDGE_* variable or ./config.toml may leak into these tests."""
+    for name in list(__import__("os").environ):
+        if name.startswith("KONPRO_BRIDGE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_without_any_file_the_defaults_apply() -> None:
+    settings = load_settings()
+    assert settings.server.port == 8080
+    assert settings.amqp.exchange == "konpro.events"
+    assert settings.konpro.events == ("avatar_video.success", "avatar_video.fail")
+
+
+def test_a_toml_file_sets_values_and_routes(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        '[server]\nport = 9000\n[amqp]\nexchange = "acme.konpro"\n'
+        '[[amqp.routes]]\nmatch = "video_translate.*"\nexchange = "acme.translations"\n'
+    )
+    settings = load_settings(config)
+    assert settings.server.port == 9000
+    assert settings.amqp.exchanges == ("acme.konpro", "acme.translations")
+
+
+def test_environment_variables_override_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text('[amqp]\nexchange = "from.file"\npublish_timeout = 3.0\n')
+    monkeypatch.setenv("KONPRO_BRIDGE_AMQP__EXCHANGE", "from.env")
+    monkeypatch.setenv("KONPRO_BRIDGE_KONPRO__EVENTS", '["video_translate.success"]')
+    settings = load_settings(config)
+    assert settings.amqp.exchange == "from.env"
+    assert settings.amqp.publish_timeout == 3.0
+    assert settings.konpro.events == ("video_translate.success",)
+
+
+def test_the_file_is_found_through_the_environment_then_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "config.toml").write_text("[server]\nport = 8100\n")
+    assert load_settings().server.port == 8100
+    named = tmp_path / "named.toml"
+    named.write_text("[server]\nport = 8200\n")
+    monkeypatch.setenv("KONPRO_BRIDGE_CONFIG", str(named))
+    assert load_settings().server.port == 8200
+
+
+def test_a_named_file_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config file not found: .*missing\.toml"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_each_bad_key_gets_one_line_naming_it_and_no_secret_is_echoed(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[server]\nport = "eighty"\n'
+        '[amqp]\nurl = "http://guest:hunter2-secret@localhost/"\n'
+        '[reconcile]\nmode = "fix-it"\n'
+        "[log]\nunknown_key = 1\n"
+    )
+    result = run_cli("check-config", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()[1:]
+    assert sorted(line.split(": ")[1] for line in lines) == [
+        "amqp.url",
+        "log.unknown_key",
+        "reconcile.mode",
+        "server.port",
+    ]
+    assert all(line.startswith(f"{config}: ") for line in lines)
+    assert "hunter2-secret" not in result.stderr + result.stdout
+
+
+def test_a_toml_syntax_error_is_reported_with_the_file_name(tmp_path: Path) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text("[server\nport = 1\n")
+    with pytest.raises(ConfigError, match=r"broken\.toml"):
+        load_settings(config)
+
+
+def test_check_config_prints_effective_settings_with_secrets_masked(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        '[amqp]\nurl = "amqp://bridge:amqp-pass-123@rabbit:5672/prod"\n'
+        '[konpro]\napi_key = "key-abc-123"\nwebhook_secret = "whsec_signing-123"\n'
+        'previous_webhook_secrets = ["whsec_old-456"]\n'
+    )
+    env = {"PATH": "/usr/bin:/bin", "KONPRO_BRIDGE_SERVER__PORT": "9100"}
+    result = run_cli("check-config", "--config", str(config), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["server"]["port"] == 9100
+    assert shown["amqp"]["url"] == "amqp://bridge:***@rabbit:5672/prod"
+    for secret in ("amqp-pass-123", "key-abc-123", "whsec_signing-123", "whsec_old-456"):
+        assert secret not in result.stdout + result.stderr
+
+
+def test_the_example_file_documents_every_key_with_its_default() -> None:
+    example = tomllib.loads((ROOT / "config.example.toml").read_text())
+    assert flatten(example) == defaults(Settings)
+
+
+def test_the_readme_settings_table_lists_every_key_with_its_default() -> None:
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `([^`]*)` \|", readme, flags=re.MULTILINE)
+    documented = {key: json.loads(default) for key, default in rows}
+    assert documented == defaults(Settings)
+
+
+def test_the_example_file_is_a_valid_configuration() -> None:
+    settings = load_settings(ROOT / "config.example.toml")
+    assert settings == Settings.model_validate({})
