@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final, Literal, Self
 
 import aiohttp
+import orjson
 import structlog
 from pydantic import (
     BaseModel,
@@ -211,6 +211,8 @@ class KonProClient:
         data = await self._call("GET", "endpoint.list")
         if isinstance(data, dict):  # some deployments wrap the list
             data = data.get("endpoints")
+        if data is None:  # an empty account may answer with no list at all
+            return []
         if not isinstance(data, list):
             raise TransportError("expected a list of endpoints", call="endpoint.list")
         return [_endpoint(item, "endpoint.list") for item in data]
@@ -316,7 +318,7 @@ class KonProClient:
         )
         return self._unwrap(name, response.status, response.headers, body)
 
-    def _unwrap(self, name: str, status: int, headers: Any, body: bytes) -> Any:
+    def _unwrap(self, name: str, status: int, headers: Mapping[str, str], body: bytes) -> Any:
         envelope = _envelope(body)
         code = envelope.get("code") if envelope else None
         code = code if isinstance(code, int) else None
@@ -380,8 +382,8 @@ def _endpoint(data: Any, call: str) -> Endpoint:
 
 def _envelope(body: bytes) -> dict[str, Any] | None:
     try:
-        decoded = json.loads(body)
-    except ValueError:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:
         return None
     return decoded if isinstance(decoded, dict) else None
 

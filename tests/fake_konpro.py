@@ -84,12 +84,13 @@ class FakeKonPro:
 
     # -- programming the fake ---------------------------------------------------------------
 
-    def fail_next(
+    def answer_next(
         self, count: int, status: int, *, retry_after: str | None = None, body: bytes | None = None
     ) -> None:
-        """Answer the next ``count`` calls with ``status``, ``Retry-After`` and ``body`` if given.
+        """Answer the next ``count`` calls with ``status`` instead of serving them.
 
-        Without a body the answer is KonPro's error envelope for that status.
+        The body is ``body`` if given, else KonPro's error envelope for that status; a
+        ``Retry-After`` header is added if given.
         """
         self._faults.extend(Fault(status, retry_after, body) for _ in range(count))
 
@@ -249,7 +250,9 @@ class WebhookReceiver:
     path: str = "/webhooks/konpro"
     options_status: int = 200
     options_seen: int = 0
+    hold_until: int = 0  # answer no OPTIONS before this many have arrived (forces races)
     url: str = ""
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -259,11 +262,15 @@ class WebhookReceiver:
         self.url = _base_url(self._runner) + self.path
 
     async def close(self) -> None:
+        self._arrived.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
     async def _options(self, request: web.Request) -> web.Response:
         self.options_seen += 1
+        if self.options_seen >= self.hold_until:
+            self._arrived.set()
+        await self._arrived.wait()
         return web.Response(status=self.options_status)
 
 

@@ -98,6 +98,14 @@ async def test_list_endpoints_accepts_both_shapes_of_data(
     ]
 
 
+async def test_list_endpoints_reads_null_data_as_an_empty_account(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    fake_konpro.answer_next(1, 200, body=b'{"code": 100, "data": null, "message": "Success"}')
+
+    assert await client.list_endpoints() == []
+
+
 async def test_list_endpoints_reads_created_at_as_epoch_seconds_or_iso_text(
     client: KonProClient, fake_konpro: FakeKonPro
 ) -> None:
@@ -231,7 +239,7 @@ async def test_rejected_parameters_are_a_validation_failure(
 async def test_an_answer_that_is_not_json_is_a_transport_error(
     fake_konpro: FakeKonPro,
 ) -> None:
-    fake_konpro.fail_next(3, 200, body=b"<html>maintenance</html>")
+    fake_konpro.answer_next(3, 200, body=b"<html>maintenance</html>")
 
     async with client_for(fake_konpro, max_attempts=3) as client:
         with pytest.raises(TransportError, match="not a KonPro envelope"):
@@ -241,7 +249,7 @@ async def test_an_answer_that_is_not_json_is_a_transport_error(
 
 
 async def test_an_envelope_without_a_code_is_a_transport_error(fake_konpro: FakeKonPro) -> None:
-    fake_konpro.fail_next(1, 200, body=b'{"data": []}')
+    fake_konpro.answer_next(1, 200, body=b'{"data": []}')
 
     async with client_for(fake_konpro, max_attempts=1) as client:
         with pytest.raises(TransportError):
@@ -278,7 +286,7 @@ async def test_every_error_is_a_konpro_error() -> None:
 async def test_rate_limiting_is_retried_after_the_requested_pause(
     fake_konpro: FakeKonPro,
 ) -> None:
-    fake_konpro.fail_next(1, 429, retry_after="1")
+    fake_konpro.answer_next(1, 429, retry_after="1")
 
     with capture_logs() as logs:
         async with client_for(fake_konpro, backoff_max=2.0) as client:
@@ -292,7 +300,7 @@ async def test_rate_limiting_is_retried_after_the_requested_pause(
 async def test_rate_limiting_that_outlasts_the_attempts_raises_with_retry_after(
     fake_konpro: FakeKonPro,
 ) -> None:
-    fake_konpro.fail_next(3, 429, retry_after="0")
+    fake_konpro.answer_next(3, 429, retry_after="0")
 
     async with client_for(fake_konpro, max_attempts=3) as client:
         with pytest.raises(RateLimited) as caught:
@@ -305,7 +313,7 @@ async def test_rate_limiting_that_outlasts_the_attempts_raises_with_retry_after(
 async def test_a_pause_longer_than_the_back_off_cap_is_left_to_the_caller(
     client: KonProClient, fake_konpro: FakeKonPro
 ) -> None:
-    fake_konpro.fail_next(1, 429, retry_after="120")
+    fake_konpro.answer_next(1, 429, retry_after="120")
 
     with pytest.raises(RateLimited) as caught:
         await client.list_endpoints()
@@ -317,8 +325,8 @@ async def test_a_pause_longer_than_the_back_off_cap_is_left_to_the_caller(
 async def test_server_errors_are_retried_with_back_off_until_success(
     client: KonProClient, fake_konpro: FakeKonPro
 ) -> None:
-    fake_konpro.fail_next(1, 500)
-    fake_konpro.fail_next(1, 503)
+    fake_konpro.answer_next(1, 500)
+    fake_konpro.answer_next(1, 503)
 
     with capture_logs() as logs:
         assert await client.list_endpoints() == []
@@ -330,7 +338,7 @@ async def test_server_errors_are_retried_with_back_off_until_success(
 async def test_server_errors_that_outlast_the_attempts_raise(
     client: KonProClient, fake_konpro: FakeKonPro
 ) -> None:
-    fake_konpro.fail_next(3, 503)
+    fake_konpro.answer_next(3, 503)
 
     with pytest.raises(ServerError) as caught:
         await client.list_endpoints()
@@ -366,8 +374,8 @@ async def test_the_api_key_never_appears_in_repr_errors_or_logs(
 ) -> None:
     key = fake_konpro.api_key
     echo = json.dumps({"code": 40009, "message": f"invalid credentials: {key}"}).encode()
-    fake_konpro.fail_next(1, 500)
-    fake_konpro.fail_next(1, 400, body=echo)
+    fake_konpro.answer_next(1, 500)
+    fake_konpro.answer_next(1, 400, body=echo)
     errors: list[KonProError] = []
 
     with capture_logs() as logs:
