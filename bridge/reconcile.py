@@ -209,7 +209,11 @@ def next_delay(
 
 
 def load_stored_secret(spool_dir: Path) -> str | None:
-    """The signing secret a reconciler stored under ``spool_dir``, if there is one."""
+    """The signing secret a reconciler stored under ``spool_dir``, if there is one.
+
+    A file that exists but cannot be read raises ``OSError``: better a failed start than a bridge
+    that silently cannot check signatures.
+    """
     try:
         text = (spool_dir / SECRET_FILE_NAME).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -280,7 +284,8 @@ class Reconciler:
             result = self._failed(exc, done)
         except OSError as exc:  # the secret file could not be written
             log.error("reconcile.secret_store_failed", path=str(self._secret_dir), error=str(exc))
-            result = _result("error", error=f"storing the signing secret failed: {exc}")
+            error = f"storing the signing secret failed: {exc}"
+            result = _result("error", error=error, actions=tuple(done))
         else:
             self._auth_failing = False
             self._retry_after = 0.0

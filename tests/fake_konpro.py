@@ -23,9 +23,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from pydantic import SecretStr
-
-from bridge.konpro import KonProClient
 
 EVENT_TYPES: Final = (
     "avatar_video.success",
@@ -327,17 +324,3 @@ async def webhook_receiver() -> AsyncIterator[WebhookReceiver]:
         yield receiver
     finally:
         await receiver.close()
-
-
-@pytest.fixture
-async def konpro_client(fake_konpro: FakeKonPro) -> AsyncIterator[KonProClient]:
-    """A client of the fake with test-sized timeouts and back-off."""
-    async with KonProClient(
-        fake_konpro.url,
-        SecretStr(fake_konpro.api_key),
-        timeout=2.0,
-        max_attempts=3,
-        backoff_base=0.01,
-        backoff_max=0.5,
-    ) as client:
-        yield client
