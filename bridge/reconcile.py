@@ -1,0 +1,530 @@
+"""Keep the account's KonPro webhook registration as configured (issue #3).
+
+Desired state: exactly one endpoint for ``konpro.public_url``, subscribed to ``konpro.events``
+(an empty list meaning every event), enabled. Each run lists the account's endpoints, ``plan``
+decides what differs, and in ``repair`` mode the reconciler fixes it; ``verify`` mode only reports.
+
+Replicas behind one URL all run this. They converge without talking to each other because every
+one of them, seeing the same endpoints, keeps the same one (the oldest, ties broken by id) and
+deletes the rest; a delete that loses the race to another replica is not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import random
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import structlog
+from pydantic import SecretStr
+from yarl import URL
+
+from bridge.config import KonProSettings, ReconcileSettings, Settings
+from bridge.konpro import (
+    AuthenticationError,
+    Endpoint,
+    KonProClient,
+    KonProError,
+    NotFound,
+    RateLimited,
+    ValidationFailed,
+)
+
+log = structlog.get_logger(__name__)
+
+SECRET_FILE_NAME: Final = "webhook_secret"  # noqa: S105 - a file name, not a secret
+FIRST_RETRY: Final = 5.0  # seconds before the first retry after a failed run
+JITTER: Final = 0.1  # runs are spread by +/-10% so that replicas drift apart
+
+ResultKind = Literal["ok", "added", "updated", "deduplicated", "disabled", "drift", "error"]
+
+
+class ActionKind(enum.StrEnum):
+    ADD = "add"
+    UPDATE = "update"
+    DELETE = "delete"
+    REPORT_DISABLED = "report_disabled"  # KonPro's API cannot re-enable an endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One step towards the desired state. ``events=None`` means every event type."""
+
+    kind: ActionKind
+    url: str
+    endpoint_id: str | None = None
+    events: tuple[str, ...] | None = None
+
+    @property
+    def writes(self) -> bool:
+        return self.kind is not ActionKind.REPORT_DISABLED
+
+    def __str__(self) -> str:
+        target = f"{self.endpoint_id} ({self.url})" if self.endpoint_id else self.url
+        if self.kind in {ActionKind.ADD, ActionKind.UPDATE}:
+            return f"{self.kind} {target} events={_describe_events(self.events)}"
+        return f"{self.kind} {target}"
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """What the account should hold for this bridge."""
+
+    url: str
+    events: tuple[str, ...] | None  # None: every event type
+
+    @classmethod
+    def from_settings(cls, konpro: KonProSettings) -> Desired:
+        return cls(url=konpro.public_url, events=tuple(konpro.events) or None)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    """The outcome of one run, kept for the status endpoint and metrics.
+
+    ``actions`` are those taken, or in verify mode those that would have been.
+    ``secret_stored`` says the run wrote a new signing secret to the secret file.
+    """
+
+    time: datetime
+    result: ResultKind
+    endpoint_id: str | None = None
+    error: str | None = None
+    actions: tuple[Action, ...] = ()
+    secret_stored: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready rendering; it holds no secret."""
+        return {
+            "time": self.time.isoformat(),
+            "result": self.result,
+            "endpoint_id": self.endpoint_id,
+            "error": self.error,
+            "actions": [str(action) for action in self.actions],
+            "secret_stored": self.secret_stored,
+        }
+
+
+def should_reconcile(settings: Settings) -> bool:
+    """Whether the bridge has what reconciliation needs and is allowed to run it."""
+    konpro = settings.konpro
+    return bool(
+        settings.reconcile.enabled and konpro.api_key.get_secret_value() and konpro.public_url
+    )
+
+
+def normalize_url(url: str) -> str:
+    """``url`` in a form where equal endpoints compare equal.
+
+    Scheme and host case, an explicit default port and a trailing slash do not make a new URL.
+    """
+    try:
+        parsed = URL(url.strip())
+    except ValueError:
+        return url
+    if not parsed.is_absolute() or parsed.host is None:
+        return url
+    return str(
+        URL.build(
+            scheme=parsed.scheme.lower(),
+            user=parsed.raw_user,
+            password=parsed.raw_password,
+            host=parsed.host.lower(),
+            port=None if parsed.is_default_port() else parsed.port,
+            path=parsed.raw_path.rstrip("/"),
+            query_string=parsed.raw_query_string,
+            encoded=True,
+        )
+    )
+
+
+def select_keeper(endpoints: Sequence[Endpoint], desired: Desired) -> Endpoint | None:
+    """The endpoint for the desired URL that every replica agrees to keep, if there is one.
+
+    The oldest wins; an enabled endpoint is preferred to a disabled one, since deleting the
+    registration that works to keep one that does not would stop deliveries.
+    """
+    ours = _ours(endpoints, desired)
+    return min(ours, key=_seniority) if ours else None
+
+
+def plan(endpoints: Sequence[Endpoint], desired: Desired) -> list[Action]:
+    """The steps that turn ``endpoints`` into the desired state; empty when nothing differs.
+
+    Endpoints for other URLs are never part of a plan.
+    """
+    keeper = select_keeper(endpoints, desired)
+    if keeper is None:
+        return [Action(ActionKind.ADD, desired.url, events=desired.events)]
+    actions = [
+        Action(ActionKind.DELETE, endpoint.url, endpoint.endpoint_id)
+        for endpoint in sorted(_ours(endpoints, desired), key=_seniority)
+        if endpoint is not keeper
+    ]
+    if not same_events(keeper.events, desired.events):
+        actions.append(
+            Action(ActionKind.UPDATE, keeper.url, keeper.endpoint_id, events=desired.events)
+        )
+    if not keeper.enabled:
+        actions.append(Action(ActionKind.REPORT_DISABLED, keeper.url, keeper.endpoint_id))
+    return actions
+
+
+def same_events(actual: Sequence[str] | None, desired: Sequence[str] | None) -> bool:
+    """Whether two subscriptions are equal, ignoring order and repeats.
+
+    An empty list counts as "all events": read the other way, every run would update it again.
+    """
+    if not actual or not desired:
+        return not actual and not desired
+    return set(actual) == set(desired)
+
+
+def next_delay(
+    interval: float,
+    max_backoff: float,
+    failures: int,
+    *,
+    auth_failed: bool = False,
+    retry_after: float = 0.0,
+) -> float:
+    """Seconds until the next run after ``failures`` failed runs in a row.
+
+    Healthy (and after a refused key, which no retry can fix): the interval, +/-10%. Otherwise
+    exponential back-off from ``min(interval, FIRST_RETRY)``, never beyond ``max_backoff``, and
+    never sooner than a rate limit's ``Retry-After``.
+    """
+    if failures == 0 or auth_failed:
+        return _jittered(interval)
+    backoff = min(interval, FIRST_RETRY) * 2 ** (failures - 1)
+    return min(max_backoff, max(_jittered(min(backoff, max_backoff)), retry_after))
+
+
+def load_stored_secret(spool_dir: Path) -> str | None:
+    """The signing secret a reconciler stored under ``spool_dir``, if there is one.
+
+    A file that exists but cannot be read raises ``OSError``: better a failed start than a bridge
+    that silently cannot check signatures.
+    """
+    try:
+        text = (spool_dir / SECRET_FILE_NAME).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    return text.strip() or None
+
+
+def store_secret(spool_dir: Path, secret: str) -> Path:
+    """Write the secret to ``<spool_dir>/webhook_secret``, mode 0600, atomically."""
+    spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = spool_dir / SECRET_FILE_NAME
+    fd, temporary = tempfile.mkstemp(dir=spool_dir, prefix=f".{SECRET_FILE_NAME}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(secret + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(spool_dir)
+    return target
+
+
+class Reconciler:
+    """Brings the KonPro account to the desired state, once or on a schedule.
+
+    ``secret_store_dir`` (the spool directory) receives the signing secret of an endpoint this
+    reconciler registers when ``konpro.webhook_secret`` is not configured.
+    """
+
+    def __init__(
+        self,
+        client: KonProClient,
+        konpro: KonProSettings,
+        reconcile: ReconcileSettings,
+        secret_store_dir: Path,
+    ) -> None:
+        if not konpro.public_url:
+            raise ValueError("konpro.public_url is not set: there is nothing to reconcile")
+        self._client = client
+        self._desired = Desired.from_settings(konpro)
+        self._secret_configured = bool(konpro.webhook_secret.get_secret_value())
+        self._settings = reconcile
+        self._secret_dir = secret_store_dir
+        self._events_checked = False
+        self._auth_failing = False
+        self._warned_secret_unknown = False
+        self._retry_after = 0.0
+        self.last_result: ReconcileResult | None = None
+
+    @classmethod
+    def from_settings(cls, client: KonProClient, settings: Settings) -> Reconciler:
+        return cls(client, settings.konpro, settings.reconcile, settings.spool.path)
+
+    @property
+    def desired(self) -> Desired:
+        return self._desired
+
+    async def run_once(self) -> ReconcileResult:
+        """One comparison (and, in repair mode, repair). KonPro's failures become the result."""
+        done: list[Action] = []
+        try:
+            result = await self._reconcile(done)
+        except KonProError as exc:
+            result = self._failed(exc, done)
+        except OSError as exc:  # the secret file could not be written
+            log.error("reconcile.secret_store_failed", path=str(self._secret_dir), error=str(exc))
+            error = f"storing the signing secret failed: {exc}"
+            result = _result("error", error=error, actions=tuple(done))
+        else:
+            self._auth_failing = False
+            self._retry_after = 0.0
+        self.last_result = result
+        return result
+
+    async def run_forever(
+        self, on_result: Callable[[ReconcileResult], object] | None = None
+    ) -> None:
+        """Run now, then every ``reconcile.interval`` seconds, until cancelled.
+
+        Nothing KonPro does makes this raise; failed runs are retried with back-off.
+        """
+        failures = 0
+        while True:
+            result = await self._run_guarded()
+            failures = failures + 1 if result.result == "error" else 0
+            if on_result is not None:
+                _notify(on_result, result)
+            delay = next_delay(
+                self._settings.interval,
+                self._settings.max_backoff,
+                failures,
+                auth_failed=self._auth_failing,
+                retry_after=self._retry_after,
+            )
+            log.debug("reconcile.sleeping", delay=round(delay, 3), failures=failures)
+            await asyncio.sleep(delay)
+
+    async def _run_guarded(self) -> ReconcileResult:
+        try:
+            return await self.run_once()
+        except Exception as exc:  # a bug must not end reconciliation for the process's life
+            log.exception("reconcile.crashed")
+            self.last_result = _result("error", error=f"unexpected {type(exc).__name__}: {exc}")
+            return self.last_result
+
+    async def _reconcile(self, done: list[Action]) -> ReconcileResult:
+        await self._check_event_names()
+        endpoints = await self._client.list_endpoints()
+        actions = plan(endpoints, self._desired)
+        keeper = select_keeper(endpoints, self._desired)
+        if self._settings.mode == "verify":
+            return self._verified(actions, keeper)
+        secret = keeper.secret if keeper else None
+        for action in actions:
+            added = await self._apply(action)
+            done.append(action)
+            if added is not None:
+                keeper, secret = added, added.secret
+        stored = await self._sync_secret(secret)
+        result = _result(
+            _summary(actions),
+            endpoint_id=keeper.endpoint_id if keeper else None,
+            actions=tuple(done),
+            secret_stored=stored,
+        )
+        report = log.info if result.actions else log.debug
+        report("reconcile.done", **_fields(result))
+        return result
+
+    async def _check_event_names(self) -> None:
+        """Warn once about configured event types KonPro does not list; they may be new."""
+        if self._events_checked or self._desired.events is None:
+            return
+        known = set(await self._client.list_event_types())
+        self._events_checked = True
+        if unknown := sorted(set(self._desired.events) - known):
+            log.warning(
+                "reconcile.unknown_event_types",
+                unknown=unknown,
+                known=sorted(known),
+                hint="check konpro.events; KonPro may refuse to register them",
+            )
+
+    async def _apply(self, action: Action) -> Endpoint | None:
+        """Carry out one write; returns the endpoint when one was added."""
+        if action.kind is ActionKind.ADD:
+            added = await self._client.add_endpoint(action.url, action.events)
+            log.info("reconcile.endpoint_added", endpoint_id=added.endpoint_id, url=action.url)
+            return added
+        assert action.endpoint_id is not None  # only ADD has no endpoint yet
+        if action.kind is ActionKind.UPDATE:
+            await self._client.update_endpoint(action.endpoint_id, events=action.events)
+            log.info(
+                "reconcile.endpoint_updated",
+                endpoint_id=action.endpoint_id,
+                events=_describe_events(action.events),
+            )
+        elif action.kind is ActionKind.DELETE:
+            await self._delete_duplicate(action)
+        else:
+            _report_disabled(action)
+        return None
+
+    async def _delete_duplicate(self, action: Action) -> None:
+        assert action.endpoint_id is not None
+        try:
+            await self._client.delete_endpoint(action.endpoint_id)
+        except NotFound:  # another replica deleted it first: the goal is met
+            log.info("reconcile.duplicate_already_gone", endpoint_id=action.endpoint_id)
+            return
+        log.info("reconcile.duplicate_deleted", endpoint_id=action.endpoint_id, url=action.url)
+
+    def _verified(self, actions: list[Action], keeper: Endpoint | None) -> ReconcileResult:
+        """The verify-mode result: differences reported, nothing written."""
+        for action in actions:
+            if action.kind is ActionKind.REPORT_DISABLED:
+                _report_disabled(action)
+            else:
+                log.warning("reconcile.drift", would=str(action), mode="verify")
+        kind: ResultKind = _summary(actions)
+        if kind not in {"ok", "disabled"}:
+            kind = "drift"
+        endpoint_id = keeper.endpoint_id if keeper else None
+        return _result(kind, endpoint_id=endpoint_id, actions=tuple(actions))
+
+    async def _sync_secret(self, secret: SecretStr | None) -> bool:
+        """Keep the kept endpoint's signing secret on disk unless the operator configured one."""
+        if self._secret_configured:
+            return False
+        value = secret.get_secret_value() if secret is not None else ""
+        stored = await asyncio.to_thread(load_stored_secret, self._secret_dir)
+        if not value:
+            if stored is None and not self._warned_secret_unknown:
+                self._warned_secret_unknown = True
+                log.warning(
+                    "reconcile.secret_unknown",
+                    hint="KonPro did not return the endpoint's signing secret: "
+                    "set konpro.webhook_secret, or signatures cannot be checked",
+                )
+            return False
+        if stored == value:
+            return False
+        path = await asyncio.to_thread(store_secret, self._secret_dir, value)
+        log.warning(
+            "reconcile.secret_stored",
+            path=str(path),
+            hint="konpro.webhook_secret is not set; the endpoint's signing secret was kept in "
+            "this file. Set konpro.webhook_secret explicitly",
+        )
+        return True
+
+    def _failed(self, exc: KonProError, done: list[Action]) -> ReconcileResult:
+        self._retry_after = exc.retry_after if isinstance(exc, RateLimited) else 0.0
+        error = _explain(exc, self._desired)
+        if isinstance(exc, AuthenticationError):
+            if not self._auth_failing:  # one clear line, not one per interval
+                log.error("reconcile.authentication_failed", error=error)
+            self._auth_failing = True
+        else:
+            log.warning("reconcile.failed", error=error, error_type=type(exc).__name__)
+        return _result("error", error=error, actions=tuple(done))
+
+
+def _ours(endpoints: Sequence[Endpoint], desired: Desired) -> list[Endpoint]:
+    target = normalize_url(desired.url)
+    return [endpoint for endpoint in endpoints if normalize_url(endpoint.url) == target]
+
+
+def _seniority(endpoint: Endpoint) -> tuple[bool, datetime, str]:
+    created = endpoint.created_at or datetime.max.replace(tzinfo=UTC)
+    return (not endpoint.enabled, created, endpoint.endpoint_id)
+
+
+_PRECEDENCE: Final[tuple[tuple[ActionKind, ResultKind], ...]] = (
+    (ActionKind.REPORT_DISABLED, "disabled"),
+    (ActionKind.ADD, "added"),
+    (ActionKind.DELETE, "deduplicated"),
+    (ActionKind.UPDATE, "updated"),
+)
+
+
+def _summary(actions: Sequence[Action]) -> ResultKind:
+    """One word for a run: the action an operator most needs to hear about."""
+    kinds = {action.kind for action in actions}
+    return next((result for kind, result in _PRECEDENCE if kind in kinds), "ok")
+
+
+def _explain(exc: KonProError, desired: Desired) -> str:
+    """The error, with what an operator should do about it."""
+    if isinstance(exc, AuthenticationError):
+        return f"KonPro refused the API key (konpro.api_key): {exc}"
+    if isinstance(exc, ValidationFailed) and exc.call in {"endpoint.add", "endpoint.update"}:
+        return (
+            f"KonPro would not register {desired.url}: {exc}. The URL must be reachable from "
+            "KonPro and answer OPTIONS with 2xx within 1 second"
+        )
+    return str(exc)
+
+
+def _report_disabled(action: Action) -> None:
+    log.error(
+        "reconcile.endpoint_disabled",
+        endpoint_id=action.endpoint_id,
+        url=action.url,
+        hint="KonPro disabled this endpoint and its API cannot re-enable it: "
+        "enable it in the KonPro dashboard; no events are delivered meanwhile",
+    )
+
+
+def _result(
+    kind: ResultKind,
+    *,
+    endpoint_id: str | None = None,
+    error: str | None = None,
+    actions: tuple[Action, ...] = (),
+    secret_stored: bool = False,
+) -> ReconcileResult:
+    return ReconcileResult(datetime.now(UTC), kind, endpoint_id, error, actions, secret_stored)
+
+
+def _fields(result: ReconcileResult) -> dict[str, Any]:
+    return {
+        "result": result.result,
+        "endpoint_id": result.endpoint_id,
+        "actions": [str(action) for action in result.actions],
+    }
+
+
+def _notify(on_result: Callable[[ReconcileResult], object], result: ReconcileResult) -> None:
+    try:
+        on_result(result)
+    except Exception:
+        log.exception("reconcile.on_result_failed")
+
+
+def _describe_events(events: Sequence[str] | None) -> str:
+    return "all" if events is None else ",".join(events)
+
+
+def _jittered(seconds: float) -> float:
+    return seconds * random.uniform(1 - JITTER, 1 + JITTER)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable: without this a crash can leave the old file in place."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

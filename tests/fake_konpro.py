@@ -1,0 +1,326 @@
+"""A fake KonPro webhook API on a real socket: the only KonPro the tests talk to.
+
+It speaks the five calls of ``/work/shared/konpro/api-notes.md`` with their envelope and status
+codes, verifies webhook URLs with an OPTIONS request as KonPro does, records every call it gets,
+and lets a test program faults (401, 429, 5xx, hangs) or change the account "elsewhere".
+
+Test modules load the fixtures with ``pytest_plugins = ("tests.fake_konpro",)``. They also
+import names from here first, too early for pytest to rewrite this module's (absent) asserts:
+PYTEST_DONT_REWRITE says so, and keeps pytest from warning about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+EVENT_TYPES: Final = (
+    "avatar_video.success",
+    "avatar_video.fail",
+    "avatar_video_gif.success",
+    "avatar_video_gif.fail",
+    "video_translate.success",
+    "video_translate.fail",
+    "personalized_video",
+)
+WRITE_CALLS: Final = frozenset({"endpoint.add", "endpoint.update", "endpoint.delete"})
+PREFIX: Final = "/v1/webhook/"
+JSON_BODY: Final = web.RequestKey("json_body", object)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request the fake received, faulted or not."""
+
+    method: str
+    path: str
+    json: Any
+    query: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        """The call's name as KonPro spells it, e.g. ``endpoint.add``."""
+        return self.path.removeprefix(PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """How to answer one call instead of serving it; ``status=None`` means never answer."""
+
+    status: int | None
+    retry_after: str | None = None
+    body: bytes | None = None
+
+
+@dataclass(slots=True)
+class FakeKonPro:
+    """KonPro's webhook API, in memory. ``endpoints`` is the account, keyed by endpoint id."""
+
+    api_key: str = field(default_factory=lambda: "kp_test_" + secrets.token_hex(16))
+    validation_timeout: float = 1.0  # KonPro's OPTIONS check allows one second
+    list_shape: str = "array"  # or "object": {"endpoints": [...]}
+    list_secrets: bool = True  # False: endpoint.list answers with "secret": null
+    username: str = "tester@example.com"
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    verified_urls: list[str] = field(default_factory=list)
+    url: str = ""
+    _faults: deque[Fault] = field(default_factory=deque)
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+    _runner: web.AppRunner | None = None
+
+    # -- programming the fake ---------------------------------------------------------------
+
+    def answer_next(
+        self, count: int, status: int, *, retry_after: str | None = None, body: bytes | None = None
+    ) -> None:
+        """Answer the next ``count`` calls with ``status`` instead of serving them.
+
+        The body is ``body`` if given, else KonPro's error envelope for that status; a
+        ``Retry-After`` header is added if given.
+        """
+        self._faults.extend(Fault(status, retry_after, body) for _ in range(count))
+
+    def hang_next(self, count: int) -> None:
+        """Never answer the next ``count`` calls (until the fake closes)."""
+        self._faults.extend(Fault(None) for _ in range(count))
+
+    def add(
+        self,
+        url: str,
+        events: list[str] | None = None,
+        *,
+        status: str = "enabled",
+        created_at: int | str | None = None,
+    ) -> str:
+        """Register an endpoint as if someone did it elsewhere: no URL check, no call logged."""
+        endpoint_id = secrets.token_hex(16)
+        self.endpoints[endpoint_id] = {
+            "endpoint_id": endpoint_id,
+            "url": url,
+            "status": status,
+            "events": events,
+            "secret": "whsec_" + secrets.token_urlsafe(24),
+            "username": self.username,
+            "created_at": int(time.time()) if created_at is None else created_at,
+        }
+        return endpoint_id
+
+    def set_events(self, endpoint_id: str, events: list[str] | None) -> None:
+        self.endpoints[endpoint_id]["events"] = events
+
+    def disable(self, endpoint_id: str) -> None:
+        self.endpoints[endpoint_id]["status"] = "disabled"
+
+    def delete(self, endpoint_id: str) -> None:
+        del self.endpoints[endpoint_id]
+
+    @property
+    def writes(self) -> list[Call]:
+        """The calls that asked to change the account."""
+        return [call for call in self.calls if call.name in WRITE_CALLS]
+
+    def count(self, name: str) -> int:
+        return sum(call.name == name for call in self.calls)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get(PREFIX + "webhook.list", self._webhook_list)
+        app.router.add_get(PREFIX + "endpoint.list", self._endpoint_list)
+        app.router.add_post(PREFIX + "endpoint.add", self._endpoint_add)
+        app.router.add_patch(PREFIX + "endpoint.update", self._endpoint_update)
+        app.router.add_delete(PREFIX + "endpoint.delete", self._endpoint_delete)
+        self._runner = await _serve(app)
+        self.url = _base_url(self._runner)
+
+    async def close(self) -> None:
+        self._released.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- the API ----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            body = await request.json() if request.can_read_body else None
+        except ValueError:
+            body = None
+        request[JSON_BODY] = body
+        self.calls.append(Call(request.method, request.path, body, dict(request.query)))
+        if self._faults:
+            return await self._fault(self._faults.popleft())
+        if request.headers.get("x-api-key") != self.api_key:
+            return _error(401, 400112, "Unauthorized")
+        return await handler(request)
+
+    async def _fault(self, fault: Fault) -> web.Response:
+        if fault.status is None:
+            await self._released.wait()
+            return _error(503, 503, "Fake closed while hanging")
+        headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
+        if fault.body is not None:
+            return web.Response(status=fault.status, body=fault.body, headers=headers)
+        messages = {401: "Unauthorized", 429: "Too Many Requests"}
+        code = 400112 if fault.status == 401 else fault.status
+        return _error(fault.status, code, messages.get(fault.status, "Internal error"), headers)
+
+    async def _webhook_list(self, request: web.Request) -> web.Response:
+        return _ok(list(EVENT_TYPES))
+
+    async def _endpoint_list(self, request: web.Request) -> web.Response:
+        listed = [
+            {**endpoint, "secret": endpoint["secret"] if self.list_secrets else None}
+            for endpoint in self.endpoints.values()
+        ]
+        return _ok(listed if self.list_shape == "array" else {"endpoints": listed})
+
+    async def _endpoint_add(self, request: web.Request) -> web.Response:
+        if not isinstance(body := request[JSON_BODY], dict):
+            return _error(400, 40001, "The body must be a JSON object")
+        url = body.get("url")
+        if not isinstance(url, str) or not url:
+            return _error(400, 40001, "Missing required parameter: url")
+        if problem := _bad_events(body.get("events")) or await self._verify(url):
+            return problem
+        endpoint_id = self.add(url, body.get("events"))
+        return _ok(self.endpoints[endpoint_id])
+
+    async def _endpoint_update(self, request: web.Request) -> web.Response:
+        if not isinstance(body := request[JSON_BODY], dict):
+            return _error(400, 40001, "The body must be a JSON object")
+        endpoint = self.endpoints.get(body.get("endpoint_id", ""))
+        if endpoint is None:
+            return _error(404, 40004, "Endpoint not found")
+        url = body.get("url")
+        if url is not None and url != endpoint["url"] and (problem := await self._verify(url)):
+            return problem
+        if "events" in body and (problem := _bad_events(body["events"])):
+            return problem
+        if url is not None:
+            endpoint["url"] = url
+        if "events" in body:
+            endpoint["events"] = body["events"]
+        return _ok(endpoint)
+
+    async def _endpoint_delete(self, request: web.Request) -> web.Response:
+        endpoint_id = request.query.get("endpoint_id")
+        if not endpoint_id:
+            return _error(400, 40001, "Missing required parameter: endpoint_id")
+        if self.endpoints.pop(endpoint_id, None) is None:
+            return _error(404, 40004, "Endpoint not found")
+        return _ok(None)
+
+    async def _verify(self, url: str) -> web.Response | None:
+        """KonPro's registration check: OPTIONS must answer 2xx within the timeout."""
+        self.verified_urls.append(url)
+        timeout = aiohttp.ClientTimeout(total=self.validation_timeout)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.options(url, allow_redirects=False) as response,
+            ):
+                if 200 <= response.status < 300:
+                    return None
+                reason = f"OPTIONS answered HTTP {response.status}"
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            reason = f"OPTIONS failed: {type(exc).__name__}"
+        return _error(400, 400175, f"Invalid parameter: url could not be verified ({reason})")
+
+
+@dataclass(slots=True)
+class WebhookReceiver:
+    """A stand-in for the bridge's public URL: answers KonPro's OPTIONS check, counts them."""
+
+    path: str = "/webhooks/konpro"
+    options_status: int = 200
+    options_seen: int = 0
+    hold_until: int = 0  # answer no OPTIONS before this many have arrived (forces races)
+    url: str = ""
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("OPTIONS", self.path, self._options)
+        self._runner = await _serve(app)
+        self.url = _base_url(self._runner) + self.path
+
+    async def close(self) -> None:
+        self._arrived.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _options(self, request: web.Request) -> web.Response:
+        self.options_seen += 1
+        if self.options_seen >= self.hold_until:
+            self._arrived.set()
+        await self._arrived.wait()
+        return web.Response(status=self.options_status)
+
+
+def _ok(data: Any) -> web.Response:
+    return web.json_response({"code": 100, "data": data, "message": "Success"})
+
+
+def _error(
+    status: int, code: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = {"code": code, "data": None, "message": message}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _bad_events(events: Any) -> web.Response | None:
+    if events is None:
+        return None
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        return _error(400, 400175, "Invalid parameter: events must be a list of strings")
+    if unknown := sorted(set(events) - set(EVENT_TYPES)):
+        return _error(400, 400175, f"Invalid parameter: unknown events {unknown}")
+    return None
+
+
+async def _serve(app: web.Application) -> web.AppRunner:
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+def _base_url(runner: web.AppRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
+@pytest.fixture
+async def fake_konpro() -> AsyncIterator[FakeKonPro]:
+    """A running fake KonPro with an empty account."""
+    fake = FakeKonPro()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+@pytest.fixture
+async def webhook_receiver() -> AsyncIterator[WebhookReceiver]:
+    """A running public URL that passes KonPro's OPTIONS check."""
+    receiver = WebhookReceiver()
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.close()

@@ -1,0 +1,397 @@
+"""KonProClient against the fake KonPro: calls, envelopes, errors, retries, and key hygiene."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from bridge.konpro import (
+    AuthenticationError,
+    Endpoint,
+    KonProClient,
+    KonProError,
+    NotFound,
+    RateLimited,
+    ServerError,
+    TransportError,
+    ValidationFailed,
+    format_endpoints,
+    parse_retry_after,
+)
+from tests.fake_konpro import EVENT_TYPES, FakeKonPro, WebhookReceiver
+
+pytest_plugins = ("tests.fake_konpro",)
+
+
+def client_for(fake: FakeKonPro, **options: float) -> KonProClient:
+    settings: dict[str, float] = {"timeout": 2.0, "backoff_base": 0.01, "backoff_max": 0.5}
+    settings.update(options)
+    return KonProClient(
+        fake.url,
+        SecretStr(fake.api_key),
+        timeout=settings["timeout"],
+        max_attempts=int(settings.get("max_attempts", 3)),
+        backoff_base=settings["backoff_base"],
+        backoff_max=settings["backoff_max"],
+    )
+
+
+@pytest.fixture
+async def client(fake_konpro: FakeKonPro) -> AsyncIterator[KonProClient]:
+    async with client_for(fake_konpro) as client:
+        yield client
+
+
+# -- the five calls ---------------------------------------------------------------------------
+
+
+async def test_list_event_types_returns_the_vendor_list(client: KonProClient) -> None:
+    assert await client.list_event_types() == list(EVENT_TYPES)
+
+
+async def test_add_endpoint_sends_url_and_events_and_returns_the_secret(
+    client: KonProClient, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    endpoint = await client.add_endpoint(webhook_receiver.url, ["avatar_video.success"])
+
+    assert fake_konpro.calls[-1].json == {
+        "url": webhook_receiver.url,
+        "events": ["avatar_video.success"],
+    }
+    assert webhook_receiver.options_seen == 1
+    assert endpoint.endpoint_id in fake_konpro.endpoints
+    assert endpoint.url == webhook_receiver.url
+    assert endpoint.events == ["avatar_video.success"]
+    assert endpoint.enabled
+    assert endpoint.secret is not None
+    assert endpoint.secret.get_secret_value().startswith("whsec_")
+
+
+async def test_add_endpoint_with_no_events_subscribes_to_all(
+    client: KonProClient, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    endpoint = await client.add_endpoint(webhook_receiver.url, None)
+
+    assert fake_konpro.calls[-1].json == {"url": webhook_receiver.url, "events": None}
+    assert endpoint.events is None
+
+
+@pytest.mark.parametrize("shape", ["array", "object"])
+async def test_list_endpoints_accepts_both_shapes_of_data(
+    client: KonProClient, fake_konpro: FakeKonPro, shape: str
+) -> None:
+    fake_konpro.list_shape = shape
+    first = fake_konpro.add("https://a.example/hook")
+    second = fake_konpro.add("https://b.example/hook", ["avatar_video.fail"])
+
+    endpoints = await client.list_endpoints()
+
+    assert [(e.endpoint_id, e.url, e.events) for e in endpoints] == [
+        (first, "https://a.example/hook", None),
+        (second, "https://b.example/hook", ["avatar_video.fail"]),
+    ]
+
+
+async def test_list_endpoints_reads_null_data_as_an_empty_account(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    fake_konpro.answer_next(1, 200, body=b'{"code": 100, "data": null, "message": "Success"}')
+
+    assert await client.list_endpoints() == []
+
+
+async def test_list_endpoints_reads_created_at_as_epoch_seconds_or_iso_text(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    fake_konpro.add("https://a.example/hook", created_at=1_712_345_678)
+    fake_konpro.add("https://b.example/hook", created_at="2024-04-05T19:34:38Z")
+    fake_konpro.add("https://c.example/hook", created_at="2024-04-05T19:34:38")
+
+    created = [e.created_at for e in await client.list_endpoints()]
+
+    assert created == [datetime(2024, 4, 5, 19, 34, 38, tzinfo=UTC)] * 3
+
+
+async def test_list_endpoints_tolerates_a_null_secret(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    fake_konpro.list_secrets = False
+    fake_konpro.add("https://a.example/hook")
+
+    [endpoint] = await client.list_endpoints()
+
+    assert endpoint.secret is None
+
+
+async def test_update_endpoint_replaces_the_events_and_keeps_the_id(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    endpoint_id = fake_konpro.add("https://a.example/hook", ["avatar_video.success"])
+
+    updated = await client.update_endpoint(endpoint_id, events=["avatar_video.fail"])
+
+    assert fake_konpro.calls[-1].method == "PATCH"
+    assert fake_konpro.calls[-1].json == {
+        "endpoint_id": endpoint_id,
+        "events": ["avatar_video.fail"],
+    }
+    assert updated.endpoint_id == endpoint_id
+    assert updated.events == ["avatar_video.fail"]
+    assert fake_konpro.endpoints[endpoint_id]["events"] == ["avatar_video.fail"]
+
+
+async def test_update_endpoint_with_null_events_subscribes_to_all(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    endpoint_id = fake_konpro.add("https://a.example/hook", ["avatar_video.success"])
+
+    updated = await client.update_endpoint(endpoint_id, events=None)
+
+    assert fake_konpro.calls[-1].json == {"endpoint_id": endpoint_id, "events": None}
+    assert updated.events is None
+
+
+async def test_delete_endpoint_passes_the_id_as_a_query_parameter_without_a_body(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    endpoint_id = fake_konpro.add("https://a.example/hook")
+
+    await client.delete_endpoint(endpoint_id)
+
+    call = fake_konpro.calls[-1]
+    assert (call.method, call.query, call.json) == ("DELETE", {"endpoint_id": endpoint_id}, None)
+    assert fake_konpro.endpoints == {}
+
+
+# -- the endpoint model -----------------------------------------------------------------------
+
+
+def test_endpoint_tolerates_unknown_status_and_extra_fields() -> None:
+    endpoint = Endpoint.model_validate(
+        {"endpoint_id": "e1", "url": "https://a.example", "status": "paused", "entity_id": "x"}
+    )
+
+    assert endpoint.status == "paused"
+    assert not endpoint.enabled
+
+
+def test_endpoint_renderings_mask_the_secret() -> None:
+    endpoint = Endpoint(
+        endpoint_id="e1", url="https://a.example/hook", secret=SecretStr("whsec_topsecret")
+    )
+
+    assert endpoint.model_dump(mode="json")["secret"] == "***"
+    assert "whsec_topsecret" not in repr(endpoint)
+    assert "whsec_topsecret" not in format_endpoints([endpoint])
+    assert "https://a.example/hook" in format_endpoints([endpoint])
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+async def test_a_refused_key_is_an_authentication_error_and_not_retried(
+    fake_konpro: FakeKonPro,
+) -> None:
+    async with KonProClient(fake_konpro.url, SecretStr("wrong-key"), backoff_base=0.01) as client:
+        with pytest.raises(AuthenticationError) as caught:
+            await client.list_endpoints()
+
+    assert (caught.value.status, caught.value.code) == (401, 400112)
+    assert fake_konpro.count("endpoint.list") == 1
+
+
+async def test_unknown_endpoint_ids_are_not_found(client: KonProClient) -> None:
+    with pytest.raises(NotFound):
+        await client.update_endpoint("0" * 32, events=None)
+    with pytest.raises(NotFound):
+        await client.delete_endpoint("0" * 32)
+
+
+async def test_a_url_that_fails_the_options_check_is_a_validation_failure(
+    client: KonProClient, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.options_status = 405
+
+    with pytest.raises(ValidationFailed) as caught:
+        await client.add_endpoint(webhook_receiver.url, None)
+
+    assert caught.value.code == 400175
+    assert "could not be verified" in str(caught.value)
+    assert fake_konpro.endpoints == {}
+    assert fake_konpro.count("endpoint.add") == 1
+
+
+async def test_rejected_parameters_are_a_validation_failure(
+    client: KonProClient, webhook_receiver: WebhookReceiver
+) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        await client.add_endpoint(webhook_receiver.url, ["no_such.event"])
+
+    assert caught.value.code == 400175
+
+
+async def test_an_answer_that_is_not_json_is_a_transport_error(
+    fake_konpro: FakeKonPro,
+) -> None:
+    fake_konpro.answer_next(3, 200, body=b"<html>maintenance</html>")
+
+    async with client_for(fake_konpro, max_attempts=3) as client:
+        with pytest.raises(TransportError, match="not a KonPro envelope"):
+            await client.list_event_types()
+
+    assert fake_konpro.count("webhook.list") == 3
+
+
+async def test_an_envelope_without_a_code_is_a_transport_error(fake_konpro: FakeKonPro) -> None:
+    fake_konpro.answer_next(1, 200, body=b'{"data": []}')
+
+    async with client_for(fake_konpro, max_attempts=1) as client:
+        with pytest.raises(TransportError):
+            await client.list_endpoints()
+
+
+async def test_a_refused_connection_is_a_transport_error() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+
+        async with KonProClient(
+            f"http://127.0.0.1:{port}", SecretStr("k"), max_attempts=2, backoff_base=0.01
+        ) as client:
+            with pytest.raises(TransportError):
+                await client.list_endpoints()
+
+
+async def test_every_error_is_a_konpro_error() -> None:
+    for error in (
+        AuthenticationError,
+        NotFound,
+        ValidationFailed,
+        RateLimited,
+        ServerError,
+        TransportError,
+    ):
+        assert issubclass(error, KonProError)
+
+
+# -- retries ----------------------------------------------------------------------------------
+
+
+async def test_rate_limiting_is_retried_after_the_requested_pause(
+    fake_konpro: FakeKonPro,
+) -> None:
+    fake_konpro.answer_next(1, 429, retry_after="1")
+
+    with capture_logs() as logs:
+        async with client_for(fake_konpro, backoff_max=2.0) as client:
+            assert await client.list_event_types() == list(EVENT_TYPES)
+
+    assert fake_konpro.count("webhook.list") == 2
+    [retry] = [entry for entry in logs if entry["event"] == "konpro.retry"]
+    assert retry["delay"] >= 1.0
+
+
+async def test_rate_limiting_that_outlasts_the_attempts_raises_with_retry_after(
+    fake_konpro: FakeKonPro,
+) -> None:
+    fake_konpro.answer_next(3, 429, retry_after="0")
+
+    async with client_for(fake_konpro, max_attempts=3) as client:
+        with pytest.raises(RateLimited) as caught:
+            await client.list_endpoints()
+
+    assert caught.value.retry_after == 0.0
+    assert fake_konpro.count("endpoint.list") == 3
+
+
+async def test_a_pause_longer_than_the_back_off_cap_is_left_to_the_caller(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    fake_konpro.answer_next(1, 429, retry_after="120")
+
+    with pytest.raises(RateLimited) as caught:
+        await client.list_endpoints()
+
+    assert caught.value.retry_after == 120.0
+    assert fake_konpro.count("endpoint.list") == 1
+
+
+async def test_server_errors_are_retried_with_back_off_until_success(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    fake_konpro.answer_next(1, 500)
+    fake_konpro.answer_next(1, 503)
+
+    with capture_logs() as logs:
+        assert await client.list_endpoints() == []
+
+    assert fake_konpro.count("endpoint.list") == 3
+    assert [entry["attempt"] for entry in logs if entry["event"] == "konpro.retry"] == [1, 2]
+
+
+async def test_server_errors_that_outlast_the_attempts_raise(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    fake_konpro.answer_next(3, 503)
+
+    with pytest.raises(ServerError) as caught:
+        await client.list_endpoints()
+
+    assert caught.value.status == 503
+    assert fake_konpro.count("endpoint.list") == 3
+
+
+async def test_a_hanging_call_is_a_transport_error_after_the_timeout(
+    fake_konpro: FakeKonPro,
+) -> None:
+    fake_konpro.hang_next(2)
+
+    async with client_for(fake_konpro, timeout=0.2, max_attempts=2) as client:
+        with pytest.raises(TransportError, match="timeout"):
+            await client.list_endpoints()
+
+    assert fake_konpro.count("endpoint.list") == 2
+
+
+def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) == 0.0
+    assert parse_retry_after("soon") == 0.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+# -- the API key stays secret -----------------------------------------------------------------
+
+
+async def test_the_api_key_never_appears_in_repr_errors_or_logs(
+    fake_konpro: FakeKonPro,
+) -> None:
+    key = fake_konpro.api_key
+    echo = json.dumps({"code": 40009, "message": f"invalid credentials: {key}"}).encode()
+    fake_konpro.answer_next(1, 500)
+    fake_konpro.answer_next(1, 400, body=echo)
+    errors: list[KonProError] = []
+
+    with capture_logs() as logs:
+        async with client_for(fake_konpro, max_attempts=2) as client:
+            for _ in range(2):
+                try:
+                    await client.list_endpoints()
+                except KonProError as exc:
+                    errors.append(exc)
+            assert key not in repr(client)
+            assert key not in str(client)
+
+    assert [type(error) for error in errors] == [AuthenticationError]
+    for error in errors:
+        for text in (str(error), repr(error), repr(error.args), error.message):
+            assert key not in text
+    assert "***" in str(errors[0])
+    assert logs
+    assert key not in repr(logs)

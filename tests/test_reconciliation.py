@@ -1,0 +1,536 @@
+"""Reconciliation (issue #3): the plan as a pure function, then whole runs against the fake."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import stat
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from bridge.config import KonProSettings, ReconcileSettings, Settings
+from bridge.konpro import Endpoint, KonProClient
+from bridge.reconcile import (
+    Action,
+    ActionKind,
+    Desired,
+    Reconciler,
+    ReconcileResult,
+    load_stored_secret,
+    next_delay,
+    normalize_url,
+    plan,
+    same_events,
+    should_reconcile,
+)
+from tests.fake_konpro import FakeKonPro, WebhookReceiver
+
+pytest_plugins = ("tests.fake_konpro",)
+
+EVENTS = ("avatar_video.success", "avatar_video.fail")
+ELSEWHERE = "https://bridge.example.com/webhooks/konpro"  # a public URL no test needs to serve
+OTHER = "https://other-service.example.net/konpro"
+
+
+def endpoint(
+    endpoint_id: str,
+    url: str = ELSEWHERE,
+    *,
+    events: list[str] | None = None,
+    status: str = "enabled",
+    created_at: int = 1_700_000_000,
+) -> Endpoint:
+    return Endpoint.model_validate(
+        {
+            "endpoint_id": endpoint_id,
+            "url": url,
+            "events": list(EVENTS) if events is None else events,
+            "status": status,
+            "created_at": created_at,
+        }
+    )
+
+
+DESIRED = Desired(ELSEWHERE, EVENTS)
+
+
+# -- plan: the pure decision ------------------------------------------------------------------
+
+
+def test_an_empty_account_gets_the_endpoint_added() -> None:
+    assert plan([], DESIRED) == [Action(ActionKind.ADD, ELSEWHERE, events=EVENTS)]
+
+
+def test_no_configured_events_means_subscribing_to_all() -> None:
+    konpro = KonProSettings(public_url=ELSEWHERE, events=())
+
+    assert Desired.from_settings(konpro).events is None
+    assert plan([], Desired(ELSEWHERE, None)) == [Action(ActionKind.ADD, ELSEWHERE)]
+
+
+def test_a_matching_endpoint_needs_nothing_whatever_the_order_of_events() -> None:
+    assert plan([endpoint("a", events=list(reversed(EVENTS)))], DESIRED) == []
+
+
+def test_different_events_update_the_same_endpoint() -> None:
+    actions = plan([endpoint("a", events=["avatar_video.success"])], DESIRED)
+
+    assert actions == [Action(ActionKind.UPDATE, ELSEWHERE, "a", events=EVENTS)]
+
+
+def test_duplicates_keep_the_oldest_whatever_the_spelling_of_the_url() -> None:
+    endpoints = [
+        endpoint("new", ELSEWHERE, created_at=1_700_000_300),
+        endpoint(
+            "old", "HTTPS://Bridge.Example.COM:443/webhooks/konpro/", created_at=1_700_000_100
+        ),
+        endpoint("mid", ELSEWHERE + "/", created_at=1_700_000_200),
+    ]
+
+    actions = plan(endpoints, DESIRED)
+
+    assert [(a.kind, a.endpoint_id) for a in actions] == [
+        (ActionKind.DELETE, "mid"),
+        (ActionKind.DELETE, "new"),
+    ]
+
+
+def test_duplicates_created_in_the_same_second_keep_the_smallest_id() -> None:
+    endpoints = [endpoint("b"), endpoint("c"), endpoint("a")]
+
+    assert [a.endpoint_id for a in plan(endpoints, DESIRED)] == ["b", "c"]
+
+
+def test_an_enabled_duplicate_is_kept_over_an_older_disabled_one() -> None:
+    endpoints = [
+        endpoint("old", status="disabled", created_at=1_600_000_000),
+        endpoint("new", created_at=1_700_000_000),
+    ]
+
+    assert plan(endpoints, DESIRED) == [Action(ActionKind.DELETE, ELSEWHERE, "old")]
+
+
+def test_a_disabled_endpoint_is_reported_not_replaced() -> None:
+    actions = plan([endpoint("a", status="disabled")], DESIRED)
+
+    assert actions == [Action(ActionKind.REPORT_DISABLED, ELSEWHERE, "a")]
+
+
+def test_endpoints_for_other_urls_are_never_in_a_plan() -> None:
+    others = [endpoint("x", OTHER), endpoint("y", ELSEWHERE + "/v2", status="disabled")]
+
+    actions = plan([*others, endpoint("a")], DESIRED)
+
+    assert actions == []
+    assert plan(others, DESIRED) == [Action(ActionKind.ADD, ELSEWHERE, events=EVENTS)]
+
+
+@pytest.mark.parametrize(
+    ("variant", "same"),
+    [
+        ("https://BRIDGE.example.com/webhooks/konpro", True),
+        ("HTTPS://bridge.example.com:443/webhooks/konpro/", True),
+        ("https://bridge.example.com/webhooks/konpro?x=1", False),
+        ("http://bridge.example.com/webhooks/konpro", False),
+        ("https://bridge.example.com:8443/webhooks/konpro", False),
+        ("https://bridge.example.com/webhooks/KonPro", False),
+    ],
+)
+def test_urls_compare_after_normalising_case_default_port_and_trailing_slash(
+    variant: str, same: bool
+) -> None:
+    assert (normalize_url(variant) == normalize_url(ELSEWHERE)) is same
+
+
+def test_an_empty_event_list_reads_as_all_events() -> None:
+    assert same_events([], None)
+    assert same_events(None, None)
+    assert not same_events(["avatar_video.fail"], None)
+    assert same_events(["b", "a", "a"], ["a", "b"])
+
+
+def test_healthy_runs_are_an_interval_apart_give_or_take_ten_percent() -> None:
+    delays = [next_delay(300, 300, 0) for _ in range(200)]
+
+    assert all(270 <= delay <= 330 for delay in delays)
+
+
+def test_failed_runs_back_off_up_to_the_bound() -> None:
+    delays = [next_delay(300, 120, failures) for failures in range(1, 10)]
+
+    assert delays[0] <= 5.5
+    assert all(delay <= 120 for delay in delays)
+    assert delays[-1] >= 108
+
+
+def test_a_refused_key_is_retried_at_the_normal_interval_only() -> None:
+    assert all(270 <= next_delay(300, 3600, 7, auth_failed=True) <= 330 for _ in range(50))
+
+
+def test_a_rate_limit_pause_is_respected_within_the_bound() -> None:
+    assert next_delay(300, 120, 1, retry_after=60) >= 60
+    assert next_delay(300, 120, 1, retry_after=600) == 120
+
+
+def test_reconciliation_needs_to_be_enabled_with_a_key_and_a_public_url() -> None:
+    ready = {"api_key": "k", "public_url": ELSEWHERE}
+
+    assert should_reconcile(Settings(konpro=KonProSettings.model_validate(ready)))
+    assert not should_reconcile(Settings(konpro=KonProSettings(public_url=ELSEWHERE)))
+    assert not should_reconcile(Settings(konpro=KonProSettings(api_key=SecretStr("k"))))
+    assert not should_reconcile(
+        Settings(
+            konpro=KonProSettings.model_validate(ready),
+            reconcile=ReconcileSettings(enabled=False),
+        )
+    )
+
+
+# -- runs against the fake --------------------------------------------------------------------
+
+
+class Reconcilers:
+    """Builds reconcilers talking to the fake with test-sized timings; closes their clients."""
+
+    def __init__(self, fake: FakeKonPro, spool: Path) -> None:
+        self.fake = fake
+        self.spool = spool
+        self._clients: list[KonProClient] = []
+
+    def make(
+        self,
+        public_url: str,
+        *,
+        events: tuple[str, ...] = EVENTS,
+        mode: Literal["repair", "verify"] = "repair",
+        webhook_secret: str = "",
+        api_key: str | None = None,
+        max_attempts: int = 3,
+        spool: Path | None = None,
+    ) -> Reconciler:
+        client = KonProClient(
+            self.fake.url,
+            SecretStr(api_key or self.fake.api_key),
+            timeout=2.0,
+            max_attempts=max_attempts,
+            backoff_base=0.01,
+            backoff_max=0.1,
+        )
+        self._clients.append(client)
+        konpro = KonProSettings(
+            api_url=self.fake.url,
+            api_key=SecretStr(api_key or self.fake.api_key),
+            public_url=public_url,
+            events=events,
+            webhook_secret=SecretStr(webhook_secret),
+        )
+        # model_construct: the settings model rightly refuses sub-second intervals.
+        schedule = ReconcileSettings.model_construct(interval=0.1, max_backoff=0.3, mode=mode)
+        return Reconciler(client, konpro, schedule, spool or self.spool)
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.close()
+
+
+@pytest.fixture
+async def reconcilers(fake_konpro: FakeKonPro, tmp_path: Path) -> AsyncIterator[Reconcilers]:
+    factory = Reconcilers(fake_konpro, tmp_path / "spool")
+    try:
+        yield factory
+    finally:
+        await factory.close()
+
+
+async def run_for(reconciler: Reconciler, seconds: float) -> list[ReconcileResult]:
+    """Let ``run_forever`` run for a bounded time, then cancel it; it must end cleanly."""
+    results: list[ReconcileResult] = []
+    task = asyncio.create_task(reconciler.run_forever(results.append))
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return results
+
+
+async def test_a_fresh_account_gets_the_public_url_registered_once(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    reconciler = reconcilers.make(webhook_receiver.url)
+
+    first = await reconciler.run_once()
+    second = await reconciler.run_once()
+
+    [registered] = fake_konpro.endpoints.values()
+    assert (registered["url"], registered["events"]) == (webhook_receiver.url, list(EVENTS))
+    assert webhook_receiver.options_seen == 1
+    assert (first.result, first.endpoint_id) == ("added", registered["endpoint_id"])
+    assert [a.kind for a in first.actions] == [ActionKind.ADD]
+    assert (second.result, second.actions) == ("ok", ())
+    assert reconciler.last_result is second
+    assert [call.name for call in fake_konpro.writes] == ["endpoint.add"]
+
+
+async def test_a_url_that_does_not_answer_options_is_a_clear_error(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    webhook_receiver.options_status = 404
+    reconciler = reconcilers.make(webhook_receiver.url)
+
+    result = await reconciler.run_once()
+
+    assert result.result == "error"
+    assert result.error is not None
+    assert webhook_receiver.url in result.error
+    assert "could not be verified" in result.error
+    assert "answer OPTIONS" in result.error
+    assert fake_konpro.endpoints == {}
+
+
+async def test_an_endpoint_deleted_elsewhere_is_added_again_by_the_next_run(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    reconciler = reconcilers.make(webhook_receiver.url)
+    first = await reconciler.run_once()
+    assert first.endpoint_id is not None
+    fake_konpro.delete(first.endpoint_id)
+
+    again = await reconciler.run_once()
+
+    assert again.result == "added"
+    assert list(fake_konpro.endpoints) == [again.endpoint_id]
+    assert again.endpoint_id != first.endpoint_id
+
+
+async def test_events_edited_elsewhere_are_updated_on_the_same_endpoint(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    endpoint_id = fake_konpro.add(ELSEWHERE, ["personalized_video"])
+
+    result = await reconcilers.make(ELSEWHERE).run_once()
+
+    assert (result.result, result.endpoint_id) == ("updated", endpoint_id)
+    assert list(fake_konpro.endpoints) == [endpoint_id]
+    assert fake_konpro.endpoints[endpoint_id]["events"] == list(EVENTS)
+    assert [call.name for call in fake_konpro.writes] == ["endpoint.update"]
+
+
+async def test_subscribing_to_all_events_sends_null(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    endpoint_id = fake_konpro.add(ELSEWHERE, ["personalized_video"])
+
+    await reconcilers.make(ELSEWHERE, events=()).run_once()
+
+    assert fake_konpro.writes[0].json == {"endpoint_id": endpoint_id, "events": None}
+    assert fake_konpro.endpoints[endpoint_id]["events"] is None
+
+
+async def test_duplicates_are_deleted_leaving_the_oldest_and_other_urls_untouched(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    oldest = fake_konpro.add(
+        "https://BRIDGE.example.com/webhooks/konpro/", list(EVENTS), created_at=1_700_000_000
+    )
+    fake_konpro.add(ELSEWHERE, list(EVENTS), created_at="2024-01-01T00:00:00Z")
+    fake_konpro.add(ELSEWHERE + "/", None, created_at=1_800_000_000)
+    other = fake_konpro.add(OTHER, None, created_at=1_600_000_000)
+    disabled_other = fake_konpro.add(OTHER + "/v2", ["avatar_video.fail"], status="disabled")
+    untouched = {key: dict(fake_konpro.endpoints[key]) for key in (other, disabled_other)}
+
+    first = await reconcilers.make(ELSEWHERE).run_once()
+    second = await reconcilers.make(ELSEWHERE).run_once()
+
+    assert (first.result, first.endpoint_id) == ("deduplicated", oldest)
+    assert second.result == "ok"
+    assert set(fake_konpro.endpoints) == {oldest, other, disabled_other}
+    assert {key: fake_konpro.endpoints[key] for key in untouched} == untouched
+    touched = {call.json and call.json.get("endpoint_id") for call in fake_konpro.writes}
+    touched |= {call.query.get("endpoint_id") for call in fake_konpro.writes}
+    assert not touched & {other, disabled_other}
+
+
+async def test_a_disabled_endpoint_is_reported_loudly_and_left_alone(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    endpoint_id = fake_konpro.add(ELSEWHERE, list(EVENTS), status="disabled")
+
+    with capture_logs() as logs:
+        result = await reconcilers.make(ELSEWHERE).run_once()
+
+    assert (result.result, result.endpoint_id) == ("disabled", endpoint_id)
+    [report] = [entry for entry in logs if entry["event"] == "reconcile.endpoint_disabled"]
+    assert report["log_level"] == "error"
+    assert report["endpoint_id"] == endpoint_id
+    assert fake_konpro.writes == []
+
+
+@pytest.mark.parametrize("account", ["empty", "wrong events", "duplicates", "disabled"])
+async def test_verify_mode_reports_differences_and_never_writes(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, account: str
+) -> None:
+    if account == "wrong events":
+        fake_konpro.add(ELSEWHERE, ["personalized_video"])
+    elif account == "duplicates":
+        fake_konpro.add(ELSEWHERE, list(EVENTS), created_at=1)
+        fake_konpro.add(ELSEWHERE + "/", list(EVENTS), created_at=2)
+    elif account == "disabled":
+        fake_konpro.add(ELSEWHERE, list(EVENTS), status="disabled")
+
+    with capture_logs() as logs:
+        result = await reconcilers.make(ELSEWHERE, mode="verify").run_once()
+
+    assert result.result == ("disabled" if account == "disabled" else "drift")
+    assert result.actions
+    assert fake_konpro.writes == []
+    assert any(entry["log_level"] in {"warning", "error"} for entry in logs)
+
+
+async def test_verify_mode_on_a_matching_account_is_ok(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    endpoint_id = fake_konpro.add(ELSEWHERE, list(EVENTS))
+
+    result = await reconcilers.make(ELSEWHERE, mode="verify").run_once()
+
+    assert (result.result, result.endpoint_id, result.actions) == ("ok", endpoint_id, ())
+
+
+async def test_a_refused_key_is_logged_once_and_retried_only_at_the_interval(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    reconciler = reconcilers.make(ELSEWHERE, api_key="revoked-key")
+
+    with capture_logs() as logs:
+        results = await run_for(reconciler, 0.55)
+
+    # interval 0.1 +/- 10%: at most 7 runs fit in 0.55 s, each one call (never retried).
+    assert 2 <= len(fake_konpro.calls) <= 7
+    assert len(results) == len(fake_konpro.calls)
+    assert {result.result for result in results} == {"error"}
+    [error] = [entry for entry in logs if entry["log_level"] == "error"]
+    assert error["event"] == "reconcile.authentication_failed"
+    assert "API key" in error["error"]
+    assert "revoked-key" not in repr(logs)
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_rate_limits_and_server_errors_back_off_then_succeed(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, status: int
+) -> None:
+    fake_konpro.add(ELSEWHERE, ["personalized_video"])
+    fake_konpro.answer_next(2, status, retry_after="0")
+    reconciler = reconcilers.make(ELSEWHERE, max_attempts=1)
+    settled = asyncio.Event()
+
+    def on_result(result: ReconcileResult) -> None:
+        results.append(result)
+        if result.result != "error":
+            settled.set()
+
+    results: list[ReconcileResult] = []
+    with capture_logs() as logs:
+        task = asyncio.create_task(reconciler.run_forever(on_result))
+        async with asyncio.timeout(5):
+            await settled.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    assert [result.result for result in results] == ["error", "error", "updated"]
+    sleeps = [entry["failures"] for entry in logs if entry["event"] == "reconcile.sleeping"]
+    assert sleeps[:3] == [1, 2, 0]
+
+
+async def test_an_unknown_configured_event_type_is_a_warning_not_fatal(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    events = ("avatar_video.success", "instant_avatar.success")
+    fake_konpro.add(ELSEWHERE, list(events))
+
+    with capture_logs() as logs:
+        result = await reconcilers.make(ELSEWHERE, events=events).run_once()
+
+    assert result.result == "ok"
+    [warning] = [entry for entry in logs if entry["event"] == "reconcile.unknown_event_types"]
+    assert warning["unknown"] == ["instant_avatar.success"]
+    assert fake_konpro.count("webhook.list") == 1
+
+
+async def test_three_replicas_at_once_converge_on_one_registration(
+    reconcilers: Reconcilers,
+    fake_konpro: FakeKonPro,
+    webhook_receiver: WebhookReceiver,
+    tmp_path: Path,
+) -> None:
+    webhook_receiver.hold_until = 3  # every replica's add is in flight before any completes
+    replicas = [
+        reconcilers.make(webhook_receiver.url, spool=tmp_path / f"replica{n}") for n in range(3)
+    ]
+
+    racing = await asyncio.gather(*(replica.run_once() for replica in replicas))
+    assert [result.result for result in racing] == ["added"] * 3
+    assert len(fake_konpro.endpoints) == 3
+    await asyncio.gather(*(replica.run_once() for replica in replicas))
+    settled = await asyncio.gather(*(replica.run_once() for replica in replicas))
+
+    [survivor] = fake_konpro.endpoints.values()
+    assert {(result.result, result.endpoint_id) for result in settled} == {
+        ("ok", survivor["endpoint_id"])
+    }
+    stored = {load_stored_secret(tmp_path / f"replica{n}") for n in range(3)}
+    assert stored == {survivor["secret"]}
+
+
+async def test_the_secret_of_an_added_endpoint_is_stored_0600_when_none_is_configured(
+    reconcilers: Reconcilers,
+    fake_konpro: FakeKonPro,
+    webhook_receiver: WebhookReceiver,
+) -> None:
+    with capture_logs() as logs:
+        result = await reconcilers.make(webhook_receiver.url).run_once()
+
+    [registered] = fake_konpro.endpoints.values()
+    secret_file = reconcilers.spool / "webhook_secret"
+    assert result.secret_stored
+    assert load_stored_secret(reconcilers.spool) == registered["secret"]
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert [path.name for path in reconcilers.spool.iterdir()] == ["webhook_secret"]
+    [warning] = [entry for entry in logs if entry["event"] == "reconcile.secret_stored"]
+    assert "konpro.webhook_secret" in warning["hint"]
+    assert registered["secret"] not in repr(logs)
+
+
+async def test_a_configured_secret_means_nothing_is_stored(
+    reconcilers: Reconcilers, webhook_receiver: WebhookReceiver
+) -> None:
+    reconciler = reconcilers.make(webhook_receiver.url, webhook_secret="whsec_configured")
+
+    result = await reconciler.run_once()
+
+    assert (result.result, result.secret_stored) == ("added", False)
+    assert load_stored_secret(reconcilers.spool) is None
+
+
+def test_a_result_renders_as_json_without_secrets() -> None:
+    result = ReconcileResult(
+        time=datetime(2024, 1, 1, tzinfo=UTC),
+        result="updated",
+        endpoint_id="a",
+        actions=(Action(ActionKind.UPDATE, ELSEWHERE, "a", events=None),),
+    )
+
+    assert result.to_dict() == {
+        "time": "2024-01-01T00:00:00+00:00",
+        "result": "updated",
+        "endpoint_id": "a",
+        "error": None,
+        "actions": [f"update a ({ELSEWHERE}) events=all"],
+        "secret_stored": False,
+    }
