@@ -1,0 +1,456 @@
+"""A durable local spool: where a delivery waits while the broker cannot take it.
+
+Answering KonPro 2xx is a promise that the event will reach the bus. When publishing fails, the
+delivery is committed here (and fsynced) *before* the answer; a ``Forwarder`` later drains the
+spool to the broker in original order.
+
+SQLite in WAL mode with ``synchronous=FULL`` does the durable part. All SQLite work runs on one
+dedicated thread that owns the connection, so the event loop never waits on the disk. Appends
+that arrive while a commit is in flight are gathered into the next transaction (group commit):
+under a burst one fsync covers many deliveries, yet each caller resumes only once its own row is
+on disk.
+
+Depth and size are counted in memory and read back at ``open``; one process at a time should own
+a spool (the daemon, or a CLI command while the daemon is stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self, TypeVar
+
+import orjson
+import structlog
+
+from bridge.config import SpoolSettings
+from bridge.events import Delivery, DeliveryRefused
+
+FILE_NAME: Final = "spool.sqlite3"
+RETRY_AFTER: Final = 30
+
+Publish = Callable[[Delivery], Awaitable[None]]
+
+_T = TypeVar("_T")
+_log = structlog.get_logger(__name__)
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_type  TEXT    NOT NULL,
+    message_id  TEXT    NOT NULL,
+    body        BLOB    NOT NULL,
+    headers     TEXT    NOT NULL,
+    received_at REAL    NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0
+)
+"""
+_MAX_SQL_PARAMETERS: Final = 500  # well below SQLite's historical limit of 999
+
+
+class SpoolError(DeliveryRefused):
+    """The spool cannot take responsibility for a delivery; KonPro should retry it later."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, retry_after=RETRY_AFTER)
+
+
+class SpoolFull(SpoolError):
+    """Taking the delivery would exceed ``max_events`` or ``max_bytes``; nothing is dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledEvent:
+    """A delivery waiting in the spool; ``id`` gives its place in the original order."""
+
+    id: int
+    delivery: Delivery
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStatus:
+    """How much is waiting: events, their body bytes, and the age in seconds of the oldest."""
+
+    depth: int
+    bytes: int
+    oldest_age: float | None
+
+
+class Spool:
+    """An append-only queue of deliveries on local disk. Create it with ``await Spool.open()``."""
+
+    def __init__(
+        self,
+        settings: SpoolSettings,
+        database: _Database,
+        executor: ThreadPoolExecutor,
+        clock: Callable[[], float],
+    ) -> None:
+        self.path = settings.path / FILE_NAME
+        self._settings = settings
+        self._db = database
+        self._executor = executor
+        self._clock = clock
+        self._depth, self._bytes = database.totals  # committed rows
+        self._queued_events = self._queued_bytes = 0  # accepted, not yet committed
+        self._queue: list[tuple[Delivery, asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, settings: SpoolSettings, *, clock: Callable[[], float] = time.time) -> Self:
+        """Open (creating if need be) ``<settings.path>/spool.sqlite3``."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        loop = asyncio.get_running_loop()
+        try:
+            database = await loop.run_in_executor(executor, _Database.open, settings.path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(settings, database, executor, clock)
+
+    async def close(self) -> None:
+        """Finish the commits in flight, then close the file. Appends after this raise."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._committer is not None:
+            await asyncio.shield(self._committer)
+        await self._call(self._db.close)
+        self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def depth(self) -> int:
+        """Committed events waiting, without touching the disk."""
+        return self._depth
+
+    async def append(self, delivery: Delivery) -> None:
+        """Return once ``delivery`` is durably committed; raise ``SpoolError`` if it cannot be.
+
+        ``SpoolFull`` is raised up front, before anything is written, when the limits would be
+        exceeded.
+        """
+        self._check_open()
+        self._reserve(len(delivery.body))
+        committed = asyncio.get_running_loop().create_future()
+        self._queue.append((delivery, committed))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_queue(), name="spool-commit")
+        await committed
+
+    async def peek(self, limit: int) -> list[SpooledEvent]:
+        """Up to ``limit`` events, oldest first, left in place."""
+        self._check_open()
+        return await self._call(partial(self._db.oldest, limit))
+
+    async def remove(self, ids: Sequence[int]) -> None:
+        """Delete these events durably; ids no longer present are ignored."""
+        self._check_open()
+        if ids:
+            # Shielded so that the counters follow the disk even if the caller is cancelled.
+            await asyncio.shield(self._remove(list(ids)))
+
+    async def record_attempt(self, event_id: int) -> None:
+        """Count a failed attempt to publish an event, for operators hunting a poison message."""
+        self._check_open()
+        await self._call(partial(self._db.record_attempt, event_id))
+
+    async def status(self) -> SpoolStatus:
+        self._check_open()
+        oldest = await self._call(self._db.oldest_received_at)
+        age = None if oldest is None else max(0.0, self._clock() - oldest)
+        return SpoolStatus(depth=self._depth, bytes=self._bytes, oldest_age=age)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the spool is closed")
+
+    def _reserve(self, size: int) -> None:
+        limits = self._settings
+        if self._depth + self._queued_events + 1 > limits.max_events:
+            raise SpoolFull(f"spool full: it holds its limit of {limits.max_events} events")
+        if self._bytes + self._queued_bytes + size > limits.max_bytes:
+            raise SpoolFull(f"spool full: {size} more bytes would exceed {limits.max_bytes}")
+        self._queued_events += 1
+        self._queued_bytes += size
+
+    async def _commit_queue(self) -> None:
+        """Commit whatever is queued, one transaction per round, until the queue stays empty."""
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._commit(batch)
+        finally:
+            self._committer = None
+
+    async def _commit(self, batch: list[tuple[Delivery, asyncio.Future[None]]]) -> None:
+        deliveries = [delivery for delivery, _ in batch]
+        size = sum(len(delivery.body) for delivery in deliveries)
+        error: Exception | None = None
+        try:
+            await self._call(partial(self._db.insert, deliveries))
+        except Exception as exc:  # every waiter must hear of it, whatever it is
+            error = exc
+        else:
+            self._depth += len(batch)
+            self._bytes += size
+        finally:
+            self._queued_events -= len(batch)
+            self._queued_bytes -= size
+        for _, committed in batch:
+            if committed.done():  # the caller was cancelled; the row stands all the same
+                continue
+            if error is None:
+                committed.set_result(None)
+            else:
+                committed.set_exception(_write_failed(error))
+
+    async def _remove(self, ids: list[int]) -> None:
+        count, size = await self._call(partial(self._db.delete, ids))
+        self._depth -= count
+        self._bytes -= size
+
+    async def _call(self, function: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
+
+async def drain(
+    spool: Spool,
+    publish: Publish,
+    *,
+    batch: int = 100,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Publish spooled events oldest first, removing each only after ``publish`` returned.
+
+    Returns how many were drained. If ``publish`` raises, the drain stops there: that event and
+    all later ones stay in the spool, and the exception propagates. ``on_progress`` is called
+    with the running total after each batch of removals.
+    """
+    drained = 0
+    while entries := await spool.peek(batch):
+        published: list[int] = []
+        try:
+            for entry in entries:
+                try:
+                    await publish(entry.delivery)
+                except Exception:
+                    await spool.record_attempt(entry.id)
+                    raise
+                published.append(entry.id)
+        finally:
+            if published:
+                await spool.remove(published)
+                drained += len(published)
+                if on_progress is not None:
+                    on_progress(drained)
+    return drained
+
+
+class Forwarder:
+    """Drains the spool to the broker in the background, whenever there is something to drain
+    and the broker is connected; otherwise sleeps until ``notify()``.
+
+    Call ``notify()`` after spooling a delivery and after the broker reconnects. A periodic
+    look every ``poll_interval`` seconds is only a safety net for a missed notification.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        publish: Publish,
+        *,
+        is_connected: Callable[[], bool],
+        batch: int = 100,
+        retry_delay: float = 1.0,
+        max_retry_delay: float = 60.0,
+        poll_interval: float = 30.0,
+    ) -> None:
+        self._spool = spool
+        self._publish = publish
+        self._is_connected = is_connected
+        self._batch = batch
+        self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._poll_interval = poll_interval
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        """Something changed (an event was spooled, the broker came back): look again now."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._run(), name="spool-forwarder")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Let a drain in progress run for up to ``grace`` seconds, then cancel it.
+
+        Cancelling is safe: an event is removed only after it was published, so the worst case
+        is one event published again after restart, under the same message id.
+        """
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        _done, pending = await asyncio.wait([task], timeout=grace)
+        if pending:
+            task.cancel()
+            await asyncio.wait([task])
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+    async def _run(self) -> None:
+        delay = self._retry_delay
+        while not self._stopping.is_set():
+            self._wake.clear()  # before looking, so that a notify() from now on is not lost
+            try:
+                await self._forward()
+            except Exception as exc:
+                _log.warning("spool_forward_failed", error=repr(exc), retry_in=delay)
+                await _wait(self._stopping, delay)
+                delay = min(2 * delay, self._max_retry_delay)
+            else:
+                delay = self._retry_delay
+                await _wait(self._wake, self._poll_interval)
+
+    async def _forward(self) -> None:
+        if self._spool.depth and self._is_connected():
+            drained = await drain(self._spool, self._publish, batch=self._batch)
+            if drained:
+                _log.info("spool_drained", count=drained, depth=self._spool.depth)
+
+
+class _Database:
+    """The SQLite side of the spool. Only the spool's worker thread may call it."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._db = connection
+        count, size = connection.execute(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM events"
+        ).fetchone()
+        self.totals: tuple[int, int] = (count, size)
+
+    @classmethod
+    def open(cls, directory: Path) -> _Database:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        connection = sqlite3.connect(directory / FILE_NAME, timeout=10.0, isolation_level=None)
+        try:
+            (mode,) = connection.execute("PRAGMA journal_mode=WAL").fetchone()
+            if mode != "wal":
+                raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode!r})")
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute(_SCHEMA)
+            return cls(connection)
+        except BaseException:
+            connection.close()
+            raise
+
+    def close(self) -> None:
+        self._db.close()
+
+    def insert(self, deliveries: Sequence[Delivery]) -> None:
+        rows = [
+            (d.event_type, d.message_id, d.body, _dump_headers(d.headers), d.received_at)
+            for d in deliveries
+        ]
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO events (event_type, message_id, body, headers, received_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def oldest(self, limit: int) -> list[SpooledEvent]:
+        rows = self._db.execute(
+            "SELECT id, event_type, message_id, body, headers, received_at, attempts"
+            " FROM events ORDER BY id LIMIT ?",
+            (limit,),
+        )
+        return [_spooled_event(row) for row in rows]
+
+    def oldest_received_at(self) -> float | None:
+        row = self._db.execute("SELECT received_at FROM events ORDER BY id LIMIT 1").fetchone()
+        return None if row is None else float(row[0])
+
+    def delete(self, ids: Sequence[int]) -> tuple[int, int]:
+        """Delete rows; return how many, and how many body bytes, were actually there."""
+        count = size = 0
+        with self._transaction():
+            for start in range(0, len(ids), _MAX_SQL_PARAMETERS):
+                chunk = ids[start : start + _MAX_SQL_PARAMETERS]
+                where = f"WHERE id IN ({', '.join('?' * len(chunk))})"  # placeholders only
+                found, found_bytes = self._db.execute(
+                    f"SELECT count(*), coalesce(sum(length(body)), 0) FROM events {where}",  # noqa: S608
+                    chunk,
+                ).fetchone()
+                self._db.execute(f"DELETE FROM events {where}", chunk)  # noqa: S608
+                count += found
+                size += found_bytes
+        return count, size
+
+    def record_attempt(self, event_id: int) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE events SET attempts = attempts + 1 WHERE id = ?", (event_id,))
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def _dump_headers(headers: Mapping[str, str]) -> str:
+    return orjson.dumps(dict(headers)).decode()
+
+
+_Row = tuple[int, str, str, bytes, str, float, int]
+
+
+def _spooled_event(row: _Row) -> SpooledEvent:
+    row_id, event_type, message_id, body, headers, received_at, attempts = row
+    delivery = Delivery(event_type, body, message_id, orjson.loads(headers), received_at)
+    return SpooledEvent(row_id, delivery, attempts)
+
+
+def _write_failed(error: Exception) -> Exception:
+    if isinstance(error, sqlite3.Error | OSError):
+        wrapped = SpoolError(f"spool write failed: {error}")
+        wrapped.__cause__ = error
+        return wrapped
+    return error
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait until ``event`` is set, or ``seconds`` have passed, whichever comes first."""
+    with suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

@@ -1,0 +1,427 @@
+"""The spool keeps every delivery it accepted, in order, across restarts and crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import stat
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.config import SpoolSettings
+from bridge.events import Delivery, DeliveryRefused
+from bridge.spool import (
+    FILE_NAME,
+    Forwarder,
+    Spool,
+    SpoolError,
+    SpoolFull,
+    SpoolStatus,
+    _Database,
+    drain,
+)
+
+RECEIVED_AT = 1_700_000_000.0
+
+
+def delivery(n: int, *, size: int = 16, received_at: float = RECEIVED_AT) -> Delivery:
+    return Delivery(
+        event_type="avatar_video.success",
+        body=f"{n:0{size}d}".encode(),
+        message_id=f"evt_{n}",
+        headers={"KonPro-Event-Id": f"evt_{n}"},
+        received_at=received_at,
+    )
+
+
+def settings(tmp_path: Path, **limits: Any) -> SpoolSettings:
+    return SpoolSettings(path=tmp_path / "spool", **limits)
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    async with await Spool.open(settings(tmp_path)) as opened:
+        yield opened
+
+
+async def message_ids(spool: Spool) -> list[str]:
+    return [entry.delivery.message_id for entry in await spool.peek(10_000)]
+
+
+async def fill(spool: Spool, count: int) -> None:
+    for n in range(count):
+        await spool.append(delivery(n))
+
+
+async def eventually(event: asyncio.Event) -> None:
+    """Wait for something the code under test must do; the timeout only stops a hang."""
+    async with asyncio.timeout(10):
+        await event.wait()
+
+
+class Broker:
+    """A stand-in for the publisher: records what it was given, fails or hangs on request."""
+
+    def __init__(self, expect: int = 0) -> None:
+        self.published: list[str] = []
+        self.connected = True
+        self.failures_to_come = 0
+        self.hang = False
+        self.asked_if_connected = asyncio.Event()
+        self.publishing = asyncio.Event()
+        self.all_published = asyncio.Event()
+        self._expect = expect
+
+    def is_connected(self) -> bool:
+        self.asked_if_connected.set()
+        return self.connected
+
+    async def publish(self, delivery: Delivery) -> None:
+        self.publishing.set()
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.failures_to_come:
+            self.failures_to_come -= 1
+            raise ConnectionError("broker went away")
+        self.published.append(delivery.message_id)
+        if len(self.published) >= self._expect:
+            self.all_published.set()
+
+
+# --- the spool itself -------------------------------------------------------------------------
+
+
+async def test_events_are_peeked_oldest_first_and_removed_by_id(spool: Spool) -> None:
+    await fill(spool, 3)
+    entries = await spool.peek(10)
+    assert [e.delivery.message_id for e in entries] == ["evt_0", "evt_1", "evt_2"]
+    await spool.remove([entries[0].id, entries[2].id])
+    assert await message_ids(spool) == ["evt_1"]
+    assert spool.depth == 1
+
+
+async def test_peek_returns_at_most_limit_and_leaves_events_in_place(spool: Spool) -> None:
+    await fill(spool, 3)
+    assert [e.delivery.message_id for e in await spool.peek(2)] == ["evt_0", "evt_1"]
+    assert spool.depth == 3
+
+
+async def test_a_spooled_delivery_comes_back_exactly_as_it_went_in(spool: Spool) -> None:
+    original = Delivery(
+        event_type="video_translate.success",
+        body=b'{"event_type": "video_translate.success", "event_data": {"x": "\xc3\xa9"}}',
+        message_id="evt_42",
+        headers={"KonPro-Event-Id": "evt_42", "X-Retry": "2"},
+        received_at=1_700_000_123.456789,
+    )
+    await spool.append(original)
+    [entry] = await spool.peek(1)
+    assert entry.delivery == original
+    assert entry.attempts == 0
+
+
+async def test_removing_unknown_or_no_ids_changes_nothing(spool: Spool) -> None:
+    await fill(spool, 1)
+    await spool.remove([])
+    await spool.remove([12345])
+    assert spool.depth == 1
+    assert await message_ids(spool) == ["evt_0"]
+
+
+async def test_the_spool_directory_is_created_private(tmp_path: Path) -> None:
+    nested = SpoolSettings(path=tmp_path / "var" / "spool")
+    async with await Spool.open(nested):
+        pass
+    assert stat.S_IMODE(nested.path.stat().st_mode) == 0o700
+    assert (nested.path / FILE_NAME).is_file()
+
+
+async def test_the_file_is_sqlite_in_wal_mode(spool: Spool) -> None:
+    with sqlite3.connect(spool.path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_events_survive_close_and_reopen(tmp_path: Path) -> None:
+    async with await Spool.open(settings(tmp_path)) as first:
+        await fill(first, 3)
+    async with await Spool.open(settings(tmp_path)) as second:
+        assert await message_ids(second) == ["evt_0", "evt_1", "evt_2"]
+        assert second.depth == 3
+        assert (await second.status()).bytes == 3 * 16
+
+
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from bridge.config import SpoolSettings
+from bridge.events import Delivery
+from bridge.spool import Spool
+
+async def main():
+    spool = await Spool.open(SpoolSettings(path=Path(sys.argv[1])))
+    await spool.append(Delivery("avatar_video.success", b"{}", "evt_from_child"))
+    print("ok", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_an_event_committed_by_a_process_then_killed_is_found(tmp_path: Path) -> None:
+    path = settings(tmp_path).path
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(path), stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdout is not None
+    assert await child.stdout.readline() == b"ok\n"
+    child.send_signal(signal.SIGKILL)
+    assert await child.wait() == -signal.SIGKILL
+
+    async with await Spool.open(settings(tmp_path)) as reopened:
+        assert await message_ids(reopened) == ["evt_from_child"]
+        assert reopened.depth == 1
+
+
+async def test_a_full_spool_refuses_by_event_count_and_drops_nothing(tmp_path: Path) -> None:
+    async with await Spool.open(settings(tmp_path, max_events=2)) as spool:
+        await fill(spool, 2)
+        with pytest.raises(SpoolFull):
+            await spool.append(delivery(2))
+        assert await message_ids(spool) == ["evt_0", "evt_1"]
+
+
+async def test_a_full_spool_refuses_by_bytes_and_drops_nothing(tmp_path: Path) -> None:
+    async with await Spool.open(settings(tmp_path, max_bytes=1024)) as spool:
+        await spool.append(delivery(0, size=600))
+        with pytest.raises(SpoolFull):
+            await spool.append(delivery(1, size=600))
+        await spool.append(delivery(2, size=424))  # exactly fills it
+        assert await message_ids(spool) == ["evt_0", "evt_2"]
+        assert (await spool.status()).bytes == 1024
+
+
+async def test_spool_full_asks_konpro_to_retry_later(tmp_path: Path) -> None:
+    async with await Spool.open(settings(tmp_path, max_events=1)) as spool:
+        await fill(spool, 1)
+        with pytest.raises(DeliveryRefused) as refused:
+            await spool.append(delivery(1))
+    assert isinstance(refused.value, SpoolFull)
+    assert refused.value.retry_after == 30
+
+
+async def test_removing_events_makes_room_again(tmp_path: Path) -> None:
+    async with await Spool.open(settings(tmp_path, max_events=1)) as spool:
+        await fill(spool, 1)
+        [entry] = await spool.peek(1)
+        await spool.remove([entry.id])
+        await spool.append(delivery(1))
+        assert await message_ids(spool) == ["evt_1"]
+
+
+async def test_concurrent_appends_cannot_overshoot_the_limit(tmp_path: Path) -> None:
+    async with await Spool.open(settings(tmp_path, max_events=3)) as spool:
+        results = await asyncio.gather(
+            *(spool.append(delivery(n)) for n in range(5)), return_exceptions=True
+        )
+        assert [type(r).__name__ for r in results] == ["NoneType"] * 3 + ["SpoolFull"] * 2
+        assert spool.depth == 3
+
+
+async def test_concurrent_appends_are_all_committed_in_call_order(spool: Spool) -> None:
+    await asyncio.gather(*(spool.append(delivery(n)) for n in range(500)))
+    assert await message_ids(spool) == [f"evt_{n}" for n in range(500)]
+    assert spool.depth == 500
+
+
+async def test_concurrent_appends_share_transactions(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commits: list[int] = []
+    insert = _Database.insert
+
+    def counting_insert(self: _Database, deliveries: Sequence[Delivery]) -> None:
+        commits.append(len(deliveries))
+        insert(self, deliveries)
+
+    monkeypatch.setattr(_Database, "insert", counting_insert)
+    await asyncio.gather(*(spool.append(delivery(n)) for n in range(500)))
+    assert sum(commits) == 500
+    assert len(commits) < 500
+
+
+async def test_a_failed_write_refuses_the_delivery_and_the_spool_recovers(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_insert(self: _Database, deliveries: Sequence[Delivery]) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_Database, "insert", failing_insert)
+        with pytest.raises(SpoolError, match="disk I/O error") as refused:
+            await spool.append(delivery(0))
+    assert refused.value.retry_after == 30
+    assert spool.depth == 0
+    await spool.append(delivery(1))
+    assert await message_ids(spool) == ["evt_1"]
+
+
+async def test_status_reports_depth_bytes_and_age_of_the_oldest(tmp_path: Path) -> None:
+    async with await Spool.open(settings(tmp_path), clock=lambda: RECEIVED_AT) as spool:
+        assert await spool.status() == SpoolStatus(depth=0, bytes=0, oldest_age=None)
+        await spool.append(delivery(0, size=10, received_at=RECEIVED_AT - 90))
+        await spool.append(delivery(1, size=20, received_at=RECEIVED_AT - 30))
+        assert await spool.status() == SpoolStatus(depth=2, bytes=30, oldest_age=90.0)
+
+
+async def test_a_closed_spool_refuses_to_be_used(tmp_path: Path) -> None:
+    spool = await Spool.open(settings(tmp_path))
+    await spool.close()
+    await spool.close()  # closing twice is harmless
+    with pytest.raises(RuntimeError, match="closed"):
+        await spool.append(delivery(0))
+
+
+async def test_closing_waits_for_appends_in_flight(tmp_path: Path) -> None:
+    spool = await Spool.open(settings(tmp_path))
+    appends = asyncio.gather(*(spool.append(delivery(n)) for n in range(50)))
+    await asyncio.sleep(0)  # let every append queue up
+    await spool.close()
+    await appends
+    async with await Spool.open(settings(tmp_path)) as reopened:
+        assert reopened.depth == 50
+
+
+# --- drain -----------------------------------------------------------------------------------
+
+
+async def test_drain_publishes_oldest_first_and_empties_the_spool(spool: Spool) -> None:
+    await fill(spool, 5)
+    broker = Broker()
+    progress: list[int] = []
+    drained = await drain(spool, broker.publish, batch=2, on_progress=progress.append)
+    assert drained == 5
+    assert broker.published == [f"evt_{n}" for n in range(5)]
+    assert progress == [2, 4, 5]
+    assert spool.depth == 0
+    assert await spool.peek(10) == []
+
+
+async def test_draining_an_empty_spool_publishes_nothing(spool: Spool) -> None:
+    broker = Broker()
+    assert await drain(spool, broker.publish) == 0
+    assert broker.published == []
+
+
+async def test_drain_stops_at_the_first_failure_and_keeps_the_rest(spool: Spool) -> None:
+    await fill(spool, 5)
+    published: list[str] = []
+
+    async def publish(delivery: Delivery) -> None:
+        if delivery.message_id == "evt_2":
+            raise ConnectionError("broker went away")
+        published.append(delivery.message_id)
+
+    with pytest.raises(ConnectionError):
+        await drain(spool, publish)
+    assert published == ["evt_0", "evt_1"]
+    remaining = await spool.peek(10)
+    assert [e.delivery.message_id for e in remaining] == ["evt_2", "evt_3", "evt_4"]
+    assert [e.attempts for e in remaining] == [1, 0, 0]
+
+
+async def test_drain_removes_an_event_only_after_it_was_published(spool: Spool) -> None:
+    await fill(spool, 2)
+    seen_in_spool: list[list[str]] = []
+
+    async def publish(delivery: Delivery) -> None:
+        seen_in_spool.append(await message_ids(spool))
+
+    await drain(spool, publish, batch=1)
+    assert seen_in_spool == [["evt_0", "evt_1"], ["evt_1"]]
+
+
+# --- Forwarder -------------------------------------------------------------------------------
+
+
+async def test_forwarder_drains_what_was_spooled_before_it_started(spool: Spool) -> None:
+    await fill(spool, 3)
+    broker = Broker(expect=3)
+    forwarder = Forwarder(spool, broker.publish, is_connected=broker.is_connected)
+    forwarder.start()
+    await eventually(broker.all_published)
+    await forwarder.stop()
+    assert broker.published == ["evt_0", "evt_1", "evt_2"]
+    assert spool.depth == 0
+
+
+async def test_forwarder_drains_when_notified(spool: Spool) -> None:
+    broker = Broker(expect=3)
+    forwarder = Forwarder(spool, broker.publish, is_connected=broker.is_connected)
+    forwarder.start()
+    await fill(spool, 3)
+    forwarder.notify()
+    await eventually(broker.all_published)
+    await forwarder.stop()
+    assert broker.published == ["evt_0", "evt_1", "evt_2"]
+    assert spool.depth == 0
+
+
+async def test_forwarder_waits_while_the_broker_is_disconnected(spool: Spool) -> None:
+    await fill(spool, 2)
+    broker = Broker(expect=2)
+    broker.connected = False
+    forwarder = Forwarder(spool, broker.publish, is_connected=broker.is_connected)
+    forwarder.start()
+    await eventually(broker.asked_if_connected)
+    assert broker.published == []
+    assert spool.depth == 2
+
+    broker.connected = True
+    forwarder.notify()  # as the publisher does on reconnect
+    await eventually(broker.all_published)
+    await forwarder.stop()
+    assert broker.published == ["evt_0", "evt_1"]
+
+
+async def test_forwarder_retries_after_a_failure_without_losing_order(spool: Spool) -> None:
+    await fill(spool, 3)
+    broker = Broker(expect=3)
+    broker.failures_to_come = 2
+    forwarder = Forwarder(
+        spool, broker.publish, is_connected=broker.is_connected, retry_delay=0, max_retry_delay=0
+    )
+    forwarder.start()
+    await eventually(broker.all_published)
+    await forwarder.stop()
+    assert broker.published == ["evt_0", "evt_1", "evt_2"]
+    assert spool.depth == 0
+
+
+async def test_stopping_the_forwarder_is_bounded_and_keeps_the_event_in_flight(
+    spool: Spool,
+) -> None:
+    await fill(spool, 1)
+    broker = Broker()
+    broker.hang = True
+    forwarder = Forwarder(spool, broker.publish, is_connected=broker.is_connected)
+    forwarder.start()
+    await eventually(broker.publishing)
+    await forwarder.stop(grace=0)
+    [entry] = await spool.peek(10)
+    assert entry.delivery.message_id == "evt_0"
+    assert entry.attempts == 0  # being stopped is not a failure of the event
+
+
+async def test_stopping_a_forwarder_not_running_is_harmless(spool: Spool) -> None:
+    broker = Broker()
+    forwarder = Forwarder(spool, broker.publish, is_connected=broker.is_connected)
+    await forwarder.stop()
+    forwarder.start()
+    await forwarder.stop()
+    await forwarder.stop()
