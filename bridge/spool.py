@@ -209,7 +209,7 @@ class Spool:
         error: Exception | None = None
         try:
             await self._call(partial(self._db.insert, deliveries))
-        except Exception as exc:  # every waiter must hear of it, whatever it is
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it, whatever it is
             error = exc
         else:
             self._depth += len(batch)
@@ -330,7 +330,7 @@ class Forwarder:
             self._wake.clear()  # before looking, so that a notify() from now on is not lost
             try:
                 await self._forward()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the forwarder outlives any failure
                 _log.warning("spool_forward_failed", error=repr(exc), retry_in=delay)
                 await _wait(self._stopping, delay)
                 delay = min(2 * delay, self._max_retry_delay)
