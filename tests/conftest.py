@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +13,6 @@ from typing import Any
 import aio_pika
 import aiohttp
 import pytest
-import structlog
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from bridge.app import Bridge
@@ -26,12 +24,6 @@ BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
 
 BridgeFactory = Callable[..., AbstractAsyncContextManager[Bridge]]
 QueueFactory = Callable[..., Awaitable[AbstractQueue]]
-
-
-@pytest.fixture(autouse=True, scope="session")
-def quiet_logs() -> None:
-    """Tests see the bridge's log lines from INFO up; ``capture_logs`` still sees everything."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
 
 
 def make_settings(tmp_path: Path, exchange: str, **sections: dict[str, Any]) -> Settings:
