@@ -40,7 +40,15 @@ ENVELOPES = st.fixed_dictionaries(
     {"event_type": EVENT_TYPES, "event_data": JSON_VALUES},
     optional={"extra": JSON_VALUES},
 ).map(orjson.dumps)
-BODIES = st.one_of(ENVELOPES, st.binary(max_size=600), JSON_VALUES.map(orjson.dumps))
+VALID_ENVELOPES = st.fixed_dictionaries(
+    {
+        "event_type": EVENT_TYPES.filter(lambda t: isinstance(t, str) and t.isascii() and "." in t),
+        "event_data": st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=5),
+    },
+).map(orjson.dumps)
+BODIES = st.one_of(
+    VALID_ENVELOPES, ENVELOPES, st.binary(max_size=600), JSON_VALUES.map(orjson.dumps)
+)
 
 
 @st.composite
