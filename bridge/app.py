@@ -1,14 +1,16 @@
 """The composition root: builds the bridge's parts from settings and runs their lifecycle.
 
 Start order matters: the spool opens first (without it a 2xx could not be promised), the
-publisher starts connecting (a broker that is down is not fatal), then the HTTP server listens.
-Stop order is the reverse, so that requests already in flight still get their publish confirmed
-or their event spooled before the AMQP connection and the spool close.
+publisher starts connecting (a broker that is down is not fatal), the HTTP server listens, and
+only then does reconciliation start: KonPro checks a URL it is asked to register with an OPTIONS
+request. Stop order is the reverse, so that requests already in flight still get their publish
+confirmed or their event spooled before the AMQP connection and the spool close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from types import TracebackType
 from typing import Self
@@ -18,9 +20,10 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
+from bridge.konpro import KonProClient
 from bridge.logs import redactor
 from bridge.publisher import Publisher
-from bridge.reconcile import load_stored_secret
+from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret, why_not_reconcile
 from bridge.relay import Relay
 from bridge.server import create_app
 from bridge.signatures import Authenticator, ReplayGuard
@@ -47,6 +50,9 @@ class Bridge:
         self._spool: Spool | None = None
         self._forwarder: Forwarder | None = None
         self._runner: web.AppRunner | None = None
+        self._konpro: KonProClient | None = None
+        self.reconciler: Reconciler | None = None
+        self._reconciling: asyncio.Task[None] | None = None
 
     @property
     def spool(self) -> Spool:
@@ -94,6 +100,7 @@ class Bridge:
             webhook_path=self.settings.server.webhook_path,
             version=__version__,
         )
+        self._start_reconciling()
 
     async def _open_spool(self) -> Spool:
         try:
@@ -141,6 +148,7 @@ class Bridge:
 
     async def stop(self) -> None:
         """Stop listening, let in-flight deliveries finish (bounded), then close the connection."""
+        await self._stop_reconciling()
         if self._runner is not None:
             log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
             await self._runner.cleanup()
@@ -158,6 +166,38 @@ class Bridge:
             await self._spool.close()
             self._spool = None
         log.info("bridge.stopped")
+
+    def _start_reconciling(self) -> None:
+        """Keep the registration right in the background; the site must already be listening."""
+        if reason := why_not_reconcile(self.settings):
+            log.info("reconcile.off", reason=reason)
+            return
+        konpro = self.settings.konpro
+        self._konpro = KonProClient(konpro.api_url, konpro.api_key, timeout=konpro.request_timeout)
+        self.reconciler = Reconciler.from_settings(self._konpro, self.settings)
+        self._reconciling = asyncio.create_task(
+            self.reconciler.run_forever(self._on_reconcile_result), name="konpro-reconcile"
+        )
+
+    async def _stop_reconciling(self) -> None:
+        """Cancel a run even mid-call: a hanging KonPro API must not hold up shutdown."""
+        task, self._reconciling = self._reconciling, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._konpro is not None:
+            await self._konpro.close()
+            self._konpro = None
+
+    def _on_reconcile_result(self, result: ReconcileResult) -> None:
+        """Start checking signatures with a signing secret the reconciler has just learnt."""
+        if not result.secret_stored:
+            return
+        # A few bytes the reconciler has just written: reading them does not stall the loop.
+        secret = load_stored_secret(self.settings.spool.path)
+        if secret:
+            self.use_webhook_secret(secret)
 
     async def __aenter__(self) -> Self:
         await self.start()
