@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final, Protocol
 
+import orjson
 import structlog
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -82,7 +83,7 @@ class WebhookHandler:
                 reason=refused.reason,
                 duration_ms=_elapsed_ms(started),
             )
-            return web.json_response(
+            return _json(
                 {"status": "unavailable", "detail": "retry later"},
                 status=503,
                 headers={"Retry-After": str(refused.retry_after)},
@@ -94,7 +95,7 @@ class WebhookHandler:
             outcome=outcome.value,
             duration_ms=_elapsed_ms(started),
         )
-        return web.json_response(
+        return _json(
             {"status": "accepted", "outcome": outcome.value, "message_id": delivery.message_id},
             status=202 if outcome is Outcome.SPOOLED else 200,
         )
@@ -147,7 +148,7 @@ class WebhookHandler:
         answer = {"error": rejected.error}
         if rejected.detail:
             answer["detail"] = rejected.detail
-        return web.json_response(answer, status=rejected.status)
+        return _json(answer, status=rejected.status)
 
 
 def create_app(
@@ -170,17 +171,25 @@ async def _options(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return _json({"status": "ok"})
 
 
 def _readyz(readiness: ReadinessProbe) -> Handler:
     async def readyz(request: web.Request) -> web.Response:
         reason = readiness()
         if reason is None:
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+            return _json({"status": "ready"})
+        return _json({"status": "not ready", "reason": reason}, status=503)
 
     return readyz
+
+
+def _json(
+    data: Mapping[str, object], *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def _konpro_headers(headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
