@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 
 from bridge.app import Bridge
 from bridge.config import Settings
+from tests.support.private_broker import PrivateBroker, can_run_a_private_broker
 from tests.support.tcp_proxy import TcpProxy
 
 AMQP_URL = os.environ.get("KONPRO_BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -38,6 +39,19 @@ def make_settings(tmp_path: Path, exchange: str, **sections: dict[str, Any]) -> 
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     return Settings.model_validate(data)
+
+
+@pytest.fixture(scope="session")
+def private_broker() -> Iterator[PrivateBroker]:
+    """A RabbitMQ node of the suite's own, for faults and users the shared broker must not see."""
+    if reason := can_run_a_private_broker():
+        pytest.skip(reason)
+    broker = PrivateBroker()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture

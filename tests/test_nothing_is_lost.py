@@ -12,7 +12,7 @@ import itertools
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -22,7 +22,7 @@ import pytest
 
 from bridge.app import Bridge
 from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
-from tests.support.private_broker import PrivateBroker, can_run_a_private_broker
+from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -138,18 +138,6 @@ async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
     assert [status for _, status in answers] == [202] * 5 + [503] * 3
     received = await message_ids(queue, at_least=5)
     assert sorted(received) == sorted(event_id for event_id, status in answers if status == 202)
-
-
-@pytest.fixture(scope="module")
-def private_broker() -> Iterator[PrivateBroker]:
-    if reason := can_run_a_private_broker():
-        pytest.skip(reason)
-    broker = PrivateBroker()
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -11,45 +12,95 @@ import structlog
 
 from bridge.config import LogSettings
 from bridge.logs import configure_logging, redactor
-from tests.conftest import QueueFactory, drain
-from tests.support.process import BridgeProcess
+from bridge.signatures import sign
+from tests.fake_konpro import FakeKonPro
+from tests.support.private_broker import PrivateBroker
+from tests.support.process import BridgeProcess, free_port
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 AMQP_PASSWORD = "amqp-Pa55-7f3e"
 API_KEY = "konpro-api-key-91c2"
 WEBHOOK_SECRET = "whsec_b6a1e0c4d9"
 OLD_SECRET = "whsec_retired_5521"
 SECRETS = (AMQP_PASSWORD, API_KEY, WEBHOOK_SECRET, OLD_SECRET)
+EVENT = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
 
 
 async def test_a_full_run_with_every_secret_set_logs_none_of_them(
-    tmp_path: Path, exchange_name: str, bind_queue: QueueFactory, http: aiohttp.ClientSession
+    tmp_path: Path, exchange_name: str, private_broker: PrivateBroker, http: aiohttp.ClientSession
 ) -> None:
-    queue = await bind_queue("#")
-    # The broker refuses this password, so the connection error paths are logged as well.
-    bad_login = f"amqp://guest:{AMQP_PASSWORD}@127.0.0.1:5672/"
+    """Registration, signed and forged deliveries, a broken and restored broker link, debug on."""
+    amqp_url = private_broker.add_user(f"bridge-{uuid.uuid4().hex[:6]}", AMQP_PASSWORD)
+    konpro = FakeKonPro(api_key=API_KEY)
+    await konpro.start()
+    proxy = TcpProxy("127.0.0.1", private_broker.port)
+    await proxy.start()
+    port = free_port()
     sections: dict[str, dict[str, object]] = {
-        "amqp": {"url": bad_login, "exchange": exchange_name, "reconnect_interval": 0.2},
+        "server": {"port": port},
+        "amqp": {
+            "url": amqp_url.replace(f":{private_broker.port}/", f":{proxy.port}/"),
+            "exchange": exchange_name,
+            "reconnect_interval": 0.2,
+        },
         "konpro": {
+            "api_url": konpro.url,
             "api_key": API_KEY,
+            "public_url": f"http://127.0.0.1:{port}/webhooks/konpro",
             "webhook_secret": WEBHOOK_SECRET,
             "previous_webhook_secrets": [OLD_SECRET],
         },
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": True, "interval": 1.0},
+        "log": {"level": "debug", "format": "json"},
+    }
+    bridge = BridgeProcess(tmp_path, sections)
+    try:
+        await bridge.start()
+        await eventually(lambda: bool(konpro.endpoints))
+        url = bridge.url + "/webhooks/konpro"
+        for secret in (WEBHOOK_SECRET, OLD_SECRET, "whsec_forged"):
+            headers = {"Content-Type": "application/json", "KonPro-Signature": sign(EVENT, secret)}
+            async with http.post(url, data=EVENT, headers=headers) as response:
+                assert response.status == (401 if secret == "whsec_forged" else 200)
+        await proxy.cut()
+        async with http.post(url, data=EVENT, headers=signed_headers()) as response:
+            assert response.status == 202
+        await proxy.restore()
+        await eventually(lambda: "spool.drained" in bridge.log())
+        assert await bridge.stop() == 0
+    finally:
+        await bridge.stop()
+        await proxy.close()
+        await konpro.close()
+
+    log = bridge.log()
+    assert "reconcile.endpoint_added" in log
+    assert "amqp.connection_lost" in log
+    for secret in SECRETS:
+        assert secret not in log
+
+
+async def test_a_broker_that_refuses_the_password_logs_the_failure_but_not_the_password(
+    tmp_path: Path, exchange_name: str, http: aiohttp.ClientSession
+) -> None:
+    bad_login = f"amqp://guest:{AMQP_PASSWORD}@127.0.0.1:5672/"
+    sections: dict[str, dict[str, object]] = {
+        "amqp": {"url": bad_login, "exchange": exchange_name, "reconnect_interval": 0.2},
         "spool": {"path": str(tmp_path / "spool")},
         "reconcile": {"enabled": False},
         "log": {"level": "debug", "format": "json"},
     }
     bridge = BridgeProcess(tmp_path, sections)
     await bridge.start(wait_ready=False)
-    url = bridge.url + "/webhooks/konpro"
-    async with http.post(url, data=b"{}", headers={"Content-Type": "application/json"}) as r:
-        assert r.status in {400, 401}
+    await eventually(lambda: "ACCESS_REFUSED" in bridge.log())
     assert await bridge.stop() == 0
+    assert AMQP_PASSWORD not in bridge.log()
 
-    log = bridge.log()
-    assert "amqp.connect_failed" in log
-    for secret in SECRETS:
-        assert secret not in log
-    assert await drain(queue, expect=0) == []
+
+def signed_headers() -> dict[str, str]:
+    return {"Content-Type": "application/json", "KonPro-Signature": sign(EVENT, WEBHOOK_SECRET)}
 
 
 def test_a_secret_inside_an_exception_or_a_foreign_log_line_is_masked() -> None:

@@ -67,6 +67,12 @@ class PrivateBroker:
         )
         return result.stdout
 
+    def add_user(self, name: str, password: str) -> str:
+        """Creates a user with every permission on ``/``; returns its AMQP URL."""
+        self.ctl("add_user", name, password)
+        self.ctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+        return f"amqp://{name}:{password}@127.0.0.1:{self.port}/"
+
     def raise_memory_alarm(self) -> None:
         self.ctl("set_vm_memory_high_watermark", "0.0000001")
 

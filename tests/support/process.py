@@ -46,7 +46,7 @@ class BridgeProcess:
     """``python -m bridge run --config <file>`` with its log captured to a file."""
 
     def __init__(self, workdir: Path, sections: dict[str, dict[str, Any]]) -> None:
-        self.port = free_port()
+        self.port = int(sections.get("server", {}).get("port") or free_port())
         sections = {
             **sections,
             "server": {"host": "127.0.0.1", "port": self.port, **sections.get("server", {})},
