@@ -1,8 +1,9 @@
 """The composition root: builds the bridge's parts from settings and runs their lifecycle.
 
-Start order matters: the publisher starts connecting first (a broker that is down is not fatal),
-then the HTTP server listens. Stop order is the reverse, so that requests already in flight can
-still have their publishes confirmed before the AMQP connection closes.
+Start order matters: the spool opens first (without it a 2xx could not be promised), the
+publisher starts connecting (a broker that is down is not fatal), then the HTTP server listens.
+Stop order is the reverse, so that requests already in flight still get their publish confirmed
+or their event spooled before the AMQP connection and the spool close.
 """
 
 from __future__ import annotations
@@ -17,25 +18,62 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
+from bridge.logs import redactor
 from bridge.publisher import Publisher
+from bridge.reconcile import load_stored_secret
 from bridge.relay import Relay
 from bridge.server import create_app
+from bridge.signatures import Authenticator, ReplayGuard
+from bridge.spool import Forwarder, Spool
 
 log = structlog.get_logger(__name__)
 
 
+class StartupError(Exception):
+    """The bridge cannot start as configured; the message says why, for the operator."""
+
+
 class Bridge:
-    """One running bridge: publisher, relay and HTTP server, started and stopped together."""
+    """One running bridge: spool, publisher, relay and HTTP server, started and stopped together."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.publisher = Publisher(settings.amqp)
-        self.relay = Relay(self.publisher)
+        konpro = settings.konpro
+        self.authenticator = Authenticator(
+            konpro.webhook_secrets, timestamp_tolerance=konpro.timestamp_tolerance
+        )
+        self.replays = ReplayGuard(konpro.replay_window, konpro.replay_cache_size)
+        self._spool: Spool | None = None
+        self._forwarder: Forwarder | None = None
         self._runner: web.AppRunner | None = None
 
+    @property
+    def spool(self) -> Spool:
+        if self._spool is None:
+            raise RuntimeError("the bridge is not started")
+        return self._spool
+
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        self._spool = await self._open_spool()
+        self._use_stored_secret()
+        self._forwarder = Forwarder(
+            self._spool, self.publisher.publish, is_connected=lambda: self.publisher.is_ready
+        )
+        self.publisher.on_ready(self._forwarder.notify)
+        relay = Relay(self.publisher, self._spool, self._forwarder, self.replays)
+        self._forwarder.start()
         await self.publisher.start()
-        app = create_app(self.settings.server, self.relay, self.publisher.not_ready_reason)
+        app = create_app(
+            self.settings.server, relay, self.publisher.not_ready_reason, self.authenticator
+        )
         self._runner = web.AppRunner(
             app,
             access_log=None,  # one line per delivery is logged by the handler itself
@@ -57,6 +95,37 @@ class Bridge:
             version=__version__,
         )
 
+    async def _open_spool(self) -> Spool:
+        try:
+            return await Spool.open(self.settings.spool)
+        except (OSError, RuntimeError) as exc:
+            raise StartupError(
+                f"cannot open the spool at {self.settings.spool.path}: {exc}"
+            ) from exc
+
+    def _use_stored_secret(self) -> None:
+        if not self.settings.konpro.webhook_secret.get_secret_value():
+            stored = load_stored_secret(self.settings.spool.path)
+            if stored:
+                self.use_webhook_secret(stored)
+        if self.authenticator.enabled:
+            return
+        if self.settings.konpro.require_signature:
+            raise StartupError(
+                "konpro.require_signature is set but no webhook secret is known: "
+                "set konpro.webhook_secret (KONPRO_BRIDGE_KONPRO__WEBHOOK_SECRET)"
+            )
+        log.warning(
+            "bridge.signatures_off",
+            detail="no webhook secret is configured: deliveries are accepted unsigned; "
+            "set konpro.webhook_secret",
+        )
+
+    def use_webhook_secret(self, secret: str) -> None:
+        """Verify deliveries with ``secret`` from now on (and keep it out of the logs)."""
+        redactor.add(secret)
+        self.authenticator.add_secret(secret)
+
     @property
     def port(self) -> int:
         """The port actually bound (``server.port = 0`` picks a free one)."""
@@ -76,7 +145,18 @@ class Bridge:
             log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
             await self._runner.cleanup()
             self._runner = None
+        if self._forwarder is not None:
+            await self._forwarder.stop(grace=self.settings.server.shutdown_timeout)
         await self.publisher.close()
+        if self._spool is not None:
+            if self._spool.depth:
+                log.warning(
+                    "bridge.spool_not_empty",
+                    depth=self._spool.depth,
+                    detail="forwarded when the bridge next starts",
+                )
+            await self._spool.close()
+            self._spool = None
         log.info("bridge.stopped")
 
     async def __aenter__(self) -> Self:

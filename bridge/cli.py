@@ -10,6 +10,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.logs import configure_logging
@@ -61,9 +63,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log, settings.secrets())
-    from bridge.app import run  # noqa: PLC0415 - keep check-config free of the network stack
+    from bridge.app import StartupError, run  # noqa: PLC0415 - keep the network stack lazy
 
-    _run_async(run(settings))
+    try:
+        _run_async(run(settings))
+    except StartupError as exc:
+        structlog.get_logger(__name__).error("bridge.cannot_start", error=str(exc))
+        return EXIT_FAILURE
     return EXIT_OK
 
 

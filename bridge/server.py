@@ -29,6 +29,7 @@ from bridge.events import (
     message_id_for,
     parse_event_type,
 )
+from bridge.signatures import Authenticator, SignatureRejected
 
 log = structlog.get_logger(__name__)
 
@@ -49,17 +50,21 @@ ReadinessProbe = Callable[[], str | None]
 
 
 class _Rejected(Exception):
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(self, status: int, error: str, detail: str, *, log_detail: str = "") -> None:
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
+        self.log_detail = log_detail or detail
 
 
 class WebhookHandler:
     """``POST {webhook_path}``: read, validate, hand to the sink, answer."""
 
-    def __init__(self, settings: ServerSettings, sink: EventSink) -> None:
+    def __init__(
+        self, settings: ServerSettings, sink: EventSink, authenticator: Authenticator
+    ) -> None:
         self._settings = settings
         self._sink = sink
+        self._authenticator = authenticator
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -98,6 +103,11 @@ class WebhookHandler:
         self._check_content_type(request)
         body = await self._read_body(request)
         try:
+            self._authenticator.verify(body, request.headers)
+        except SignatureRejected as exc:
+            # The reason is for our log only: an attacker learns nothing from the answer.
+            raise _Rejected(401, "unauthorized", "", log_detail=exc.reason) from None
+        try:
             event_type = parse_event_type(body)
             message_id = message_id_for(body, request.headers.get(EVENT_ID_HEADER))
         except InvalidEvent as exc:
@@ -130,22 +140,26 @@ class WebhookHandler:
             "webhook.rejected",
             status=rejected.status,
             error=rejected.error,
-            detail=rejected.detail,
+            detail=rejected.log_detail,
             remote=request.remote,
             duration_ms=_elapsed_ms(started),
         )
-        return web.json_response(
-            {"error": rejected.error, "detail": rejected.detail}, status=rejected.status
-        )
+        answer = {"error": rejected.error}
+        if rejected.detail:
+            answer["detail"] = rejected.detail
+        return web.json_response(answer, status=rejected.status)
 
 
 def create_app(
-    settings: ServerSettings, sink: EventSink, readiness: ReadinessProbe
+    settings: ServerSettings,
+    sink: EventSink,
+    readiness: ReadinessProbe,
+    authenticator: Authenticator,
 ) -> web.Application:
     """The aiohttp application; the caller owns running it."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app.router.add_route("OPTIONS", "/{path:.*}", _options)
-    app.router.add_post(settings.webhook_path, WebhookHandler(settings, sink).handle)
+    app.router.add_post(settings.webhook_path, WebhookHandler(settings, sink, authenticator).handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz(readiness))
     return app

@@ -83,6 +83,38 @@ class SignatureVerifier:
             raise SignatureRejected("future timestamp")
 
 
+class Authenticator:
+    """The signature policy in force: verify when a secret is known, else let deliveries in.
+
+    A secret learnt at run time (from ``endpoint.add``) is added with ``add_secret``; from then
+    on every delivery must be signed.
+    """
+
+    def __init__(self, secrets: Sequence[str], *, timestamp_tolerance: float) -> None:
+        self._secrets = tuple(dict.fromkeys(secrets))
+        self._tolerance = timestamp_tolerance
+        self._verifier = self._build()
+
+    @property
+    def enabled(self) -> bool:
+        return self._verifier is not None
+
+    def add_secret(self, secret: str) -> None:
+        if secret and secret not in self._secrets:
+            self._secrets = (*self._secrets, secret)
+            self._verifier = self._build()
+
+    def verify(self, body: bytes, headers: Mapping[str, str]) -> None:
+        """Raise ``SignatureRejected`` unless the delivery is authentic (or no secret is known)."""
+        if self._verifier is not None:
+            self._verifier.verify(body, headers)
+
+    def _build(self) -> SignatureVerifier | None:
+        if not self._secrets:
+            return None
+        return SignatureVerifier(self._secrets, timestamp_tolerance=self._tolerance)
+
+
 class ReplayGuard:
     """Remembers the ids of events already published, for ``window`` seconds, at most
     ``max_entries`` of them (the oldest are forgotten first). A zero for either disables it.

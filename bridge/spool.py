@@ -10,13 +10,16 @@ that arrive while a commit is in flight are gathered into the next transaction (
 under a burst one fsync covers many deliveries, yet each caller resumes only once its own row is
 on disk.
 
-Depth and size are counted in memory and read back at ``open``; one process at a time should own
-a spool (the daemon, or a CLI command while the daemon is stopped).
+Depth and size are counted in memory and read back at ``open``. One process at a time owns a
+spool (the daemon, or ``spool drain`` while the daemon is stopped): an exclusive lock on
+``spool.lock`` enforces it. Reading the status needs no lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -35,6 +38,7 @@ from bridge.config import SpoolSettings
 from bridge.events import Delivery, DeliveryRefused
 
 FILE_NAME: Final = "spool.sqlite3"
+LOCK_NAME: Final = "spool.lock"
 RETRY_AFTER: Final = 30
 
 Publish = Callable[[Delivery], Awaitable[None]]
@@ -61,6 +65,10 @@ class SpoolError(DeliveryRefused):
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason, retry_after=RETRY_AFTER)
+
+
+class SpoolLocked(RuntimeError):
+    """Another process owns the spool."""
 
 
 class SpoolFull(SpoolError):
@@ -94,6 +102,7 @@ class Spool:
         database: _Database,
         executor: ThreadPoolExecutor,
         clock: Callable[[], float],
+        lock_fd: int | None = None,
     ) -> None:
         self.path = settings.path / FILE_NAME
         self._settings = settings
@@ -105,18 +114,32 @@ class Spool:
         self._queue: list[tuple[Delivery, asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
+        self._lock_fd = lock_fd
 
     @classmethod
-    async def open(cls, settings: SpoolSettings, *, clock: Callable[[], float] = time.time) -> Self:
-        """Open (creating if need be) ``<settings.path>/spool.sqlite3``."""
+    async def open(
+        cls,
+        settings: SpoolSettings,
+        *,
+        exclusive: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> Self:
+        """Open (creating if need be) ``<settings.path>/spool.sqlite3``.
+
+        ``exclusive`` takes the spool's lock, and raises ``SpoolLocked`` if another process holds
+        it: two processes draining one spool would publish every event twice.
+        """
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         loop = asyncio.get_running_loop()
+        lock_fd = None
         try:
             database = await loop.run_in_executor(executor, _Database.open, settings.path)
+            if exclusive:
+                lock_fd = _lock(settings.path / LOCK_NAME)
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(settings, database, executor, clock)
+        return cls(settings, database, executor, clock, lock_fd)
 
     async def close(self) -> None:
         """Finish the commits in flight, then close the file. Appends after this raise."""
@@ -127,6 +150,8 @@ class Spool:
             await asyncio.shield(self._committer)
         await self._call(self._db.close)
         self._executor.shutdown(wait=False)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
 
     async def __aenter__(self) -> Self:
         return self
@@ -243,9 +268,10 @@ async def drain(
 ) -> int:
     """Publish spooled events oldest first, removing each only after ``publish`` returned.
 
-    Returns how many were drained. If ``publish`` raises, the drain stops there: that event and
-    all later ones stay in the spool, and the exception propagates. ``on_progress`` is called
-    with the running total after each batch of removals.
+    One at a time, so that the original order holds even across failures. Returns how many were
+    drained. If ``publish`` raises, the drain stops there: that event and all later ones stay in
+    the spool, and the exception propagates. ``on_progress`` is called with the running total
+    after each batch of removals.
     """
     drained = 0
     while entries := await spool.peek(batch):
@@ -331,7 +357,7 @@ class Forwarder:
             try:
                 await self._forward()
             except Exception as exc:  # noqa: BLE001 - the forwarder outlives any failure
-                _log.warning("spool_forward_failed", error=repr(exc), retry_in=delay)
+                _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
                 await _wait(self._stopping, delay)
                 delay = min(2 * delay, self._max_retry_delay)
             else:
@@ -342,7 +368,7 @@ class Forwarder:
         if self._spool.depth and self._is_connected():
             drained = await drain(self._spool, self._publish, batch=self._batch)
             if drained:
-                _log.info("spool_drained", count=drained, depth=self._spool.depth)
+                _log.info("spool.drained", count=drained, depth=self._spool.depth)
 
 
 class _Database:
@@ -447,6 +473,16 @@ def _write_failed(error: Exception) -> Exception:
         wrapped.__cause__ = error
         return wrapped
     return error
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolLocked(f"another process owns the spool at {path.parent}") from None
+    return fd
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

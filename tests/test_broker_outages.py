@@ -6,13 +6,12 @@ never stopped.
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 from bridge.app import Bridge
 from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
 JSON = {"Content-Type": "application/json"}
@@ -24,14 +23,20 @@ async def readiness(http: aiohttp.ClientSession, bridge: Bridge) -> tuple[int, d
 
 
 async def wait_for_readiness(
-    http: aiohttp.ClientSession, bridge: Bridge, status: int, within: float = 10.0
+    http: aiohttp.ClientSession, bridge: Bridge, status: int
 ) -> dict[str, str]:
-    async with asyncio.timeout(within):
-        while True:
-            current, body = await readiness(http, bridge)
-            if current == status:
-                return body
-            await asyncio.sleep(0.05)
+    answers: list[tuple[int, dict[str, str]]] = []
+
+    async def has_status() -> bool:
+        answers.append(await readiness(http, bridge))
+        return answers[-1][0] == status
+
+    await eventually(has_status)
+    return answers[-1][1]
+
+
+async def wait_for_empty_spool(bridge: Bridge) -> None:
+    await eventually(lambda: bridge.spool.depth == 0)
 
 
 async def test_options_and_health_are_answered_while_the_broker_is_unreachable(
@@ -52,16 +57,25 @@ async def test_options_and_health_are_answered_while_the_broker_is_unreachable(
         assert "cannot connect to the broker" in body["reason"]
 
 
-async def test_a_delivery_while_the_broker_is_down_is_refused_with_retry_after(
-    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+async def test_a_delivery_while_the_broker_is_down_is_spooled_then_forwarded(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
+    queue = await bind_queue("#")
     await broker_proxy.cut()
     amqp = {"url": proxied_amqp_url(broker_proxy)}
     async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
         url = bridge.url + bridge.settings.server.webhook_path
         async with http.post(url, data=VALID, headers=JSON) as response:
-            assert response.status == 503
-            assert int(response.headers["Retry-After"]) > 0
+            assert response.status == 202
+            assert (await response.json())["outcome"] == "spooled"
+        assert bridge.spool.depth == 1
+        await broker_proxy.restore()
+        await wait_for_readiness(http, bridge, 200)
+        assert [m.body for m in await drain(queue, expect=1)] == [VALID]
+        assert bridge.spool.depth == 0
 
 
 async def test_the_bridge_connects_and_forwards_once_the_broker_appears(
@@ -100,23 +114,30 @@ async def test_readiness_follows_the_link_down_and_up_and_delivery_resumes(
         body = await wait_for_readiness(http, bridge, 503)
         assert "broker" in body["reason"]
         async with http.post(url, data=VALID, headers=JSON) as response:
-            assert response.status == 503
+            assert response.status == 202
 
         await broker_proxy.restore()
         await wait_for_readiness(http, bridge, 200)
         async with http.post(url, data=VALID, headers=JSON) as response:
             assert response.status == 200
-    assert [m.body for m in await drain(queue, expect=1)] == [VALID]
+        await wait_for_empty_spool(bridge)
+    assert [m.body for m in await drain(queue, expect=2)] == [VALID, VALID]
 
 
-async def test_a_broker_that_stops_confirming_gets_503_within_the_publish_timeout(
-    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+async def test_a_delivery_the_broker_does_not_confirm_in_time_is_spooled(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
+    queue = await bind_queue("#")
     amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 0.5}
     async with start_bridge(amqp=amqp) as bridge:
         broker_proxy.hold()
         url = bridge.url + bridge.settings.server.webhook_path
         async with http.post(url, data=VALID, headers=JSON) as response:
-            assert response.status == 503
-            assert "Retry-After" in response.headers
+            assert response.status == 202
         broker_proxy.release()
+    # The held publish may arrive as well as the spooled copy: at least once, same message id.
+    received = await drain(queue, expect=1)
+    assert {m.body for m in received} == {VALID}
