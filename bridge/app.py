@@ -19,12 +19,14 @@ from aiohttp import web
 from bridge import __version__
 from bridge.config import Settings
 from bridge.logs import redactor
+from bridge.metrics import Metrics, metrics_app, metrics_handler
 from bridge.publisher import Publisher
 from bridge.reconcile import load_stored_secret
 from bridge.relay import Relay
 from bridge.server import create_app
 from bridge.signatures import Authenticator, ReplayGuard
 from bridge.spool import Forwarder, Spool
+from bridge.status import StatusReport
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +40,14 @@ class Bridge:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.publisher = Publisher(settings.amqp)
+        self.metrics = Metrics(
+            event_types=settings.konpro.events, exchanges=settings.amqp.exchanges
+        )
+        self.publisher = Publisher(settings.amqp, self.metrics)
+        self.metrics.watch(
+            spool_depth=lambda: self.spool.depth,
+            broker_connected=lambda: self.publisher.is_ready,
+        )
         konpro = settings.konpro
         self.authenticator = Authenticator(
             konpro.webhook_secrets, timestamp_tolerance=konpro.timestamp_tolerance
@@ -47,6 +56,7 @@ class Bridge:
         self._spool: Spool | None = None
         self._forwarder: Forwarder | None = None
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
 
     @property
     def spool(self) -> Spool:
@@ -72,8 +82,13 @@ class Bridge:
         self._forwarder.start()
         await self.publisher.start()
         app = create_app(
-            self.settings.server, relay, self.publisher.not_ready_reason, self.authenticator
+            self.settings.server,
+            relay,
+            self.publisher.not_ready_reason,
+            self.authenticator,
+            self.metrics,
         )
+        await self._add_operator_endpoints(app)
         self._runner = web.AppRunner(
             app,
             access_log=None,  # one line per delivery is logged by the handler itself
@@ -94,6 +109,17 @@ class Bridge:
             webhook_path=self.settings.server.webhook_path,
             version=__version__,
         )
+
+    async def _add_operator_endpoints(self, app: web.Application) -> None:
+        """``/status`` on the main port; ``/metrics`` there too, or alone on its own port."""
+        app.router.add_get("/status", StatusReport(self.publisher, lambda: self.spool).handle)
+        port = self.settings.server.metrics_port
+        if not port:
+            app.router.add_get("/metrics", metrics_handler(self.metrics))
+            return
+        self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
+        await self._metrics_runner.setup()
+        await web.TCPSite(self._metrics_runner, self.settings.server.host, port).start()
 
     async def _open_spool(self) -> Spool:
         try:
@@ -145,6 +171,9 @@ class Bridge:
             log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
             await self._runner.cleanup()
             self._runner = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._forwarder is not None:
             await self._forwarder.stop(grace=self.settings.server.shutdown_timeout)
         await self.publisher.close()

@@ -17,6 +17,7 @@ import datetime as dt
 import fnmatch
 import functools
 import random
+import time
 from collections.abc import Callable
 
 import aio_pika
@@ -32,6 +33,7 @@ from aio_pika.abc import (
 
 from bridge.config import AmqpSettings, Route, masked_url
 from bridge.events import Delivery, DeliveryRefused
+from bridge.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -72,8 +74,9 @@ class Router:
 class Publisher:
     """Owns the AMQP connection; safe to call ``publish`` from many tasks at once."""
 
-    def __init__(self, settings: AmqpSettings) -> None:
+    def __init__(self, settings: AmqpSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics or Metrics(exchanges=settings.exchanges)
         self._router = Router(settings.exchange, settings.routes)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -82,6 +85,8 @@ class Publisher:
         self._last_error: str | None = "connecting to the broker"
         self._connect_task: asyncio.Task[None] | None = None
         self._on_ready: list[Callable[[], None]] = []
+        self.link_changed_at = time.time()
+        """When the link last came up or went down (wall clock), for ``/status``."""
 
     def on_ready(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the broker becomes usable (first connect and reconnects)."""
@@ -116,7 +121,8 @@ class Publisher:
         """Publish and wait for the broker's confirm, all within ``publish_timeout``."""
         if not self.is_ready:
             raise BrokerUnavailable(self.not_ready_reason() or "broker unavailable")
-        exchange = self._exchanges[self._router.exchange_for(delivery.event_type)]
+        exchange_name = self._router.exchange_for(delivery.event_type)
+        exchange = self._exchanges[exchange_name]
         message = aio_pika.Message(
             delivery.body,
             delivery_mode=DeliveryMode.PERSISTENT,
@@ -127,6 +133,7 @@ class Publisher:
             app_id=APP_ID,
             headers=dict(delivery.headers),
         )
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
                 await exchange.publish(message, delivery.event_type, mandatory=True)
@@ -136,6 +143,7 @@ class Publisher:
             raise PublishFailed(f"broker refused the message: {_describe(exc)}") from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishFailed(f"publish failed: {_describe(exc)}") from None
+        self._metrics.published(exchange_name, time.perf_counter() - started)
 
     async def close(self) -> None:
         if self._connect_task is not None:
@@ -201,6 +209,7 @@ class Publisher:
     def _mark_ready(self) -> None:
         self._topology_declared = True
         self._last_error = None
+        self.link_changed_at = time.time()
         for callback in self._on_ready:
             callback()
 
@@ -213,6 +222,7 @@ class Publisher:
     def _connection_lost(self, _: object, exc: BaseException | None = None) -> None:
         if exc is not None and not isinstance(exc, asyncio.CancelledError):
             self._last_error = f"broker connection lost: {_describe(exc)}"
+            self.link_changed_at = time.time()
             log.warning("amqp.connection_lost", error=_describe(exc))
 
     def _reconnected(self, _: object) -> None:
