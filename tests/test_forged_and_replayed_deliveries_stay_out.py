@@ -1,0 +1,141 @@
+"""A forged or replayed delivery never reaches the bus; a signed one from KonPro always does."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+import structlog
+
+from bridge.app import Bridge, StartupError
+from bridge.signatures import sign
+from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
+
+SECRET = "whsec_current_3b9f"
+OLD_SECRET = "whsec_previous_77aa"
+BODY = orjson.dumps({"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}})
+
+
+def signed(body: bytes, secret: str = SECRET, header: str = "KonPro-Signature") -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        header: sign(body, secret),
+        "KonPro-Timestamp": str(int(time.time())),
+        "KonPro-Event-Id": uuid.uuid4().hex,
+    }
+
+
+async def post(
+    http: aiohttp.ClientSession, bridge: Bridge, headers: dict[str, str], body: bytes = BODY
+) -> tuple[int, dict[str, str]]:
+    url = bridge.url + bridge.settings.server.webhook_path
+    async with http.post(url, data=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+SIGNED = {"konpro": {"webhook_secret": SECRET, "previous_webhook_secrets": [OLD_SECRET]}}
+
+
+@pytest.mark.parametrize("header", ["KonPro-Signature", "Signature"])
+async def test_a_delivery_signed_with_the_secret_is_accepted_under_either_header_name(
+    header: str, start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge(**SIGNED) as bridge:
+        assert (await post(http, bridge, signed(BODY, header=header)))[0] == 200
+    assert [m.body for m in await drain(queue, expect=1)] == [BODY]
+
+
+async def test_forgeries_get_a_bare_401_a_log_line_and_never_reach_the_bus(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    other_body = BODY.replace(b"v1", b"v2")
+    unsigned = {"Content-Type": "application/json"}
+    forgeries = {
+        "unsigned": unsigned,
+        "wrong secret": signed(BODY, "whsec_guess"),
+        "signature of another body": signed(other_body),
+        "not hex": {**unsigned, "KonPro-Signature": "z" * 64},
+        "stale timestamp": {**signed(BODY), "KonPro-Timestamp": str(int(time.time()) - 3600)},
+        "future timestamp": {**signed(BODY), "KonPro-Timestamp": str(int(time.time()) + 3600)},
+    }
+    async with start_bridge(**SIGNED) as bridge:
+        with structlog.testing.capture_logs() as logs:
+            answers = {
+                name: await post(http, bridge, headers) for name, headers in forgeries.items()
+            }
+
+    assert answers == dict.fromkeys(forgeries, (401, {"error": "unauthorized"}))
+    reasons = [line["detail"] for line in logs if line["event"] == "webhook.rejected"]
+    assert len(reasons) == len(forgeries)
+    assert "signature mismatch" in reasons
+    assert "stale timestamp" in reasons
+    assert await drain(queue, expect=0) == []
+
+
+async def test_during_a_rotation_both_the_new_and_the_previous_secret_are_accepted(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge(**SIGNED) as bridge:
+        assert (await post(http, bridge, signed(BODY, SECRET)))[0] == 200
+        assert (await post(http, bridge, signed(BODY, OLD_SECRET)))[0] == 200
+        assert (await post(http, bridge, signed(BODY, "whsec_retired_long_ago")))[0] == 401
+    assert len(await drain(queue, expect=2)) == 2
+
+
+async def test_a_replayed_event_id_is_answered_2xx_and_published_only_once(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    headers = signed(BODY)
+    async with start_bridge(**SIGNED) as bridge:
+        first = await post(http, bridge, headers)
+        replay = await post(http, bridge, headers)
+
+    assert (first[0], first[1]["outcome"]) == (200, "published")
+    assert (replay[0], replay[1]["outcome"]) == (200, "duplicate")
+    assert len(await drain(queue, expect=1)) == 1
+
+
+async def test_a_secret_learnt_at_run_time_is_enforced_from_then_on(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge() as bridge:
+        assert (await post(http, bridge, {"Content-Type": "application/json"}))[0] == 200
+        bridge.use_webhook_secret(SECRET)
+        assert (await post(http, bridge, {"Content-Type": "application/json"}))[0] == 401
+        assert (await post(http, bridge, signed(BODY)))[0] == 200
+    assert len(await drain(queue, expect=2)) == 2
+
+
+async def test_a_secret_kept_by_reconciliation_is_used_at_start(
+    tmp_path: Path,
+    exchange_name: str,
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "webhook_secret").write_text(SECRET)
+    (spool / "webhook_secret").chmod(0o600)
+    async with start_bridge() as bridge:
+        assert (await post(http, bridge, {"Content-Type": "application/json"}))[0] == 401
+        assert (await post(http, bridge, signed(BODY)))[0] == 200
+    assert len(await drain(queue, expect=1)) == 1
+
+
+async def test_require_signature_without_a_secret_refuses_to_start(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    settings = make_settings(tmp_path, exchange_name, konpro={"require_signature": True})
+    with pytest.raises(StartupError, match="webhook_secret"):
+        await Bridge(settings).start()

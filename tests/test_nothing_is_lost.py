@@ -1,0 +1,198 @@
+"""A 2xx is a promise: whatever happens to the broker or the bridge, the event reaches the bus.
+
+Faults are made with a TCP proxy in front of the shared broker (cut, hold), by killing the
+bridge process, and with a memory alarm on a private RabbitMQ node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import orjson
+import pytest
+
+from bridge.app import Bridge
+from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.support.private_broker import PrivateBroker, can_run_a_private_broker
+from tests.support.process import BridgeProcess
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
+
+JSON = {"Content-Type": "application/json"}
+
+
+def event(n: int) -> tuple[str, bytes]:
+    event_id = f"evt-{n}-{uuid.uuid4().hex[:8]}"
+    body = orjson.dumps(
+        {"event_type": "avatar_video.success", "event_data": {"video_id": event_id}}
+    )
+    return event_id, body
+
+
+async def post(http: aiohttp.ClientSession, url: str, n: int) -> tuple[str, int]:
+    event_id, body = event(n)
+    async with http.post(url, data=body, headers={**JSON, "KonPro-Event-Id": event_id}) as r:
+        return event_id, r.status
+
+
+async def message_ids(queue: aio_pika.abc.AbstractQueue, at_least: int) -> list[str]:
+    received = await drain(queue, expect=at_least, within=30)
+    return [str(m.message_id) for m in received]
+
+
+async def test_a_link_cut_for_seconds_under_steady_load_loses_no_accepted_event(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 1.0}
+    counter = itertools.count()
+    answers: list[tuple[str, int]] = []
+    async with start_bridge(amqp=amqp) as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        deadline = time.monotonic() + 6.0
+
+        async def sender() -> None:
+            while time.monotonic() < deadline:
+                answers.append(await post(http, url, next(counter)))
+
+        senders = [asyncio.create_task(sender()) for _ in range(8)]
+        await asyncio.sleep(1.5)
+        await broker_proxy.cut()
+        await asyncio.sleep(3.0)
+        await broker_proxy.restore()
+        await asyncio.gather(*senders)
+        await eventually(lambda: bridge.spool.depth == 0, within=30)
+
+    statuses = collections.Counter(status for _, status in answers)
+    accepted = {event_id for event_id, status in answers if status in {200, 202}}
+    assert set(statuses) <= {200, 202}, statuses
+    assert statuses[202] > 0, "the cut should have sent deliveries to the spool"
+    received = await message_ids(queue, at_least=len(accepted))
+    assert accepted <= set(received)
+    duplicates = len(received) - len(set(received))
+    print(
+        f"accepted={len(accepted)} spooled={statuses[202]} received={len(received)} "
+        f"duplicates={duplicates}"
+    )
+
+
+async def test_events_in_the_spool_survive_sigkill_and_are_delivered_after_restart(
+    tmp_path: Path,
+    exchange_name: str,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    sections: dict[str, dict[str, object]] = {
+        "amqp": {"url": proxied_amqp_url(broker_proxy), "exchange": exchange_name},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+    }
+    await broker_proxy.cut()
+    first = BridgeProcess(tmp_path, sections)
+    await first.start(wait_ready=False)
+    url = first.url + "/webhooks/konpro"
+    answers = await asyncio.gather(*(post(http, url, n) for n in range(25)))
+    assert {status for _, status in answers} == {202}
+    first.send(signal.SIGKILL)
+    assert await first.wait() == -signal.SIGKILL
+
+    await broker_proxy.restore()
+    second = BridgeProcess(tmp_path, sections)
+    async with second:
+        received = await message_ids(queue, at_least=len(answers))
+    assert sorted(received) == sorted(event_id for event_id, _ in answers)
+
+
+async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    await broker_proxy.cut()
+    amqp = {"url": proxied_amqp_url(broker_proxy)}
+    async with start_bridge(wait_ready=False, amqp=amqp, spool={"max_events": 5}) as bridge:
+        url = bridge.url + bridge.settings.server.webhook_path
+        answers = [await post(http, url, n) for n in range(8)]
+        async with http.post(url, data=event(99)[1], headers=JSON) as refused:
+            assert refused.status == 503
+            assert int(refused.headers["Retry-After"]) > 0
+        await broker_proxy.restore()
+        await eventually(lambda: bridge.spool.depth == 0)
+
+    assert [status for _, status in answers] == [202] * 5 + [503] * 3
+    received = await message_ids(queue, at_least=5)
+    assert sorted(received) == sorted(event_id for event_id, status in answers if status == 202)
+
+
+@pytest.fixture(scope="module")
+def private_broker() -> Iterator[PrivateBroker]:
+    if reason := can_run_a_private_broker():
+        pytest.skip(reason)
+    broker = PrivateBroker()
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+async def private_queue(
+    private_broker: PrivateBroker, exchange_name: str
+) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
+    connection = await aio_pika.connect_robust(private_broker.url)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(
+        exchange_name,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": f"{exchange_name}.unrouted"},
+    )
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, "#")
+    yield queue
+    await connection.close()
+
+
+async def test_a_broker_that_blocks_publishers_gets_bounded_answers_and_loses_nothing(
+    tmp_path: Path,
+    exchange_name: str,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+    http: aiohttp.ClientSession,
+) -> None:
+    from tests.conftest import make_settings  # noqa: PLC0415
+
+    settings = make_settings(
+        tmp_path, exchange_name, amqp={"url": private_broker.url, "publish_timeout": 0.5}
+    )
+    async with Bridge(settings) as bridge:
+        await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
+        url = bridge.url + bridge.settings.server.webhook_path
+        private_broker.raise_memory_alarm()
+        try:
+            async with asyncio.timeout(15):  # bounded: each answer within the publish timeout
+                answers = await asyncio.gather(*(post(http, url, n) for n in range(10)))
+        finally:
+            private_broker.clear_memory_alarm()
+        await eventually(lambda: bridge.spool.depth == 0, within=30)
+
+    assert {status for _, status in answers} <= {200, 202}
+    received = await message_ids(private_queue, at_least=len(answers))
+    assert {event_id for event_id, _ in answers} <= set(received)
