@@ -12,7 +12,7 @@ import asyncio
 import datetime as dt
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, TextIO
 
 import aio_pika
@@ -46,19 +46,19 @@ async def tail(
     *,
     max_events: int | None = None,
     duration: float | None = None,
-    ready: asyncio.Event | None = None,
+    on_ready: Callable[[], object] | None = None,
 ) -> int:
     """Print events published to the bridge's exchanges whose routing key matches ``patterns``.
 
     Runs until cancelled, or until ``max_events`` were printed or ``duration`` seconds passed;
-    returns how many were printed. ``ready`` is set once the queue is bound.
+    returns how many were printed. ``on_ready`` is called once the queue is bound.
     """
     connection = await aio_pika.connect(settings.amqp.url.get_secret_value())
     async with connection:
         channel = await connection.channel()
         queue = await _bind_private_queue(channel, settings.amqp.exchanges, patterns or ["#"])
-        if ready is not None:
-            ready.set()
+        if on_ready is not None:
+            on_ready()
         printed = 0
         try:
             async with asyncio.timeout(duration), queue.iterator(no_ack=True) as messages:

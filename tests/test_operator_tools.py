@@ -117,7 +117,7 @@ async def _tail_while_publishing(
     ready = asyncio.Event()
     settings = make_settings(tmp_path, exchange)
     task = asyncio.create_task(
-        tail(settings, patterns, as_json, out, max_events=expect, duration=10, ready=ready)
+        tail(settings, patterns, as_json, out, max_events=expect, duration=10, on_ready=ready.set)
     )
     await asyncio.wait_for(ready.wait(), 10)
     target = await channel.get_exchange(exchange)
