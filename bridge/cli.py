@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -12,15 +13,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+from tqdm import tqdm
 
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
+from bridge.events import DeliveryRefused
 from bridge.logs import configure_logging
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
+_T = TypeVar("_T")
 Command = Callable[[argparse.Namespace, Settings], int]
 
 
@@ -37,18 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        type=Path,
-        metavar="PATH",
-        help="TOML settings file (default: $KONPRO_BRIDGE_CONFIG, else ./config.toml if present)",
-    )
     parser = argparse.ArgumentParser(
         prog="konpro-bridge",
         description="Receive KonPro webhooks and republish them to RabbitMQ.",
-        parents=[common],
     )
+    _add_config_option(parser, default=None)
+    # Each command takes --config too; SUPPRESS keeps it from undoing a --config given earlier.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_config_option(common, default=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -59,8 +59,20 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", parents=[common], help="validate settings and print them, secrets masked"
     )
     check.set_defaults(command=_check_config)
+
+    _add_spool_commands(commands, common)
     _add_operator_commands(commands, common)
     return parser
+
+
+def _add_config_option(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        metavar="PATH",
+        help="TOML settings file (default: $KONPRO_BRIDGE_CONFIG, else ./config.toml if present)",
+    )
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -80,19 +92,110 @@ def _check_config(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _run_async(coroutine: Coroutine[Any, Any, None]) -> None:
+# --- spool: inspect and drain the local spool, also while the daemon is stopped ---------------
+
+
+def _add_spool_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    spool = commands.add_parser("spool", help="inspect or drain the local spool")
+    spool_commands = spool.add_subparsers(required=True, metavar="SPOOL_COMMAND")
+    status = spool_commands.add_parser(
+        "status", parents=[common], help="events waiting in the spool: depth, oldest age, size"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    status.set_defaults(command=_spool_status)
+    drain = spool_commands.add_parser(
+        "drain",
+        parents=[common],
+        help="publish the spooled events now (the daemon must be stopped)",
+    )
+    drain.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the broker",
+    )
+    drain.set_defaults(command=_spool_drain)
+
+
+def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
+    from bridge.spool import Spool  # noqa: PLC0415
+
+    async def read() -> dict[str, Any]:
+        if not (settings.spool.path / "spool.sqlite3").exists():
+            return {"path": str(settings.spool.path), "depth": 0, "bytes": 0, "oldest_age": None}
+        async with await Spool.open(settings.spool, exclusive=False) as spool:
+            status = await spool.status()
+        return {"path": str(settings.spool.path), **dataclasses.asdict(status)}
+
+    status = _run_async(read())
+    if args.json:
+        print(json.dumps(status))
+        return EXIT_OK
+    oldest = status["oldest_age"]
+    print(f"spool:  {status['path']}")
+    print(f"depth:  {status['depth']} events")
+    print(f"size:   {status['bytes']} bytes")
+    print(f"oldest: {'-' if oldest is None else f'{oldest:.0f} s ago'}")
+    return EXIT_OK
+
+
+def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging(settings.log.model_copy(update={"level": "warning"}), settings.secrets())
+    from bridge.publisher import Publisher  # noqa: PLC0415
+    from bridge.spool import Spool, SpoolLocked, drain  # noqa: PLC0415
+
+    async def drain_spool() -> int:
+        async with await Spool.open(settings.spool) as spool:
+            publisher = Publisher(settings.amqp)
+            await publisher.start()
+            try:
+                async with asyncio.timeout(args.wait):
+                    await publisher.wait_ready()
+                with tqdm(total=spool.depth, unit="event", desc="draining") as progress:
+                    return await drain(spool, publisher.publish, on_progress=_advance(progress))
+            finally:
+                await publisher.close()
+
+    try:
+        drained = _run_async(drain_spool())
+    except SpoolLocked:
+        _fail("the spool is in use: the daemon is running and drains it itself; stop it first")
+        return EXIT_FAILURE
+    except TimeoutError:
+        _fail(f"the broker did not answer within {args.wait:g} s; nothing was drained")
+        return EXIT_FAILURE
+    except DeliveryRefused as exc:
+        _fail(f"drain stopped: {exc.reason}; the rest stays in the spool")
+        return EXIT_FAILURE
+    print(f"drained {drained} events")
+    return EXIT_OK
+
+
+def _advance(progress: tqdm[Any]) -> Callable[[int], None]:
+    def update(drained: int) -> None:
+        progress.update(drained - progress.n)
+
+    return update
+
+
+def _fail(message: str) -> None:
+    print(f"konpro-bridge: {message}", file=sys.stderr)
+
+
+def _run_async(coroutine: Coroutine[Any, Any, _T]) -> _T:
     """Run on uvloop where it is installed: it roughly doubles what one core can publish."""
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
-        asyncio.run(coroutine)
-    else:
-        uvloop.run(coroutine)
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 # Operator commands: tail, send-test-event -----------------------------------------------------
-
-_T = TypeVar("_T")
 
 
 def _add_operator_commands(
@@ -163,7 +266,7 @@ def _run_tool(work: Coroutine[Any, Any, _T], settings: Settings, failure: str) -
 
     configure_logging(settings.log, settings.secrets())  # libraries' lines too, secrets masked
     try:
-        return asyncio.run(work)
+        return _run_async(work)
     except (OSError, aiormq.exceptions.AMQPError, aiohttp.ClientError) as exc:
         detail = Redactor(settings.secrets())(str(exc) or type(exc).__name__)
         print(f"konpro-bridge: {failure}: {detail}", file=sys.stderr)

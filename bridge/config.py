@@ -49,7 +49,7 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_header_bytes: int = Field(default=8190, ge=1024)
     body_timeout: float = Field(default=10.0, gt=0)
-    keepalive_timeout: float = Field(default=75.0, ge=0)
+    keepalive_timeout: float = Field(default=15.0, gt=0)
     shutdown_timeout: float = Field(default=10.0, gt=0)
     workers: int = Field(default=1, ge=1, le=64)
     metrics_port: int = Field(default=0, ge=0, le=65535)

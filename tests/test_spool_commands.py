@@ -1,0 +1,121 @@
+"""``konpro-bridge spool status|drain``: the operator's view of the spool, daemon running or not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from tests.conftest import AMQP_URL, QueueFactory, drain, proxied_amqp_url
+from tests.support.process import BridgeProcess, write_toml
+from tests.support.tcp_proxy import TcpProxy
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def sections(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
+    return {
+        "amqp": {"url": amqp_url, "exchange": exchange},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+
+
+async def spool_some_events(
+    tmp_path: Path, exchange: str, proxy: TcpProxy, http: aiohttp.ClientSession, count: int
+) -> list[bytes]:
+    """Runs a bridge whose broker link is cut, posts ``count`` events, stops it."""
+    await proxy.cut()
+    bodies = [
+        orjson.dumps({"event_type": "avatar_video.fail", "event_data": {"video_id": f"v{n}"}})
+        for n in range(count)
+    ]
+    bridge = BridgeProcess(tmp_path, sections(tmp_path, exchange, proxied_amqp_url(proxy)))
+    await bridge.start(wait_ready=False)
+    for body in bodies:
+        headers = {"Content-Type": "application/json"}
+        async with http.post(bridge.url + "/webhooks/konpro", data=body, headers=headers) as r:
+            assert r.status == 202
+    assert await bridge.stop() == 0
+    return bodies
+
+
+async def test_status_of_a_spool_that_was_never_used_is_empty(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", {"spool": {"path": str(tmp_path / "none")}})
+    code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
+    assert code == 0
+    assert json.loads(out) == {
+        "path": str(tmp_path / "none"),
+        "depth": 0,
+        "bytes": 0,
+        "oldest_age": None,
+    }
+
+
+async def test_status_then_drain_with_the_daemon_stopped_delivers_everything(
+    tmp_path: Path,
+    exchange_name: str,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    bodies = await spool_some_events(tmp_path, exchange_name, broker_proxy, http, count=7)
+    config = write_toml(tmp_path / "direct.toml", sections(tmp_path, exchange_name, AMQP_URL))
+
+    code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
+    status = json.loads(out)
+    assert (code, status["depth"], status["bytes"]) == (0, 7, sum(map(len, bodies)))
+    assert status["oldest_age"] >= 0
+    code, out, _ = await cli("spool", "status", "--config", str(config))
+    assert "depth:  7 events" in out
+
+    code, out, err = await cli("spool", "drain", "--config", str(config))
+    assert code == 0, err
+    assert "drained 7 events" in out
+    assert [m.body for m in await drain(queue, expect=7)] == bodies  # original order
+    code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
+    assert json.loads(out)["depth"] == 0
+
+
+async def test_drain_refuses_while_the_daemon_owns_the_spool(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    async with BridgeProcess(tmp_path, sections(tmp_path, exchange_name, AMQP_URL)) as bridge:
+        code, _, err = await cli("spool", "drain", "--config", str(bridge.config))
+    assert code == 1
+    assert "the daemon is running" in err
+
+
+async def test_drain_without_a_broker_fails_clearly_and_keeps_the_events(
+    tmp_path: Path,
+    exchange_name: str,
+    broker_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    await spool_some_events(tmp_path, exchange_name, broker_proxy, http, count=2)
+    config = write_toml(
+        tmp_path / "cut.toml", sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
+    )
+    code, _, err = await cli("spool", "drain", "--wait", "1", "--config", str(config))
+    assert code == 1
+    assert "did not answer" in err
+    code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
+    assert json.loads(out)["depth"] == 2
