@@ -1,14 +1,16 @@
 """The composition root: builds the bridge's parts from settings and runs their lifecycle.
 
 Start order matters: the spool opens first (without it a 2xx could not be promised), the
-publisher starts connecting (a broker that is down is not fatal), then the HTTP server listens.
-Stop order is the reverse, so that requests already in flight still get their publish confirmed
-or their event spooled before the AMQP connection and the spool close.
+publisher starts connecting (a broker that is down is not fatal), the HTTP server listens, and
+only then does reconciliation start: KonPro checks a URL it is asked to register with an OPTIONS
+request. Stop order is the reverse, so that requests already in flight still get their publish
+confirmed or their event spooled before the AMQP connection and the spool close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from types import TracebackType
 from typing import Self
@@ -18,15 +20,16 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
+from bridge.konpro import KonProClient
 from bridge.logs import redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
 from bridge.publisher import Publisher
-from bridge.reconcile import load_stored_secret
+from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret, why_not_reconcile
 from bridge.relay import Relay
 from bridge.server import create_app
 from bridge.signatures import Authenticator, ReplayGuard
 from bridge.spool import Forwarder, Spool
-from bridge.status import StatusReport
+from bridge.status import StatusReport, registration_ok
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +50,7 @@ class Bridge:
         self.metrics.watch(
             spool_depth=lambda: self.spool.depth,
             broker_connected=lambda: self.publisher.is_ready,
+            registration_ok=lambda: registration_ok(self.last_registration()),
         )
         konpro = settings.konpro
         self.authenticator = Authenticator(
@@ -57,6 +61,9 @@ class Bridge:
         self._forwarder: Forwarder | None = None
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
+        self._konpro: KonProClient | None = None
+        self.reconciler: Reconciler | None = None
+        self._reconciling: asyncio.Task[None] | None = None
 
     @property
     def spool(self) -> Spool:
@@ -109,10 +116,18 @@ class Bridge:
             webhook_path=self.settings.server.webhook_path,
             version=__version__,
         )
+        self._start_reconciling()
 
     async def _add_operator_endpoints(self, app: web.Application) -> None:
         """``/status`` on the main port; ``/metrics`` there too, or alone on its own port."""
-        app.router.add_get("/status", StatusReport(self.publisher, lambda: self.spool).handle)
+        off = why_not_reconcile(self.settings)
+        report = StatusReport(
+            self.publisher,
+            lambda: self.spool,
+            registration=None if off else self.last_registration,
+            registration_off=off or "",
+        )
+        app.router.add_get("/status", report.handle)
         port = self.settings.server.metrics_port
         if not port:
             app.router.add_get("/metrics", metrics_handler(self.metrics))
@@ -167,6 +182,7 @@ class Bridge:
 
     async def stop(self) -> None:
         """Stop listening, let in-flight deliveries finish (bounded), then close the connection."""
+        await self._stop_reconciling()
         if self._runner is not None:
             log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
             await self._runner.cleanup()
@@ -187,6 +203,43 @@ class Bridge:
             await self._spool.close()
             self._spool = None
         log.info("bridge.stopped")
+
+    def _start_reconciling(self) -> None:
+        """Keep the registration right in the background; the site must already be listening."""
+        if reason := why_not_reconcile(self.settings):
+            log.info("reconcile.off", reason=reason)
+            return
+        konpro = self.settings.konpro
+        self._konpro = KonProClient(konpro.api_url, konpro.api_key, timeout=konpro.request_timeout)
+        self.reconciler = Reconciler.from_settings(self._konpro, self.settings)
+        self._reconciling = asyncio.create_task(
+            self.reconciler.run_forever(self._on_reconcile_result), name="konpro-reconcile"
+        )
+
+    async def _stop_reconciling(self) -> None:
+        """Cancel a run even mid-call: a hanging KonPro API must not hold up shutdown."""
+        task, self._reconciling = self._reconciling, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._konpro is not None:
+            await self._konpro.close()
+            self._konpro = None
+
+    def last_registration(self) -> ReconcileResult | None:
+        """The last registration check's result; ``None`` before one, or without reconciliation."""
+        return None if self.reconciler is None else self.reconciler.last_result
+
+    def _on_reconcile_result(self, result: ReconcileResult) -> None:
+        """Count the run; start checking signatures with a secret the reconciler has just learnt."""
+        self.metrics.reconcile_run(result.result)
+        if not result.secret_stored:
+            return
+        # A few bytes the reconciler has just written: reading them does not stall the loop.
+        secret = load_stored_secret(self.settings.spool.path)
+        if secret:
+            self.use_webhook_secret(secret)
 
     async def __aenter__(self) -> Self:
         await self.start()

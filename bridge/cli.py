@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,13 +18,22 @@ from tqdm import tqdm
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.events import DeliveryRefused
+from bridge.konpro import (
+    AuthenticationError,
+    Endpoint,
+    KonProClient,
+    KonProError,
+    NotFound,
+    format_endpoints,
+)
 from bridge.logs import configure_logging
+from bridge.reconcile import SECRET_FILE_NAME, Reconciler, ReconcileResult
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
-_T = TypeVar("_T")
+T = TypeVar("T")
 Command = Callable[[argparse.Namespace, Settings], int]
 
 
@@ -44,13 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="konpro-bridge",
         description="Receive KonPro webhooks and republish them to RabbitMQ.",
+        parents=[_config_option(default=None)],
     )
-    _add_config_option(parser, default=None)
-    # Each command takes --config too; SUPPRESS keeps it from undoing a --config given earlier.
-    common = argparse.ArgumentParser(add_help=False)
-    _add_config_option(common, default=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    # SUPPRESS: a command's own default must not overwrite a --config given before the command.
+    common = _config_option(default=argparse.SUPPRESS)
 
     run = commands.add_parser("run", parents=[common], help="run the bridge daemon")
     run.set_defaults(command=_run)
@@ -59,20 +67,22 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", parents=[common], help="validate settings and print them, secrets masked"
     )
     check.set_defaults(command=_check_config)
-
+    _add_konpro_commands(commands, common)
     _add_spool_commands(commands, common)
     _add_operator_commands(commands, common)
     return parser
 
 
-def _add_config_option(parser: argparse.ArgumentParser, default: object) -> None:
-    parser.add_argument(
+def _config_option(*, default: Any) -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
         "--config",
         type=Path,
         default=default,
         metavar="PATH",
         help="TOML settings file (default: $KONPRO_BRIDGE_CONFIG, else ./config.toml if present)",
     )
+    return options
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -163,14 +173,13 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     try:
         drained = _run_async(drain_spool())
     except SpoolLocked:
-        _fail("the spool is in use: the daemon is running and drains it itself; stop it first")
-        return EXIT_FAILURE
+        message = "the spool is in use: the daemon is running and drains it itself; stop it first"
+        return _fail(message, EXIT_FAILURE)
     except TimeoutError:
-        _fail(f"the broker did not answer within {args.wait:g} s; nothing was drained")
-        return EXIT_FAILURE
+        message = f"the broker did not answer within {args.wait:g} s; nothing was drained"
+        return _fail(message, EXIT_FAILURE)
     except DeliveryRefused as exc:
-        _fail(f"drain stopped: {exc.reason}; the rest stays in the spool")
-        return EXIT_FAILURE
+        return _fail(f"drain stopped: {exc.reason}; the rest stays in the spool", EXIT_FAILURE)
     print(f"drained {drained} events")
     return EXIT_OK
 
@@ -182,17 +191,207 @@ def _advance(progress: tqdm[Any]) -> Callable[[int], None]:
     return update
 
 
-def _fail(message: str) -> None:
-    print(f"konpro-bridge: {message}", file=sys.stderr)
-
-
-def _run_async(coroutine: Coroutine[Any, Any, _T]) -> _T:
+def _run_async(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop where it is installed: it roughly doubles what one core can publish."""
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
         return asyncio.run(coroutine)
     return uvloop.run(coroutine)
+
+
+# -- KonPro commands: the webhook registration by hand (issue #3) ------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Output:
+    """What a KonPro command prints: ``text`` for people, ``data`` with ``--json``.
+
+    ``error`` is a failure the command still has a report for (a failed reconciliation run).
+    """
+
+    text: str
+    data: Any
+    error: str | None = None
+
+
+class _Unusable(Exception):
+    """The settings or arguments lack what the command needs: exit 2, nothing was asked."""
+
+
+KonProCall = Callable[[KonProClient, argparse.Namespace, Settings], Awaitable[_Output]]
+
+
+def _add_konpro_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print one JSON document for scripts")
+    leaf = [common, output]
+
+    events = commands.add_parser("events", parents=leaf, help="event types KonPro can deliver")
+    events.set_defaults(command=_konpro(_list_event_types))
+
+    endpoints = commands.add_parser(
+        "endpoints", parents=[common], help="list, add, update or delete webhook endpoints"
+    )
+    actions = endpoints.add_subparsers(required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=leaf, help="every endpoint on the account")
+    listing.set_defaults(command=_konpro(_list_endpoints))
+
+    add = actions.add_parser("add", parents=leaf, help="register a URL (KonPro checks it first)")
+    add.add_argument("url", metavar="URL")
+    add.add_argument(
+        "--event",
+        dest="events",
+        action="append",
+        metavar="E",
+        help="subscribe to event type E (repeatable); without --event: ALL event types",
+    )
+    add.set_defaults(command=_konpro(_add_endpoint))
+
+    update = actions.add_parser("update", parents=leaf, help="change an endpoint in place")
+    update.add_argument("endpoint_id", metavar="ID")
+    update.add_argument("--url", metavar="U", help="deliver to U instead (KonPro checks it)")
+    subscription = update.add_mutually_exclusive_group()
+    subscription.add_argument(
+        "--event", dest="events", action="append", metavar="E", help="replace its event types"
+    )
+    subscription.add_argument("--all-events", action="store_true", help="subscribe to all")
+    update.set_defaults(command=_konpro(_update_endpoint))
+
+    delete = actions.add_parser("delete", parents=leaf, help="remove an endpoint")
+    delete.add_argument("endpoint_id", metavar="ID")
+    delete.set_defaults(command=_konpro(_delete_endpoint))
+
+    reconcile = commands.add_parser(
+        "reconcile", parents=leaf, help="make the registration match the settings, once"
+    )
+    reconcile.add_argument(
+        "--once", action="store_true", required=True, help="one run (`run` keeps reconciling)"
+    )
+    reconcile.add_argument(
+        "--dry-run", action="store_true", help="verify mode: print the planned actions only"
+    )
+    reconcile.set_defaults(command=_konpro(_reconcile_once))
+
+
+def _konpro(call: KonProCall) -> Command:
+    """A command that talks to KonPro: it needs the key; KonPro's refusals are one line, exit 1."""
+
+    def command(args: argparse.Namespace, settings: Settings) -> int:
+        if not settings.konpro.api_key.get_secret_value():
+            message = "konpro.api_key is not set (config file or KONPRO_BRIDGE_KONPRO__API_KEY)"
+            return _fail(message, EXIT_CONFIG)
+        configure_logging(settings.log, settings.secrets())  # to stderr: stdout is the output
+        try:
+            output = _run_async(_with_client(call, args, settings))
+        except _Unusable as exc:
+            return _fail(str(exc), EXIT_CONFIG)
+        except AuthenticationError as exc:
+            return _fail(f"KonPro refused the API key (konpro.api_key): {exc}", EXIT_FAILURE)
+        except KonProError as exc:
+            return _fail(str(exc), EXIT_FAILURE)
+        print(json.dumps(output.data, indent=2) if args.json else output.text)
+        return _fail(output.error, EXIT_FAILURE) if output.error else EXIT_OK
+
+    return command
+
+
+async def _with_client(call: KonProCall, args: argparse.Namespace, settings: Settings) -> _Output:
+    konpro = settings.konpro
+    client = KonProClient(konpro.api_url, konpro.api_key, timeout=konpro.request_timeout)
+    async with client:
+        return await call(client, args, settings)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"konpro-bridge: {message}", file=sys.stderr)
+    return code
+
+
+async def _list_event_types(
+    client: KonProClient, args: argparse.Namespace, settings: Settings
+) -> _Output:
+    event_types = await client.list_event_types()
+    return _Output("\n".join(event_types), event_types)
+
+
+async def _list_endpoints(
+    client: KonProClient, args: argparse.Namespace, settings: Settings
+) -> _Output:
+    endpoints = await client.list_endpoints()
+    return _Output(format_endpoints(endpoints), [_as_json(e) for e in endpoints])
+
+
+async def _add_endpoint(
+    client: KonProClient, args: argparse.Namespace, settings: Settings
+) -> _Output:
+    return _one_endpoint(await client.add_endpoint(args.url, args.events))
+
+
+async def _update_endpoint(
+    client: KonProClient, args: argparse.Namespace, settings: Settings
+) -> _Output:
+    if args.url is None and args.events is None and not args.all_events:
+        raise _Unusable("endpoints update: nothing to change; give --url, --event or --all-events")
+    events: list[str] | None = None
+    if args.events is not None:
+        events = args.events
+    elif not args.all_events:  # KonPro replaces the whole list: send the current one back
+        events = (await _find_endpoint(client, args.endpoint_id)).events
+    updated = await client.update_endpoint(args.endpoint_id, url=args.url, events=events)
+    return _one_endpoint(updated)
+
+
+async def _delete_endpoint(
+    client: KonProClient, args: argparse.Namespace, settings: Settings
+) -> _Output:
+    await client.delete_endpoint(args.endpoint_id)
+    return _Output(f"deleted {args.endpoint_id}", {"deleted": args.endpoint_id})
+
+
+async def _reconcile_once(
+    client: KonProClient, args: argparse.Namespace, settings: Settings
+) -> _Output:
+    """One run of the daemon's reconciler; ``--dry-run`` forces verify mode, which never writes."""
+    if not settings.konpro.public_url:
+        raise _Unusable("konpro.public_url is not set: there is no URL to keep registered")
+    mode = "verify" if args.dry_run else settings.reconcile.mode
+    schedule = settings.reconcile.model_copy(update={"mode": mode})
+    reconciler = Reconciler(client, settings.konpro, schedule, settings.spool.path)
+    result = await reconciler.run_once()
+    text = _describe_run(result, mode, settings.spool.path / SECRET_FILE_NAME)
+    return _Output(text, {"mode": mode, **result.to_dict()}, error=result.error)
+
+
+async def _find_endpoint(client: KonProClient, endpoint_id: str) -> Endpoint:
+    for endpoint in await client.list_endpoints():
+        if endpoint.endpoint_id == endpoint_id:
+            return endpoint
+    raise NotFound(f"no endpoint {endpoint_id} on this account")
+
+
+def _one_endpoint(endpoint: Endpoint) -> _Output:
+    return _Output(format_endpoints([endpoint]), _as_json(endpoint))
+
+
+def _as_json(endpoint: Endpoint) -> Any:
+    return endpoint.model_dump(mode="json")  # the signing secret is masked
+
+
+def _describe_run(result: ReconcileResult, mode: str, secret_file: Path) -> str:
+    verify = mode == "verify"
+    lines = [
+        f"result: {result.result}" + (" (verify mode: nothing was changed)" if verify else ""),
+        f"endpoint: {result.endpoint_id or '-'}",
+        ("planned actions:" if verify else "actions taken:") + ("" if result.actions else " none"),
+        *(f"  {action}" for action in result.actions),
+    ]
+    if result.secret_stored:
+        lines.append(f"signing secret stored in {secret_file}")
+    return "\n".join(lines)
 
 
 # Operator commands: tail, send-test-event -----------------------------------------------------
@@ -257,7 +456,7 @@ def _send_test_event(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if 200 <= answer.status < 300 else EXIT_FAILURE
 
 
-def _run_tool(work: Coroutine[Any, Any, _T], settings: Settings, failure: str) -> _T:
+def _run_tool(work: Coroutine[Any, Any, T], settings: Settings, failure: str) -> T:
     """Run a tool's coroutine; a network failure exits 1 with one line on stderr, secrets masked."""
     import aiohttp  # noqa: PLC0415
     import aiormq  # noqa: PLC0415

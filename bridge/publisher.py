@@ -41,6 +41,7 @@ APP_ID = "konpro-bridge"
 UNROUTED_SUFFIX = ".unrouted"
 _FIRST_RETRY_DELAY = 0.5
 _MAX_CONNECT_DELAY = 30.0
+_CONNECT_TIMEOUT = 10.0
 
 
 class PublishFailed(DeliveryRefused):
@@ -150,8 +151,7 @@ class Publisher:
             self._connect_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connect_task
-        if self._connection is not None:
-            await self._connection.close()
+        await self._discard_connection()
         self._topology_declared = False
         self._last_error = "publisher closed"
 
@@ -175,12 +175,15 @@ class Publisher:
                 return
 
     async def _connect_once(self) -> None:
-        connection = await aio_pika.connect_robust(
-            self._settings.url.get_secret_value(),
-            reconnect_interval=self._settings.reconnect_interval,
+        # Built here rather than by connect_robust() so that close() can reach a connection that
+        # is still connecting: its reconnect task must not outlive the publisher.
+        connection = aio_pika.RobustConnection(
+            aio_pika.connection.make_url(self._settings.url.get_secret_value()),
             client_properties={"connection_name": APP_ID},
+            reconnect_interval=self._settings.reconnect_interval,
         )
         self._connection = connection
+        await connection.connect(timeout=_CONNECT_TIMEOUT)
         connection.close_callbacks.add(self._connection_lost)
         connection.reconnect_callbacks.add(self._reconnected)
         self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -141,6 +141,21 @@ def test_each_bad_key_gets_one_line_naming_it_and_no_secret_is_echoed(tmp_path: 
     assert "hunter2-secret" not in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize("before_the_command", [True, False])
+def test_config_may_be_given_before_or_after_the_command(
+    tmp_path: Path, before_the_command: bool
+) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text("[server]\nport = 9300\n")
+    option = ("--config", str(config))
+    args = (*option, "check-config") if before_the_command else ("check-config", *option)
+
+    result = run_cli(*args, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["server"]["port"] == 9300
+
+
 def test_a_toml_syntax_error_is_reported_with_the_file_name(tmp_path: Path) -> None:
     config = tmp_path / "broken.toml"
     config.write_text("[server\nport = 1\n")

@@ -13,16 +13,21 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from bridge.app import Bridge
 from bridge.samples import sample_body
 from bridge.signatures import SignatureVerifier, sign
 from bridge.tools import send_test_event
 from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.fake_konpro import FakeKonPro
 from tests.support.process import free_port
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 from tests.test_metrics_describe_the_bridge import Samples, scrape, value
+
+pytest_plugins = ("tests.fake_konpro",)
+pytestmark = pytest.mark.usefixtures("channel")  # deletes each test's exchanges afterwards
 
 SECRET = "whsec_observed"
 RECEIVED = "konpro_bridge_events_received_total"
@@ -162,3 +167,46 @@ async def test_a_test_event_is_accepted_and_verified_by_a_bridge_with_a_secret(
 
 def _when(iso: str) -> dt.datetime:
     return dt.datetime.fromisoformat(iso)
+
+
+async def test_status_and_metrics_report_the_registration_checks(
+    start_bridge: BridgeFactory, fake_konpro: FakeKonPro, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    konpro = {
+        "api_url": fake_konpro.url,
+        "api_key": fake_konpro.api_key,
+        "public_url": f"http://127.0.0.1:{port}/webhooks/konpro",
+    }
+    reconcile = {"enabled": True, "interval": 1.0, "max_backoff": 1.0}
+    async with start_bridge(server={"port": port}, konpro=konpro, reconcile=reconcile) as bridge:
+        await eventually(lambda: bridge.last_registration() is not None)
+        added = await status(http, bridge)
+        first_metrics = await scrape(http, bridge.url + "/metrics")
+        await eventually(lambda: _result(bridge) == "ok")
+        later_metrics = await scrape(http, bridge.url + "/metrics")
+
+    [endpoint_id] = fake_konpro.endpoints
+    assert added["registration"]["enabled"] is True
+    assert added["registration"]["result"] == "added"
+    assert added["registration"]["ok"] is True
+    assert added["registration"]["endpoint_id"] == endpoint_id
+    assert added["registration"]["error"] is None
+    assert _when(added["registration"]["checked_at"]) <= dt.datetime.now(dt.UTC)
+    assert value(first_metrics, "konpro_bridge_registration_ok") == 1
+    assert value(first_metrics, "konpro_bridge_reconcile_runs_total", result="added") == 1
+    assert value(later_metrics, "konpro_bridge_reconcile_runs_total", result="ok") >= 1
+
+
+async def test_status_says_why_registration_is_not_checked(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    async with start_bridge(reconcile={"enabled": True}) as bridge:
+        answer = await status(http, bridge)
+
+    assert answer["registration"] == {"enabled": False, "reason": "konpro.api_key is not set"}
+
+
+def _result(bridge: Bridge) -> str | None:
+    result = bridge.last_registration()
+    return None if result is None else result.result

@@ -28,6 +28,7 @@ from bridge.reconcile import (
     plan,
     same_events,
     should_reconcile,
+    why_not_reconcile,
 )
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
 
@@ -190,6 +191,25 @@ def test_reconciliation_needs_to_be_enabled_with_a_key_and_a_public_url() -> Non
             reconcile=ReconcileSettings(enabled=False),
         )
     )
+
+
+@pytest.mark.parametrize(
+    ("enabled", "konpro", "reason"),
+    [
+        (False, {"api_key": "k", "public_url": ELSEWHERE}, "reconcile.enabled is false"),
+        (True, {"public_url": ELSEWHERE}, "konpro.api_key is not set"),
+        (True, {"api_key": "k"}, "konpro.public_url is not set"),
+        (True, {"api_key": "k", "public_url": ELSEWHERE}, None),
+    ],
+)
+def test_the_reason_reconciliation_is_off_names_the_missing_setting(
+    enabled: bool, konpro: dict[str, str], reason: str | None
+) -> None:
+    settings = Settings(
+        konpro=KonProSettings.model_validate(konpro), reconcile=ReconcileSettings(enabled=enabled)
+    )
+
+    assert why_not_reconcile(settings) == reason
 
 
 # -- runs against the fake --------------------------------------------------------------------

@@ -1,0 +1,189 @@
+"""The running bridge keeps itself registered with KonPro, and KonPro's API never gets in the way.
+
+Each bridge here is registered under its own address, so the fake KonPro's OPTIONS check goes to
+the real bridge: a registration only succeeds while the bridge is listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from bridge.app import Bridge
+from bridge.config import MASK
+from bridge.logs import redactor
+from bridge.reconcile import ReconcileResult
+from bridge.signatures import sign
+from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
+from tests.fake_konpro import FakeKonPro
+from tests.support.process import free_port
+
+pytest_plugins = ("tests.fake_konpro",)
+pytestmark = pytest.mark.usefixtures("channel")  # deletes each test's exchanges afterwards
+
+INTERVAL = 1.0  # the shortest interval the settings allow
+Starter = Callable[..., AbstractAsyncContextManager[Bridge]]
+EVENT = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
+
+
+def registration(fake: FakeKonPro, *, api_key: str | None = None) -> dict[str, dict[str, Any]]:
+    """Settings sections for a bridge that registers its own address with ``fake``."""
+    port = free_port()
+    return {
+        "server": {"port": port},
+        "konpro": {
+            "api_url": fake.url,
+            "api_key": api_key or fake.api_key,
+            "public_url": f"http://127.0.0.1:{port}/webhooks/konpro",
+            "request_timeout": 5.0,
+        },
+        "reconcile": {"enabled": True, "interval": INTERVAL, "max_backoff": INTERVAL},
+    }
+
+
+def result_of(bridge: Bridge) -> ReconcileResult | None:
+    assert bridge.reconciler is not None
+    return bridge.reconciler.last_result
+
+
+async def until(condition: Callable[[], object], within: float = 10.0) -> None:
+    """Wait for ``condition`` to hold; the bound only turns a hang into a failure."""
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110 - the fake and the bridge expose state, not events
+            await asyncio.sleep(0.02)
+
+
+async def post_event(http: aiohttp.ClientSession, bridge: Bridge) -> int:
+    headers = {"Content-Type": "application/json"}
+    async with http.post(bridge.url + "/webhooks/konpro", data=EVENT, headers=headers) as response:
+        return response.status
+
+
+@pytest.fixture
+def start(start_bridge: BridgeFactory, fake_konpro: FakeKonPro) -> Starter:
+    """Starts a bridge that registers its own address with the fake KonPro."""
+
+    def start(*, api_key: str | None = None) -> AbstractAsyncContextManager[Bridge]:
+        return start_bridge(**registration(fake_konpro, api_key=api_key))
+
+    return start
+
+
+async def test_a_started_bridge_registers_its_url_once_after_it_listens(
+    start: Starter, fake_konpro: FakeKonPro
+) -> None:
+    async with start() as bridge:
+        public_url = bridge.settings.konpro.public_url
+        await until(lambda: result_of(bridge) is not None)
+        first = result_of(bridge)
+        await until(lambda: result_of(bridge) is not first)  # a second run has seen it
+
+        assert first is not None
+        assert first.result == "added"
+        assert fake_konpro.verified_urls == [public_url]  # the first OPTIONS check passed
+        [registered] = fake_konpro.endpoints.values()
+        assert (registered["url"], registered["endpoint_id"]) == (public_url, first.endpoint_id)
+        assert [call.name for call in fake_konpro.writes] == ["endpoint.add"]
+        latest = result_of(bridge)
+        assert latest is not None
+        assert (latest.result, latest.endpoint_id) == ("ok", first.endpoint_id)
+
+
+async def test_an_endpoint_deleted_elsewhere_is_registered_again(
+    start: Starter, fake_konpro: FakeKonPro
+) -> None:
+    async with start() as bridge:
+        await until(lambda: fake_konpro.endpoints)
+        [first_id] = fake_konpro.endpoints
+        fake_konpro.delete(first_id)
+
+        await until(lambda: fake_konpro.endpoints)
+
+        [again] = fake_konpro.endpoints.values()
+        assert again["endpoint_id"] != first_id
+        assert again["url"] == bridge.settings.konpro.public_url
+        assert fake_konpro.count("endpoint.add") == 2
+
+
+async def test_a_learnt_signing_secret_is_kept_masked_and_enforced_at_once(
+    tmp_path: Path, exchange_name: str, fake_konpro: FakeKonPro, http: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(tmp_path, exchange_name, **registration(fake_konpro))
+    async with Bridge(settings) as bridge:
+        await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
+        await until(lambda: bridge.authenticator.enabled)
+        [registered] = fake_konpro.endpoints.values()
+        url = bridge.url + settings.server.webhook_path
+        unsigned = {"Content-Type": "application/json"}
+        async with http.post(url, data=EVENT, headers=unsigned) as response:
+            assert response.status == 401
+        signed = {**unsigned, "KonPro-Signature": sign(EVENT, registered["secret"])}
+        async with http.post(url, data=EVENT, headers=signed) as response:
+            assert response.status == 200
+
+    secret_file = settings.spool.path / "webhook_secret"
+    assert secret_file.read_text().strip() == registered["secret"]
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert redactor(f"signed with {registered['secret']}") == f"signed with {MASK}"
+
+
+@pytest.mark.parametrize("failure", ["HTTP 500", "no answer"])
+async def test_webhooks_are_accepted_while_the_konpro_api_fails(
+    start: Starter,
+    fake_konpro: FakeKonPro,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+    failure: str,
+) -> None:
+    queue = await bind_queue("#")
+    if failure == "HTTP 500":
+        fake_konpro.answer_next(1000, 500)
+    else:
+        fake_konpro.hang_next(1000)
+
+    async with start() as bridge:
+        await until(lambda: fake_konpro.calls)  # reconciliation is under way, and failing
+        statuses = [await post_event(http, bridge) for _ in range(3)]
+
+    assert statuses == [200] * 3
+    assert [message.body for message in await drain(queue, expect=3)] == [EVENT] * 3
+    assert fake_konpro.endpoints == {}
+
+
+async def test_a_refused_api_key_is_one_clear_log_line_and_no_hot_loop(
+    start: Starter,
+    fake_konpro: FakeKonPro,
+    http: aiohttp.ClientSession,
+) -> None:
+    with capture_logs() as logs:
+        async with start(api_key="revoked-key-4411") as bridge:
+            await until(lambda: result_of(bridge) is not None)
+            await asyncio.sleep(2 * INTERVAL)  # a window with room for about three runs
+            calls_in_window = len(fake_konpro.calls)
+            status = await post_event(http, bridge)
+
+    assert calls_in_window <= 3  # one call per run, runs an interval apart: never retried early
+    refusals = [entry for entry in logs if entry["event"] == "reconcile.authentication_failed"]
+    assert len(refusals) == 1
+    assert "API key" in refusals[0]["error"]
+    assert "revoked-key-4411" not in repr(logs)
+    assert status == 200
+
+
+async def test_the_start_log_says_why_reconciliation_is_off(
+    start_bridge: BridgeFactory,
+) -> None:
+    with capture_logs() as logs:
+        async with start_bridge() as bridge:
+            assert bridge.reconciler is None
+
+    [off] = [entry for entry in logs if entry["event"] == "reconcile.off"]
+    assert off["reason"] == "reconcile.enabled is false"
