@@ -1,25 +1,37 @@
 # syntax=docker/dockerfile:1
-# Build stage: compile wheels for the bridge and its dependencies.
+# konpro-bridge image (issue #6): multi-stage, small, non-root, self-checking, spool on a volume.
+
+# Build stage: install the bridge and its dependencies into a virtualenv. Any compiler needed
+# for a dependency without a wheel for this platform stays in this stage.
 FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/konpro-bridge
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN /opt/konpro-bridge/bin/pip install .
+# The running bridge needs no installer.
+RUN /opt/konpro-bridge/bin/python -m pip uninstall --yes pip setuptools
 
-# Final stage: the wheels only, no build tools, a non-root user.
+# Final stage: the virtualenv only (copied, so no wheel files linger in a layer), no build
+# tools, a numeric non-root user (so that Kubernetes' runAsNonRoot can verify it).
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin bridge \
+ARG UID=10001
+RUN groupadd --system --gid ${UID} bridge \
+ && useradd --system --uid ${UID} --gid ${UID} --home-dir /nonexistent --shell /usr/sbin/nologin bridge \
  && mkdir -p /etc/konpro-bridge /var/lib/konpro-bridge/spool \
- && chown bridge /var/lib/konpro-bridge/spool
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels konpro-bridge && rm -rf /wheels
+ && chown ${UID}:${UID} /var/lib/konpro-bridge/spool
+COPY --from=build /opt/konpro-bridge /opt/konpro-bridge
 COPY config.example.toml /etc/konpro-bridge/config.toml
-ENV KONPRO_BRIDGE_CONFIG=/etc/konpro-bridge/config.toml \
-    PYTHONUNBUFFERED=1
-USER bridge
+ENV PATH=/opt/konpro-bridge/bin:$PATH \
+    KONPRO_BRIDGE_CONFIG=/etc/konpro-bridge/config.toml \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER ${UID}:${UID}
 VOLUME ["/var/lib/konpro-bridge/spool"]
 EXPOSE 8080
-HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"]
 ENTRYPOINT ["konpro-bridge"]
 CMD ["run"]

@@ -22,12 +22,14 @@ from bridge import __version__
 from bridge.config import Settings
 from bridge.konpro import KonProClient
 from bridge.logs import redactor
+from bridge.metrics import Metrics, metrics_app, metrics_handler
 from bridge.publisher import Publisher
 from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret, why_not_reconcile
 from bridge.relay import Relay
 from bridge.server import create_app
 from bridge.signatures import Authenticator, ReplayGuard
 from bridge.spool import Forwarder, Spool
+from bridge.status import StatusReport, registration_ok
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +43,15 @@ class Bridge:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.publisher = Publisher(settings.amqp)
+        self.metrics = Metrics(
+            event_types=settings.konpro.events, exchanges=settings.amqp.exchanges
+        )
+        self.publisher = Publisher(settings.amqp, self.metrics)
+        self.metrics.watch(
+            spool_depth=lambda: self.spool.depth,
+            broker_connected=lambda: self.publisher.is_ready,
+            registration_ok=lambda: registration_ok(self.last_registration()),
+        )
         konpro = settings.konpro
         self.authenticator = Authenticator(
             konpro.webhook_secrets, timestamp_tolerance=konpro.timestamp_tolerance
@@ -50,6 +60,7 @@ class Bridge:
         self._spool: Spool | None = None
         self._forwarder: Forwarder | None = None
         self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self._konpro: KonProClient | None = None
         self.reconciler: Reconciler | None = None
         self._reconciling: asyncio.Task[None] | None = None
@@ -78,8 +89,13 @@ class Bridge:
         self._forwarder.start()
         await self.publisher.start()
         app = create_app(
-            self.settings.server, relay, self.publisher.not_ready_reason, self.authenticator
+            self.settings.server,
+            relay,
+            self.publisher.not_ready_reason,
+            self.authenticator,
+            self.metrics,
         )
+        await self._add_operator_endpoints(app)
         self._runner = web.AppRunner(
             app,
             access_log=None,  # one line per delivery is logged by the handler itself
@@ -101,6 +117,24 @@ class Bridge:
             version=__version__,
         )
         self._start_reconciling()
+
+    async def _add_operator_endpoints(self, app: web.Application) -> None:
+        """``/status`` on the main port; ``/metrics`` there too, or alone on its own port."""
+        off = why_not_reconcile(self.settings)
+        report = StatusReport(
+            self.publisher,
+            lambda: self.spool,
+            registration=None if off else self.last_registration,
+            registration_off=off or "",
+        )
+        app.router.add_get("/status", report.handle)
+        port = self.settings.server.metrics_port
+        if not port:
+            app.router.add_get("/metrics", metrics_handler(self.metrics))
+            return
+        self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
+        await self._metrics_runner.setup()
+        await web.TCPSite(self._metrics_runner, self.settings.server.host, port).start()
 
     async def _open_spool(self) -> Spool:
         try:
@@ -153,6 +187,9 @@ class Bridge:
             log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
             await self._runner.cleanup()
             self._runner = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._forwarder is not None:
             await self._forwarder.stop(grace=self.settings.server.shutdown_timeout)
         await self.publisher.close()
@@ -190,8 +227,13 @@ class Bridge:
             await self._konpro.close()
             self._konpro = None
 
+    def last_registration(self) -> ReconcileResult | None:
+        """The last registration check's result; ``None`` before one, or without reconciliation."""
+        return None if self.reconciler is None else self.reconciler.last_result
+
     def _on_reconcile_result(self, result: ReconcileResult) -> None:
-        """Start checking signatures with a signing secret the reconciler has just learnt."""
+        """Count the run; start checking signatures with a secret the reconciler has just learnt."""
+        self.metrics.reconcile_run(result.result)
         if not result.secret_stored:
             return
         # A few bytes the reconciler has just written: reading them does not stall the loop.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(command=_check_config)
     _add_konpro_commands(commands, common)
     _add_spool_commands(commands, common)
+    _add_operator_commands(commands, common)
     return parser
 
 
@@ -390,3 +392,81 @@ def _describe_run(result: ReconcileResult, mode: str, secret_file: Path) -> str:
     if result.secret_stored:
         lines.append(f"signing secret stored in {secret_file}")
     return "\n".join(lines)
+
+
+# Operator commands: tail, send-test-event -----------------------------------------------------
+
+
+def _add_operator_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    tail = commands.add_parser(
+        "tail", parents=[common], help="print events as the bridge publishes them"
+    )
+    tail.add_argument(
+        "patterns", nargs="*", metavar="PATTERN", help="routing key patterns (default: '#')"
+    )
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.add_argument("--max-events", type=int, metavar="N", help="stop after N events")
+    tail.add_argument("--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
+    tail.set_defaults(command=_tail)
+
+    send = commands.add_parser(
+        "send-test-event",
+        parents=[common],
+        help="post a sample delivery, signed as KonPro signs, and print the answer",
+    )
+    send.add_argument("event_type", metavar="EVENT_TYPE", help="e.g. avatar_video.success")
+    send.add_argument("--url", help="where to post (default: this host's bridge)")
+    send.add_argument(
+        "--secret", help="signing secret (default: konpro.webhook_secret; visible in ps)"
+    )
+    send.set_defaults(command=_send_test_event)
+
+
+def _tail(args: argparse.Namespace, settings: Settings) -> int:
+    from bridge import tools  # noqa: PLC0415 - keep check-config free of the network stack
+
+    patterns = args.patterns or ["#"]
+
+    def announce() -> None:
+        exchanges = ", ".join(settings.amqp.exchanges)
+        print(f"tailing {exchanges} for {' '.join(patterns)} (Ctrl-C to stop)", file=sys.stderr)
+
+    work = tools.tail(
+        settings,
+        patterns,
+        args.json,
+        sys.stdout,
+        max_events=args.max_events,
+        duration=args.duration,
+        on_ready=announce,
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how tail normally ends
+        _run_tool(work, settings, "cannot tail the broker")
+    return EXIT_OK
+
+
+def _send_test_event(args: argparse.Namespace, settings: Settings) -> int:
+    from bridge import tools  # noqa: PLC0415
+
+    work = tools.send_test_event(settings, args.event_type, url=args.url, secret=args.secret)
+    answer = _run_tool(work, settings, "cannot deliver the test event")
+    print(answer.status, answer.body)
+    return EXIT_OK if 200 <= answer.status < 300 else EXIT_FAILURE
+
+
+def _run_tool(work: Coroutine[Any, Any, T], settings: Settings, failure: str) -> T:
+    """Run a tool's coroutine; a network failure exits 1 with one line on stderr, secrets masked."""
+    import aiohttp  # noqa: PLC0415
+    import aiormq  # noqa: PLC0415
+
+    from bridge.logs import Redactor  # noqa: PLC0415
+
+    configure_logging(settings.log, settings.secrets())  # libraries' lines too, secrets masked
+    try:
+        return _run_async(work)
+    except (OSError, aiormq.exceptions.AMQPError, aiohttp.ClientError) as exc:
+        detail = Redactor(settings.secrets())(str(exc) or type(exc).__name__)
+        print(f"konpro-bridge: {failure}: {detail}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILURE) from None

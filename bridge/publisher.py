@@ -17,6 +17,7 @@ import datetime as dt
 import fnmatch
 import functools
 import random
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -33,6 +34,7 @@ from aio_pika.abc import (
 
 from bridge.config import AmqpSettings, Route, masked_url
 from bridge.events import Delivery, DeliveryRefused
+from bridge.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -74,8 +76,9 @@ class Router:
 class Publisher:
     """Owns the AMQP connection; safe to call ``publish`` from many tasks at once."""
 
-    def __init__(self, settings: AmqpSettings) -> None:
+    def __init__(self, settings: AmqpSettings, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics or Metrics(exchanges=settings.exchanges)
         self._router = Router(settings.exchange, settings.routes)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -84,6 +87,8 @@ class Publisher:
         self._last_error: str | None = "connecting to the broker"
         self._connect_task: asyncio.Task[None] | None = None
         self._on_ready: list[Callable[[], None]] = []
+        self.link_changed_at = time.time()
+        """When the link last came up or went down (wall clock), for ``/status``."""
 
     def on_ready(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` each time the broker becomes usable (first connect and reconnects)."""
@@ -119,6 +124,8 @@ class Publisher:
         channel = self._channel
         if channel is None or not self.is_ready:
             raise BrokerUnavailable(self.not_ready_reason() or "broker unavailable")
+        exchange_name = self._router.exchange_for(delivery.event_type)
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
                 # The aiormq channel under the robust one: aio-pika's Message and Exchange layers
@@ -126,7 +133,7 @@ class Publisher:
                 underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
                 await underlay.basic_publish(
                     delivery.body,
-                    exchange=self._router.exchange_for(delivery.event_type),
+                    exchange=exchange_name,
                     routing_key=delivery.event_type,
                     properties=_properties(delivery),
                     mandatory=True,
@@ -140,6 +147,7 @@ class Publisher:
             raise PublishFailed(f"broker refused the message: {_describe(exc)}") from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishFailed(f"publish failed: {_describe(exc)}") from None
+        self._metrics.published(exchange_name, time.perf_counter() - started)
 
     async def close(self) -> None:
         if self._connect_task is not None:
@@ -207,6 +215,7 @@ class Publisher:
     def _mark_ready(self) -> None:
         self._topology_declared = True
         self._last_error = None
+        self.link_changed_at = time.time()
         for callback in self._on_ready:
             callback()
 
@@ -219,6 +228,7 @@ class Publisher:
     def _connection_lost(self, _: object, exc: BaseException | None = None) -> None:
         if exc is not None and not isinstance(exc, asyncio.CancelledError):
             self._last_error = f"broker connection lost: {_describe(exc)}"
+            self.link_changed_at = time.time()
             log.warning("amqp.connection_lost", error=_describe(exc))
 
     def _reconnected(self, _: object) -> None:

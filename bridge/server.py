@@ -30,6 +30,7 @@ from bridge.events import (
     message_id_for,
     parse_event_type,
 )
+from bridge.metrics import Metrics
 from bridge.signatures import Authenticator, SignatureRejected
 
 log = structlog.get_logger(__name__)
@@ -37,6 +38,7 @@ log = structlog.get_logger(__name__)
 _JSON_TYPES: Final = frozenset({"application/json", "application/octet-stream"})
 _FORWARDED_HEADERS: Final = (EVENT_ID_HEADER, TIMESTAMP_HEADER, *SIGNATURE_HEADERS)
 _ALLOW: Final = "POST, OPTIONS"
+_REJECTED_OUTCOMES: Final = {401: "rejected_signature"}  # every other rejection: "invalid"
 
 
 class EventSink(Protocol):
@@ -61,21 +63,28 @@ class WebhookHandler:
     """``POST {webhook_path}``: read, validate, hand to the sink, answer."""
 
     def __init__(
-        self, settings: ServerSettings, sink: EventSink, authenticator: Authenticator
+        self,
+        settings: ServerSettings,
+        sink: EventSink,
+        authenticator: Authenticator,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._sink = sink
         self._authenticator = authenticator
+        self._metrics = metrics
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         try:
             delivery = await self._accept(request)
         except _Rejected as rejected:
+            self._metrics.delivery(None, _REJECTED_OUTCOMES.get(rejected.status, "invalid"))
             return self._reject(request, rejected, started)
         try:
             outcome = await self._sink.deliver(delivery)
         except DeliveryRefused as refused:
+            self._metrics.delivery(delivery.event_type, "refused")
             log.warning(
                 "webhook.refused",
                 event_type=delivery.event_type,
@@ -88,6 +97,7 @@ class WebhookHandler:
                 status=503,
                 headers={"Retry-After": str(refused.retry_after)},
             )
+        self._metrics.delivery(delivery.event_type, outcome.value)
         log.info(
             "webhook.accepted",
             event_type=delivery.event_type,
@@ -156,11 +166,13 @@ def create_app(
     sink: EventSink,
     readiness: ReadinessProbe,
     authenticator: Authenticator,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The aiohttp application; the caller owns running it."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app.router.add_route("OPTIONS", "/{path:.*}", _options)
-    app.router.add_post(settings.webhook_path, WebhookHandler(settings, sink, authenticator).handle)
+    handler = WebhookHandler(settings, sink, authenticator, metrics or Metrics())
+    app.router.add_post(settings.webhook_path, handler.handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz(readiness))
     return app

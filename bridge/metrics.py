@@ -1,0 +1,170 @@
+"""Prometheus metrics: what the bridge did with deliveries, and the state it is in now.
+
+Each ``Metrics`` owns its registry, so that tests and several bridges in one process never share
+counters. Label values are bounded: an ``event_type`` comes from the network, so any type that is
+not documented by KonPro or configured in ``konpro.events`` is counted as ``other``; a sender
+inventing types cannot grow the series count. Gauges for live state (spool depth, broker link,
+registration) are read from callbacks at scrape time, so they cannot go stale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final, get_args
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from bridge.reconcile import ResultKind
+
+KNOWN_EVENT_TYPES: Final = (
+    "avatar_video.success",
+    "avatar_video.fail",
+    "avatar_video_gif.success",
+    "avatar_video_gif.fail",
+    "video_translate.success",
+    "video_translate.fail",
+    "personalized_video",
+)
+"""The event types KonPro documents; see ``/work/shared/konpro/api-notes.md``."""
+
+OUTCOMES: Final = ("published", "spooled", "duplicate", "rejected_signature", "invalid", "refused")
+RECONCILE_RESULTS: Final[tuple[str, ...]] = get_args(ResultKind)
+OTHER: Final = "other"
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+PUBLISH_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+StateProbe = Callable[[], float | None]
+"""Reads a live value at scrape time; ``None`` means unknown and is exposed as NaN."""
+
+
+class Metrics:
+    """The bridge's metrics; every method is cheap enough for the per-delivery hot path."""
+
+    def __init__(self, event_types: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._event_types = frozenset((*KNOWN_EVENT_TYPES, *event_types))
+        self._exchanges = frozenset(exchanges)
+        self._received = Counter(
+            "konpro_bridge_events_received",
+            "Deliveries received, by event type and what became of them.",
+            ["event_type", "outcome"],
+            registry=self.registry,
+        )
+        self._published = Counter(
+            "konpro_bridge_events_published",
+            "Events confirmed by the broker, by exchange.",
+            ["exchange"],
+            registry=self.registry,
+        )
+        self._publish_seconds = Histogram(
+            "konpro_bridge_publish_seconds",
+            "Time from publish to the broker's confirm.",
+            buckets=PUBLISH_BUCKETS,
+            registry=self.registry,
+        )
+        self._reconcile_runs = Counter(
+            "konpro_bridge_reconcile_runs",
+            "Runs of the registration check, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        self._gauges = {
+            name: Gauge(f"konpro_bridge_{name}", text, registry=self.registry)
+            for name, text in (
+                ("spool_depth", "Events waiting in the spool for the broker."),
+                ("broker_connected", "1 when the broker link is up and the topology declared."),
+                ("registration_ok", "1 when the last registration check succeeded; NaN before."),
+            )
+        }
+        self._children: dict[tuple[str, str], Counter] = {}
+        self._initialise_series()
+
+    def delivery(self, event_type: str | None, outcome: str) -> None:
+        """Count one delivery; ``event_type`` is ``None`` when the body named none."""
+        label = event_type if event_type in self._event_types else OTHER
+        child = self._children.get((label, outcome))  # every valid pair is made up front
+        if child is None:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+        child.inc()
+
+    def published(self, exchange: str, seconds: float) -> None:
+        """Count one confirmed publish and how long the confirm took."""
+        self._published.labels(exchange if exchange in self._exchanges else OTHER).inc()
+        self._publish_seconds.observe(seconds)
+
+    def reconcile_run(self, result: str) -> None:
+        """Count one registration check by its result (``ok``, ``added``, ``error``...)."""
+        self._reconcile_runs.labels(result if result in RECONCILE_RESULTS else OTHER).inc()
+
+    def watch(
+        self,
+        *,
+        spool_depth: StateProbe | None = None,
+        broker_connected: StateProbe | None = None,
+        registration_ok: StateProbe | None = None,
+    ) -> None:
+        """Read these gauges from the given callbacks at every scrape."""
+        probes = {
+            "spool_depth": spool_depth,
+            "broker_connected": broker_connected,
+            "registration_ok": registration_ok,
+        }
+        for name, probe in probes.items():
+            if probe is not None:
+                self._gauges[name].set_function(_never_raising(probe))
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format, served as ``CONTENT_TYPE``."""
+        return generate_latest(self.registry)
+
+    def _initialise_series(self) -> None:
+        # Series that exist from the start read 0 rather than absent, so rate() sees the first
+        # event and alerts on "no successful check yet" can be written.
+        for event_type in (*sorted(self._event_types), OTHER):
+            for outcome in OUTCOMES:
+                self._children[(event_type, outcome)] = self._received.labels(event_type, outcome)
+        for exchange in sorted(self._exchanges):
+            self._published.labels(exchange)
+        for result in RECONCILE_RESULTS:
+            self._reconcile_runs.labels(result)
+        self._gauges["registration_ok"].set(math.nan)
+
+
+def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """An aiohttp handler for ``GET /metrics``."""
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    return handle
+
+
+def metrics_app(metrics: Metrics) -> web.Application:
+    """A tiny application serving only ``GET /metrics``, for ``server.metrics_port``."""
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(metrics))
+    return app
+
+
+def _never_raising(probe: StateProbe) -> Callable[[], float]:
+    """A scrape must not fail because one source of state is closing: NaN instead."""
+
+    def read() -> float:
+        try:
+            value = probe()
+        except Exception:  # noqa: BLE001 - reported as unknown, never as a failed scrape
+            return math.nan
+        return math.nan if value is None else float(value)
+
+    return read

@@ -1,0 +1,86 @@
+"""``GET /status``: what an operator asks first when events do not arrive, in one JSON answer.
+
+``/readyz`` answers a yes or no for the orchestrator; ``/status`` says why, and since when: the
+broker link, what waits in the spool, and how the last registration check went.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any, Final
+
+from aiohttp import web
+
+from bridge import __version__
+from bridge.publisher import Publisher
+from bridge.reconcile import ReconcileResult
+from bridge.spool import Spool
+
+RegistrationProbe = Callable[[], ReconcileResult | None]
+"""The last registration check's result, ``None`` before the first one."""
+
+REGISTERED: Final = frozenset({"ok", "added", "updated", "deduplicated"})
+"""Results after which the registration is as configured."""
+
+
+def registration_ok(result: ReconcileResult | None) -> bool | None:
+    """Whether the last check left the registration right; ``None`` if there was none yet."""
+    return None if result is None else result.result in REGISTERED
+
+
+class StatusReport:
+    """Collects the status from the parts themselves at each request: it cannot go stale."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        spool: Callable[[], Spool],
+        registration: RegistrationProbe | None = None,
+        registration_off: str = "reconciliation is not enabled",
+    ) -> None:
+        self._publisher = publisher
+        self._spool = spool
+        self._registration = registration
+        self._registration_off = registration_off
+
+    async def collect(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "broker": self._broker(),
+            "spool": await self._spool_status(),
+            "registration": self._registration_status(),
+        }
+
+    async def handle(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.collect())
+
+    def _broker(self) -> dict[str, Any]:
+        reason = self._publisher.not_ready_reason()
+        return {
+            "connected": reason is None,
+            "since": _iso(self._publisher.link_changed_at),
+            "reason": reason,
+        }
+
+    async def _spool_status(self) -> dict[str, Any]:
+        status = await self._spool().status()
+        oldest = None if status.oldest_age is None else round(status.oldest_age, 3)
+        return {"depth": status.depth, "bytes": status.bytes, "oldest_age": oldest}
+
+    def _registration_status(self) -> dict[str, Any]:
+        if self._registration is None:
+            return {"enabled": False, "reason": self._registration_off}
+        result = self._registration()
+        return {
+            "enabled": True,
+            "ok": registration_ok(result),
+            "checked_at": None if result is None else result.time.isoformat(),
+            "result": None if result is None else result.result,
+            "endpoint_id": None if result is None else result.endpoint_id,
+            "error": None if result is None else result.error,
+        }
+
+
+def _iso(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, tz=dt.UTC).isoformat()

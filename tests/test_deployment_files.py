@@ -1,0 +1,102 @@
+"""The shipped deployment files agree with the settings model and with issue #6's image rules.
+
+Docker and Kubernetes cannot run here, so these checks read the files: what they configure must
+be a valid configuration, every variable they set must name a real setting, and the image must
+keep its promises (non-root, health check, spool volume).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from bridge.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "examples" / "k8s"
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _kind(kind: str) -> dict[str, Any]:
+    [found] = [
+        doc for path in K8S.glob("*.yaml") for doc in _documents(path) if doc["kind"] == kind
+    ]
+    return found
+
+
+def _bridge_container() -> dict[str, Any]:
+    containers = _kind("Deployment")["spec"]["template"]["spec"]["containers"]
+    [bridge] = [c for c in containers if c["name"] == "konpro-bridge"]
+    return dict(bridge)
+
+
+def _setting_exists(variable: str) -> bool:
+    section, _, key = variable.removeprefix("KONPRO_BRIDGE_").lower().partition("__")
+    field = Settings.model_fields.get(section)
+    model = field.annotation if field is not None else None
+    return isinstance(model, type) and issubclass(model, BaseModel) and key in model.model_fields
+
+
+def test_the_configmap_holds_a_valid_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KONPRO_BRIDGE_CONFIG", raising=False)
+    config = tmp_path / "config.toml"
+    config.write_text(_kind("ConfigMap")["data"]["config.toml"])
+
+    settings = load_settings(config)
+
+    assert str(settings.spool.path) == "/var/lib/konpro-bridge/spool"
+
+
+def test_the_sidecar_takes_its_secrets_from_the_environment_of_a_secret() -> None:
+    env = {item["name"]: item for item in _bridge_container()["env"]}
+
+    assert set(env) == {
+        "KONPRO_BRIDGE_AMQP__URL",
+        "KONPRO_BRIDGE_KONPRO__API_KEY",
+        "KONPRO_BRIDGE_KONPRO__WEBHOOK_SECRET",
+    }
+    assert all("secretKeyRef" in item["valueFrom"] for item in env.values())
+    secret_keys = set(_kind("Secret")["stringData"])
+    assert {item["valueFrom"]["secretKeyRef"]["key"] for item in env.values()} <= secret_keys
+
+
+def test_the_sidecar_is_probed_locked_down_and_spools_to_a_volume() -> None:
+    bridge = _bridge_container()
+    mounts = {mount["mountPath"]: mount for mount in bridge["volumeMounts"]}
+
+    assert bridge["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert bridge["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert bridge["securityContext"]["readOnlyRootFilesystem"] is True
+    assert _kind("Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
+    assert "/var/lib/konpro-bridge/spool" in mounts
+    assert mounts["/etc/konpro-bridge"]["readOnly"] is True
+
+
+def test_every_variable_the_deployments_set_names_a_real_setting() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    variables = [*compose["services"]["bridge"]["environment"]]
+    variables += [item["name"] for item in _bridge_container()["env"]]
+
+    assert variables
+    assert [v for v in variables if not _setting_exists(v)] == []
+
+
+def test_the_image_runs_as_a_numeric_non_root_user_with_a_health_check_and_a_spool_volume() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+
+    assert re.search(r"^USER \$\{UID\}:\$\{UID\}$", final_stage, re.M)
+    assert re.search(r"^ARG UID=[1-9]\d*$", final_stage, re.M)
+    assert "/healthz" in final_stage.split("HEALTHCHECK", 1)[1]
+    assert f'VOLUME ["{Settings().spool.path}"]' in final_stage
+    assert "pip install" not in final_stage  # nothing is built or fetched in the final stage

@@ -1,0 +1,152 @@
+"""The example consumer handles each event once, acks what it handled and retries what failed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from bridge.samples import sample_event
+from examples.consumer import Consumer, ConsumerConfig, Event, RecentIds, declare, parse_args
+from tests.conftest import AMQP_URL
+
+
+@pytest.fixture
+async def config(channel: AbstractChannel, exchange_name: str) -> AsyncIterator[ConsumerConfig]:
+    """A consumer of ``*.success`` on the test's exchange; its quorum queue is deleted after."""
+    config = ConsumerConfig(
+        amqp_url=AMQP_URL,
+        exchange=exchange_name,
+        queue=f"{exchange_name}.consumer",
+        bindings=("*.success",),
+        prefetch=4,
+    )
+    yield config
+    await channel.queue_delete(config.queue)
+
+
+async def publish(
+    channel: AbstractChannel, exchange: str, event_type: str, message_id: str
+) -> None:
+    target = await channel.get_exchange(exchange)
+    body = orjson.dumps(sample_event(event_type))
+    await target.publish(aio_pika.Message(body, message_id=message_id), event_type)
+
+
+async def prepare(channel: AbstractChannel, config: ConsumerConfig) -> None:
+    """Declare the queue as the consumer will, so that events published first are kept."""
+    await declare(channel, config)
+
+
+async def ready_messages(channel: AbstractChannel, queue: str) -> int:
+    declared = await channel.declare_queue(queue, passive=True)
+    count = declared.declaration_result.message_count
+    assert count is not None
+    return count
+
+
+async def test_each_event_is_handled_once_and_every_copy_is_acked(
+    channel: AbstractChannel, config: ConsumerConfig
+) -> None:
+    await prepare(channel, config)
+    for event_type, message_id in [
+        ("avatar_video.success", "a"),
+        ("avatar_video.success", "a"),  # KonPro retried: same event id
+        ("avatar_video.fail", "ignored"),  # not bound: never reaches this queue
+        ("video_translate.success", "b"),
+        ("avatar_video.success", "a"),
+        ("personalized_video.success", "c"),
+    ]:
+        await publish(channel, config.exchange, event_type, message_id)
+    handled: list[tuple[str | None, str]] = []
+
+    async def record(event: Event, message: AbstractIncomingMessage) -> None:
+        handled.append((message.message_id, event["event_type"]))
+
+    stats = await asyncio.wait_for(
+        Consumer(config, record).run(asyncio.Event(), max_messages=3), 15
+    )
+
+    assert sorted(handled) == [
+        ("a", "avatar_video.success"),
+        ("b", "video_translate.success"),
+        ("c", "personalized_video.success"),
+    ]
+    assert stats.duplicates == 2
+    assert await ready_messages(channel, config.queue) == 0
+
+
+async def test_a_failed_event_is_requeued_and_handled_on_redelivery(
+    channel: AbstractChannel, config: ConsumerConfig
+) -> None:
+    await prepare(channel, config)
+    await publish(channel, config.exchange, "avatar_video.success", "flaky")
+    attempts: list[bool] = []
+
+    async def fail_first(event: Event, message: AbstractIncomingMessage) -> None:
+        attempts.append(message.redelivered or False)
+        if len(attempts) == 1:
+            raise RuntimeError("downstream unavailable")
+
+    stats = await asyncio.wait_for(
+        Consumer(config, fail_first).run(asyncio.Event(), max_messages=1), 15
+    )
+
+    assert attempts == [False, True]
+    assert (stats.handled, stats.failed) == (1, 1)
+    assert await ready_messages(channel, config.queue) == 0
+
+
+async def test_setting_stop_ends_consumption_and_leaves_unhandled_events_queued(
+    channel: AbstractChannel, config: ConsumerConfig
+) -> None:
+    stop = asyncio.Event()
+    consumer = Consumer(config, _never_called)
+    task = asyncio.create_task(consumer.run(stop))
+    await asyncio.sleep(0.5)  # consuming by now; nothing is published
+
+    stop.set()
+    stats = await asyncio.wait_for(task, 10)
+    await publish(channel, config.exchange, "avatar_video.success", "later")
+
+    assert stats.handled == 0
+    assert await _eventually_ready(channel, config.queue) == 1
+
+
+async def _never_called(event: Event, message: AbstractIncomingMessage) -> None:
+    raise AssertionError("nothing was published while consuming")
+
+
+async def _eventually_ready(channel: AbstractChannel, queue: str) -> int:
+    for _ in range(50):
+        if count := await ready_messages(channel, queue):
+            return count
+        await asyncio.sleep(0.05)
+    return 0
+
+
+def test_recent_ids_forget_the_oldest_first() -> None:
+    seen = RecentIds(size=2)
+    for message_id in ("a", "b", "a", "c"):
+        seen.add(message_id)
+
+    assert "a" in seen
+    assert "c" in seen
+    assert "b" not in seen
+
+
+def test_configuration_comes_from_arguments_then_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CONSUMER_BINDINGS", "avatar_video.*, *.fail")
+    monkeypatch.setenv("CONSUMER_QUEUE", "from-env")
+
+    from_env = parse_args([])
+    from_args = parse_args(["--queue", "q", "--bind", "video_translate.#"])
+
+    assert (from_env.queue, from_env.bindings) == ("from-env", ("avatar_video.*", "*.fail"))
+    assert (from_args.queue, from_args.bindings) == ("q", ("video_translate.#",))

@@ -1,0 +1,159 @@
+"""``/metrics`` tells an operator what became of deliveries and what state the bridge is in."""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.metrics import KNOWN_EVENT_TYPES, OUTCOMES, Metrics, metrics_app
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+Serve = Callable[[Metrics], Awaitable[str]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Serves a ``Metrics`` on a free port through the real aiohttp app; yields its URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(metrics: Metrics) -> str:
+        runner = web.AppRunner(metrics_app(metrics))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}/metrics"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+async def test_each_call_shows_up_under_its_name_and_labels(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    metrics = Metrics(event_types=["instant_avatar.success"], exchanges=["konpro.events"])
+    url = await serve(metrics)
+
+    metrics.delivery("avatar_video.success", "published")
+    metrics.delivery("avatar_video.success", "published")
+    metrics.delivery("instant_avatar.success", "spooled")
+    metrics.delivery("batch.finished", "duplicate")
+    metrics.delivery(None, "invalid")
+    metrics.published("konpro.events", 0.003)
+    metrics.published("konpro.events", 0.7)
+    metrics.reconcile_run("added")
+    samples = await scrape(http, url)
+
+    received = "konpro_bridge_events_received_total"
+    assert value(samples, received, event_type="avatar_video.success", outcome="published") == 2
+    assert value(samples, received, event_type="instant_avatar.success", outcome="spooled") == 1
+    assert value(samples, received, event_type="other", outcome="duplicate") == 1
+    assert value(samples, received, event_type="other", outcome="invalid") == 1
+    assert value(samples, received, event_type="avatar_video.fail", outcome="refused") == 0
+    assert value(samples, "konpro_bridge_events_published_total", exchange="konpro.events") == 2
+    assert value(samples, "konpro_bridge_publish_seconds_count") == 2
+    assert value(samples, "konpro_bridge_publish_seconds_bucket", le="0.005") == 1
+    assert value(samples, "konpro_bridge_publish_seconds_bucket", le="0.0005") == 0
+    assert value(samples, "konpro_bridge_publish_seconds_bucket", le="5.0") == 2
+    assert value(samples, "konpro_bridge_reconcile_runs_total", result="added") == 1
+    assert value(samples, "konpro_bridge_reconcile_runs_total", result="error") == 0
+
+
+async def test_gauges_are_read_from_the_live_state_at_each_scrape(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    state = {"depth": 0, "connected": True, "registered": None}
+    metrics = Metrics()
+    metrics.watch(
+        spool_depth=lambda: state["depth"],
+        broker_connected=lambda: state["connected"],
+        registration_ok=lambda: state["registered"],
+    )
+    url = await serve(metrics)
+
+    first = await scrape(http, url)
+    state.update(depth=7, connected=False, registered=True)
+    second = await scrape(http, url)
+
+    assert value(first, "konpro_bridge_spool_depth") == 0
+    assert value(first, "konpro_bridge_broker_connected") == 1
+    assert math.isnan(value(first, "konpro_bridge_registration_ok"))
+    assert value(second, "konpro_bridge_spool_depth") == 7
+    assert value(second, "konpro_bridge_broker_connected") == 0
+    assert value(second, "konpro_bridge_registration_ok") == 1
+
+
+async def test_a_failing_state_source_reads_as_unknown_and_the_scrape_still_succeeds(
+    serve: Serve, http: aiohttp.ClientSession
+) -> None:
+    def closed_spool() -> float:
+        raise RuntimeError("spool is closed")
+
+    metrics = Metrics()
+    metrics.watch(spool_depth=closed_spool)
+    url = await serve(metrics)
+
+    assert math.isnan(value(await scrape(http, url), "konpro_bridge_spool_depth"))
+
+
+def test_label_values_stay_bounded_whatever_event_types_arrive() -> None:
+    metrics = Metrics(event_types=["instant_avatar.success"], exchanges=["konpro.events"])
+    rng = random.Random(6)
+    for _ in range(5000):
+        invented = "".join(rng.choices(string.ascii_lowercase + "._-", k=rng.randint(1, 40)))
+        metrics.delivery(invented, rng.choice(OUTCOMES))
+        metrics.published(invented, 0.001)  # an exchange name nobody configured
+        metrics.reconcile_run(invented)
+
+    families = {family.name: family for family in metrics.registry.collect()}
+    event_types = {
+        sample.labels["event_type"] for sample in families["konpro_bridge_events_received"].samples
+    }
+    exchanges = {
+        sample.labels["exchange"] for sample in families["konpro_bridge_events_published"].samples
+    }
+    results = {
+        sample.labels["result"] for sample in families["konpro_bridge_reconcile_runs"].samples
+    }
+    assert event_types == {*KNOWN_EVENT_TYPES, "instant_avatar.success", "other"}
+    assert exchanges == {"konpro.events", "other"}
+    assert "other" in results
+    assert len(results) <= 8
+
+
+def test_an_outcome_outside_the_documented_set_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="unknown outcome"):
+        Metrics().delivery("avatar_video.success", "lost")
+
+
+def test_two_bridges_in_one_process_keep_separate_counts() -> None:
+    first, second = Metrics(), Metrics()
+    first.delivery("avatar_video.success", "published")
+
+    assert b'outcome="published"} 1.0' in first.exposition()
+    assert b'outcome="published"} 1.0' not in second.exposition()

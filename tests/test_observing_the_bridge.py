@@ -1,0 +1,212 @@
+"""An operator can see what the running bridge did (``/metrics``) and why (``/status``).
+
+Real deliveries go through a real bridge to the real broker; the broker link is cut with the
+test's own TCP proxy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import uuid
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from bridge.app import Bridge
+from bridge.samples import sample_body
+from bridge.signatures import SignatureVerifier, sign
+from bridge.tools import send_test_event
+from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.fake_konpro import FakeKonPro
+from tests.support.process import free_port
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
+from tests.test_metrics_describe_the_bridge import Samples, scrape, value
+
+pytest_plugins = ("tests.fake_konpro",)
+pytestmark = pytest.mark.usefixtures("channel")  # deletes each test's exchanges afterwards
+
+SECRET = "whsec_observed"
+RECEIVED = "konpro_bridge_events_received_total"
+
+
+async def post(
+    http: aiohttp.ClientSession,
+    bridge: Bridge,
+    body: bytes,
+    *,
+    secret: str | None = SECRET,
+    event_id: str | None = None,
+) -> int:
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers["KonPro-Signature"] = sign(body, secret)
+    if event_id is not None:
+        headers["KonPro-Event-Id"] = event_id
+    url = bridge.url + bridge.settings.server.webhook_path
+    async with http.post(url, data=body, headers=headers) as response:
+        return response.status
+
+
+async def status(http: aiohttp.ClientSession, bridge: Bridge) -> dict[str, Any]:
+    async with http.get(bridge.url + "/status") as response:
+        assert response.status == 200
+        answer: dict[str, Any] = await response.json()
+        return answer
+
+
+async def test_metrics_count_real_deliveries_by_event_type_and_outcome(
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+    exchange_name: str,
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge(konpro={"webhook_secret": SECRET}) as bridge:
+        success = sample_body("avatar_video.success")
+        assert await post(http, bridge, success, event_id="e1") == 200
+        assert await post(http, bridge, success, event_id="e1") == 200  # KonPro's retry
+        assert await post(http, bridge, sample_body("batch.finished")) == 200
+        assert await post(http, bridge, success, secret="whsec_forged") == 401
+        assert await post(http, bridge, b'{"event_type": "x"}') == 400
+        samples = await scrape(http, bridge.url + "/metrics")
+
+    def received(event_type: str, outcome: str) -> float:
+        return value(samples, RECEIVED, event_type=event_type, outcome=outcome)
+
+    assert received("avatar_video.success", "published") == 1
+    assert received("avatar_video.success", "duplicate") == 1
+    assert received("other", "published") == 1  # not a documented or configured type
+    assert received("other", "rejected_signature") == 1
+    assert received("other", "invalid") == 1
+    published = value(samples, "konpro_bridge_events_published_total", exchange=exchange_name)
+    assert published == 2
+    assert value(samples, "konpro_bridge_publish_seconds_count") == 2
+    assert value(samples, "konpro_bridge_broker_connected") == 1
+    assert value(samples, "konpro_bridge_spool_depth") == 0
+    assert math.isnan(value(samples, "konpro_bridge_registration_ok"))  # reconciliation is off
+    assert len(await drain(queue, expect=2)) == 2
+
+
+async def test_metrics_move_to_their_own_port_when_one_is_set(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    async with start_bridge(server={"metrics_port": port}) as bridge:
+        samples = await scrape(http, f"http://127.0.0.1:{port}/metrics")
+        async with http.get(bridge.url + "/metrics") as response:
+            on_main_port = response.status
+
+    assert value(samples, "konpro_bridge_broker_connected") == 1
+    assert on_main_port == 405  # the main port answers only OPTIONS there
+
+
+async def test_status_follows_the_broker_link_and_the_spool(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    async with start_bridge(amqp={"url": proxied_amqp_url(broker_proxy)}) as bridge:
+        up = await status(http, bridge)
+
+        await broker_proxy.cut()
+        await eventually(lambda: not bridge.publisher.is_ready)
+        assert await post(http, bridge, sample_body("avatar_video.fail"), secret=None) == 202
+        down = await status(http, bridge)
+        metrics_down = await scrape(http, bridge.url + "/metrics")
+
+        await broker_proxy.restore()
+        await eventually(lambda: bridge.spool.depth == 0)
+        again = await status(http, bridge)
+
+    assert up["broker"]["connected"] is True
+    assert up["broker"]["reason"] is None
+    assert up["spool"] == {"depth": 0, "bytes": 0, "oldest_age": None}
+    assert up["registration"]["enabled"] is False
+    assert up["version"]
+
+    assert down["broker"]["connected"] is False
+    assert "broker" in down["broker"]["reason"]
+    assert _when(down["broker"]["since"]) > _when(up["broker"]["since"])
+    assert down["spool"]["depth"] == 1
+    assert down["spool"]["oldest_age"] >= 0
+    assert value(metrics_down, "konpro_bridge_broker_connected") == 0
+    assert value(metrics_down, "konpro_bridge_spool_depth") == 1
+    assert value(metrics_down, RECEIVED, event_type="avatar_video.fail", outcome="spooled") == 1
+
+    assert again["broker"]["connected"] is True
+    assert _when(again["broker"]["since"]) >= _when(down["broker"]["since"])
+    assert again["spool"]["depth"] == 0
+
+
+async def test_a_test_event_is_accepted_and_verified_by_a_bridge_with_a_secret(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("video_translate.*")
+    async with start_bridge(konpro={"webhook_secret": SECRET}) as bridge:
+        settings = bridge.settings.model_copy(
+            update={"server": bridge.settings.server.model_copy(update={"port": bridge.port})}
+        )
+        answer = await send_test_event(settings, "video_translate.success")
+        forged = await send_test_event(settings, "video_translate.success", secret="whsec_x")
+        samples: Samples = await scrape(http, bridge.url + "/metrics")
+
+    assert answer.status == 200
+    assert orjson.loads(answer.body)["outcome"] == "published"
+    assert forged.status == 401
+    [message] = await drain(queue, expect=1)
+    SignatureVerifier([SECRET], timestamp_tolerance=60).verify(message.body, message.headers)
+    assert message.message_id == message.headers["KonPro-Event-Id"]
+    assert uuid.UUID(hex=message.message_id)
+    rejected = value(samples, RECEIVED, event_type="other", outcome="rejected_signature")
+    assert rejected == 1
+
+
+def _when(iso: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(iso)
+
+
+async def test_status_and_metrics_report_the_registration_checks(
+    start_bridge: BridgeFactory, fake_konpro: FakeKonPro, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    konpro = {
+        "api_url": fake_konpro.url,
+        "api_key": fake_konpro.api_key,
+        "public_url": f"http://127.0.0.1:{port}/webhooks/konpro",
+    }
+    reconcile = {"enabled": True, "interval": 1.0, "max_backoff": 1.0}
+    async with start_bridge(server={"port": port}, konpro=konpro, reconcile=reconcile) as bridge:
+        await eventually(lambda: bridge.last_registration() is not None)
+        added = await status(http, bridge)
+        first_metrics = await scrape(http, bridge.url + "/metrics")
+        await eventually(lambda: _result(bridge) == "ok")
+        later_metrics = await scrape(http, bridge.url + "/metrics")
+
+    [endpoint_id] = fake_konpro.endpoints
+    assert added["registration"]["enabled"] is True
+    assert added["registration"]["result"] == "added"
+    assert added["registration"]["ok"] is True
+    assert added["registration"]["endpoint_id"] == endpoint_id
+    assert added["registration"]["error"] is None
+    assert _when(added["registration"]["checked_at"]) <= dt.datetime.now(dt.UTC)
+    assert value(first_metrics, "konpro_bridge_registration_ok") == 1
+    assert value(first_metrics, "konpro_bridge_reconcile_runs_total", result="added") == 1
+    assert value(later_metrics, "konpro_bridge_reconcile_runs_total", result="ok") >= 1
+
+
+async def test_status_says_why_registration_is_not_checked(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    async with start_bridge(reconcile={"enabled": True}) as bridge:
+        answer = await status(http, bridge)
+
+    assert answer["registration"] == {"enabled": False, "reason": "konpro.api_key is not set"}
+
+
+def _result(bridge: Bridge) -> str | None:
+    result = bridge.last_registration()
+    return None if result is None else result.result

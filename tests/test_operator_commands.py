@@ -1,0 +1,124 @@
+"""`konpro-bridge tail` and `send-test-event`, run as an operator runs them, against a bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from bridge.app import Bridge
+from bridge.samples import sample_body
+from bridge.signatures import SignatureVerifier
+from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
+from tests.support.process import write_toml
+
+SECRET = "whsec_operator"
+
+
+def cli_config(tmp_path: Path, exchange: str, **sections: dict[str, Any]) -> Path:
+    data: dict[str, dict[str, Any]] = {
+        "amqp": {"url": AMQP_URL, "exchange": exchange},
+        "log": {"format": "json"},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return write_toml(tmp_path / "cli.toml", data)
+
+
+async def konpro_bridge(*args: str | Path) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        *map(str, args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+
+
+@pytest.mark.usefixtures("channel")  # deletes the test's exchanges afterwards
+async def test_tail_json_shows_an_event_published_through_the_bridge(
+    start_bridge: BridgeFactory,
+    http: aiohttp.ClientSession,
+    exchange_name: str,
+    tmp_path: Path,
+) -> None:
+    config = cli_config(tmp_path, exchange_name)
+    tail = await konpro_bridge(
+        "tail", "avatar_video.*", "--json", "--max-events", "1", "--duration", "20",
+        "--config", config,
+    )  # fmt: skip
+    assert tail.stderr is not None
+    async with start_bridge() as bridge:
+        announced = await asyncio.wait_for(tail.stderr.readline(), 15)
+        assert b"tailing" in announced
+        body = sample_body("avatar_video.success")
+        await _post(http, bridge, body, {"KonPro-Event-Id": "evt-tail"})
+        out, _ = await asyncio.wait_for(tail.communicate(), 15)
+
+    assert tail.returncode == 0
+    [line] = out.decode().splitlines()
+    record = orjson.loads(line)
+    assert record["exchange"] == exchange_name
+    assert record["routing_key"] == "avatar_video.success"
+    assert record["message_id"] == "evt-tail"
+    assert record["body"] == orjson.loads(body)
+    assert record["timestamp"].endswith("Z")
+
+
+async def test_send_test_event_is_accepted_and_verified_by_the_bridge(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, exchange_name: str, tmp_path: Path
+) -> None:
+    queue = await bind_queue("personalized_video")
+    async with start_bridge(konpro={"webhook_secret": SECRET}) as bridge:
+        config = cli_config(
+            tmp_path,
+            exchange_name,
+            server={"port": bridge.port},
+            konpro={"webhook_secret": SECRET},
+        )
+        send = await konpro_bridge("send-test-event", "personalized_video", "--config", config)
+        out, err = await asyncio.wait_for(send.communicate(), 15)
+        forged = await konpro_bridge(
+            "send-test-event", "personalized_video", "--secret", "whsec_wrong", "--config", config
+        )
+        forged_out, _ = await asyncio.wait_for(forged.communicate(), 15)
+
+    assert send.returncode == 0, err
+    status, answer = out.decode().split(" ", 1)
+    assert status == "200"
+    assert orjson.loads(answer)["outcome"] == "published"
+    assert forged.returncode == 1
+    assert forged_out.decode().startswith("401 ")
+    [message] = await drain(queue, expect=1)
+    SignatureVerifier([SECRET], timestamp_tolerance=60).verify(message.body, message.headers)
+
+
+async def test_an_unreachable_broker_is_one_line_without_the_password(tmp_path: Path) -> None:
+    config = write_toml(
+        tmp_path / "cli.toml", {"amqp": {"url": "amqp://guest:s3cr3t-pw@127.0.0.1:1/"}}
+    )
+
+    tail = await konpro_bridge("tail", "--duration", "5", "--config", config)
+    out, err = await asyncio.wait_for(tail.communicate(), 15)
+
+    assert tail.returncode == 1
+    assert b"konpro-bridge: cannot tail the broker:" in err
+    assert b"s3cr3t-pw" not in err + out
+
+
+async def _post(
+    http: aiohttp.ClientSession, bridge: Bridge, body: bytes, headers: dict[str, str]
+) -> None:
+    url = bridge.url + bridge.settings.server.webhook_path
+    headers = {"Content-Type": "application/json", **headers}
+    async with http.post(url, data=body, headers=headers) as response:
+        assert response.status == 200

@@ -1,0 +1,181 @@
+"""``send-test-event`` delivers what KonPro would; ``tail`` shows what reaches the exchange."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.abc import AbstractChannel
+from aiohttp import web
+
+from bridge.events import EVENT_ID_HEADER, parse_event_type
+from bridge.metrics import KNOWN_EVENT_TYPES
+from bridge.samples import sample_event
+from bridge.signatures import SignatureRejected, SignatureVerifier
+from bridge.tools import local_webhook_url, send_test_event, tail
+from tests.conftest import make_settings
+
+SECRET = "whsec_test_tools_secret"
+
+
+class Receiver:
+    """A real HTTP endpoint standing in for the bridge; keeps what it was sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, dict[str, str]]] = []
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((await request.read(), dict(request.headers)))
+        return web.json_response({"status": "accepted"})
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    yield receiver
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("event_type", [*KNOWN_EVENT_TYPES, "instant_avatar.success"])
+def test_every_sample_is_a_valid_envelope_with_fresh_ids(event_type: str) -> None:
+    first, second = sample_event(event_type), sample_event(event_type)
+
+    assert parse_event_type(orjson.dumps(first)) == event_type
+    assert first["event_data"] != second["event_data"]
+
+
+async def test_a_test_event_is_signed_as_konpro_signs_it(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path, "unused", konpro={"webhook_secret": SECRET})
+
+    answer = await send_test_event(settings, "avatar_video.success", url=receiver.url)
+
+    assert answer.status == 200
+    assert orjson.loads(answer.body) == {"status": "accepted"}
+    [(body, headers)] = receiver.requests
+    SignatureVerifier([SECRET], timestamp_tolerance=60).verify(body, headers)
+    assert headers["Content-Type"] == "application/json"
+    assert len(headers[EVENT_ID_HEADER]) == 32
+    assert orjson.loads(body)["event_type"] == "avatar_video.success"
+
+
+async def test_an_explicit_secret_wins_over_the_configured_one(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path, "unused", konpro={"webhook_secret": SECRET})
+
+    await send_test_event(settings, "video_translate.fail", url=receiver.url, secret="whsec_new")
+
+    [(body, headers)] = receiver.requests
+    SignatureVerifier(["whsec_new"], timestamp_tolerance=60).verify(body, headers)
+    with pytest.raises(SignatureRejected):
+        SignatureVerifier([SECRET], timestamp_tolerance=60).verify(body, headers)
+
+
+async def test_without_any_secret_the_test_event_goes_unsigned(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    await send_test_event(make_settings(tmp_path, "unused"), "batch.finished", url=receiver.url)
+
+    [(_, headers)] = receiver.requests
+    assert "KonPro-Signature" not in headers
+    assert "Signature" not in headers
+
+
+def test_the_default_target_is_the_local_bridge(tmp_path: Path) -> None:
+    wildcard = make_settings(tmp_path, "x", server={"host": "0.0.0.0", "port": 8080})  # noqa: S104
+    ipv6 = make_settings(tmp_path, "x", server={"host": "::1", "port": 9000})
+
+    assert local_webhook_url(wildcard) == "http://127.0.0.1:8080/webhooks/konpro"
+    assert local_webhook_url(ipv6) == "http://[::1]:9000/webhooks/konpro"
+
+
+async def _tail_while_publishing(
+    channel: AbstractChannel,
+    exchange: str,
+    tmp_path: Path,
+    messages: list[tuple[str, aio_pika.Message]],
+    *,
+    as_json: bool,
+    patterns: list[str],
+    expect: int,
+) -> list[str]:
+    out = io.StringIO()
+    ready = asyncio.Event()
+    settings = make_settings(tmp_path, exchange)
+    task = asyncio.create_task(
+        tail(settings, patterns, as_json, out, max_events=expect, duration=10, on_ready=ready.set)
+    )
+    await asyncio.wait_for(ready.wait(), 10)
+    target = await channel.get_exchange(exchange)
+    for routing_key, message in messages:
+        await target.publish(message, routing_key)
+    assert await task == expect
+    return out.getvalue().splitlines()
+
+
+def _event(event_type: str, message_id: str) -> aio_pika.Message:
+    return aio_pika.Message(
+        orjson.dumps(sample_event(event_type)),
+        message_id=message_id,
+        headers={EVENT_ID_HEADER: message_id},
+        content_type="application/json",
+    )
+
+
+async def test_tail_json_prints_each_event_with_its_routing_and_body(
+    channel: AbstractChannel, exchange_name: str, tmp_path: Path
+) -> None:
+    message = _event("avatar_video.fail", "evt-1")
+
+    [line] = await _tail_while_publishing(
+        channel,
+        exchange_name,
+        tmp_path,
+        [("avatar_video.fail", message)],
+        as_json=True,
+        patterns=[],
+        expect=1,
+    )
+
+    record = orjson.loads(line)
+    assert record["exchange"] == exchange_name
+    assert record["routing_key"] == "avatar_video.fail"
+    assert record["message_id"] == "evt-1"
+    assert record["headers"] == {EVENT_ID_HEADER: "evt-1"}
+    assert record["body"] == orjson.loads(message.body)
+
+
+async def test_tail_shows_only_the_patterns_asked_for_as_readable_lines(
+    channel: AbstractChannel, exchange_name: str, tmp_path: Path
+) -> None:
+    published = [
+        ("avatar_video.success", _event("avatar_video.success", "evt-skipped")),
+        ("video_translate.fail", _event("video_translate.fail", "evt-shown")),
+    ]
+
+    [line] = await _tail_while_publishing(
+        channel,
+        exchange_name,
+        tmp_path,
+        published,
+        as_json=False,
+        patterns=["*.fail"],
+        expect=1,
+    )
+
+    assert f" {exchange_name} video_translate.fail evt-shown " in line
+    assert '"output_language":"French"' in line
