@@ -20,6 +20,17 @@ import orjson
 EVENT_TYPE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 EVENT_TYPE_MAX_LENGTH: Final = 255
 
+DOCUMENTED_EVENT_TYPES: Final = (
+    "avatar_video.success",
+    "avatar_video.fail",
+    "avatar_video_gif.success",
+    "avatar_video_gif.fail",
+    "video_translate.success",
+    "video_translate.fail",
+    "personalized_video",
+)
+"""The event types KonPro documents. Others are forwarded too: KonPro adds types over time."""
+
 EVENT_ID_HEADER: Final = "KonPro-Event-Id"
 TIMESTAMP_HEADER: Final = "KonPro-Timestamp"
 SIGNATURE_HEADERS: Final = ("KonPro-Signature", "Signature")

@@ -23,18 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from bridge.events import DOCUMENTED_EVENT_TYPES
 from bridge.reconcile import ResultKind
-
-KNOWN_EVENT_TYPES: Final = (
-    "avatar_video.success",
-    "avatar_video.fail",
-    "avatar_video_gif.success",
-    "avatar_video_gif.fail",
-    "video_translate.success",
-    "video_translate.fail",
-    "personalized_video",
-)
-"""The event types KonPro documents; see ``/work/shared/konpro/api-notes.md``."""
 
 OUTCOMES: Final = ("published", "spooled", "duplicate", "rejected_signature", "invalid", "refused")
 RECONCILE_RESULTS: Final[tuple[str, ...]] = get_args(ResultKind)
@@ -53,7 +43,7 @@ class Metrics:
 
     def __init__(self, event_types: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._event_types = frozenset((*KNOWN_EVENT_TYPES, *event_types))
+        self._event_types = frozenset((*DOCUMENTED_EVENT_TYPES, *event_types))
         self._exchanges = frozenset(exchanges)
         self._received = Counter(
             "konpro_bridge_events_received",

@@ -24,15 +24,9 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-EVENT_TYPES: Final = (
-    "avatar_video.success",
-    "avatar_video.fail",
-    "avatar_video_gif.success",
-    "avatar_video_gif.fail",
-    "video_translate.success",
-    "video_translate.fail",
-    "personalized_video",
-)
+from bridge.events import DOCUMENTED_EVENT_TYPES
+
+EVENT_TYPES: Final = DOCUMENTED_EVENT_TYPES
 WRITE_CALLS: Final = frozenset({"endpoint.add", "endpoint.update", "endpoint.delete"})
 PREFIX: Final = "/v1/webhook/"
 JSON_BODY: Final = web.RequestKey("json_body", object)

@@ -12,7 +12,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.metrics import KNOWN_EVENT_TYPES, OUTCOMES, Metrics, metrics_app
+from bridge.events import DOCUMENTED_EVENT_TYPES
+from bridge.metrics import OUTCOMES, Metrics, metrics_app
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Serve = Callable[[Metrics], Awaitable[str]]
@@ -140,7 +141,7 @@ def test_label_values_stay_bounded_whatever_event_types_arrive() -> None:
     results = {
         sample.labels["result"] for sample in families["konpro_bridge_reconcile_runs"].samples
     }
-    assert event_types == {*KNOWN_EVENT_TYPES, "instant_avatar.success", "other"}
+    assert event_types == {*DOCUMENTED_EVENT_TYPES, "instant_avatar.success", "other"}
     assert exchanges == {"konpro.events", "other"}
     assert "other" in results
     assert len(results) <= 8
