@@ -1,0 +1,54 @@
+"""Memory of a process tree, read from /proc (Linux only; no psutil needed)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 (ppid) follows the parenthesised command name, which may contain spaces.
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss: int
+    """Sum of the processes' resident set sizes, in bytes (pages shared after fork count twice)."""
+    pss: int
+    """Sum of proportional set sizes, in bytes (shared pages split between sharers)."""
+    processes: int
+
+
+def tree_memory(root: int) -> Memory:
+    rss = pss = count = 0
+    for pid in process_tree(root):
+        try:
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                    break
+        except (OSError, ValueError, IndexError):
+            continue
+        count += 1
+    return Memory(rss=rss, pss=pss, processes=count)
