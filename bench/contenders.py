@@ -9,12 +9,17 @@ generators themselves and print a ``BENCH_JSON`` line. To add one, append to ``C
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 PYTHON = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -60,16 +65,32 @@ class Contender:
     ready_url: str = "http://127.0.0.1:{port}/readyz"
     post_url: str = "http://127.0.0.1:{port}/webhooks/konpro"
     publishes: bool = True
+    exchange_arguments: Mapping[str, str] = field(default_factory=dict)
+    """Arguments the contender declares its exchange with (the harness declares it first)."""
+    also_exchanges: tuple[str, ...] = ()
+    also_queues: tuple[str, ...] = ()
+    """What else the contender declares, to delete after its round."""
     unavailable: Callable[[], str | None] = _always
     """Returns why the contender cannot run here, or None when it can."""
 
 
+def contender_pythonpath() -> str:
+    """PYTHONPATH for contenders: the caller's first, then the repository root (for bench.*)."""
+    return os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))
+
+
 def _bridge_unavailable() -> str | None:
-    try:
-        found = importlib.util.find_spec("bridge.cli") is not None
-    except ImportError:
-        found = False
-    if not found:
+    # Checked the way the contender will run: a fresh interpreter, outside the repository root
+    # (so that ./bridge does not shadow an installed one), with the contenders' PYTHONPATH.
+    with tempfile.TemporaryDirectory() as cwd:
+        probe = subprocess.run(  # noqa: S603 - fixed argv
+            [PYTHON, "-c", "import bridge.cli"],
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": contender_pythonpath()},
+            capture_output=True,
+            check=False,
+        )
+    if probe.returncode != 0:
         return "bridge.cli is not importable (the bridge is not in this tree yet); skipped"
     return None
 
@@ -116,6 +137,11 @@ CONTENDERS: tuple[Contender, ...] = (
         description="konpro-bridge, default settings, JSON info logging to a file",
         command=("{python}", "-m", "bridge", "run", "--config", "{config}"),
         config_template=BRIDGE_CONFIG,
+        # The bridge declares each exchange with an alternate exchange "<name>.unrouted"
+        # (fanout) feeding a durable queue of that name.
+        exchange_arguments={"alternate-exchange": "{exchange}.unrouted"},
+        also_exchanges=("{exchange}.unrouted",),
+        also_queues=("{exchange}.unrouted",),
         unavailable=_bridge_unavailable,
     ),
     Contender(

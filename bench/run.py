@@ -26,23 +26,32 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aiohttp
 
-from bench.contenders import CONTENDERS, PYTHON, Contender, Slots
+from bench.contenders import CONTENDERS, PYTHON, Contender, Slots, contender_pythonpath
 from bench.procstat import tree_memory
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 LUA = HERE / "post_events.lua"
 MIB = 1024 * 1024
 JSON_MARK = "BENCH_JSON "
 
 Json = dict[str, Any]
+FAILURES = (
+    RuntimeError,
+    OSError,
+    TimeoutError,
+    ValueError,
+    KeyError,
+    aiohttp.ClientError,
+    aio_pika.exceptions.AMQPError,
+)
+"""What a contender round may fail with; the round is reported failed and the run goes on."""
 
 
 def log(message: str) -> None:
@@ -200,11 +209,18 @@ async def spawned(
     """Start the contender in its own session; stop its whole process group on the way out."""
     argv = [slots.fill(part) for part in contender.command]
     env = {**os.environ, **{k: slots.fill(v) for k, v in contender.env.items()}}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # bench.* is found through PYTHONPATH (after any the caller set); the working directory is the
+    # round's temp dir, so that `python -m bridge` resolves like an installed daemon would.
+    env["PYTHONPATH"] = contender_pythonpath()
     with log_path.open("wb") as log_file:
         stdout = asyncio.subprocess.PIPE if contender.kind == "publish" else log_file
         proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=ROOT, env=env, stdout=stdout, stderr=log_file, start_new_session=True
+            *argv,
+            cwd=log_path.parent,
+            env=env,
+            stdout=stdout,
+            stderr=log_file,
+            start_new_session=True,
         )
         try:
             yield proc
@@ -257,22 +273,65 @@ def tail(path: Path, size: int = 3000) -> str:
 
 @dataclass
 class Broker:
+    """The harness's own connection, and the exchange and queue of the round being measured.
+
+    Every contender round gets a fresh exchange (durable topic, with the contender's declared
+    arguments, so that its own declaration is equivalent) and a fresh durable queue bound ``#``;
+    both, and whatever else the contender declares next to them, are deleted after the round.
+    """
+
     url: str
-    exchange_name: str
-    queue_name: str
+    exchange_name: str = ""
+    queue_name: str = ""
     connection: aio_pika.abc.AbstractConnection | None = None
     channel: aio_pika.abc.AbstractChannel | None = None
+    leftovers: list[tuple[str, str]] = field(default_factory=list)
+    """("exchange" | "queue", name) still to delete."""
 
-    async def setup(self) -> None:
+    async def connect(self) -> None:
         # A plain (not robust) connection on purpose: aio-pika's RobustChannel answers a passive
         # declare of a queue it already knows from its cache, with a stale message count.
         self.connection = await aio_pika.connect(self.url)
         self.channel = await self.connection.channel()
+
+    async def prepare(self, contender: Contender, slots: Slots) -> None:
+        assert self.connection is not None
+        if self.channel is None or self.channel.is_closed:  # a channel error closed it
+            self.channel = await self.connection.channel()
+        self.exchange_name, self.queue_name = slots.exchange, f"{slots.exchange}.q"
+        self.leftovers += [("queue", self.queue_name), ("exchange", self.exchange_name)]
+        self.leftovers += [("queue", slots.fill(q)) for q in contender.also_queues]
+        self.leftovers += [("exchange", slots.fill(x)) for x in contender.also_exchanges]
         exchange = await self.channel.declare_exchange(
-            self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+            self.exchange_name,
+            aio_pika.ExchangeType.TOPIC,
+            durable=True,
+            arguments={k: slots.fill(v) for k, v in contender.exchange_arguments.items()} or None,
         )
         queue = await self.channel.declare_queue(self.queue_name, durable=True)
         await queue.bind(exchange, routing_key="#")
+
+    async def cleanup(self) -> None:
+        """Delete every queue and exchange made for (or by) the rounds so far."""
+        if self.connection is None or self.connection.is_closed:
+            return
+        channel = await self.connection.channel()
+        while self.leftovers:
+            kind, name = self.leftovers.pop()
+            try:
+                if kind == "queue":
+                    await channel.queue_delete(name)
+                else:
+                    await channel.exchange_delete(name)
+            except aio_pika.exceptions.AMQPError as exc:
+                log(f"could not delete {kind} {name}: {exc}")
+                channel = await self.connection.channel()
+        await channel.close()
+
+    async def close(self) -> None:
+        await self.cleanup()
+        if self.connection is not None:
+            await self.connection.close()
 
     def server_version(self) -> str:
         assert self.connection is not None
@@ -307,16 +366,6 @@ class Broker:
         assert self.channel is not None
         queue = await self.channel.declare_queue(self.queue_name, passive=True)
         await queue.purge()
-
-    async def teardown(self) -> None:
-        if self.connection is None:
-            return
-        channel = await self.connection.channel()
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await channel.queue_delete(self.queue_name)
-        with contextlib.suppress(aio_pika.exceptions.AMQPError):
-            await channel.exchange_delete(self.exchange_name)
-        await self.connection.close()
 
 
 async def account(broker: Broker, contender: Contender, result: Json, slack: int) -> Json:
@@ -368,11 +417,11 @@ class Options:
 async def run_round(
     contender: Contender, opts: Options, broker: Broker, *, wrk: str, workdir: Path, tag: str
 ) -> Json:
-    await broker.purge()
     if contender.kind == "publish":
         return await run_publish_round(contender, opts, broker, workdir, tag)
 
-    slots = make_slots(contender, opts, broker, workdir=workdir, tag=tag, inflight=opts.inflight)
+    slots = make_slots(contender, opts, workdir=workdir, tag=tag, inflight=opts.inflight)
+    await broker.prepare(contender, slots)
     log_path = workdir / f"{tag}.log"
     record: Json = {}
     spawned_at = time.perf_counter()
@@ -446,8 +495,9 @@ async def run_publish_round(
     phases = [("load", opts.inflight), ("latency", opts.latency_connections)]
     for phase, inflight in phases:
         slots = make_slots(
-            contender, opts, broker, workdir=workdir, tag=f"{tag}-{phase}", inflight=inflight
+            contender, opts, workdir=workdir, tag=f"{tag}-{phase}", inflight=inflight
         )
+        await broker.prepare(contender, slots)
         log_path = workdir / f"{tag}-{phase}.log"
         async with spawned(contender, slots, log_path) as proc:
             sampler = MemorySampler(proc.pid)
@@ -473,7 +523,6 @@ async def run_publish_round(
 def make_slots(
     contender: Contender,
     opts: Options,
-    broker: Broker,
     *,
     workdir: Path,
     tag: str,
@@ -486,7 +535,7 @@ def make_slots(
         python=PYTHON,
         port=free_port(),
         amqp_url=opts.amqp_url,
-        exchange=broker.exchange_name,
+        exchange=f"bench.{tag}",
         config=str(workdir / f"{tag}.toml"),
         spool=str(spool),
         inflight=inflight,
@@ -696,7 +745,7 @@ async def bench(args: argparse.Namespace) -> Json:
     if wrk is None:
         raise SystemExit(2)
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    broker = Broker(args.amqp_url, f"bench.{run_id}.x", f"bench.{run_id}.q")
+    broker = Broker(args.amqp_url)
     reference = args.reference or (
         "konpro-bridge" if any(c.name == "konpro-bridge" for c in contenders) else "naive"
     )
@@ -735,7 +784,7 @@ async def bench(args: argparse.Namespace) -> Json:
     with tempfile.TemporaryDirectory(prefix="konpro-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            await broker.setup()
+            await broker.connect()
             report["machine"]["broker"] = broker.server_version()
             for rnd in range(opts.rounds):
                 order = contenders if rnd % 2 == 0 else list(reversed(contenders))
@@ -746,17 +795,17 @@ async def bench(args: argparse.Namespace) -> Json:
                         record = await run_round(
                             contender, opts, broker, wrk=wrk, workdir=workdir, tag=tag
                         )
-                    # A failing contender is reported as failed; the others go on.
-                    except Exception as exc:
+                    except FAILURES as exc:  # reported as failed; the others go on
                         log(f"!!! {contender.name} failed in round {rnd + 1}: {exc}")
                         report["errors"].setdefault(contender.name, []).append(str(exc))
-                        await broker.purge()
                         continue
+                    finally:
+                        await broker.cleanup()
                     record["round"] = rnd
                     report["rounds"][contender.name].append(record)
                     log(f"  {contender.name}: {brief(record)}")
         finally:
-            await broker.teardown()
+            await broker.close()
     report["machine"]["loadavg_end"] = loadavg()
     report["summary"] = {
         name: summarize(rounds) for name, rounds in report["rounds"].items() if rounds
@@ -776,7 +825,7 @@ def brief(record: Json) -> str:
 def _has_dist(name: str) -> bool:
     try:
         version(name)
-    except Exception:
+    except PackageNotFoundError:
         return False
     return True
 
