@@ -791,6 +791,7 @@ async def bench(args: argparse.Namespace) -> Json:
                 for contender in order:
                     tag = f"{run_id}-{contender.name}-r{rnd}"
                     log(f"round {rnd + 1}/{opts.rounds}: {contender.name}")
+                    load_before = loadavg()
                     try:
                         record = await run_round(
                             contender, opts, broker, wrk=wrk, workdir=workdir, tag=tag
@@ -801,7 +802,7 @@ async def bench(args: argparse.Namespace) -> Json:
                         continue
                     finally:
                         await broker.cleanup()
-                    record["round"] = rnd
+                    record.update(round=rnd, loadavg_before=load_before)
                     report["rounds"][contender.name].append(record)
                     log(f"  {contender.name}: {brief(record)}")
         finally:
