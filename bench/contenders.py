@@ -70,6 +70,8 @@ class Contender:
     also_exchanges: tuple[str, ...] = ()
     also_queues: tuple[str, ...] = ()
     """What else the contender declares, to delete after its round."""
+    by_default: bool = True
+    """False: runs only when named with --only (diagnostic variants)."""
     unavailable: Callable[[], str | None] = _always
     """Returns why the contender cannot run here, or None when it can."""
 
@@ -142,6 +144,17 @@ CONTENDERS: tuple[Contender, ...] = (
         exchange_arguments={"alternate-exchange": "{exchange}.unrouted"},
         also_exchanges=("{exchange}.unrouted",),
         also_queues=("{exchange}.unrouted",),
+        unavailable=_bridge_unavailable,
+    ),
+    Contender(
+        name="konpro-bridge-warnlog",
+        description="konpro-bridge as above but [log] level = warning (no per-request log line)",
+        command=("{python}", "-m", "bridge", "run", "--config", "{config}"),
+        config_template=BRIDGE_CONFIG.replace('level = "info"', 'level = "warning"'),
+        exchange_arguments={"alternate-exchange": "{exchange}.unrouted"},
+        also_exchanges=("{exchange}.unrouted",),
+        also_queues=("{exchange}.unrouted",),
+        by_default=False,
         unavailable=_bridge_unavailable,
     ),
     Contender(

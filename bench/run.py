@@ -708,7 +708,8 @@ def select(only: list[str] | None) -> tuple[list[Contender], dict[str, str]]:
         raise SystemExit(f"unknown contender(s) {sorted(unknown)}; known: {sorted(known)}")
     chosen, skipped = [], {}
     for contender in CONTENDERS:
-        if wanted and contender.name not in wanted:
+        selected = contender.name in wanted if wanted else contender.by_default
+        if not selected:
             continue
         if why := contender.unavailable():
             skipped[contender.name] = why
