@@ -39,7 +39,7 @@ async def main() -> None:
         )
         latencies: list[float] = []
         failures = 0
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         deadline = start + duration
 
         async def worker(wid: int) -> None:
@@ -64,6 +64,7 @@ async def main() -> None:
 
         await asyncio.gather(*(worker(i) for i in range(inflight)))
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
     finally:
         await connection.close()
     latencies.sort()
@@ -73,6 +74,7 @@ async def main() -> None:
         "ok": len(us),
         "non2xx": failures,
         "duration_us": int(elapsed * 1e6),
+        "cpu_s": round(cpu, 3),
         "errors": {"connect": 0, "read": 0, "write": 0, "status": failures, "timeout": 0},
         "latency_us": {
             "p50": int(percentile(us, 50)),

@@ -34,7 +34,7 @@ import aio_pika
 import aiohttp
 
 from bench.contenders import CONTENDERS, PYTHON, Contender, Slots, contender_pythonpath
-from bench.procstat import tree_memory
+from bench.procstat import machine_cpu_ticks, tree_cpu_seconds, tree_memory
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "post_events.lua"
@@ -268,6 +268,30 @@ def tail(path: Path, size: int = 3000) -> str:
         return "<no log>"
 
 
+async def quiesce(threshold: float = 0.2, window: float = 0.5, within: float = 20.0) -> Json:
+    """Wait until the whole machine is quiet: two windows in a row under ``threshold`` busy.
+
+    After a contender's round the broker still works (message store clean-up after a purge,
+    fsyncs); without this the next contender would pay for it. Gives up after ``within`` s.
+    """
+    started = time.perf_counter()
+    quiet = 0
+    busy_fraction = 1.0
+    while time.perf_counter() - started < within:
+        busy0, total0 = machine_cpu_ticks()
+        await asyncio.sleep(window)
+        busy1, total1 = machine_cpu_ticks()
+        busy_fraction = (busy1 - busy0) / max(1, total1 - total0)
+        quiet = quiet + 1 if busy_fraction < threshold else 0
+        if quiet >= 2:
+            break
+    return {
+        "waited_s": round(time.perf_counter() - started, 2),
+        "busy": round(busy_fraction, 3),
+        "quiet": quiet >= 2,
+    }
+
+
 # --- the broker side --------------------------------------------------------------------------
 
 
@@ -376,6 +400,7 @@ async def account(broker: Broker, contender: Contender, result: Json, slack: int
     """
     stored = await broker.settled_depth()
     await broker.purge()
+    result["quiesce_after"] = await quiesce()  # the broker's clean-up is not the next load's
     ok = int(result["ok"])
     if contender.publishes:
         lost = max(0, ok - stored)
@@ -453,6 +478,7 @@ async def run_round(
             probing = asyncio.create_task(
                 options_probe(post_url, opts.options_rate, stop_probe, probe)
             )
+            cpu_before = tree_cpu_seconds(proc.pid)
             try:
                 load = await run_wrk(
                     wrk,
@@ -465,6 +491,7 @@ async def run_round(
             finally:
                 stop_probe.set()
                 await probing
+            load["cpu_s"] = round(tree_cpu_seconds(proc.pid) - cpu_before, 3)
             load["options"] = probe.summary()
             record["load"] = await account(broker, contender, load, opts.connections)
 
@@ -578,6 +605,12 @@ def summarize(rounds: list[Json]) -> Json:
         "rps": median(rates),
         "rps_min": min(present_rates) if present_rates else None,
         "rps_max": max(present_rates) if present_rates else None,
+        "cpu_us_per_req": median(
+            float(r["load"]["cpu_s"]) / int(r["load"]["ok"]) * 1e6
+            if r.get("load", {}).get("cpu_s") is not None and r["load"]["ok"]
+            else None
+            for r in rounds
+        ),
         "load_p50_us": median(pick("load", "latency_us", "p50")),
         "load_p99_us": median(pick("load", "latency_us", "p99")),
         "lat_rps": median(rate(r.get("latency")) for r in rounds),
@@ -624,6 +657,8 @@ def ratios(summary: dict[str, Json], reference: str) -> Json:
             entry["rps"] = ref["rps"] / other["rps"]
         if ref["lat_p99_us"] and other["lat_p99_us"]:
             entry["lat_p99"] = ref["lat_p99_us"] / other["lat_p99_us"]
+        if ref["cpu_us_per_req"] and other["cpu_us_per_req"]:
+            entry["cpu_per_req"] = ref["cpu_us_per_req"] / other["cpu_us_per_req"]
         if ref["peak_rss"] and other["peak_rss"]:
             entry["peak_rss"] = ref["peak_rss"] / other["peak_rss"]
         out[name] = entry
@@ -647,10 +682,10 @@ def markdown(report: Json) -> str:
         f"{opts['latency_connections']} in flight). Durable queue, persistent messages, "
         "publisher confirms.",
         "",
-        "| contender | confirmed req/s (min-max) | p50 / p99 ms @load | p50 / p99 ms "
+        "| contender | confirmed req/s (min-max) | CPU µs/req | p50 / p99 ms @load | p50 / p99 ms "
         f"@{opts['latency_connections']}c | OPTIONS p99 ms @load | peak RSS MiB (PSS) | "
         "idle RSS MiB (PSS) | start-up s | 2xx stored? |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         stored = (
@@ -665,6 +700,7 @@ def markdown(report: Json) -> str:
         lines.append(
             f"| {name} | {fmt(s['rps'], digits=0)} ({fmt(s['rps_min'], digits=0)}-"
             f"{fmt(s['rps_max'], digits=0)}) "
+            f"| {fmt(s['cpu_us_per_req'], digits=0)} "
             f"| {fmt(s['load_p50_us'], 1000, 2)} / {fmt(s['load_p99_us'], 1000, 2)} "
             f"| {fmt(s['lat_p50_us'], 1000, 2)} / {fmt(s['lat_p99_us'], 1000, 2)} "
             f"| {fmt(s['options_p99_us'], 1000, 2)} "
@@ -676,16 +712,16 @@ def markdown(report: Json) -> str:
     if report["ratios"]:
         lines += [
             "",
-            f"Ratios, {ref} / other (req/s: >1 means {ref} is faster; p99 and RSS: <1 means "
-            f"{ref} is lower):",
+            f"Ratios, {ref} / other (req/s: >1 means {ref} is faster; CPU, p99 and RSS: <1 "
+            f"means {ref} uses less):",
             "",
-            "| other | req/s | p99 latency (low concurrency) | peak RSS |",
-            "|---|---|---|---|",
+            "| other | req/s | CPU per request | p99 latency (low concurrency) | peak RSS |",
+            "|---|---|---|---|---|",
         ]
         for name, entry in report["ratios"].items():
             cells = [
                 "-" if key not in entry else f"{entry[key]:.2f}x"
-                for key in ("rps", "lat_p99", "peak_rss")
+                for key in ("rps", "cpu_per_req", "lat_p99", "peak_rss")
             ]
             lines.append(f"| {name} | {' | '.join(cells)} |")
     if report["skipped"]:
@@ -792,6 +828,9 @@ async def bench(args: argparse.Namespace) -> Json:
                 for contender in order:
                     tag = f"{run_id}-{contender.name}-r{rnd}"
                     log(f"round {rnd + 1}/{opts.rounds}: {contender.name}")
+                    settle = await quiesce()
+                    if not settle["quiet"]:
+                        log(f"machine not quiet before {contender.name}: {settle}")
                     load_before = loadavg()
                     try:
                         record = await run_round(
@@ -803,7 +842,7 @@ async def bench(args: argparse.Namespace) -> Json:
                         continue
                     finally:
                         await broker.cleanup()
-                    record.update(round=rnd, loadavg_before=load_before)
+                    record.update(round=rnd, loadavg_before=load_before, quiesce=settle)
                     report["rounds"][contender.name].append(record)
                     log(f"  {contender.name}: {brief(record)}")
         finally:
