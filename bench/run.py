@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -34,7 +35,14 @@ import aio_pika
 import aiohttp
 
 from bench.contenders import CONTENDERS, PYTHON, Contender, Slots, contender_pythonpath
-from bench.procstat import machine_cpu_ticks, tree_cpu_seconds, tree_memory
+from bench.procstat import (
+    TICK,
+    machine_cpu_ticks,
+    pids_named,
+    process_cpu_seconds,
+    tree_cpu_seconds,
+    tree_memory,
+)
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "post_events.lua"
@@ -277,6 +285,8 @@ async def quiesce(threshold: float = 0.2, window: float = 0.5, within: float = 2
     started = time.perf_counter()
     quiet = 0
     busy_fraction = 1.0
+    if within <= 0:
+        return {"waited_s": 0.0, "busy": None, "quiet": None}
     while time.perf_counter() - started < within:
         busy0, total0 = machine_cpu_ticks()
         await asyncio.sleep(window)
@@ -290,6 +300,42 @@ async def quiesce(threshold: float = 0.2, window: float = 0.5, within: float = 2
         "busy": round(busy_fraction, 3),
         "quiet": quiet >= 2,
     }
+
+
+@dataclass
+class CpuSnapshot:
+    """Where the machine's CPU went between two snapshots: us, the broker, everyone else.
+
+    "Us" is the harness, wrk and the contender (live descendants plus reaped children); the
+    broker is every beam.smp process (RabbitMQ may also be serving others); the rest is foreign
+    load that competes with the measurement, e.g. other test suites on a shared machine.
+    """
+
+    machine_busy: float
+    ours: float
+    broker: float
+    at: float
+
+    @classmethod
+    def take(cls) -> CpuSnapshot:
+        busy, _ = machine_cpu_ticks()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours = tree_cpu_seconds(os.getpid()) + children.ru_utime + children.ru_stime
+        broker = sum(process_cpu_seconds(pid) for pid in pids_named("beam.smp"))
+        return cls(busy / TICK, ours, broker, time.perf_counter())
+
+    def since(self, before: CpuSnapshot) -> Json:
+        """Average cores used by each party over the interval."""
+        elapsed = max(self.at - before.at, 1e-9)
+        machine = (self.machine_busy - before.machine_busy) / elapsed
+        ours = (self.ours - before.ours) / elapsed
+        broker = (self.broker - before.broker) / elapsed
+        return {
+            "machine_cores": round(machine, 3),
+            "ours_cores": round(ours, 3),
+            "broker_cores": round(broker, 3),
+            "foreign_cores": round(max(0.0, machine - ours - broker), 3),
+        }
 
 
 # --- the broker side --------------------------------------------------------------------------
@@ -392,7 +438,9 @@ class Broker:
         await queue.purge()
 
 
-async def account(broker: Broker, contender: Contender, result: Json, slack: int) -> Json:
+async def account(
+    broker: Broker, contender: Contender, result: Json, slack: int, settle: float
+) -> Json:
     """Compare the stored messages with the 2xx answers, then purge. Adds ``result["stored"]``.
 
     Every 2xx must be a stored message (stored >= ok). A few more may be stored than answered:
@@ -400,7 +448,8 @@ async def account(broker: Broker, contender: Contender, result: Json, slack: int
     """
     stored = await broker.settled_depth()
     await broker.purge()
-    result["quiesce_after"] = await quiesce()  # the broker's clean-up is not the next load's
+    # The broker's clean-up after the purge is not to be billed to the next load.
+    result["quiesce_after"] = await quiesce(within=settle)
     ok = int(result["ok"])
     if contender.publishes:
         lost = max(0, ok - stored)
@@ -437,6 +486,7 @@ class Options:
     options_rate: float
     amqp_url: str
     ready_timeout: float
+    settle: float
 
 
 async def run_round(
@@ -471,7 +521,9 @@ async def run_round(
                     duration=opts.warmup,
                     run_id=f"{tag}-warm",
                 )
-                record["warmup"] = await account(broker, contender, warm, opts.connections)
+                record["warmup"] = await account(
+                    broker, contender, warm, opts.connections, opts.settle
+                )
 
             stop_probe = asyncio.Event()
             probe = Probe()
@@ -479,6 +531,7 @@ async def run_round(
                 options_probe(post_url, opts.options_rate, stop_probe, probe)
             )
             cpu_before = tree_cpu_seconds(proc.pid)
+            machine_before = CpuSnapshot.take()
             try:
                 load = await run_wrk(
                     wrk,
@@ -492,8 +545,9 @@ async def run_round(
                 stop_probe.set()
                 await probing
             load["cpu_s"] = round(tree_cpu_seconds(proc.pid) - cpu_before, 3)
+            load["machine"] = CpuSnapshot.take().since(machine_before)
             load["options"] = probe.summary()
-            record["load"] = await account(broker, contender, load, opts.connections)
+            record["load"] = await account(broker, contender, load, opts.connections, opts.settle)
 
             latency = await run_wrk(
                 wrk,
@@ -503,7 +557,9 @@ async def run_round(
                 duration=opts.duration,
                 run_id=f"{tag}-lat",
             )
-            record["latency"] = await account(broker, contender, latency, opts.latency_connections)
+            record["latency"] = await account(
+                broker, contender, latency, opts.latency_connections, opts.settle
+            )
         finally:
             stop_sampling.set()
             await sampling
@@ -526,6 +582,7 @@ async def run_publish_round(
         )
         await broker.prepare(contender, slots)
         log_path = workdir / f"{tag}-{phase}.log"
+        machine_before = CpuSnapshot.take()
         async with spawned(contender, slots, log_path) as proc:
             sampler = MemorySampler(proc.pid)
             stop = asyncio.Event()
@@ -541,7 +598,8 @@ async def run_publish_round(
                 raise RuntimeError(f"exited {proc.returncode}:\n{tail(log_path)}")
         result = parse_bench_json(out.decode(errors="replace"))
         result["inflight"] = inflight
-        record[phase] = await account(broker, contender, result, 0)
+        result["machine"] = CpuSnapshot.take().since(machine_before)
+        record[phase] = await account(broker, contender, result, 0, opts.settle)
         peak_rss, peak_pss = max(peak_rss, sampler.peak_rss), max(peak_pss, sampler.peak_pss)
     record.update(peak_rss=peak_rss, peak_pss=peak_pss)
     return record
@@ -611,6 +669,11 @@ def summarize(rounds: list[Json]) -> Json:
             else None
             for r in rounds
         ),
+        "foreign_cores": median(pick("load", "machine", "foreign_cores")),
+        "foreign_cores_max": max(
+            (v for v in pick("load", "machine", "foreign_cores") if v is not None), default=None
+        ),
+        "broker_cores": median(pick("load", "machine", "broker_cores")),
         "load_p50_us": median(pick("load", "latency_us", "p50")),
         "load_p99_us": median(pick("load", "latency_us", "p99")),
         "lat_rps": median(rate(r.get("latency")) for r in rounds),
@@ -682,10 +745,11 @@ def markdown(report: Json) -> str:
         f"{opts['latency_connections']} in flight). Durable queue, persistent messages, "
         "publisher confirms.",
         "",
-        "| contender | confirmed req/s (min-max) | CPU µs/req | p50 / p99 ms @load | p50 / p99 ms "
+        "| contender | confirmed req/s (min-max) | CPU µs/req | broker cores | foreign cores "
+        "(max) | p50 / p99 ms @load | p50 / p99 ms "
         f"@{opts['latency_connections']}c | OPTIONS p99 ms @load | peak RSS MiB (PSS) | "
         "idle RSS MiB (PSS) | start-up s | 2xx stored? |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         stored = (
@@ -701,6 +765,8 @@ def markdown(report: Json) -> str:
             f"| {name} | {fmt(s['rps'], digits=0)} ({fmt(s['rps_min'], digits=0)}-"
             f"{fmt(s['rps_max'], digits=0)}) "
             f"| {fmt(s['cpu_us_per_req'], digits=0)} "
+            f"| {fmt(s['broker_cores'], digits=2)} "
+            f"| {fmt(s['foreign_cores'], digits=2)} ({fmt(s['foreign_cores_max'], digits=2)}) "
             f"| {fmt(s['load_p50_us'], 1000, 2)} / {fmt(s['load_p99_us'], 1000, 2)} "
             f"| {fmt(s['lat_p50_us'], 1000, 2)} / {fmt(s['lat_p99_us'], 1000, 2)} "
             f"| {fmt(s['options_p99_us'], 1000, 2)} "
@@ -774,7 +840,13 @@ async def bench(args: argparse.Namespace) -> Json:
         options_rate=args.options_rate,
         amqp_url=args.amqp_url,
         ready_timeout=args.ready_timeout,
+        settle=args.settle,
     )
+    # SIGTERM / SIGINT cancel the run: contenders are stopped and the broker cleaned up on the way.
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     contenders, skipped = select(args.only)
     if not contenders:
         raise SystemExit("no contender to run")
@@ -828,8 +900,8 @@ async def bench(args: argparse.Namespace) -> Json:
                 for contender in order:
                     tag = f"{run_id}-{contender.name}-r{rnd}"
                     log(f"round {rnd + 1}/{opts.rounds}: {contender.name}")
-                    settle = await quiesce()
-                    if not settle["quiet"]:
+                    settle = await quiesce(within=opts.settle)
+                    if settle["quiet"] is False:
                         log(f"machine not quiet before {contender.name}: {settle}")
                     load_before = loadavg()
                     try:
@@ -908,6 +980,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--amqp-url", default=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     )
     parser.add_argument("--ready-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=20.0,
+        help="at most this long, wait for a quiet machine before each round and after each "
+        "purge (20; 0 = do not wait)",
+    )
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     parser.add_argument("--json-out", type=Path, help="write the JSON report here instead")
     parser.add_argument(
@@ -923,7 +1002,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = asyncio.run(bench(args))
+    try:
+        report = asyncio.run(bench(args))
+    except asyncio.CancelledError:
+        log("interrupted; contenders stopped, queues and exchanges deleted")
+        return 130
     out: Path = args.json_out or args.results_dir / f"bench-{report['run_id']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -56,6 +56,8 @@ def test_benchmark_runs_and_every_2xx_is_a_stored_message(tmp_path: Path) -> Non
             "2",
             "--inflight",
             "16",
+            "--settle",
+            "0",
             "--only",
             ",".join(CONTENDERS),
             "--amqp-url",
