@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of konpro-bridge against a naive bridge, Flask + pika and the ceilings."""

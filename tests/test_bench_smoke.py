@@ -1,0 +1,106 @@
+"""The benchmark harness runs end to end and accounts for every 2xx; no timing is asserted.
+
+About a second per contender, for the light contenders only: the naive bridge, both ceilings,
+and konpro-bridge when it is importable. Needs wrk (installed with apt-get when missing and
+possible) and the local RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+AMQP_URL = os.environ.get("KONPRO_BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+CONTENDERS = ("konpro-bridge", "naive", "ceiling_publish", "ceiling_http")
+
+
+def _wrk_available() -> bool:
+    if shutil.which("wrk"):
+        return True
+    apt = shutil.which("apt-get")
+    if apt and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "wrk"]):
+            subprocess.run(cmd, env=env, capture_output=True, check=False, timeout=300)
+    return shutil.which("wrk") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_benchmark_runs_and_every_2xx_is_a_stored_message(tmp_path: Path) -> None:
+    if not _wrk_available():
+        pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk)")
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--duration",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--connections",
+            "8",
+            "--latency-connections",
+            "2",
+            "--inflight",
+            "16",
+            "--settle",
+            "0",
+            "--only",
+            ",".join(CONTENDERS),
+            "--amqp-url",
+            AMQP_URL,
+            "--json-out",
+            str(out),
+            "--no-install",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    report: dict[str, Any] = json.loads(out.read_text())
+
+    assert not report["errors"]
+    ran = set(report["contenders"])
+    assert ran | set(report["skipped"]) == set(CONTENDERS)
+    assert {"naive", "ceiling_publish", "ceiling_http"} <= ran
+    for name in ran:
+        (record,) = report["rounds"][name]
+        phases = [record["load"], record["latency"]]
+        for phase in phases:
+            assert phase["ok"] > 0, (name, phase)
+            assert phase["requests"] >= phase["ok"]
+            assert phase["accounted"], (name, phase)
+            assert set(phase["latency_us"]) >= {"p50", "p99"}
+            if report["contenders"][name]["publishes"]:
+                # Every 2xx is a stored message; at most one per connection more (in flight
+                # when the load stopped).
+                assert phase["lost"] == 0
+                assert phase["ok"] <= phase["stored"] <= phase["ok"] + 16
+            else:
+                assert phase["stored"] == 0
+        assert record["peak_rss"] > 0
+        if report["contenders"][name]["kind"] == "http":
+            assert record["startup_s"] > 0
+            assert record["idle_rss"] > 0
+            assert record["load"]["options"]["count"] > 0
+        summary = report["summary"][name]
+        assert summary["accounted"]
+        assert summary["rps"] > 0
+    assert "naive" in report["ratios"] or report["reference"] == "naive"
+    assert "| contender |" in proc.stdout
