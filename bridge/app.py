@@ -30,8 +30,11 @@ from bridge.server import create_app
 from bridge.signatures import Authenticator, ReplayGuard
 from bridge.spool import Forwarder, Spool
 from bridge.status import StatusReport, registration_ok
+from bridge.workers import spool_dir
 
 log = structlog.get_logger(__name__)
+
+_SECRET_POLL_INTERVAL = 2.0
 
 
 class StartupError(Exception):
@@ -41,8 +44,9 @@ class StartupError(Exception):
 class Bridge:
     """One running bridge: spool, publisher, relay and HTTP server, started and stopped together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: int = 0) -> None:
         self.settings = settings
+        self.worker = worker
         self.metrics = Metrics(
             event_types=settings.konpro.events, exchanges=settings.amqp.exchanges
         )
@@ -120,7 +124,7 @@ class Bridge:
 
     async def _add_operator_endpoints(self, app: web.Application) -> None:
         """``/status`` on the main port; ``/metrics`` there too, or alone on its own port."""
-        off = why_not_reconcile(self.settings)
+        off = self._why_not_reconcile()
         report = StatusReport(
             self.publisher,
             lambda: self.spool,
@@ -138,7 +142,8 @@ class Bridge:
 
     async def _open_spool(self) -> Spool:
         try:
-            return await Spool.open(self.settings.spool)
+            path = spool_dir(self.settings.spool.path, self.worker)
+            return await Spool.open(self.settings.spool.model_copy(update={"path": path}))
         except (OSError, RuntimeError) as exc:
             raise StartupError(
                 f"cannot open the spool at {self.settings.spool.path}: {exc}"
@@ -204,10 +209,19 @@ class Bridge:
             self._spool = None
         log.info("bridge.stopped")
 
+    def _why_not_reconcile(self) -> str | None:
+        if self.worker:
+            return "reconciliation runs in worker 0"
+        return why_not_reconcile(self.settings)
+
     def _start_reconciling(self) -> None:
         """Keep the registration right in the background; the site must already be listening."""
-        if reason := why_not_reconcile(self.settings):
+        if reason := self._why_not_reconcile():
             log.info("reconcile.off", reason=reason)
+            if self.worker and self._learns_secret():
+                self._reconciling = asyncio.create_task(
+                    self._follow_stored_secret(), name="follow-secret"
+                )
             return
         konpro = self.settings.konpro
         self._konpro = KonProClient(konpro.api_url, konpro.api_key, timeout=konpro.request_timeout)
@@ -226,6 +240,19 @@ class Bridge:
         if self._konpro is not None:
             await self._konpro.close()
             self._konpro = None
+
+    def _learns_secret(self) -> bool:
+        """Whether the signing secret may come from registration rather than the settings."""
+        configured = self.settings.konpro.webhook_secret.get_secret_value()
+        return not configured and why_not_reconcile(self.settings) is None
+
+    async def _follow_stored_secret(self) -> None:
+        """Other workers pick up the secret worker 0's reconciler learns, within seconds."""
+        while True:
+            secret = load_stored_secret(self.settings.spool.path)
+            if secret:
+                self.use_webhook_secret(secret)
+            await asyncio.sleep(_SECRET_POLL_INTERVAL)
 
     def last_registration(self) -> ReconcileResult | None:
         """The last registration check's result; ``None`` before one, or without reconciliation."""
@@ -254,13 +281,13 @@ class Bridge:
         await self.stop()
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, worker: int = 0) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _request_stop, stop, signum)
-    async with Bridge(settings):
+    async with Bridge(settings, worker):
         await stop.wait()
 
 

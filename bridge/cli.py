@@ -87,10 +87,18 @@ def _config_option(*, default: Any) -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log, settings.secrets())
+    if settings.server.workers > 1:
+        from bridge.workers import Supervisor  # noqa: PLC0415
+
+        return Supervisor(settings, _run_worker).run()
+    return _run_worker(settings, 0)
+
+
+def _run_worker(settings: Settings, worker: int) -> int:
     from bridge.app import StartupError, run  # noqa: PLC0415 - keep the network stack lazy
 
     try:
-        _run_async(run(settings))
+        _run_async(run(settings, worker))
     except StartupError as exc:
         structlog.get_logger(__name__).error("bridge.cannot_start", error=str(exc))
         return EXIT_FAILURE
@@ -132,23 +140,35 @@ def _add_spool_commands(
 
 
 def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
-    from bridge.spool import Spool  # noqa: PLC0415
+    from bridge.spool import FILE_NAME, Spool  # noqa: PLC0415
+    from bridge.workers import spool_dirs  # noqa: PLC0415
 
-    async def read() -> dict[str, Any]:
-        if not (settings.spool.path / "spool.sqlite3").exists():
-            return {"path": str(settings.spool.path), "depth": 0, "bytes": 0, "oldest_age": None}
-        async with await Spool.open(settings.spool, exclusive=False) as spool:
-            status = await spool.status()
-        return {"path": str(settings.spool.path), **dataclasses.asdict(status)}
+    async def read(path: Path) -> dict[str, Any]:
+        if not (path / FILE_NAME).exists():
+            return {"path": str(path), "depth": 0, "bytes": 0, "oldest_age": None}
+        spool_settings = settings.spool.model_copy(update={"path": path})
+        async with await Spool.open(spool_settings, exclusive=False) as spool:
+            return {"path": str(path), **dataclasses.asdict(await spool.status())}
 
-    status = _run_async(read())
+    async def read_all() -> list[dict[str, Any]]:
+        return [await read(path) for path in spool_dirs(settings.spool.path)]
+
+    spools = _run_async(read_all())
+    ages = [spool["oldest_age"] for spool in spools if spool["oldest_age"] is not None]
+    total = {
+        "path": str(settings.spool.path),
+        "depth": sum(spool["depth"] for spool in spools),
+        "bytes": sum(spool["bytes"] for spool in spools),
+        "oldest_age": max(ages, default=None),
+        "spools": spools,
+    }
     if args.json:
-        print(json.dumps(status))
+        print(json.dumps(total))
         return EXIT_OK
-    oldest = status["oldest_age"]
-    print(f"spool:  {status['path']}")
-    print(f"depth:  {status['depth']} events")
-    print(f"size:   {status['bytes']} bytes")
+    oldest = total["oldest_age"]
+    print(f"spool:  {total['path']}" + (f" ({len(spools)} workers)" if len(spools) > 1 else ""))
+    print(f"depth:  {total['depth']} events")
+    print(f"size:   {total['bytes']} bytes")
     print(f"oldest: {'-' if oldest is None else f'{oldest:.0f} s ago'}")
     return EXIT_OK
 
@@ -157,21 +177,30 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log.model_copy(update={"level": "warning"}), settings.secrets())
     from bridge.publisher import Publisher  # noqa: PLC0415
     from bridge.spool import Spool, SpoolLocked, drain  # noqa: PLC0415
+    from bridge.workers import spool_dirs  # noqa: PLC0415
 
-    async def drain_spool() -> int:
-        async with await Spool.open(settings.spool) as spool:
+    async def drain_spools() -> int:
+        async with contextlib.AsyncExitStack() as opened:
+            spools = [
+                await opened.enter_async_context(
+                    await Spool.open(settings.spool.model_copy(update={"path": path}))
+                )
+                for path in spool_dirs(settings.spool.path)
+            ]
             publisher = Publisher(settings.amqp)
+            opened.push_async_callback(publisher.close)
             await publisher.start()
-            try:
-                async with asyncio.timeout(args.wait):
-                    await publisher.wait_ready()
-                with tqdm(total=spool.depth, unit="event", desc="draining") as progress:
-                    return await drain(spool, publisher.publish, on_progress=_advance(progress))
-            finally:
-                await publisher.close()
+            async with asyncio.timeout(args.wait):
+                await publisher.wait_ready()
+            with tqdm(total=sum(s.depth for s in spools), unit="event", desc="draining") as bar:
+                drained = 0
+                for spool in spools:
+                    progress = _advance(bar, before=drained)
+                    drained += await drain(spool, publisher.publish, on_progress=progress)
+                return drained
 
     try:
-        drained = _run_async(drain_spool())
+        drained = _run_async(drain_spools())
     except SpoolLocked:
         message = "the spool is in use: the daemon is running and drains it itself; stop it first"
         return _fail(message, EXIT_FAILURE)
@@ -184,9 +213,9 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _advance(progress: tqdm[Any]) -> Callable[[int], None]:
+def _advance(progress: tqdm[Any], before: int) -> Callable[[int], None]:
     def update(drained: int) -> None:
-        progress.update(drained - progress.n)
+        progress.update(before + drained - progress.n)
 
     return update
 

@@ -61,12 +61,8 @@ async def test_status_of_a_spool_that_was_never_used_is_empty(tmp_path: Path) ->
     config = write_toml(tmp_path / "c.toml", {"spool": {"path": str(tmp_path / "none")}})
     code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
     assert code == 0
-    assert json.loads(out) == {
-        "path": str(tmp_path / "none"),
-        "depth": 0,
-        "bytes": 0,
-        "oldest_age": None,
-    }
+    empty = {"path": str(tmp_path / "none"), "depth": 0, "bytes": 0, "oldest_age": None}
+    assert json.loads(out) == {**empty, "spools": [empty]}
 
 
 async def test_status_then_drain_with_the_daemon_stopped_delivers_everything(

@@ -56,7 +56,7 @@ class BridgeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: asyncio.subprocess.Process | None = None
 
-    async def start(self, *, wait_ready: bool = True) -> None:
+    async def start(self, *, wait_ready: bool = True, wait_listening: bool = True) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
@@ -70,7 +70,8 @@ class BridgeProcess:
                 stderr=log,
                 env=env,
             )
-        await self._wait_for("/readyz" if wait_ready else "/healthz")
+        if wait_listening:
+            await self._wait_for("/readyz" if wait_ready else "/healthz")
 
     async def _wait_for(self, path: str, within: float = 15.0) -> None:
         async with aiohttp.ClientSession() as http, asyncio.timeout(within):

@@ -1,0 +1,122 @@
+"""Several bridge processes sharing one port (``server.workers``), for more than one core.
+
+One Python process runs on one core, and the bridge's work per delivery is Python work. With
+``server.workers = N`` a supervisor forks N workers; each listens on the same port with
+``SO_REUSEPORT`` (the kernel spreads connections across them) and has its own AMQP connection
+and its own spool. Worker 0 uses ``spool.path`` and alone runs reconciliation; worker ``i``
+spools under ``spool.path/worker-<i>``; the ``spool`` commands cover every one of them.
+
+The supervisor forwards SIGTERM/SIGINT to its workers and waits for them; a worker that dies is
+started again after a back-off, unless it could not start at all (exit code 1: a configuration
+or spool problem that a restart will not fix), which stops the whole bridge.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+from typing import Final
+
+import structlog
+
+from bridge.config import Settings
+
+log = structlog.get_logger(__name__)
+
+CANNOT_START: Final = 1  # a worker's exit code when it could not start
+_RESTART_DELAY: Final = (1.0, 30.0)  # first and longest wait before restarting a worker
+
+WorkerBody = Callable[[Settings, int], int]
+"""Runs worker ``index`` of the bridge until it is told to stop; returns its exit code."""
+
+
+def spool_dir(root: Path, worker: int) -> Path:
+    """Where worker ``worker`` keeps its spool: ``spool.path`` itself for worker 0."""
+    return root if worker == 0 else root / f"worker-{worker}"
+
+
+def spool_dirs(root: Path) -> list[Path]:
+    """Every spool the bridge's workers may have written, worker 0's first."""
+    return [root, *sorted(path for path in root.glob("worker-*") if path.is_dir())]
+
+
+class Supervisor:
+    """Runs ``body(settings, i)`` for i in 0..N-1, each in a forked process, until told to stop."""
+
+    def __init__(self, settings: Settings, body: WorkerBody) -> None:
+        self._settings = settings
+        self._body = body
+        self._context = multiprocessing.get_context("fork")
+        self._workers: dict[int, BaseProcess] = {}
+        self._stopping = False
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._request_stop)
+        count = self._settings.server.workers
+        log.info("workers.starting", workers=count)
+        for index in range(count):
+            self._start(index)
+        failed = self._supervise()
+        return self._stop_all() or failed
+
+    def _start(self, index: int) -> None:
+        process = self._context.Process(
+            target=_worker_main,
+            args=(self._body, self._settings, index),
+            name=f"konpro-bridge-worker-{index}",
+        )
+        process.start()
+        self._workers[index] = process
+
+    def _supervise(self) -> int:
+        delay = _RESTART_DELAY[0]
+        while not self._stopping:
+            sentinels = [process.sentinel for process in self._workers.values()]
+            multiprocessing.connection.wait(sentinels, timeout=1.0)
+            for index, process in list(self._workers.items()):
+                if self._stopping or process.is_alive():
+                    continue
+                log.error("workers.exited", worker=index, exit_code=process.exitcode)
+                if process.exitcode == CANNOT_START:
+                    return CANNOT_START
+                time.sleep(delay)
+                delay = min(delay * 2, _RESTART_DELAY[1])
+                if not self._stopping:
+                    self._start(index)
+        return 0
+
+    def _stop_all(self) -> int:
+        self._stopping = True
+        for process in self._workers.values():
+            if process.is_alive() and process.pid is not None:
+                process.terminate()  # SIGTERM: each worker shuts down gracefully
+        deadline = time.monotonic() + self._settings.server.shutdown_timeout + 5.0
+        worst = 0
+        for index, process in self._workers.items():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("workers.kill", worker=index, detail="did not stop in time")
+                process.kill()
+                process.join()
+            worst = max(worst, abs(process.exitcode or 0))
+        log.info("workers.stopped")
+        return worst
+
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        if not self._stopping:
+            log.info("workers.signal", signal=signal.Signals(signum).name)
+        self._stopping = True
+
+
+def _worker_main(body: WorkerBody, settings: Settings, index: int) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)  # the worker's event loop installs its own
+    structlog.contextvars.bind_contextvars(worker=index)
+    raise SystemExit(body(settings, index))

@@ -1,0 +1,142 @@
+"""``server.workers``: several processes share the port, each with its own connection and spool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from tests.conftest import AMQP_URL, QueueFactory, drain, proxied_amqp_url
+from tests.support.process import BridgeProcess, write_toml
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
+
+JSON = {"Content-Type": "application/json"}
+
+
+def sections(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
+    return {
+        "server": {"workers": 2},
+        "amqp": {"url": amqp_url, "exchange": exchange, "reconnect_interval": 0.2},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+
+
+def bodies(count: int) -> list[bytes]:
+    return [
+        orjson.dumps({"event_type": "avatar_video.success", "event_data": {"video_id": f"v{n}"}})
+        for n in range(count)
+    ]
+
+
+async def post_each_on_a_new_connection(url: str, events: list[bytes]) -> list[int]:
+    """A connection per request, so that the kernel spreads them over the workers."""
+    statuses = []
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for body in events:
+            async with http.post(url, data=body, headers=JSON) as response:
+                statuses.append(response.status)
+    return statuses
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def worker_lines(log: str, event: str) -> set[int]:
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return {line["worker"] for line in lines if line.get("event") == event and "worker" in line}
+
+
+async def test_two_workers_share_the_port_deliver_everything_and_stop_cleanly(
+    tmp_path: Path, exchange_name: str, bind_queue: QueueFactory
+) -> None:
+    queue = await bind_queue("#")
+    events = bodies(40)
+    async with BridgeProcess(tmp_path, sections(tmp_path, exchange_name, AMQP_URL)) as bridge:
+        await eventually(lambda: worker_lines(bridge.log(), "amqp.connected") == {0, 1})
+        statuses = await post_each_on_a_new_connection(bridge.url + "/webhooks/konpro", events)
+        assert await bridge.stop() == 0
+
+    assert statuses == [200] * len(events)
+    assert sorted(m.body for m in await drain(queue, expect=len(events))) == sorted(events)
+    assert worker_lines(bridge.log(), "webhook.accepted") == {0, 1}
+    assert "workers.stopped" in bridge.log()
+
+
+async def test_each_worker_spools_on_its_own_and_the_spool_commands_see_them_all(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, bind_queue: QueueFactory
+) -> None:
+    queue = await bind_queue("#")
+    await broker_proxy.cut()
+    settings = sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
+    bridge = BridgeProcess(tmp_path, settings)
+    await bridge.start(wait_ready=False)
+    events = bodies(30)
+    statuses = await post_each_on_a_new_connection(bridge.url + "/webhooks/konpro", events)
+    assert await bridge.stop() == 0
+    assert statuses == [202] * len(events)
+
+    direct = write_toml(tmp_path / "direct.toml", sections(tmp_path, exchange_name, AMQP_URL))
+    status = json.loads(await cli("spool", "status", "--json", "--config", str(direct)))
+    assert status["depth"] == len(events)
+    assert [spool["depth"] > 0 for spool in status["spools"]] == [True, True]
+    assert "drained 30 events" in await cli("spool", "drain", "--config", str(direct))
+    assert sorted(m.body for m in await drain(queue, expect=len(events))) == sorted(events)
+
+
+async def test_a_worker_that_dies_is_started_again(
+    tmp_path: Path, exchange_name: str, bind_queue: QueueFactory
+) -> None:
+    queue = await bind_queue("#")
+    async with BridgeProcess(tmp_path, sections(tmp_path, exchange_name, AMQP_URL)) as bridge:
+        assert bridge.process is not None
+        supervisor = bridge.process.pid
+        await eventually(lambda: len(worker_pids(supervisor)) == 2)
+        victim = worker_pids(supervisor)[0]
+        os.kill(victim, signal.SIGKILL)
+        await eventually(lambda: "workers.exited" in bridge.log())
+        await eventually(
+            lambda: len(worker_pids(supervisor)) == 2 and victim not in worker_pids(supervisor)
+        )
+        statuses = await post_each_on_a_new_connection(bridge.url + "/webhooks/konpro", bodies(10))
+        assert await bridge.stop() == 0
+
+    assert statuses == [200] * 10
+    assert len(await drain(queue, expect=10)) == 10
+
+
+async def test_workers_that_cannot_start_stop_the_bridge_with_exit_code_1(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    settings = sections(tmp_path, exchange_name, AMQP_URL)
+    (tmp_path / "not-a-directory").write_text("")
+    settings["spool"] = {"path": str(tmp_path / "not-a-directory")}
+    bridge = BridgeProcess(tmp_path, settings)
+    await bridge.start(wait_ready=False, wait_listening=False)
+    assert await bridge.wait() == 1
+    assert "bridge.cannot_start" in bridge.log()
+
+
+async def cli(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode()
