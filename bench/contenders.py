@@ -158,6 +158,17 @@ CONTENDERS: tuple[Contender, ...] = (
         unavailable=_bridge_unavailable,
     ),
     Contender(
+        name="konpro-bridge-2w",
+        description="konpro-bridge as deployed, but [server] workers = 2",
+        command=("{python}", "-m", "bridge", "run", "--config", "{config}"),
+        config_template=BRIDGE_CONFIG.replace('port = {port}', 'port = {port}\nworkers = 2'),
+        exchange_arguments={"alternate-exchange": "{exchange}.unrouted"},
+        also_exchanges=("{exchange}.unrouted",),
+        also_queues=("{exchange}.unrouted",),
+        by_default=False,
+        unavailable=_bridge_unavailable,
+    ),
+    Contender(
         name="naive",
         description="minimal aiohttp + aio-pika bridge (bench/naive_bridge.py)",
         command=("{python}", "-m", "bench.naive_bridge"),

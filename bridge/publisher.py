@@ -127,20 +127,22 @@ class Publisher:
         exchange_name = self._router.exchange_for(delivery.event_type)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._settings.publish_timeout):
-                # The aiormq channel under the robust one: aio-pika's Message and Exchange layers
-                # cost more per publish than the whole HTTP round trip's own Python work.
-                underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-                await underlay.basic_publish(
-                    delivery.body,
-                    exchange=exchange_name,
-                    routing_key=delivery.event_type,
-                    properties=_properties(delivery),
-                    mandatory=True,
-                    # Waiting for the socket write would hold the channel's lock until then and
-                    # serialise the publishes; the confirm is what matters.
-                    wait=False,
-                )
+            # The aiormq channel under the robust one: aio-pika's Message and Exchange layers
+            # cost more per publish than the HTTP round trip's own Python work. aiormq's timeout
+            # covers the whole publish, confirm included; a reconnect is never waited for,
+            # since publishing is refused above while the broker is not ready.
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            await underlay.basic_publish(
+                delivery.body,
+                exchange=exchange_name,
+                routing_key=delivery.event_type,
+                properties=_properties(delivery),
+                mandatory=True,
+                timeout=self._settings.publish_timeout,
+                # Waiting for the socket write would hold the channel's lock until then and
+                # serialise the publishes; the confirm is what matters.
+                wait=False,
+            )
         except TimeoutError:
             raise PublishFailed("broker did not confirm in time") from None
         except aiormq.exceptions.DeliveryError as exc:

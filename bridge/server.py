@@ -135,8 +135,11 @@ class WebhookHandler:
         if request.content_length is not None and request.content_length > limit:
             raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
         try:
-            async with asyncio.timeout(self._settings.body_timeout):
+            if request.content.is_eof():  # it all came with the headers: nothing to wait for
                 body = await request.read()
+            else:
+                async with asyncio.timeout(self._settings.body_timeout):
+                    body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes") from None
         except TimeoutError:
