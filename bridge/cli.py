@@ -221,7 +221,7 @@ def _advance(progress: tqdm[Any], before: int) -> Callable[[int], None]:
 
 
 def _run_async(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop where it is installed: it roughly doubles what one core can publish."""
+    """Run on uvloop where it is installed, else on asyncio's own loop."""
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
