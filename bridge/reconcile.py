@@ -479,8 +479,9 @@ def _explain(exc: KonProError, desired: Desired) -> str:
         return f"KonPro refused the API key (konpro.api_key): {exc}"
     if isinstance(exc, ValidationFailed) and exc.call in {"endpoint.add", "endpoint.update"}:
         return (
-            f"KonPro would not register {desired.url}: {exc}. The URL must be reachable from "
-            "KonPro and answer OPTIONS with 2xx within 1 second"
+            f"KonPro would not register {desired.url}: {exc}. Check that the URL is reachable "
+            "from KonPro and answers OPTIONS with 2xx within 1 second, and that konpro.events "
+            "names event types KonPro knows (konpro-bridge events)"
         )
     return str(exc)
 

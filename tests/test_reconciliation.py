@@ -309,7 +309,7 @@ async def test_a_url_that_does_not_answer_options_is_a_clear_error(
     assert result.error is not None
     assert webhook_receiver.url in result.error
     assert "could not be verified" in result.error
-    assert "answer OPTIONS" in result.error
+    assert "answers OPTIONS" in result.error
     assert fake_konpro.endpoints == {}
 
 
