@@ -161,7 +161,7 @@ CONTENDERS: tuple[Contender, ...] = (
         name="konpro-bridge-2w",
         description="konpro-bridge as deployed, but [server] workers = 2",
         command=("{python}", "-m", "bridge", "run", "--config", "{config}"),
-        config_template=BRIDGE_CONFIG.replace('port = {port}', 'port = {port}\nworkers = 2'),
+        config_template=BRIDGE_CONFIG.replace("port = {port}", "port = {port}\nworkers = 2"),
         exchange_arguments={"alternate-exchange": "{exchange}.unrouted"},
         also_exchanges=("{exchange}.unrouted",),
         also_queues=("{exchange}.unrouted",),
