@@ -55,8 +55,17 @@ def private_broker() -> Iterator[PrivateBroker]:
 
 
 @pytest.fixture
-def exchange_name() -> str:
-    return f"test.{uuid.uuid4().hex[:12]}"
+async def exchange_name() -> AsyncIterator[str]:
+    """The test's own exchange name; what the bridge declares under it is deleted afterwards."""
+    name = f"test.{uuid.uuid4().hex[:12]}"
+    yield name
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    for base in (name, f"{name}.other"):
+        for entity in (base, f"{base}.unrouted"):
+            await channel.exchange_delete(entity)
+            await channel.queue_delete(entity)
+    await connection.close()
 
 
 @pytest.fixture
@@ -67,18 +76,9 @@ async def amqp() -> AsyncIterator[AbstractRobustConnection]:
 
 
 @pytest.fixture
-async def channel(
-    amqp: AbstractRobustConnection, exchange_name: str
-) -> AsyncIterator[AbstractChannel]:
-    """A channel for the test's own queues; deletes the test's exchanges afterwards."""
-    channel = await amqp.channel()
-    yield channel
-    cleanup = await amqp.channel()
-    for suffix in ("", ".unrouted", ".routed"):
-        for base in (exchange_name, f"{exchange_name}.other"):
-            await cleanup.exchange_delete(base + suffix)
-            await cleanup.queue_delete(base + suffix)
-    await cleanup.close()
+async def channel(amqp: AbstractRobustConnection) -> AbstractChannel:
+    """A channel for the test's own queues (exclusive: they go with the connection)."""
+    return await amqp.channel()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from bridge.app import Bridge
 from bridge.samples import sample_body
@@ -27,7 +26,6 @@ from tests.support.waiting import eventually
 from tests.test_metrics_describe_the_bridge import Samples, scrape, value
 
 pytest_plugins = ("tests.fake_konpro",)
-pytestmark = pytest.mark.usefixtures("channel")  # deletes each test's exchanges afterwards
 
 SECRET = "whsec_observed"
 RECEIVED = "konpro_bridge_events_received_total"

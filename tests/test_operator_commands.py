@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from bridge.app import Bridge
 from bridge.samples import sample_body
@@ -44,7 +43,6 @@ async def konpro_bridge(*args: str | Path) -> asyncio.subprocess.Process:
     )
 
 
-@pytest.mark.usefixtures("channel")  # deletes the test's exchanges afterwards
 async def test_tail_json_shows_an_event_published_through_the_bridge(
     start_bridge: BridgeFactory,
     http: aiohttp.ClientSession,

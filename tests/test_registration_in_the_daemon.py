@@ -27,7 +27,6 @@ from tests.fake_konpro import FakeKonPro
 from tests.support.process import free_port
 
 pytest_plugins = ("tests.fake_konpro",)
-pytestmark = pytest.mark.usefixtures("channel")  # deletes each test's exchanges afterwards
 
 INTERVAL = 1.0  # the shortest interval the settings allow
 Starter = Callable[..., AbstractAsyncContextManager[Bridge]]
