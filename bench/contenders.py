@@ -133,40 +133,40 @@ _APP_ENV = {
     "BENCH_EXCHANGE": "{exchange}",
 }
 
-CONTENDERS: tuple[Contender, ...] = (
-    Contender(
-        name="konpro-bridge",
-        description="konpro-bridge, default settings, JSON info logging to a file",
+
+def _bridge(name: str, description: str, config: str, *, by_default: bool = True) -> Contender:
+    return Contender(
+        name=name,
+        description=description,
         command=("{python}", "-m", "bridge", "run", "--config", "{config}"),
-        config_template=BRIDGE_CONFIG,
+        config_template=config,
         # The bridge declares each exchange with an alternate exchange "<name>.unrouted"
         # (fanout) feeding a durable queue of that name.
         exchange_arguments={"alternate-exchange": "{exchange}.unrouted"},
         also_exchanges=("{exchange}.unrouted",),
         also_queues=("{exchange}.unrouted",),
+        by_default=by_default,
         unavailable=_bridge_unavailable,
+    )
+
+
+CONTENDERS: tuple[Contender, ...] = (
+    _bridge(
+        "konpro-bridge",
+        "konpro-bridge, default settings, JSON info logging to a file",
+        BRIDGE_CONFIG,
     ),
-    Contender(
-        name="konpro-bridge-warnlog",
-        description="konpro-bridge as above but [log] level = warning (no per-request log line)",
-        command=("{python}", "-m", "bridge", "run", "--config", "{config}"),
-        config_template=BRIDGE_CONFIG.replace('level = "info"', 'level = "warning"'),
-        exchange_arguments={"alternate-exchange": "{exchange}.unrouted"},
-        also_exchanges=("{exchange}.unrouted",),
-        also_queues=("{exchange}.unrouted",),
+    _bridge(
+        "konpro-bridge-warnlog",
+        "konpro-bridge as above but [log] level = warning (no per-request log line)",
+        BRIDGE_CONFIG.replace('level = "info"', 'level = "warning"'),
         by_default=False,
-        unavailable=_bridge_unavailable,
     ),
-    Contender(
-        name="konpro-bridge-2w",
-        description="konpro-bridge as deployed, but [server] workers = 2",
-        command=("{python}", "-m", "bridge", "run", "--config", "{config}"),
-        config_template=BRIDGE_CONFIG.replace("port = {port}", "port = {port}\nworkers = 2"),
-        exchange_arguments={"alternate-exchange": "{exchange}.unrouted"},
-        also_exchanges=("{exchange}.unrouted",),
-        also_queues=("{exchange}.unrouted",),
+    _bridge(
+        "konpro-bridge-2w",
+        "konpro-bridge as deployed, but [server] workers = 2",
+        BRIDGE_CONFIG.replace("port = {port}", "port = {port}\nworkers = 2"),
         by_default=False,
-        unavailable=_bridge_unavailable,
     ),
     Contender(
         name="naive",
