@@ -110,10 +110,14 @@ class Bridge:
             max_line_size=self.settings.server.max_header_bytes,
         )
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self.settings.server.host, self.settings.server.port, reuse_port=True
-        )
-        await site.start()
+        server = self.settings.server
+        # Workers share the port; a single process must notice that another one holds it.
+        shared = server.workers > 1
+        site = web.TCPSite(self._runner, server.host, server.port, reuse_port=shared)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {server.host}:{server.port}: {exc}") from exc
         log.info(
             "bridge.listening",
             url=self.url,
@@ -138,7 +142,9 @@ class Bridge:
             return
         self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
         await self._metrics_runner.setup()
-        await web.TCPSite(self._metrics_runner, self.settings.server.host, port).start()
+        host = self.settings.server.host
+        shared = self.settings.server.workers > 1
+        await web.TCPSite(self._metrics_runner, host, port, reuse_port=shared).start()
 
     async def _open_spool(self) -> Spool:
         try:

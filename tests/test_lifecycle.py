@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -83,3 +84,17 @@ async def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_pat
         out, _ = await process.communicate()
         assert process.returncode == 0
         assert out.startswith(b"konpro-bridge ")
+
+
+async def test_a_port_already_taken_is_a_clear_start_up_error(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sections = settings(tmp_path, exchange_name, "amqp://guest:guest@127.0.0.1:5672/")
+        bridge = BridgeProcess(tmp_path, {**sections, "server": {"port": port}})
+        await bridge.start(wait_listening=False)
+        assert await bridge.wait() == 1
+    assert "cannot listen on 127.0.0.1:" in bridge.log()
