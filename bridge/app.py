@@ -120,8 +120,7 @@ class Bridge:
             raise StartupError(f"cannot listen on {server.host}:{server.port}: {exc}") from exc
         log.info(
             "bridge.listening",
-            url=self.url,
-            webhook_path=self.settings.server.webhook_path,
+            url=self.webhook_url,
             version=__version__,
         )
         self._start_reconciling()
@@ -190,6 +189,11 @@ class Bridge:
         host = self.settings.server.host
         host = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
         return f"http://{host}:{self.port}"
+
+    @property
+    def webhook_url(self) -> str:
+        """Where KonPro's deliveries go, on the port actually bound."""
+        return self.url + self.settings.server.webhook_path
 
     async def stop(self) -> None:
         """Stop listening, let in-flight deliveries finish (bounded), then close the connection."""

@@ -25,7 +25,6 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
-    AbstractExchange,
     AbstractRobustChannel,
     AbstractRobustConnection,
     DeliveryMode,
@@ -82,7 +81,6 @@ class Publisher:
         self._router = Router(settings.exchange, settings.routes)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
         self._topology_declared = False
         self._last_error: str | None = "connecting to the broker"
         self._connect_task: asyncio.Task[None] | None = None
@@ -197,7 +195,7 @@ class Publisher:
         log.info(
             "amqp.connected",
             url=masked_url(self._settings.url.get_secret_value()),
-            exchanges=list(self._exchanges),
+            exchanges=list(self._settings.exchanges),
         )
 
     async def _declare_topology(self, channel: AbstractRobustChannel) -> None:
@@ -207,7 +205,8 @@ class Publisher:
             )
             queue = await channel.declare_queue(unrouted_name(name), durable=True)
             await queue.bind(unrouted, routing_key="#")
-            self._exchanges[name] = await channel.declare_exchange(
+            # The robust channel keeps the exchange and declares it again after a reconnect.
+            await channel.declare_exchange(
                 name,
                 ExchangeType.TOPIC,
                 durable=True,

@@ -51,7 +51,7 @@ async def test_every_malformed_envelope_is_answered_400_naming_the_problem(
     queue = await bind_queue("#")
     answers = {}
     async with start_bridge() as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         with structlog.testing.capture_logs() as logs:
             for name, body in BAD_BODIES.items():
                 headers = {"Content-Type": "application/json"}
@@ -81,7 +81,7 @@ async def test_a_body_that_does_not_claim_to_be_json_is_answered_415(
 ) -> None:
     queue = await bind_queue("#")
     async with start_bridge() as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         async with http.post(url, data=VALID, headers={"Content-Type": content_type}) as response:
             assert response.status == 415
             assert (await response.json())["error"] == "unsupported_media_type"
@@ -93,7 +93,7 @@ async def test_json_variants_of_the_content_type_are_accepted(
 ) -> None:
     queue = await bind_queue("#")
     async with start_bridge() as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         for content_type in ("application/json; charset=utf-8", "application/cloudevents+json"):
             async with http.post(url, data=VALID, headers={"Content-Type": content_type}) as resp:
                 assert resp.status == 200
@@ -116,7 +116,7 @@ async def test_a_body_over_the_limit_is_answered_413(
             yield body[start : start + 1000]
 
     async with start_bridge(server={"max_body_bytes": 4096}) as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         data = chunks() if chunked else body
         headers = {"Content-Type": "application/json"}
         async with http.post(url, data=data, headers=headers) as response:
@@ -133,7 +133,7 @@ async def test_an_unusable_event_id_header_is_answered_400(
 ) -> None:
     queue = await bind_queue("#")
     async with start_bridge() as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         headers = {"Content-Type": "application/json", "KonPro-Event-Id": "e" * 201}
         async with http.post(url, data=VALID, headers=headers) as response:
             assert response.status == 400
@@ -146,6 +146,6 @@ async def test_other_methods_on_the_webhook_path_are_answered_405(
     method: str, start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:
     async with start_bridge() as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         async with http.request(method, url) as response:
             assert response.status == 405

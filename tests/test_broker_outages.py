@@ -45,7 +45,7 @@ async def test_options_and_health_are_answered_while_the_broker_is_unreachable(
     await broker_proxy.cut()
     amqp = {"url": proxied_amqp_url(broker_proxy)}
     async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         for path in (url, bridge.url + "/", bridge.url + "/any/path"):
             async with http.options(path, timeout=aiohttp.ClientTimeout(total=1)) as response:
                 assert response.status == 200
@@ -67,7 +67,7 @@ async def test_a_delivery_while_the_broker_is_down_is_spooled_then_forwarded(
     await broker_proxy.cut()
     amqp = {"url": proxied_amqp_url(broker_proxy)}
     async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         async with http.post(url, data=VALID, headers=JSON) as response:
             assert response.status == 202
             assert (await response.json())["outcome"] == "spooled"
@@ -91,9 +91,7 @@ async def test_the_bridge_connects_and_forwards_once_the_broker_appears(
         assert (await readiness(http, bridge))[0] == 503
         await broker_proxy.restore()
         await wait_for_readiness(http, bridge, 200)
-        async with http.post(
-            bridge.url + bridge.settings.server.webhook_path, data=VALID, headers=JSON
-        ) as response:
+        async with http.post(bridge.webhook_url, data=VALID, headers=JSON) as response:
             assert response.status == 200
     assert [m.body for m in await drain(queue, expect=1)] == [VALID]
 
@@ -107,7 +105,7 @@ async def test_readiness_follows_the_link_down_and_up_and_delivery_resumes(
     queue = await bind_queue("#")
     amqp = {"url": proxied_amqp_url(broker_proxy)}
     async with start_bridge(amqp=amqp) as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         assert (await readiness(http, bridge))[0] == 200
 
         await broker_proxy.cut()
@@ -134,7 +132,7 @@ async def test_a_delivery_the_broker_does_not_confirm_in_time_is_spooled(
     amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 0.5}
     async with start_bridge(amqp=amqp) as bridge:
         broker_proxy.hold()
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         async with http.post(url, data=VALID, headers=JSON) as response:
             assert response.status == 202
         broker_proxy.release()

@@ -61,7 +61,7 @@ async def post(
     body: bytes,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, object]]:
-    url = bridge.url + bridge.settings.server.webhook_path
+    url = bridge.webhook_url
     all_headers = {"Content-Type": "application/json", **(headers or {})}
     async with http.post(url, data=body, headers=all_headers) as response:
         return response.status, await response.json(content_type=None)

@@ -32,7 +32,7 @@ def signed(body: bytes, secret: str = SECRET, header: str = "KonPro-Signature") 
 async def post(
     http: aiohttp.ClientSession, bridge: Bridge, headers: dict[str, str], body: bytes = BODY
 ) -> tuple[int, dict[str, str]]:
-    url = bridge.url + bridge.settings.server.webhook_path
+    url = bridge.webhook_url
     async with http.post(url, data=body, headers=headers) as response:
         return response.status, await response.json()
 

@@ -103,7 +103,7 @@ async def test_thousands_of_generated_deliveries_get_2xx_or_4xx_and_only_valid_o
     queue = await bind_queue("#")
     published: list[bytes] = []
     async with start_bridge(konpro={"webhook_secret": SECRET}) as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
 
         @settings(
             max_examples=2000,
@@ -183,7 +183,7 @@ async def test_oversized_headers_are_refused_with_a_4xx(
     start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:
     async with start_bridge() as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         headers = {"Content-Type": "application/json", "X-Huge": "x" * 20_000}
         async with http.post(url, data=b"{}", headers=headers) as response:
             assert 400 <= response.status < 500

@@ -38,7 +38,7 @@ async def test_sigterm_lets_in_flight_publishes_finish_then_exits_zero(
     )
     await bridge.start()
     broker_proxy.delay = 0.4  # every confirm now takes a while: the publishes are in flight
-    url = bridge.url + "/webhooks/konpro"
+    url = bridge.webhook_url
     bodies = [
         orjson.dumps({"event_type": "avatar_video.success", "event_data": {"video_id": f"v{i}"}})
         for i in range(20)

@@ -60,7 +60,7 @@ async def test_a_link_cut_for_seconds_under_steady_load_loses_no_accepted_event(
     counter = itertools.count()
     answers: list[tuple[str, int]] = []
     async with start_bridge(amqp=amqp) as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         deadline = time.monotonic() + 6.0
 
         async def sender() -> None:
@@ -104,7 +104,7 @@ async def test_events_in_the_spool_survive_sigkill_and_are_delivered_after_resta
     await broker_proxy.cut()
     first = BridgeProcess(tmp_path, sections)
     await first.start(wait_ready=False)
-    url = first.url + "/webhooks/konpro"
+    url = first.webhook_url
     answers = await asyncio.gather(*(post(http, url, n) for n in range(25)))
     assert {status for _, status in answers} == {202}
     first.send(signal.SIGKILL)
@@ -127,7 +127,7 @@ async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
     await broker_proxy.cut()
     amqp = {"url": proxied_amqp_url(broker_proxy)}
     async with start_bridge(wait_ready=False, amqp=amqp, spool={"max_events": 5}) as bridge:
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         answers = [await post(http, url, n) for n in range(8)]
         async with http.post(url, data=event(99)[1], headers=JSON) as refused:
             assert refused.status == 503
@@ -172,7 +172,7 @@ async def test_a_broker_that_blocks_publishers_gets_bounded_answers_and_loses_no
     )
     async with Bridge(settings) as bridge:
         await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
-        url = bridge.url + bridge.settings.server.webhook_path
+        url = bridge.webhook_url
         private_broker.raise_memory_alarm()
         try:
             async with asyncio.timeout(15):  # bounded: each answer within the publish timeout

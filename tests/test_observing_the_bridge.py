@@ -44,7 +44,7 @@ async def post(
         headers["KonPro-Signature"] = sign(body, secret)
     if event_id is not None:
         headers["KonPro-Event-Id"] = event_id
-    url = bridge.url + bridge.settings.server.webhook_path
+    url = bridge.webhook_url
     async with http.post(url, data=body, headers=headers) as response:
         return response.status
 

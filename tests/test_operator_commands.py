@@ -116,7 +116,7 @@ async def test_an_unreachable_broker_is_one_line_without_the_password(tmp_path: 
 async def _post(
     http: aiohttp.ClientSession, bridge: Bridge, body: bytes, headers: dict[str, str]
 ) -> None:
-    url = bridge.url + bridge.settings.server.webhook_path
+    url = bridge.webhook_url
     headers = {"Content-Type": "application/json", **headers}
     async with http.post(url, data=body, headers=headers) as response:
         assert response.status == 200

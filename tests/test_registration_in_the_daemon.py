@@ -62,7 +62,7 @@ async def until(condition: Callable[[], object], within: float = 10.0) -> None:
 
 async def post_event(http: aiohttp.ClientSession, bridge: Bridge) -> int:
     headers = {"Content-Type": "application/json"}
-    async with http.post(bridge.url + "/webhooks/konpro", data=EVENT, headers=headers) as response:
+    async with http.post(bridge.webhook_url, data=EVENT, headers=headers) as response:
         return response.status
 
 
@@ -120,7 +120,7 @@ async def test_a_learnt_signing_secret_is_kept_masked_and_enforced_at_once(
         await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
         await until(lambda: bridge.authenticator.enabled)
         [registered] = fake_konpro.endpoints.values()
-        url = bridge.url + settings.server.webhook_path
+        url = bridge.webhook_url
         unsigned = {"Content-Type": "application/json"}
         async with http.post(url, data=EVENT, headers=unsigned) as response:
             assert response.status == 401

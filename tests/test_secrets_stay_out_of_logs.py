@@ -59,7 +59,7 @@ async def test_a_full_run_with_every_secret_set_logs_none_of_them(
     try:
         await bridge.start()
         await eventually(lambda: bool(konpro.endpoints))
-        url = bridge.url + "/webhooks/konpro"
+        url = bridge.webhook_url
         for secret in (WEBHOOK_SECRET, OLD_SECRET, "whsec_forged"):
             headers = {"Content-Type": "application/json", "KonPro-Signature": sign(EVENT, secret)}
             async with http.post(url, data=EVENT, headers=headers) as response:

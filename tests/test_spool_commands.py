@@ -51,7 +51,7 @@ async def spool_some_events(
     await bridge.start(wait_ready=False)
     for body in bodies:
         headers = {"Content-Type": "application/json"}
-        async with http.post(bridge.url + "/webhooks/konpro", data=body, headers=headers) as r:
+        async with http.post(bridge.webhook_url, data=body, headers=headers) as r:
             assert r.status == 202
     assert await bridge.stop() == 0
     return bodies

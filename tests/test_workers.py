@@ -65,7 +65,7 @@ async def test_two_workers_share_the_port_deliver_everything_and_stop_cleanly(
     events = bodies(40)
     async with BridgeProcess(tmp_path, sections(tmp_path, exchange_name, AMQP_URL)) as bridge:
         await eventually(lambda: worker_lines(bridge.log(), "amqp.connected") == {0, 1})
-        statuses = await post_each_on_a_new_connection(bridge.url + "/webhooks/konpro", events)
+        statuses = await post_each_on_a_new_connection(bridge.webhook_url, events)
         assert await bridge.stop() == 0
 
     assert statuses == [200] * len(events)
@@ -83,7 +83,7 @@ async def test_each_worker_spools_on_its_own_and_the_spool_commands_see_them_all
     bridge = BridgeProcess(tmp_path, settings)
     await bridge.start(wait_ready=False)
     events = bodies(30)
-    statuses = await post_each_on_a_new_connection(bridge.url + "/webhooks/konpro", events)
+    statuses = await post_each_on_a_new_connection(bridge.webhook_url, events)
     assert await bridge.stop() == 0
     assert statuses == [202] * len(events)
 
@@ -109,7 +109,7 @@ async def test_a_worker_that_dies_is_started_again(
         await eventually(
             lambda: len(worker_pids(supervisor)) == 2 and victim not in worker_pids(supervisor)
         )
-        statuses = await post_each_on_a_new_connection(bridge.url + "/webhooks/konpro", bodies(10))
+        statuses = await post_each_on_a_new_connection(bridge.webhook_url, bodies(10))
         assert await bridge.stop() == 0
 
     assert statuses == [200] * 10

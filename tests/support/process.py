@@ -54,6 +54,7 @@ class BridgeProcess:
         self.config = write_toml(workdir / "bridge.toml", sections)
         self.log_path = workdir / "bridge.log"
         self.url = f"http://127.0.0.1:{self.port}"
+        self.webhook_url = self.url + sections["server"].get("webhook_path", "/webhooks/konpro")
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, *, wait_ready: bool = True, wait_listening: bool = True) -> None:
