@@ -64,7 +64,8 @@ class Supervisor:
         for index in range(count):
             self._start(index)
         failed = self._supervise()
-        return self._stop_all() or failed
+        stopped = self._stop_all()
+        return failed or stopped  # the cause of a stop matters more than how the others ended
 
     def _start(self, index: int) -> None:
         process = self._context.Process(
@@ -105,7 +106,7 @@ class Supervisor:
                 log.error("workers.kill", worker=index, detail="did not stop in time")
                 process.kill()
                 process.join()
-            worst = max(worst, abs(process.exitcode or 0))
+            worst = max(worst, _exit_status(process.exitcode))
         log.info("workers.stopped")
         return worst
 
@@ -113,6 +114,17 @@ class Supervisor:
         if not self._stopping:
             log.info("workers.signal", signal=signal.Signals(signum).name)
         self._stopping = True
+
+
+def _exit_status(exitcode: int | None) -> int:
+    """A worker's exit code as the supervisor reports it: ended by our SIGTERM is a clean stop.
+
+    A worker still starting up has not installed its signal handlers yet, so the SIGTERM that
+    stops it kills it (exit code -15) instead of starting its graceful shutdown.
+    """
+    if exitcode is None or exitcode == -signal.SIGTERM:
+        return 0
+    return abs(exitcode)
 
 
 def _worker_main(body: WorkerBody, settings: Settings, index: int) -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
 import orjson
 
-from tests.conftest import AMQP_URL, QueueFactory, drain, proxied_amqp_url
+from bridge.config import Settings
+from bridge.workers import Supervisor
+from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.process import BridgeProcess, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -126,6 +130,30 @@ async def test_workers_that_cannot_start_stop_the_bridge_with_exit_code_1(
     await bridge.start(wait_ready=False, wait_listening=False)
     assert await bridge.wait() == 1
     assert "bridge.cannot_start" in bridge.log()
+
+
+def one_cannot_start_while_the_other_is_still_starting(settings: Settings, index: int) -> int:
+    """Worker 0 fails to start; worker 1 has not installed its signal handlers yet."""
+    if index == 0:
+        time.sleep(0.3)  # worker 1 is surely forked and asleep by now
+        return 1
+    time.sleep(30)
+    return 0
+
+
+def supervise(settings: Settings) -> None:
+    raise SystemExit(Supervisor(settings, one_cannot_start_while_the_other_is_still_starting).run())
+
+
+def test_the_worker_that_cannot_start_decides_the_exit_code_not_the_ones_stopped_with_it(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path, "unused", server={"workers": 2})
+    # A process of its own, so that the supervisor's signal handlers stay out of the test runner.
+    supervisor = multiprocessing.get_context("fork").Process(target=supervise, args=(settings,))
+    supervisor.start()
+    supervisor.join(20)
+    assert supervisor.exitcode == 1
 
 
 async def cli(*args: str) -> str:
