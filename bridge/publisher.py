@@ -42,6 +42,7 @@ UNROUTED_SUFFIX = ".unrouted"
 _FIRST_RETRY_DELAY = 0.5
 _MAX_CONNECT_DELAY = 30.0
 _CONNECT_TIMEOUT = 10.0
+_CHANNEL_RESTORE_GRACE = 5.0  # seconds a channel the broker closed may take to come back
 
 
 class PublishFailed(DeliveryRefused):
@@ -81,9 +82,11 @@ class Publisher:
         self._router = Router(settings.exchange, settings.routes)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
+        self._underlay: aiormq.Channel | None = None
         self._topology_declared = False
         self._last_error: str | None = "connecting to the broker"
         self._connect_task: asyncio.Task[None] | None = None
+        self._restore_watch: asyncio.Task[None] | None = None
         self._on_ready: list[Callable[[], None]] = []
         self.link_changed_at = time.time()
         """When the link last came up or went down (wall clock), for ``/status``."""
@@ -129,7 +132,11 @@ class Publisher:
             # cost more per publish than the HTTP round trip's own Python work. aiormq's timeout
             # covers the whole publish, confirm included; a reconnect is never waited for,
             # since publishing is refused above while the broker is not ready.
-            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            underlay = self._underlay
+            if underlay is None or underlay.is_closed:  # first publish, or after a reconnect
+                underlay = self._underlay = cast(
+                    aiormq.Channel, await channel.get_underlay_channel()
+                )
             await underlay.basic_publish(
                 delivery.body,
                 exchange=exchange_name,
@@ -150,10 +157,11 @@ class Publisher:
         self._metrics.published(exchange_name, time.perf_counter() - started)
 
     async def close(self) -> None:
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connect_task
+        for task in (self._restore_watch, self._connect_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._discard_connection()
         self._topology_declared = False
         self._last_error = "publisher closed"
@@ -189,8 +197,11 @@ class Publisher:
         await connection.connect(timeout=_CONNECT_TIMEOUT)
         connection.close_callbacks.add(self._connection_lost)
         connection.reconnect_callbacks.add(self._reconnected)
-        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await self._declare_topology(self._channel)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel
+        channel.close_callbacks.add(self._channel_closed)
+        channel.reopen_callbacks.add(self._channel_reopened)
+        await self._declare_topology(channel)
         self._mark_ready()
         log.info(
             "amqp.connected",
@@ -222,6 +233,7 @@ class Publisher:
 
     async def _discard_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        self._underlay = None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -231,6 +243,42 @@ class Publisher:
             self._last_error = f"broker connection lost: {_describe(exc)}"
             self.link_changed_at = time.time()
             log.warning("amqp.connection_lost", error=_describe(exc))
+
+    def _channel_closed(self, channel: object, exc: BaseException | None = None) -> None:
+        # The broker closes a channel on an error it blames on a publish (a deleted exchange:
+        # NOT_FOUND); the robust channel then opens a new one and declares the topology again.
+        # Nothing may publish until it has: a publish to the missing exchange would close the
+        # channel again mid-restore, and aio-pika does not restore it a second time.
+        if channel is not self._channel:
+            return  # a channel of a connection already discarded
+        self._topology_declared = False
+        connection = self._connection
+        if exc is None or connection is None or not connection.connected.is_set():
+            return  # closed by us, or with the connection (logged as amqp.connection_lost)
+        self._last_error = f"broker closed the channel: {_describe(exc)}"
+        self.link_changed_at = time.time()
+        log.warning("amqp.channel_closed", error=_describe(exc), detail="reopening")
+        if self._restore_watch is None or self._restore_watch.done():
+            self._restore_watch = asyncio.create_task(
+                self._reconnect_unless_restored(), name="amqp-restore-watch"
+            )
+
+    def _channel_reopened(self, _: object) -> None:
+        self._mark_ready()  # the forwarder may have given up on a closed channel: wake it
+
+    async def _reconnect_unless_restored(self) -> None:
+        """Start over with a new connection when the robust channel does not come back."""
+        await asyncio.sleep(_CHANNEL_RESTORE_GRACE)
+        connection = self._connection
+        if self.is_ready or connection is None or not connection.connected.is_set():
+            return  # restored, or the connection is down and reconnecting on its own
+        log.error(
+            "amqp.channel_not_restored",
+            error=self._last_error,
+            detail="reconnecting with a new connection",
+        )
+        await self._discard_connection()
+        self._connect_task = asyncio.create_task(self._connect_until_ready(), name="amqp-connect")
 
     def _reconnected(self, _: object) -> None:
         # The robust channel has re-declared the exchanges, queues and bindings it made.

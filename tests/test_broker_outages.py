@@ -7,6 +7,7 @@ never stopped.
 from __future__ import annotations
 
 import aiohttp
+from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
 from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
@@ -139,3 +140,63 @@ async def test_a_delivery_the_broker_does_not_confirm_in_time_is_spooled(
     # The held publish may arrive as well as the spooled copy: at least once, same message id.
     received = await drain(queue, expect=1)
     assert {m.body for m in received} == {VALID}
+
+
+async def test_an_exchange_deleted_under_the_running_bridge_is_declared_again_and_nothing_is_lost(
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    channel: AbstractChannel,
+    exchange_name: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    first, second, third = (
+        VALID.replace(b"v1", video_id.encode()) for video_id in ("first", "second", "third")
+    )
+    before = await bind_queue("#")
+    async with start_bridge() as bridge:
+        async with http.post(bridge.webhook_url, data=first, headers=JSON) as response:
+            assert response.status == 200
+        assert [m.body for m in await drain(before, expect=1)] == [first]
+        # Publishing to a missing exchange makes the broker close the bridge's channel.
+        await channel.exchange_delete(exchange_name)
+        async with http.post(bridge.webhook_url, data=second, headers=JSON) as response:
+            assert response.status in (200, 202)
+        await wait_for_empty_spool(bridge)
+        # Declared again by the bridge; its binding went with it, so the event went unrouted.
+        unrouted = await channel.get_queue(f"{exchange_name}.unrouted")
+        assert [m.body for m in await drain(unrouted, expect=1)] == [second]
+        after = await bind_queue("#")
+        async with http.post(bridge.webhook_url, data=third, headers=JSON) as response:
+            assert response.status == 200
+        assert [m.body for m in await drain(after, expect=1)] == [third]
+
+
+async def test_a_channel_the_broker_will_not_restore_is_reported_and_rebuilt_once_fixed(
+    start_bridge: BridgeFactory,
+    channel: AbstractChannel,
+    exchange_name: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    event = VALID.replace(b"v1", b"kept")
+    unrouted = f"{exchange_name}.unrouted"
+    async with start_bridge() as bridge:
+        # An operator deletes the exchange and re-declares the unrouted queue with other
+        # arguments: the bridge's channel closes, and re-declaring its topology fails.
+        await channel.exchange_delete(exchange_name)
+        await channel.queue_delete(unrouted)
+        await channel.declare_queue(unrouted, durable=True, arguments={"x-max-length": 7})
+        async with http.post(bridge.webhook_url, data=event, headers=JSON) as response:
+            assert response.status == 202
+
+        def reconnecting_fails_too() -> bool:
+            reason = bridge.publisher.not_ready_reason() or ""
+            return reason.startswith("cannot connect") and "PRECONDITION_FAILED" in reason
+
+        await eventually(reconnecting_fails_too, within=15)
+        status, body = await readiness(http, bridge)
+        assert (status, "PRECONDITION_FAILED" in body["reason"]) == (503, True)
+        await channel.queue_delete(unrouted)  # the operator undoes it
+        await wait_for_readiness(http, bridge, 200)
+        await wait_for_empty_spool(bridge)
+        queue = await channel.get_queue(unrouted)
+        assert [m.body for m in await drain(queue, expect=1)] == [event]
