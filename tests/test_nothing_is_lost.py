@@ -140,6 +140,33 @@ async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
     assert sorted(received) == sorted(event_id for event_id, status in answers if status == 202)
 
 
+async def test_an_event_the_broker_nacks_is_spooled_and_forwarded_once_there_is_room(
+    start_bridge: BridgeFactory,
+    channel: aio_pika.abc.AbstractChannel,
+    exchange_name: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    # A consumer's queue that holds one message and refuses more: the broker nacks the publish.
+    await channel.declare_exchange(
+        exchange_name,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": f"{exchange_name}.unrouted"},
+    )
+    queue = await channel.declare_queue(
+        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    await queue.bind(exchange_name, "#")
+    async with start_bridge() as bridge:
+        first = await post(http, bridge.webhook_url, 1)
+        second = await post(http, bridge.webhook_url, 2)
+        assert (first[1], second[1], bridge.spool.depth) == (200, 202, 1)
+        received = await message_ids(queue, at_least=2)  # taking the first makes room
+        await eventually(lambda: bridge.spool.depth == 0)
+
+    assert received == [first[0], second[0]]
+
+
 @pytest.fixture
 async def private_queue(
     private_broker: PrivateBroker, exchange_name: str
