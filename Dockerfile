@@ -31,7 +31,8 @@ USER ${UID}:${UID}
 VOLUME ["/var/lib/konpro-bridge/spool"]
 EXPOSE 8080
 STOPSIGNAL SIGTERM
+# The same settings as the daemon (config file and environment), so a changed port is followed.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"]
+  CMD ["konpro-bridge", "healthcheck"]
 ENTRYPOINT ["konpro-bridge"]
 CMD ["run"]

@@ -32,6 +32,7 @@ from bridge.reconcile import SECRET_FILE_NAME, Reconciler, ReconcileResult
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+_HEALTHCHECK_TIMEOUT = 2.0  # seconds; below the image's HEALTHCHECK --timeout
 
 T = TypeVar("T")
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -452,6 +453,16 @@ def _add_operator_commands(
     )
     send.set_defaults(command=_send_test_event)
 
+    health = commands.add_parser(
+        "healthcheck",
+        parents=[common],
+        help="ask this host's bridge whether it serves (exit 0) or not (exit 1): for HEALTHCHECK",
+    )
+    health.add_argument(
+        "--ready", action="store_true", help="ask /readyz instead: can it publish right now?"
+    )
+    health.set_defaults(command=_healthcheck)
+
 
 def _tail(args: argparse.Namespace, settings: Settings) -> int:
     from bridge import tools  # noqa: PLC0415 - keep check-config free of the network stack
@@ -483,6 +494,26 @@ def _send_test_event(args: argparse.Namespace, settings: Settings) -> int:
     answer = _run_tool(work, settings, "cannot deliver the test event")
     print(answer.status, answer.body)
     return EXIT_OK if 200 <= answer.status < 300 else EXIT_FAILURE
+
+
+def _healthcheck(args: argparse.Namespace, settings: Settings) -> int:
+    """One GET with the standard library: a container runs this every few seconds."""
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    from bridge.tools import local_url  # noqa: PLC0415
+
+    url = local_url(settings, "/readyz" if args.ready else "/healthz")
+    try:
+        with urllib.request.urlopen(url, timeout=_HEALTHCHECK_TIMEOUT) as response:  # noqa: S310
+            print(f"{url}: {response.status} {response.read().decode(errors='replace')}")
+            return EXIT_OK
+    except urllib.error.HTTPError as exc:  # 503 from /readyz: the body says why
+        print(f"{url}: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # refused, timed out, nothing listening
+        reason = getattr(exc, "reason", None) or exc
+        print(f"{url}: not answering: {reason}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def _run_tool(work: Coroutine[Any, Any, T], settings: Settings, failure: str) -> T:

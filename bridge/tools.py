@@ -170,9 +170,14 @@ async def send_test_event(
 
 def local_webhook_url(settings: Settings) -> str:
     """Where this host's bridge listens for deliveries, as reached from the same host."""
+    return local_url(settings, settings.server.webhook_path)
+
+
+def local_url(settings: Settings, path: str) -> str:
+    """``path`` on this host's bridge, as reached from the same host."""
     host = settings.server.host
     if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - a wildcard is reached over loopback
         host = "127.0.0.1"
     elif ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.server.port}{settings.server.webhook_path}"
+    return f"http://{host}:{settings.server.port}{path}"

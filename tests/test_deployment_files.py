@@ -97,6 +97,7 @@ def test_the_image_runs_as_a_numeric_non_root_user_with_a_health_check_and_a_spo
 
     assert re.search(r"^USER \$\{UID\}:\$\{UID\}$", final_stage, re.M)
     assert re.search(r"^ARG UID=[1-9]\d*$", final_stage, re.M)
-    assert "/healthz" in final_stage.split("HEALTHCHECK", 1)[1]
+    # `konpro-bridge healthcheck` asks /healthz on the port the settings name
+    assert '"konpro-bridge", "healthcheck"]' in final_stage.split("HEALTHCHECK", 1)[1]
     assert f'VOLUME ["{Settings().spool.path}"]' in final_stage
     assert "pip install" not in final_stage  # nothing is built or fetched in the final stage

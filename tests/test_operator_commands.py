@@ -14,8 +14,9 @@ import orjson
 from bridge.app import Bridge
 from bridge.samples import sample_body
 from bridge.signatures import SignatureVerifier
-from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
+from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.process import write_toml
+from tests.support.tcp_proxy import TcpProxy
 
 SECRET = "whsec_operator"
 
@@ -120,3 +121,38 @@ async def _post(
     headers = {"Content-Type": "application/json", **headers}
     async with http.post(url, data=body, headers=headers) as response:
         assert response.status == 200
+
+
+async def test_healthcheck_follows_the_configured_port_and_says_why_it_fails(
+    start_bridge: BridgeFactory, exchange_name: str, tmp_path: Path
+) -> None:
+    async with start_bridge() as bridge:
+        port = int(bridge.url.rsplit(":", 1)[1])
+        server = {"host": "0.0.0.0", "port": port}  # noqa: S104 - reached over loopback
+        config = cli_config(tmp_path, exchange_name, server=server)
+        for args in (("healthcheck",), ("healthcheck", "--ready")):
+            check = await konpro_bridge(*args, "--config", config)
+            out, _ = await check.communicate()
+            assert (check.returncode, b" 200 " in out) == (0, True), args
+
+    check = await konpro_bridge("healthcheck", "--config", config)  # the bridge has stopped
+    _, err = await check.communicate()
+    assert check.returncode == 1
+    assert f"127.0.0.1:{port}/healthz: not answering".encode() in err
+
+
+async def test_healthcheck_ready_fails_with_the_reason_while_the_broker_is_unreachable(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy, exchange_name: str, tmp_path: Path
+) -> None:
+    await broker_proxy.cut()
+    async with start_bridge(
+        wait_ready=False, amqp={"url": proxied_amqp_url(broker_proxy)}
+    ) as bridge:
+        port = int(bridge.url.rsplit(":", 1)[1])
+        config = cli_config(tmp_path, exchange_name, server={"host": "127.0.0.1", "port": port})
+        alive = await konpro_bridge("healthcheck", "--config", config)
+        ready = await konpro_bridge("healthcheck", "--ready", "--config", config)
+        _, err = await ready.communicate()
+        assert (await alive.wait(), ready.returncode) == (0, 1)
+        assert b"503" in err
+        assert b"cannot connect to the broker" in err
