@@ -18,6 +18,11 @@ VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"
 JSON = {"Content-Type": "application/json"}
 
 
+async def deliver(http: aiohttp.ClientSession, url: str, body: bytes) -> int:
+    async with http.post(url, data=body, headers=JSON) as response:
+        return response.status
+
+
 async def readiness(http: aiohttp.ClientSession, bridge: Bridge) -> tuple[int, dict[str, str]]:
     async with http.get(bridge.url + "/readyz") as response:
         return response.status, await response.json()
@@ -92,8 +97,7 @@ async def test_the_bridge_connects_and_forwards_once_the_broker_appears(
         assert (await readiness(http, bridge))[0] == 503
         await broker_proxy.restore()
         await wait_for_readiness(http, bridge, 200)
-        async with http.post(bridge.webhook_url, data=VALID, headers=JSON) as response:
-            assert response.status == 200
+        assert await deliver(http, bridge.webhook_url, VALID) == 200
     assert [m.body for m in await drain(queue, expect=1)] == [VALID]
 
 
@@ -112,13 +116,11 @@ async def test_readiness_follows_the_link_down_and_up_and_delivery_resumes(
         await broker_proxy.cut()
         body = await wait_for_readiness(http, bridge, 503)
         assert "broker" in body["reason"]
-        async with http.post(url, data=VALID, headers=JSON) as response:
-            assert response.status == 202
+        assert await deliver(http, url, VALID) == 202
 
         await broker_proxy.restore()
         await wait_for_readiness(http, bridge, 200)
-        async with http.post(url, data=VALID, headers=JSON) as response:
-            assert response.status == 200
+        assert await deliver(http, url, VALID) == 200
         await wait_for_empty_spool(bridge)
     assert [m.body for m in await drain(queue, expect=2)] == [VALID, VALID]
 
@@ -134,8 +136,7 @@ async def test_a_delivery_the_broker_does_not_confirm_in_time_is_spooled(
     async with start_bridge(amqp=amqp) as bridge:
         broker_proxy.hold()
         url = bridge.webhook_url
-        async with http.post(url, data=VALID, headers=JSON) as response:
-            assert response.status == 202
+        assert await deliver(http, url, VALID) == 202
         broker_proxy.release()
     # The held publish may arrive as well as the spooled copy: at least once, same message id.
     received = await drain(queue, expect=1)
@@ -154,20 +155,17 @@ async def test_an_exchange_deleted_under_the_running_bridge_is_declared_again_an
     )
     before = await bind_queue("#")
     async with start_bridge() as bridge:
-        async with http.post(bridge.webhook_url, data=first, headers=JSON) as response:
-            assert response.status == 200
+        assert await deliver(http, bridge.webhook_url, first) == 200
         assert [m.body for m in await drain(before, expect=1)] == [first]
         # Publishing to a missing exchange makes the broker close the bridge's channel.
         await channel.exchange_delete(exchange_name)
-        async with http.post(bridge.webhook_url, data=second, headers=JSON) as response:
-            assert response.status in (200, 202)
+        assert await deliver(http, bridge.webhook_url, second) in (200, 202)
         await wait_for_empty_spool(bridge)
         # Declared again by the bridge; its binding went with it, so the event went unrouted.
         unrouted = await channel.get_queue(f"{exchange_name}.unrouted")
         assert [m.body for m in await drain(unrouted, expect=1)] == [second]
         after = await bind_queue("#")
-        async with http.post(bridge.webhook_url, data=third, headers=JSON) as response:
-            assert response.status == 200
+        assert await deliver(http, bridge.webhook_url, third) == 200
         assert [m.body for m in await drain(after, expect=1)] == [third]
 
 
@@ -185,8 +183,7 @@ async def test_a_channel_the_broker_will_not_restore_is_reported_and_rebuilt_onc
         await channel.exchange_delete(exchange_name)
         await channel.queue_delete(unrouted)
         await channel.declare_queue(unrouted, durable=True, arguments={"x-max-length": 7})
-        async with http.post(bridge.webhook_url, data=event, headers=JSON) as response:
-            assert response.status == 202
+        assert await deliver(http, bridge.webhook_url, event) == 202
 
         def reconnecting_fails_too() -> bool:
             reason = bridge.publisher.not_ready_reason() or ""
