@@ -27,6 +27,7 @@ import structlog
 from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
+    AbstractRobustQueue,
     DeliveryMode,
     ExchangeType,
 )
@@ -43,6 +44,7 @@ _FIRST_RETRY_DELAY = 0.5
 _MAX_CONNECT_DELAY = 30.0
 _CONNECT_TIMEOUT = 10.0
 _CHANNEL_RESTORE_GRACE = 5.0  # seconds a channel the broker closed may take to come back
+_REDECLARE_INTERVAL = 5.0  # seconds at least between declaring the topology again after a return
 
 
 class PublishFailed(DeliveryRefused):
@@ -87,6 +89,9 @@ class Publisher:
         self._last_error: str | None = "connecting to the broker"
         self._connect_task: asyncio.Task[None] | None = None
         self._restore_watch: asyncio.Task[None] | None = None
+        self._unrouted_queues: dict[str, AbstractRobustQueue] = {}
+        self._redeclare: asyncio.Task[None] | None = None
+        self._redeclared_at = 0.0
         self._on_ready: list[Callable[[], None]] = []
         self.link_changed_at = time.time()
         """When the link last came up or went down (wall clock), for ``/status``."""
@@ -150,6 +155,14 @@ class Publisher:
             )
         except TimeoutError:
             raise PublishFailed("broker did not confirm in time") from None
+        except aiormq.exceptions.PublishError:
+            # Returned: unroutable although every exchange has an alternate exchange, so part
+            # of the topology is gone (say, someone deleted "<exchange>.unrouted").
+            self._declare_topology_again()
+            raise PublishFailed(
+                f"broker returned the message: no route on {exchange_name!r}, "
+                f"not even to {unrouted_name(exchange_name)!r}"
+            ) from None
         except aiormq.exceptions.DeliveryError as exc:
             raise PublishFailed(f"broker refused the message: {_describe(exc)}") from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
@@ -157,7 +170,7 @@ class Publisher:
         self._metrics.published(exchange_name, time.perf_counter() - started)
 
     async def close(self) -> None:
-        for task in (self._restore_watch, self._connect_task):
+        for task in (self._redeclare, self._restore_watch, self._connect_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -201,6 +214,7 @@ class Publisher:
         self._channel = channel
         channel.close_callbacks.add(self._channel_closed)
         channel.reopen_callbacks.add(self._channel_reopened)
+        self._unrouted_queues = {}
         await self._declare_topology(channel)
         self._mark_ready()
         log.info(
@@ -211,11 +225,18 @@ class Publisher:
 
     async def _declare_topology(self, channel: AbstractRobustChannel) -> None:
         for name in self._settings.exchanges:
-            unrouted = await channel.declare_exchange(
-                unrouted_name(name), ExchangeType.FANOUT, durable=True
-            )
-            queue = await channel.declare_queue(unrouted_name(name), durable=True)
-            await queue.bind(unrouted, routing_key="#")
+            await channel.declare_exchange(unrouted_name(name), ExchangeType.FANOUT, durable=True)
+            queue = self._unrouted_queues.get(name)
+            if queue is None:
+                queue = await channel.declare_queue(unrouted_name(name), durable=True)
+                self._unrouted_queues[name] = queue
+            else:
+                # The same queue object declared again: the robust channel keeps every queue
+                # object it hands out, to declare it after a reconnect.
+                await queue.declare()
+            # By name: the queue keeps its bindings by exchange, and a declaration returns a
+            # new exchange object each time.
+            await queue.bind(unrouted_name(name), routing_key="#")
             # The robust channel keeps the exchange and declares it again after a reconnect.
             await channel.declare_exchange(
                 name,
@@ -223,6 +244,32 @@ class Publisher:
                 durable=True,
                 arguments={"alternate-exchange": unrouted_name(name)},
             )
+
+    def _declare_topology_again(self) -> None:
+        """Declare the topology again in the background, at most every few seconds."""
+        channel = self._channel
+        busy = self._redeclare is not None and not self._redeclare.done()
+        recent = time.monotonic() - self._redeclared_at < _REDECLARE_INTERVAL
+        if channel is None or busy or recent:
+            return
+        self._redeclared_at = time.monotonic()
+        self._redeclare = asyncio.create_task(
+            self._redeclare_topology(channel), name="amqp-redeclare"
+        )
+
+    async def _redeclare_topology(self, channel: AbstractRobustChannel) -> None:
+        try:
+            await self._declare_topology(channel)
+        except Exception as exc:  # noqa: BLE001 - a failure closes the channel; it is restored
+            log.warning("amqp.declare_failed", error=_describe(exc))
+            return
+        log.warning(
+            "amqp.topology_declared_again",
+            detail="a message was returned as unroutable: an exchange or queue had been deleted",
+            exchanges=list(self._settings.exchanges),
+        )
+        for callback in self._on_ready:
+            callback()  # the forwarder retries the returned events now
 
     def _mark_ready(self) -> None:
         self._topology_declared = True

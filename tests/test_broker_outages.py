@@ -197,3 +197,20 @@ async def test_a_channel_the_broker_will_not_restore_is_reported_and_rebuilt_onc
         await wait_for_empty_spool(bridge)
         queue = await channel.get_queue(unrouted)
         assert [m.body for m in await drain(queue, expect=1)] == [event]
+
+
+async def test_a_deleted_unrouted_exchange_is_declared_again_instead_of_blocking_the_spool(
+    start_bridge: BridgeFactory,
+    channel: AbstractChannel,
+    exchange_name: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    unrouted = f"{exchange_name}.unrouted"
+    async with start_bridge() as bridge:
+        # Someone tidies up an exchange that looks unused: an event no queue is bound for is
+        # then returned by the broker instead of kept, and spooled at the head of the spool.
+        await channel.exchange_delete(unrouted)
+        assert await deliver(http, bridge.webhook_url, VALID) == 202
+        await wait_for_empty_spool(bridge)
+        queue = await channel.get_queue(unrouted)
+        assert [m.body for m in await drain(queue, expect=1)] == [VALID]
