@@ -21,7 +21,7 @@ from aiohttp import web
 from bridge import __version__
 from bridge.config import Settings
 from bridge.konpro import KonProClient
-from bridge.logs import redactor
+from bridge.logs import Redactor, redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
 from bridge.publisher import Publisher
 from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret, why_not_reconcile
@@ -61,6 +61,8 @@ class Bridge:
             konpro.webhook_secrets, timestamp_tolerance=konpro.timestamp_tolerance
         )
         self.replays = ReplayGuard(konpro.replay_window, konpro.replay_cache_size)
+        # For what the bridge says over HTTP (/readyz, /status): reasons quote error texts.
+        self._answers = Redactor(settings.secrets())
         self._spool: Spool | None = None
         self._forwarder: Forwarder | None = None
         self._runner: web.AppRunner | None = None
@@ -95,7 +97,7 @@ class Bridge:
         app = create_app(
             self.settings.server,
             relay,
-            self.publisher.not_ready_reason,
+            self._not_ready_reason,
             self.authenticator,
             self.metrics,
         )
@@ -133,6 +135,7 @@ class Bridge:
             lambda: self.spool,
             registration=None if off else self.last_registration,
             registration_off=off or "",
+            redact=self._answers.redact_bytes,
         )
         app.router.add_get("/status", report.handle)
         port = self.settings.server.metrics_port
@@ -173,9 +176,14 @@ class Bridge:
         )
 
     def use_webhook_secret(self, secret: str) -> None:
-        """Verify deliveries with ``secret`` from now on (and keep it out of the logs)."""
+        """Verify deliveries with ``secret`` from now on (and keep it out of logs and answers)."""
         redactor.add(secret)
+        self._answers.add(secret)
         self.authenticator.add_secret(secret)
+
+    def _not_ready_reason(self) -> str | None:
+        reason = self.publisher.not_ready_reason()
+        return None if reason is None else self._answers(reason)
 
     @property
     def port(self) -> int:

@@ -10,6 +10,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 
 from bridge import __version__
@@ -38,8 +39,10 @@ class StatusReport:
         spool: Callable[[], Spool],
         registration: RegistrationProbe | None = None,
         registration_off: str = "reconciliation is not enabled",
+        redact: Callable[[bytes], bytes] = bytes,
     ) -> None:
         self._publisher = publisher
+        self._redact = redact
         self._spool = spool
         self._registration = registration
         self._registration_off = registration_off
@@ -53,7 +56,9 @@ class StatusReport:
         }
 
     async def handle(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.collect())
+        """The report as JSON, with any secret that slipped into an error text masked."""
+        body = self._redact(orjson.dumps(await self.collect()))
+        return web.Response(body=body, content_type="application/json")
 
     def _broker(self) -> dict[str, Any]:
         reason = self._publisher.not_ready_reason()

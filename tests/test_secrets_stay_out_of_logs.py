@@ -13,6 +13,7 @@ import structlog
 from bridge.config import LogSettings
 from bridge.logs import configure_logging, redactor
 from bridge.signatures import sign
+from tests.conftest import BridgeFactory
 from tests.fake_konpro import FakeKonPro
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess, free_port
@@ -124,3 +125,17 @@ def test_a_secret_inside_an_exception_or_a_foreign_log_line_is_masked() -> None:
     assert WEBHOOK_SECRET not in output
     assert "call.failed" in output
     assert "retrying with" in output
+
+
+async def test_a_secret_in_a_reason_is_masked_in_readyz_and_status_too(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    # A password that the broker's error text happens to contain: whatever a reason holds,
+    # the HTTP answers pass the same redactor as the log lines.
+    amqp = {"url": f"amqp://guest:failed@127.0.0.1:{free_port()}/"}
+    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+        await eventually(lambda: "Connect call" in (bridge.publisher.not_ready_reason() or ""))
+        for path in ("/readyz", "/status"):
+            async with http.get(bridge.url + path) as response:
+                answer = await response.text()
+            assert "cannot connect to the broker: [Errno 111] Connect call ***" in answer, path
