@@ -7,9 +7,11 @@ down, deliveries go to the spool at once instead of each waiting out the publish
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
-from bridge.events import Delivery, Outcome
+from bridge.events import Delivery, DeliveryRefused, Outcome
 from bridge.publisher import Publisher, PublishFailed
 from bridge.signatures import ReplayGuard
 from bridge.spool import Forwarder, Spool
@@ -32,15 +34,39 @@ class Relay:
         self._spool = spool
         self._forwarder = forwarder
         self._replays = replays
+        # Event ids being taken right now, each with the copies waiting for its outcome.
+        self._taking: dict[str, list[asyncio.Future[bool]]] = {}
 
     async def deliver(self, delivery: Delivery) -> Outcome:
         event_id = delivery.event_id
-        if event_id is not None and self._replays.seen(event_id):
+        if event_id is None or not self._replays.enabled:
+            return await self._publish_or_spool(delivery)
+        if self._replays.seen(event_id):
             return Outcome.DUPLICATE
-        outcome = await self._publish_or_spool(delivery)
-        if event_id is not None:
+        waiting = self._taking.get(event_id)
+        if waiting is not None:
+            return await self._after_the_first_copy(waiting)
+        self._taking[event_id] = []
+        taken = False
+        try:
+            outcome = await self._publish_or_spool(delivery)
             self._replays.remember(event_id)
-        return outcome
+            taken = True
+            return outcome
+        finally:
+            for waiter in self._taking.pop(event_id):
+                if not waiter.done():
+                    waiter.set_result(taken)
+
+    @staticmethod
+    async def _after_the_first_copy(waiting: list[asyncio.Future[bool]]) -> Outcome:
+        """A copy that came while the first was being taken (a replay, or a retry of a slow
+        answer) shares the first one's fate instead of being published a second time."""
+        taken = asyncio.get_running_loop().create_future()
+        waiting.append(taken)
+        if await taken:
+            return Outcome.DUPLICATE
+        raise DeliveryRefused("the same event could not be taken just now")
 
     async def _publish_or_spool(self, delivery: Delivery) -> Outcome:
         try:

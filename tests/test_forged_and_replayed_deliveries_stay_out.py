@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +14,8 @@ import structlog
 
 from bridge.app import Bridge, StartupError
 from bridge.signatures import sign
-from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
+from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
+from tests.support.tcp_proxy import TcpProxy
 
 SECRET = "whsec_current_3b9f"
 OLD_SECRET = "whsec_previous_77aa"
@@ -139,3 +141,24 @@ async def test_require_signature_without_a_secret_refuses_to_start(
     settings = make_settings(tmp_path, exchange_name, konpro={"require_signature": True})
     with pytest.raises(StartupError, match="webhook_secret"):
         await Bridge(settings).start()
+
+
+async def test_a_copy_arriving_while_the_first_is_still_being_taken_is_not_taken_again(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 3.0}
+    async with start_bridge(amqp=amqp, **SIGNED) as bridge:
+        headers = signed(BODY)
+        broker_proxy.hold()  # a confirm that does not come: the first copy is held 3 s
+        first = asyncio.create_task(post(http, bridge, headers))
+        await asyncio.sleep(0.5)  # overlap either way: the first cannot be done before 3 s
+        second = await post(http, bridge, headers)  # a replay, or KonPro retrying
+        answers = sorted([await first, second], key=lambda answer: answer[0])
+        spooled = bridge.spool.depth  # while still held: the forwarder cannot have drained it
+        broker_proxy.release()
+
+    assert [(status, body["outcome"]) for status, body in answers] == [
+        (200, "duplicate"),
+        (202, "spooled"),
+    ]
+    assert spooled == 1  # one copy kept, not two
