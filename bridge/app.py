@@ -35,6 +35,7 @@ from bridge.workers import spool_dir
 log = structlog.get_logger(__name__)
 
 _SECRET_POLL_INTERVAL = 2.0
+_GAUGE_REFRESH_SECONDS = 1.0  # how fresh, with several workers, the live gauges are
 
 
 class StartupError(Exception):
@@ -51,10 +52,16 @@ class Bridge:
             event_types=settings.konpro.events, exchanges=settings.amqp.exchanges
         )
         self.publisher = Publisher(settings.amqp, self.metrics)
+        reports_registration = not (self.metrics.shared and self._why_not_reconcile())
         self.metrics.watch(
             spool_depth=lambda: self.spool.depth,
             broker_connected=lambda: self.publisher.is_ready,
-            registration_ok=lambda: registration_ok(self.last_registration()),
+            # With several workers, the one that reconciles speaks for the registration.
+            registration_ok=(
+                (lambda: registration_ok(self.last_registration()))
+                if reports_registration
+                else None
+            ),
         )
         konpro = settings.konpro
         self.authenticator = Authenticator(
@@ -70,6 +77,7 @@ class Bridge:
         self._konpro: KonProClient | None = None
         self.reconciler: Reconciler | None = None
         self._reconciling: asyncio.Task[None] | None = None
+        self._sharing_gauges: asyncio.Task[None] | None = None
 
     @property
     def spool(self) -> Spool:
@@ -102,6 +110,8 @@ class Bridge:
             self.metrics,
         )
         await self._add_operator_endpoints(app)
+        if self.metrics.shared:
+            self._sharing_gauges = asyncio.create_task(self._share_gauges(), name="share-gauges")
         self._runner = web.AppRunner(
             app,
             access_log=None,  # one line per delivery is logged by the handler itself
@@ -206,6 +216,11 @@ class Bridge:
     async def stop(self) -> None:
         """Stop listening, let in-flight deliveries finish (bounded), then close the connection."""
         await self._stop_reconciling()
+        if self._sharing_gauges is not None:
+            self._sharing_gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sharing_gauges
+            self._sharing_gauges = None
         if self._runner is not None:
             log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
             await self._runner.cleanup()
@@ -226,6 +241,12 @@ class Bridge:
             await self._spool.close()
             self._spool = None
         log.info("bridge.stopped")
+
+    async def _share_gauges(self) -> None:
+        """Keep this worker's live gauges current for the scrapes the other workers answer."""
+        while True:
+            self.metrics.refresh_gauges()
+            await asyncio.sleep(_GAUGE_REFRESH_SECONDS)
 
     def _why_not_reconcile(self) -> str | None:
         if self.worker:

@@ -5,13 +5,21 @@ counters. Label values are bounded: an ``event_type`` comes from the network, so
 not documented by KonPro or configured in ``konpro.events`` is counted as ``other``; a sender
 inventing types cannot grow the series count. Gauges for live state (spool depth, broker link,
 registration) are read from callbacks at scrape time, so they cannot go stale.
+
+With several worker processes (``server.workers``) the supervisor gives them one
+``PROMETHEUS_MULTIPROC_DIR``: prometheus-client then keeps every value in files there, and a
+scrape answered by any worker reports all of them. Counters and the histogram add up (a restarted
+worker's counts are kept); each worker writes its live gauges there every second, and they are
+combined per gauge: the spool depths add up, the broker link counts as up only when it is up in
+every worker, and the registration is the one the reconciling worker last wrote.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, get_args
+from typing import Final, Literal, get_args
 
 from aiohttp import web
 from prometheus_client import (
@@ -21,6 +29,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 from bridge.events import DOCUMENTED_EVENT_TYPES
@@ -37,12 +46,31 @@ PUBLISH_BUCKETS: Final = (
 StateProbe = Callable[[], float | None]
 """Reads a live value at scrape time; ``None`` means unknown and is exposed as NaN."""
 
+GaugeName = Literal["spool_depth", "broker_connected", "registration_ok"]
+Combined = Literal["livesum", "livemin", "livemostrecent"]
+_GAUGES: Final[tuple[tuple[GaugeName, str, Combined], ...]] = (
+    ("spool_depth", "Events waiting in the spool for the broker.", "livesum"),
+    ("broker_connected", "1 when the broker link is up and the topology declared.", "livemin"),
+    (
+        "registration_ok",
+        "1 when the last registration check succeeded; NaN before.",
+        "livemostrecent",
+    ),
+)  # name, help, how the values of several workers combine
+
+
+def shared_directory() -> str | None:
+    """Where the workers of this bridge keep their metrics together; ``None``: one process."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
 
 class Metrics:
     """The bridge's metrics; every method is cheap enough for the per-delivery hot path."""
 
     def __init__(self, event_types: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._shared_directory = shared_directory()
+        self._probes: dict[GaugeName, Callable[[], float]] = {}
         self._event_types = frozenset((*DOCUMENTED_EVENT_TYPES, *event_types))
         self._exchanges = frozenset(exchanges)
         self._received = Counter(
@@ -70,12 +98,10 @@ class Metrics:
             registry=self.registry,
         )
         self._gauges = {
-            name: Gauge(f"konpro_bridge_{name}", text, registry=self.registry)
-            for name, text in (
-                ("spool_depth", "Events waiting in the spool for the broker."),
-                ("broker_connected", "1 when the broker link is up and the topology declared."),
-                ("registration_ok", "1 when the last registration check succeeded; NaN before."),
+            name: Gauge(
+                f"konpro_bridge_{name}", text, registry=self.registry, multiprocess_mode=mode
             )
+            for name, text, mode in _GAUGES
         }
         self._children: dict[tuple[str, str], Counter] = {}
         self._published_children: dict[str, Counter] = {}
@@ -106,19 +132,39 @@ class Metrics:
         broker_connected: StateProbe | None = None,
         registration_ok: StateProbe | None = None,
     ) -> None:
-        """Read these gauges from the given callbacks at every scrape."""
-        probes = {
+        """Read these gauges from the given callbacks at every scrape (and, with several
+        workers, at every ``refresh_gauges``)."""
+        probes: dict[GaugeName, StateProbe | None] = {
             "spool_depth": spool_depth,
             "broker_connected": broker_connected,
             "registration_ok": registration_ok,
         }
         for name, probe in probes.items():
             if probe is not None:
-                self._gauges[name].set_function(_never_raising(probe))
+                self._probes[name] = _never_raising(probe)
+                if self._shared_directory is None:
+                    self._gauges[name].set_function(self._probes[name])
+
+    @property
+    def shared(self) -> bool:
+        """Whether the values are kept with those of the other workers."""
+        return self._shared_directory is not None
+
+    def refresh_gauges(self) -> None:
+        """Write the live gauges where the other workers' scrapes read them."""
+        for name, read in self._probes.items():
+            self._gauges[name].set(read())
 
     def exposition(self) -> bytes:
-        """The registry in the Prometheus text format, served as ``CONTENT_TYPE``."""
-        return generate_latest(self.registry)
+        """The metrics in the Prometheus text format, served as ``CONTENT_TYPE``."""
+        if self._shared_directory is None:
+            return generate_latest(self.registry)
+        self.refresh_gauges()
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call] # untyped upstream
+            every_worker, path=self._shared_directory
+        )
+        return generate_latest(every_worker)
 
     def _initialise_series(self) -> None:
         # Series that exist from the start read 0 rather than absent, so rate() sees the first
@@ -130,7 +176,9 @@ class Metrics:
             self._published_children[exchange] = self._published.labels(exchange)
         for result in RECONCILE_RESULTS:
             self._reconcile_runs.labels(result)
-        self._gauges["registration_ok"].set(math.nan)
+        if self._shared_directory is None:
+            # With several workers only the reconciling one writes it, when it is watched.
+            self._gauges["registration_ok"].set(math.nan)
 
 
 def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:

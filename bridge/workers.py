@@ -9,15 +9,23 @@ spools under ``spool.path/worker-<i>``; the ``spool`` commands cover every one o
 The supervisor forwards SIGTERM/SIGINT to its workers and waits for them; a worker that dies is
 started again after a back-off, unless it could not start at all (exit code 1: a configuration
 or spool problem that a restart will not fix), which stops the whole bridge.
+
+The workers keep their metrics together in a directory the supervisor makes (and removes), so
+that a scrape answered by any of them reports all of them (see ``bridge.metrics``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
+import shutil
 import signal
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
@@ -61,10 +69,11 @@ class Supervisor:
             signal.signal(signum, self._request_stop)
         count = self._settings.server.workers
         log.info("workers.starting", workers=count)
-        for index in range(count):
-            self._start(index)
-        failed = self._supervise()
-        stopped = self._stop_all()
+        with _shared_metrics_directory():
+            for index in range(count):
+                self._start(index)
+            failed = self._supervise()
+            stopped = self._stop_all()
         return failed or stopped  # the cause of a stop matters more than how the others ended
 
     def _start(self, index: int) -> None:
@@ -85,6 +94,7 @@ class Supervisor:
                 if self._stopping or process.is_alive():
                     continue
                 log.error("workers.exited", worker=index, exit_code=process.exitcode)
+                _forget_live_gauges(process)
                 if process.exitcode == CANNOT_START:
                     return CANNOT_START
                 time.sleep(delay)
@@ -114,6 +124,31 @@ class Supervisor:
         if not self._stopping:
             log.info("workers.signal", signal=signal.Signals(signum).name)
         self._stopping = True
+
+
+@contextlib.contextmanager
+def _shared_metrics_directory() -> Iterator[None]:
+    """A fresh ``PROMETHEUS_MULTIPROC_DIR`` for the workers; prometheus-client reads it when a
+    worker first imports it, so it must be set before they start."""
+    directory = tempfile.mkdtemp(prefix="konpro-bridge-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    if "prometheus_client.values" in sys.modules:  # imported before: let it choose again
+        from prometheus_client import values  # noqa: PLC0415
+
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _forget_live_gauges(process: BaseProcess) -> None:
+    """A dead worker's gauges no longer count; its counters do (they are history)."""
+    from prometheus_client import multiprocess  # noqa: PLC0415 - after the directory is set
+
+    if process.pid is not None:
+        multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
 
 
 def _exit_status(exitcode: int | None) -> int:

@@ -78,6 +78,36 @@ async def test_two_workers_share_the_port_deliver_everything_and_stop_cleanly(
     assert "workers.stopped" in bridge.log()
 
 
+async def test_metrics_from_any_worker_count_the_deliveries_of_all_of_them(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    events = bodies(20)
+    async with BridgeProcess(tmp_path, sections(tmp_path, exchange_name, AMQP_URL)) as bridge:
+        await eventually(lambda: worker_lines(bridge.log(), "amqp.connected") == {0, 1})
+        await post_each_on_a_new_connection(bridge.webhook_url, events)
+        assert worker_lines(bridge.log(), "webhook.accepted") == {0, 1}
+        await asyncio.sleep(1.5)  # the live gauges are refreshed every second
+        scrapes = [await scrape(bridge.url + "/metrics") for _ in range(8)]
+
+    received = 'events_received_total{event_type="avatar_video.success",outcome="published"}'
+    confirmed = f'events_published_total{{exchange="{exchange_name}"}}'
+    for metrics in scrapes:  # whichever worker answered
+        assert metrics[f"konpro_bridge_{received}"] == len(events)
+        assert metrics[f"konpro_bridge_{confirmed}"] == len(events)
+        assert metrics["konpro_bridge_publish_seconds_count"] == len(events)
+        assert metrics["konpro_bridge_broker_connected"] == 1
+        assert metrics["konpro_bridge_spool_depth"] == 0
+
+
+async def scrape(url: str) -> dict[str, float]:
+    """One scrape on a connection of its own, so that either worker may answer it."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http, http.get(url) as response:
+        text = await response.text()
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
 async def test_each_worker_spools_on_its_own_and_the_spool_commands_see_them_all(
     tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, bind_queue: QueueFactory
 ) -> None:
