@@ -7,6 +7,11 @@ returns only once the broker has confirmed the message; every other ending raise
 Topology, declared on every (re)connect: each target exchange is a durable topic exchange whose
 alternate exchange ``<exchange>.unrouted`` (fanout) feeds a durable queue of the same name, so an
 event no service has bound a queue for is kept instead of silently dropped.
+
+Self-healing, for what operators and brokers do to a running bridge: a channel the broker closed
+is reopened with its topology (nothing publishes meanwhile), and rebuilt on a new connection if
+it does not come back; a message returned as unroutable means part of the topology was deleted,
+so it is declared again.
 """
 
 from __future__ import annotations
@@ -75,6 +80,51 @@ class Router:
         return self._default
 
 
+class Topology:
+    """What the bridge declares on a channel: each target exchange, durable topic, whose
+    alternate exchange ``<exchange>.unrouted`` (fanout) feeds a durable queue of that name.
+
+    The robust channel keeps what is declared through it and declares it again after a
+    reconnect; one ``Topology`` belongs to one connection's channel.
+    """
+
+    def __init__(self, channel: AbstractRobustChannel, exchanges: tuple[str, ...]) -> None:
+        self._channel = channel
+        self._exchanges = exchanges
+        self._unrouted_queues: dict[str, AbstractRobustQueue] = {}
+
+    async def declare(self) -> None:
+        """Declare everything; safe to repeat, after someone deleted part of it."""
+        for name in self._exchanges:
+            await self._channel.declare_exchange(
+                unrouted_name(name), ExchangeType.FANOUT, durable=True
+            )
+            await self._bind(await self._unrouted_queue(name), unrouted_name(name))
+            await self._channel.declare_exchange(
+                name,
+                ExchangeType.TOPIC,
+                durable=True,
+                arguments={"alternate-exchange": unrouted_name(name)},
+            )
+
+    async def _unrouted_queue(self, exchange: str) -> AbstractRobustQueue:
+        queue = self._unrouted_queues.get(exchange)
+        if queue is None:
+            queue = await self._channel.declare_queue(unrouted_name(exchange), durable=True)
+            self._unrouted_queues[exchange] = queue
+        else:
+            # The same queue object again: the robust channel keeps every queue object it
+            # hands out, to declare it after a reconnect.
+            await queue.declare()
+        return queue
+
+    @staticmethod
+    async def _bind(queue: AbstractRobustQueue, exchange: str) -> None:
+        # By name: the queue keeps its bindings by exchange, and each declaration of an exchange
+        # returns a new object.
+        await queue.bind(exchange, routing_key="#")
+
+
 class Publisher:
     """Owns the AMQP connection; safe to call ``publish`` from many tasks at once."""
 
@@ -89,7 +139,7 @@ class Publisher:
         self._last_error: str | None = "connecting to the broker"
         self._connect_task: asyncio.Task[None] | None = None
         self._restore_watch: asyncio.Task[None] | None = None
-        self._unrouted_queues: dict[str, AbstractRobustQueue] = {}
+        self._topology: Topology | None = None
         self._redeclare: asyncio.Task[None] | None = None
         self._redeclared_at = 0.0
         self._on_ready: list[Callable[[], None]] = []
@@ -214,8 +264,8 @@ class Publisher:
         self._channel = channel
         channel.close_callbacks.add(self._channel_closed)
         channel.reopen_callbacks.add(self._channel_reopened)
-        self._unrouted_queues = {}
-        await self._declare_topology(channel)
+        self._topology = Topology(channel, self._settings.exchanges)
+        await self._topology.declare()
         self._mark_ready()
         log.info(
             "amqp.connected",
@@ -223,43 +273,21 @@ class Publisher:
             exchanges=list(self._settings.exchanges),
         )
 
-    async def _declare_topology(self, channel: AbstractRobustChannel) -> None:
-        for name in self._settings.exchanges:
-            await channel.declare_exchange(unrouted_name(name), ExchangeType.FANOUT, durable=True)
-            queue = self._unrouted_queues.get(name)
-            if queue is None:
-                queue = await channel.declare_queue(unrouted_name(name), durable=True)
-                self._unrouted_queues[name] = queue
-            else:
-                # The same queue object declared again: the robust channel keeps every queue
-                # object it hands out, to declare it after a reconnect.
-                await queue.declare()
-            # By name: the queue keeps its bindings by exchange, and a declaration returns a
-            # new exchange object each time.
-            await queue.bind(unrouted_name(name), routing_key="#")
-            # The robust channel keeps the exchange and declares it again after a reconnect.
-            await channel.declare_exchange(
-                name,
-                ExchangeType.TOPIC,
-                durable=True,
-                arguments={"alternate-exchange": unrouted_name(name)},
-            )
-
     def _declare_topology_again(self) -> None:
         """Declare the topology again in the background, at most every few seconds."""
-        channel = self._channel
+        topology = self._topology
         busy = self._redeclare is not None and not self._redeclare.done()
         recent = time.monotonic() - self._redeclared_at < _REDECLARE_INTERVAL
-        if channel is None or busy or recent:
+        if topology is None or busy or recent:
             return
         self._redeclared_at = time.monotonic()
         self._redeclare = asyncio.create_task(
-            self._redeclare_topology(channel), name="amqp-redeclare"
+            self._redeclare_topology(topology), name="amqp-redeclare"
         )
 
-    async def _redeclare_topology(self, channel: AbstractRobustChannel) -> None:
+    async def _redeclare_topology(self, topology: Topology) -> None:
         try:
-            await self._declare_topology(channel)
+            await topology.declare()
         except Exception as exc:  # noqa: BLE001 - a failure closes the channel; it is restored
             log.warning("amqp.declare_failed", error=_describe(exc))
             return
@@ -268,19 +296,21 @@ class Publisher:
             detail="a message was returned as unroutable: an exchange or queue had been deleted",
             exchanges=list(self._settings.exchanges),
         )
-        for callback in self._on_ready:
-            callback()  # the forwarder retries the returned events now
+        self._notify_ready()  # the forwarder retries the returned events now
 
     def _mark_ready(self) -> None:
         self._topology_declared = True
         self._last_error = None
         self.link_changed_at = time.time()
+        self._notify_ready()
+
+    def _notify_ready(self) -> None:
         for callback in self._on_ready:
             callback()
 
     async def _discard_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        self._underlay = None
+        self._underlay, self._topology = None, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
