@@ -141,7 +141,7 @@ def _add_spool_commands(
 
 
 def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
-    from bridge.spool import FILE_NAME, Spool  # noqa: PLC0415
+    from bridge.spool import FILE_NAME, Spool, SpoolUnusable  # noqa: PLC0415
     from bridge.workers import spool_dirs  # noqa: PLC0415
 
     async def read(path: Path) -> dict[str, Any]:
@@ -154,7 +154,10 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
     async def read_all() -> list[dict[str, Any]]:
         return [await read(path) for path in spool_dirs(settings.spool.path)]
 
-    spools = _run_async(read_all())
+    try:
+        spools = _run_async(read_all())
+    except SpoolUnusable as exc:
+        return _fail(str(exc), EXIT_FAILURE)
     ages = [spool["oldest_age"] for spool in spools if spool["oldest_age"] is not None]
     total = {
         "path": str(settings.spool.path),
@@ -177,7 +180,7 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
 def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log.model_copy(update={"level": "warning"}), settings.secrets())
     from bridge.publisher import Publisher  # noqa: PLC0415
-    from bridge.spool import Spool, SpoolLocked, drain  # noqa: PLC0415
+    from bridge.spool import Spool, SpoolLocked, SpoolUnusable, drain  # noqa: PLC0415
     from bridge.workers import spool_dirs  # noqa: PLC0415
 
     async def drain_spools() -> int:
@@ -205,6 +208,8 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     except SpoolLocked:
         message = "the spool is in use: the daemon is running and drains it itself; stop it first"
         return _fail(message, EXIT_FAILURE)
+    except SpoolUnusable as exc:
+        return _fail(str(exc), EXIT_FAILURE)
     except TimeoutError:
         message = f"the broker did not answer within {args.wait:g} s; nothing was drained"
         return _fail(message, EXIT_FAILURE)

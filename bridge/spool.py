@@ -71,6 +71,10 @@ class SpoolLocked(RuntimeError):
     """Another process owns the spool."""
 
 
+class SpoolUnusable(RuntimeError):
+    """The spool's file cannot be opened as a spool (corrupt, not a database, unreadable)."""
+
+
 class SpoolFull(SpoolError):
     """Taking the delivery would exceed ``max_events`` or ``max_bytes``; nothing is dropped."""
 
@@ -136,6 +140,12 @@ class Spool:
             database = await loop.run_in_executor(executor, _Database.open, settings.path)
             if exclusive:
                 lock_fd = _lock(settings.path / LOCK_NAME)
+        except sqlite3.DatabaseError as exc:
+            executor.shutdown(wait=False)
+            raise SpoolUnusable(
+                f"{settings.path / FILE_NAME} is not a usable spool ({exc}); move it aside to "
+                "start with an empty spool, and recover its events with `sqlite3 FILE .recover`"
+            ) from exc
         except BaseException:
             executor.shutdown(wait=False)
             raise

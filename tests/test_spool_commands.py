@@ -115,3 +115,22 @@ async def test_drain_without_a_broker_fails_clearly_and_keeps_the_events(
     assert "did not answer" in err
     code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
     assert json.loads(out)["depth"] == 2
+
+
+async def test_a_corrupt_spool_file_is_one_clear_line_for_the_commands_and_the_daemon(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    config_sections = sections(tmp_path, exchange_name, AMQP_URL)
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "spool.sqlite3").write_bytes(b"not SQLite at all " * 300)
+    config = str(write_toml(tmp_path / "c.toml", config_sections))
+    for command in (("spool", "status"), ("spool", "drain", "--wait", "5")):
+        code, _, err = await cli(*command, "--config", config)
+        assert (code, err.count("\n")) == (1, 1), err
+        assert "spool.sqlite3 is not a usable spool (file is not a database)" in err
+
+    bridge = BridgeProcess(tmp_path, config_sections)
+    await bridge.start(wait_ready=False, wait_listening=False)
+    assert await bridge.wait() == 1
+    assert "is not a usable spool" in bridge.log()
+    assert "Traceback" not in bridge.log()
