@@ -439,7 +439,13 @@ def _add_operator_commands(
         "tail", parents=[common], help="print events as the bridge publishes them"
     )
     tail.add_argument(
-        "patterns", nargs="*", metavar="PATTERN", help="routing key patterns (default: '#')"
+        "--bind",
+        dest="patterns",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATTERN",
+        help="routing key patterns to watch, e.g. '*.fail' (repeatable; default: '#')",
     )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.add_argument("--max-events", type=int, metavar="N", help="stop after N events")

@@ -52,7 +52,7 @@ async def test_tail_json_shows_an_event_published_through_the_bridge(
 ) -> None:
     config = cli_config(tmp_path, exchange_name)
     tail = await konpro_bridge(
-        "tail", "avatar_video.*", "--json", "--max-events", "1", "--duration", "20",
+        "tail", "--bind", "avatar_video.*", "--json", "--max-events", "1", "--duration", "20",
         "--config", config,
     )  # fmt: skip
     assert tail.stderr is not None
