@@ -319,7 +319,7 @@ def _konpro(call: KonProCall) -> Command:
         if not settings.konpro.api_key.get_secret_value():
             message = "konpro.api_key is not set (config file or KONPRO_BRIDGE_KONPRO__API_KEY)"
             return _fail(message, EXIT_CONFIG)
-        configure_logging(settings.log, settings.secrets())  # to stderr: stdout is the output
+        _configure_command_logging(settings)
         try:
             output = _run_async(_with_client(call, args, settings))
         except _Unusable as exc:
@@ -339,6 +339,13 @@ async def _with_client(call: KonProCall, args: argparse.Namespace, settings: Set
     client = KonProClient(konpro.api_url, konpro.api_key, timeout=konpro.request_timeout)
     async with client:
         return await call(client, args, settings)
+
+
+def _configure_command_logging(settings: Settings) -> None:
+    """A one-shot command says what went wrong in one line of its own; the log lines behind it
+    (retries, the reconciler's) go to stderr only with ``log.level = "debug"``."""
+    level = "debug" if settings.log.level == "debug" else "error"
+    configure_logging(settings.log.model_copy(update={"level": level}), settings.secrets())
 
 
 def _fail(message: str, code: int) -> int:

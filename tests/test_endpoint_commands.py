@@ -368,3 +368,18 @@ def assert_no_secret(ran: Ran, fake: FakeKonPro) -> None:
     for endpoint in fake.endpoints.values():
         assert endpoint["secret"] not in ran.stdout + ran.stderr
     assert fake.api_key not in ran.stdout + ran.stderr
+
+
+@pytest.mark.parametrize("args", [("events",), ("endpoints", "list"), ("reconcile", "--once")])
+async def test_an_api_that_keeps_failing_is_one_line_after_the_retries(
+    cli: Cli, settings: dict[str, dict[str, Any]], fake_konpro: FakeKonPro, args: tuple[str, ...]
+) -> None:
+    settings["konpro"]["public_url"] = "https://hooks.example.com/k"
+    fake_konpro.answer_next(4, 503)  # every attempt the client makes
+
+    ran = await cli(*args)
+
+    assert ran.code == 1
+    [line] = lines(ran.stderr)  # the retries are logged only with log.level = "debug"
+    assert line.startswith("konpro-bridge: ")
+    assert "503" in line
