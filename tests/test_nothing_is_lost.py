@@ -1,6 +1,6 @@
 """A 2xx is a promise: whatever happens to the broker or the bridge, the event reaches the bus.
 
-Faults are made with a TCP proxy in front of the shared broker (cut, hold), by killing the
+Faults are made with a TCP proxy in front of the shared broker (cut, hold, slow), by killing the
 bridge process, and with a memory alarm on a private RabbitMQ node.
 """
 
@@ -138,6 +138,31 @@ async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
     assert [status for _, status in answers] == [202] * 5 + [503] * 3
     received = await message_ids(queue, at_least=5)
     assert sorted(received) == sorted(event_id for event_id, status in answers if status == 202)
+
+
+async def test_a_slow_broker_link_delays_answers_but_every_accepted_event_is_stored(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 3.0}
+    async with start_bridge(amqp=amqp) as bridge:
+        url = bridge.webhook_url
+        # Slow, but the confirms come within the publish timeout: 0.1 s per chunk each way,
+        # and 20 publishes make at most 20 chunks.
+        broker_proxy.delay = 0.1
+        slow = await asyncio.gather(*(post(http, url, n) for n in range(20)))
+        broker_proxy.delay = 3.5  # slower than the publish timeout: spooled, then forwarded
+        slower = await asyncio.gather(*(post(http, url, n) for n in range(20, 25)))
+        broker_proxy.delay = 0.0
+        await eventually(lambda: bridge.spool.depth == 0, within=20)
+
+    assert {status for _, status in slow} == {200}
+    assert {status for _, status in slower} == {202}
+    received = await message_ids(queue, at_least=25)  # a late confirm may add a duplicate
+    assert set(received) == {event_id for event_id, _ in slow + slower}
 
 
 async def test_an_event_the_broker_nacks_is_spooled_and_forwarded_once_there_is_room(
