@@ -10,10 +10,9 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
-from tqdm import tqdm
 
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
@@ -33,6 +32,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 _HEALTHCHECK_TIMEOUT = 2.0  # seconds; below the image's HEALTHCHECK --timeout
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 T = TypeVar("T")
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -179,6 +181,8 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log.model_copy(update={"level": "warning"}), settings.secrets())
+    from tqdm import tqdm  # noqa: PLC0415 - a megabyte the daemon does not need
+
     from bridge.publisher import Publisher  # noqa: PLC0415
     from bridge.spool import Spool, SpoolLocked, SpoolUnusable, drain  # noqa: PLC0415
     from bridge.workers import spool_dirs  # noqa: PLC0415
