@@ -192,8 +192,16 @@ class Bridge:
         self.authenticator.add_secret(secret)
 
     def _not_ready_reason(self) -> str | None:
+        """Why ``/readyz`` says 503, per ``server.readiness``, with any secret masked."""
         reason = self.publisher.not_ready_reason()
-        return None if reason is None else self._answers(reason)
+        if reason is None:
+            return None
+        spool = self._spool
+        if self.settings.server.readiness == "accepting" and spool is not None:
+            if spool.has_room:
+                return None  # deliveries are spooled (202) and forwarded when the broker is back
+            reason += " and the spool is full"
+        return self._answers(reason)
 
     @property
     def port(self) -> int:

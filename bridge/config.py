@@ -53,6 +53,7 @@ class ServerSettings(_Section):
     shutdown_timeout: float = Field(default=10.0, gt=0)
     workers: int = Field(default=1, ge=1, le=64)
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    readiness: Literal["broker", "accepting"] = "broker"
 
 
 class Route(_Section):

@@ -216,6 +216,15 @@ class Spool:
         age = None if oldest is None else max(0.0, self._clock() - oldest)
         return SpoolStatus(depth=self._depth, bytes=self._bytes, oldest_age=age)
 
+    @property
+    def has_room(self) -> bool:
+        """Whether one more (small) event would fit within the limits now."""
+        limits = self._settings
+        return (
+            self._depth + self._queued_events < limits.max_events
+            and self._bytes + self._queued_bytes < limits.max_bytes
+        )
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the spool is closed")

@@ -214,3 +214,23 @@ async def test_a_deleted_unrouted_exchange_is_declared_again_instead_of_blocking
         await wait_for_empty_spool(bridge)
         queue = await channel.get_queue(unrouted)
         assert [m.body for m in await drain(queue, expect=1)] == [VALID]
+
+
+async def test_readiness_accepting_stays_ready_while_the_spool_can_take_deliveries(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    await broker_proxy.cut()
+    sections = {
+        "amqp": {"url": proxied_amqp_url(broker_proxy)},
+        "server": {"readiness": "accepting"},
+        "spool": {"max_events": 1},
+    }
+    async with start_bridge(wait_ready=False, **sections) as bridge:
+        assert await readiness(http, bridge) == (200, {"status": "ready"})
+        assert await deliver(http, bridge.webhook_url, VALID) == 202  # the spool is now full
+        status, body = await readiness(http, bridge)
+        assert status == 503
+        assert body["reason"].startswith("cannot connect to the broker")
+        assert body["reason"].endswith("and the spool is full")
+        await broker_proxy.restore()
+        await wait_for_readiness(http, bridge, 200)  # the broker is back: ready, spool or not
