@@ -3,6 +3,9 @@
 A delivery is answered 2xx only once it is the broker's (confirmed) or the disk's (spooled and
 fsynced); a forwarder later moves spooled events to the broker. While the broker is known to be
 down, deliveries go to the spool at once instead of each waiting out the publish timeout.
+
+An event id is taken once: a copy that was taken within the replay window, or is being taken right
+now, is a duplicate and is not published again.
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ class Relay:
             return await self._publish_or_spool(delivery)
         if self._replays.seen(event_id):
             return Outcome.DUPLICATE
-        waiting = self._taking.get(event_id)
-        if waiting is not None:
+        if (waiting := self._taking.get(event_id)) is not None:
             return await self._after_the_first_copy(waiting)
+        return await self._take_first_copy(event_id, delivery)
+
+    async def _take_first_copy(self, event_id: str, delivery: Delivery) -> Outcome:
         self._taking[event_id] = []
         taken = False
         try:
