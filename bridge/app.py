@@ -52,17 +52,7 @@ class Bridge:
             event_types=settings.konpro.events, exchanges=settings.amqp.exchanges
         )
         self.publisher = Publisher(settings.amqp, self.metrics)
-        reports_registration = not (self.metrics.shared and self._why_not_reconcile())
-        self.metrics.watch(
-            spool_depth=lambda: self.spool.depth,
-            broker_connected=lambda: self.publisher.is_ready,
-            # With several workers, the one that reconciles speaks for the registration.
-            registration_ok=(
-                (lambda: registration_ok(self.last_registration()))
-                if reports_registration
-                else None
-            ),
-        )
+        self._watch_state()
         konpro = settings.konpro
         self.authenticator = Authenticator(
             konpro.webhook_secrets, timestamp_tolerance=konpro.timestamp_tolerance
@@ -78,6 +68,20 @@ class Bridge:
         self.reconciler: Reconciler | None = None
         self._reconciling: asyncio.Task[None] | None = None
         self._sharing_gauges: asyncio.Task[None] | None = None
+
+    def _watch_state(self) -> None:
+        """The live gauges, read from the parts themselves. With several workers, the one that
+        reconciles speaks for the registration; the others would only say "unknown"."""
+        speaks_for_registration = not (self.metrics.shared and self._why_not_reconcile())
+        self.metrics.watch(
+            spool_depth=lambda: self.spool.depth,
+            broker_connected=lambda: self.publisher.is_ready,
+            registration_ok=(
+                (lambda: registration_ok(self.last_registration()))
+                if speaks_for_registration
+                else None
+            ),
+        )
 
     @property
     def spool(self) -> Spool:
