@@ -139,7 +139,7 @@ def _shared_metrics_directory() -> Iterator[None]:
     try:
         yield
     finally:
-        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         shutil.rmtree(directory, ignore_errors=True)
 
 
