@@ -173,9 +173,7 @@ class Bridge:
 
     def _use_stored_secret(self) -> None:
         if not self.settings.konpro.webhook_secret.get_secret_value():
-            stored = load_stored_secret(self.settings.spool.path)
-            if stored:
-                self.use_webhook_secret(stored)
+            self._adopt_stored_secret()
         if self.authenticator.enabled:
             return
         if self.settings.konpro.require_signature:
@@ -216,9 +214,8 @@ class Bridge:
 
     @property
     def url(self) -> str:
-        host = self.settings.server.host
-        host = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
-        return f"http://{host}:{self.port}"
+        """This bridge as reached from the same host, on the port actually bound."""
+        return self.settings.server.local_url(port=self.port)
 
     @property
     def webhook_url(self) -> str:
@@ -300,9 +297,7 @@ class Bridge:
     async def _follow_stored_secret(self) -> None:
         """Other workers pick up the secret worker 0's reconciler learns, within seconds."""
         while True:
-            secret = load_stored_secret(self.settings.spool.path)
-            if secret:
-                self.use_webhook_secret(secret)
+            self._adopt_stored_secret()
             await asyncio.sleep(_SECRET_POLL_INTERVAL)
 
     def last_registration(self) -> ReconcileResult | None:
@@ -312,9 +307,12 @@ class Bridge:
     def _on_reconcile_result(self, result: ReconcileResult) -> None:
         """Count the run; start checking signatures with a secret the reconciler has just learnt."""
         self.metrics.reconcile_run(result.result)
-        if not result.secret_stored:
-            return
-        # A few bytes the reconciler has just written: reading them does not stall the loop.
+        if result.secret_stored:
+            self._adopt_stored_secret()
+
+    def _adopt_stored_secret(self) -> None:
+        """Verify with the secret reconciliation kept, if there is one (a few bytes: reading
+        them does not stall the loop)."""
         secret = load_stored_secret(self.settings.spool.path)
         if secret:
             self.use_webhook_secret(secret)

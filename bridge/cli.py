@@ -523,9 +523,7 @@ def _healthcheck(args: argparse.Namespace, settings: Settings) -> int:
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
-    from bridge.tools import local_url  # noqa: PLC0415
-
-    url = local_url(settings, "/readyz" if args.ready else "/healthz")
+    url = settings.server.local_url("/readyz" if args.ready else "/healthz")
     try:
         with urllib.request.urlopen(url, timeout=_HEALTHCHECK_TIMEOUT) as response:  # noqa: S310
             print(f"{url}: {response.status} {response.read().decode(errors='replace')}")

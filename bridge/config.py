@@ -55,6 +55,16 @@ class ServerSettings(_Section):
     metrics_port: int = Field(default=0, ge=0, le=65535)
     readiness: Literal["broker", "accepting"] = "broker"
 
+    def local_url(self, path: str = "", *, port: int | None = None) -> str:
+        """``path`` on this bridge as reached from the same host: a wildcard address over
+        loopback. ``port`` replaces the configured one (say, the port actually bound)."""
+        host = self.host
+        if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - a wildcard is reached over loopback
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port if port is None else port}{path}"
+
 
 class Route(_Section):
     match: str = Field(min_length=1)

@@ -170,14 +170,4 @@ async def send_test_event(
 
 def local_webhook_url(settings: Settings) -> str:
     """Where this host's bridge listens for deliveries, as reached from the same host."""
-    return local_url(settings, settings.server.webhook_path)
-
-
-def local_url(settings: Settings, path: str) -> str:
-    """``path`` on this host's bridge, as reached from the same host."""
-    host = settings.server.host
-    if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - a wildcard is reached over loopback
-        host = "127.0.0.1"
-    elif ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.server.port}{path}"
+    return settings.server.local_url(settings.server.webhook_path)
