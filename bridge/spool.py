@@ -219,24 +219,26 @@ class Spool:
     @property
     def has_room(self) -> bool:
         """Whether one more (small) event would fit within the limits now."""
-        limits = self._settings
-        return (
-            self._depth + self._queued_events < limits.max_events
-            and self._bytes + self._queued_bytes < limits.max_bytes
-        )
+        return self._why_full(1) is None
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the spool is closed")
 
     def _reserve(self, size: int) -> None:
-        limits = self._settings
-        if self._depth + self._queued_events + 1 > limits.max_events:
-            raise SpoolFull(f"spool full: it holds its limit of {limits.max_events} events")
-        if self._bytes + self._queued_bytes + size > limits.max_bytes:
-            raise SpoolFull(f"spool full: {size} more bytes would exceed {limits.max_bytes}")
+        if reason := self._why_full(size):
+            raise SpoolFull(reason)
         self._queued_events += 1
         self._queued_bytes += size
+
+    def _why_full(self, size: int) -> str | None:
+        """Why one more event of ``size`` bytes would exceed the limits, or ``None``."""
+        limits = self._settings
+        if self._depth + self._queued_events + 1 > limits.max_events:
+            return f"spool full: it holds its limit of {limits.max_events} events"
+        if self._bytes + self._queued_bytes + size > limits.max_bytes:
+            return f"spool full: {size} more bytes would exceed {limits.max_bytes}"
+        return None
 
     async def _commit_queue(self) -> None:
         """Commit whatever is queued, one transaction per round, until the queue stays empty."""
