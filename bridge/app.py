@@ -225,11 +225,8 @@ class Bridge:
     async def stop(self) -> None:
         """Stop listening, let in-flight deliveries finish (bounded), then close the connection."""
         await self._stop_reconciling()
-        if self._sharing_gauges is not None:
-            self._sharing_gauges.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sharing_gauges
-            self._sharing_gauges = None
+        await _cancel(self._sharing_gauges)
+        self._sharing_gauges = None
         if self._runner is not None:
             log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
             await self._runner.cleanup()
@@ -281,10 +278,7 @@ class Bridge:
     async def _stop_reconciling(self) -> None:
         """Cancel a run even mid-call: a hanging KonPro API must not hold up shutdown."""
         task, self._reconciling = self._reconciling, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(task)
         if self._konpro is not None:
             await self._konpro.close()
             self._konpro = None
@@ -343,3 +337,11 @@ async def run(settings: Settings, worker: int = 0) -> None:
 def _request_stop(stop: asyncio.Event, signum: signal.Signals) -> None:
     log.info("bridge.signal", signal=signum.name)
     stop.set()
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
