@@ -541,12 +541,11 @@ def _run_tool(work: Coroutine[Any, Any, T], settings: Settings, failure: str) ->
     import aiohttp  # noqa: PLC0415
     import aiormq  # noqa: PLC0415
 
-    from bridge.logs import Redactor  # noqa: PLC0415
+    from bridge.logs import redactor  # noqa: PLC0415
 
     configure_logging(settings.log, settings.secrets())  # libraries' lines too, secrets masked
     try:
         return _run_async(work)
     except (OSError, aiormq.exceptions.AMQPError, aiohttp.ClientError) as exc:
-        detail = Redactor(settings.secrets())(str(exc) or type(exc).__name__)
-        print(f"konpro-bridge: {failure}: {detail}", file=sys.stderr)
-        raise SystemExit(EXIT_FAILURE) from None
+        detail = redactor(str(exc) or type(exc).__name__)  # knows the settings' secrets now
+        raise SystemExit(_fail(f"{failure}: {detail}", EXIT_FAILURE)) from None
