@@ -300,9 +300,13 @@ class Publisher:
 
     def _mark_ready(self) -> None:
         self._topology_declared = True
-        self._last_error = None
-        self.link_changed_at = time.time()
+        self._link_changed(None)
         self._notify_ready()
+
+    def _link_changed(self, error: str | None) -> None:
+        """The link came up (``None``) or went down for ``error``; ``/status`` shows since when."""
+        self._last_error = error
+        self.link_changed_at = time.time()
 
     def _notify_ready(self) -> None:
         for callback in self._on_ready:
@@ -317,8 +321,7 @@ class Publisher:
 
     def _connection_lost(self, _: object, exc: BaseException | None = None) -> None:
         if exc is not None and not isinstance(exc, asyncio.CancelledError):
-            self._last_error = f"broker connection lost: {_describe(exc)}"
-            self.link_changed_at = time.time()
+            self._link_changed(f"broker connection lost: {_describe(exc)}")
             log.warning("amqp.connection_lost", error=_describe(exc))
 
     def _channel_closed(self, channel: object, exc: BaseException | None = None) -> None:
@@ -332,8 +335,7 @@ class Publisher:
         connection = self._connection
         if exc is None or connection is None or not connection.connected.is_set():
             return  # closed by us, or with the connection (logged as amqp.connection_lost)
-        self._last_error = f"broker closed the channel: {_describe(exc)}"
-        self.link_changed_at = time.time()
+        self._link_changed(f"broker closed the channel: {_describe(exc)}")
         log.warning("amqp.channel_closed", error=_describe(exc), detail="reopening")
         if self._restore_watch is None or self._restore_watch.done():
             self._restore_watch = asyncio.create_task(
