@@ -6,33 +6,18 @@ the fake KonPro (which runs in this test's event loop, so the subprocess is awai
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fake_konpro import EVENT_TYPES, FakeKonPro, WebhookReceiver
-from tests.support.process import write_toml
+from tests.support.process import Ran, run_command, write_toml
 
 pytest_plugins = ("tests.fake_konpro",)
 
 EVENTS = ["avatar_video.success", "avatar_video.fail"]
-
-
-@dataclass(frozen=True, slots=True)
-class Ran:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
 
 
 Cli = Callable[..., Awaitable[Ran]]
@@ -54,22 +39,7 @@ def cli(tmp_path: Path, settings: dict[str, dict[str, Any]]) -> Cli:
 
     async def run(*args: str, env: dict[str, str] | None = None) -> Ran:
         config = write_toml(tmp_path / "bridge.toml", settings)
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bridge",
-            *args,
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**clean, **(env or {})},
-            cwd=tmp_path,
-        )
-        stdout, stderr = await process.communicate()
-        assert process.returncode is not None
-        return Ran(process.returncode, stdout.decode(), stderr.decode())
+        return await run_command(*args, "--config", config, env=env, cwd=tmp_path)
 
     return run
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from bridge.app import Bridge
 from bridge.samples import sample_body
 from bridge.signatures import SignatureVerifier
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
-from tests.support.process import write_toml
+from tests.support.process import start_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 
 SECRET = "whsec_operator"
@@ -31,19 +29,6 @@ def cli_config(tmp_path: Path, exchange: str, **sections: dict[str, Any]) -> Pat
     return write_toml(tmp_path / "cli.toml", data)
 
 
-async def konpro_bridge(*args: str | Path) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge",
-        *map(str, args),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-
-
 async def test_tail_json_shows_an_event_published_through_the_bridge(
     start_bridge: BridgeFactory,
     http: aiohttp.ClientSession,
@@ -51,7 +36,7 @@ async def test_tail_json_shows_an_event_published_through_the_bridge(
     tmp_path: Path,
 ) -> None:
     config = cli_config(tmp_path, exchange_name)
-    tail = await konpro_bridge(
+    tail = await start_command(
         "tail", "--bind", "avatar_video.*", "--json", "--max-events", "1", "--duration", "20",
         "--config", config,
     )  # fmt: skip
@@ -84,9 +69,9 @@ async def test_send_test_event_is_accepted_and_verified_by_the_bridge(
             server={"port": bridge.port},
             konpro={"webhook_secret": SECRET},
         )
-        send = await konpro_bridge("send-test-event", "personalized_video", "--config", config)
+        send = await start_command("send-test-event", "personalized_video", "--config", config)
         out, err = await asyncio.wait_for(send.communicate(), 15)
-        forged = await konpro_bridge(
+        forged = await start_command(
             "send-test-event", "personalized_video", "--secret", "whsec_wrong", "--config", config
         )
         forged_out, _ = await asyncio.wait_for(forged.communicate(), 15)
@@ -106,7 +91,7 @@ async def test_an_unreachable_broker_is_one_line_without_the_password(tmp_path: 
         tmp_path / "cli.toml", {"amqp": {"url": "amqp://guest:s3cr3t-pw@127.0.0.1:1/"}}
     )
 
-    tail = await konpro_bridge("tail", "--duration", "5", "--config", config)
+    tail = await start_command("tail", "--duration", "5", "--config", config)
     out, err = await asyncio.wait_for(tail.communicate(), 15)
 
     assert tail.returncode == 1
@@ -127,15 +112,15 @@ async def test_healthcheck_follows_the_configured_port_and_says_why_it_fails(
     start_bridge: BridgeFactory, exchange_name: str, tmp_path: Path
 ) -> None:
     async with start_bridge() as bridge:
-        port = int(bridge.url.rsplit(":", 1)[1])
+        port = bridge.port
         server = {"host": "0.0.0.0", "port": port}  # noqa: S104 - reached over loopback
         config = cli_config(tmp_path, exchange_name, server=server)
         for args in (("healthcheck",), ("healthcheck", "--ready")):
-            check = await konpro_bridge(*args, "--config", config)
+            check = await start_command(*args, "--config", config)
             out, _ = await check.communicate()
             assert (check.returncode, b" 200 " in out) == (0, True), args
 
-    check = await konpro_bridge("healthcheck", "--config", config)  # the bridge has stopped
+    check = await start_command("healthcheck", "--config", config)  # the bridge has stopped
     _, err = await check.communicate()
     assert check.returncode == 1
     assert f"127.0.0.1:{port}/healthz: not answering".encode() in err
@@ -148,10 +133,10 @@ async def test_healthcheck_ready_fails_with_the_reason_while_the_broker_is_unrea
     async with start_bridge(
         wait_ready=False, amqp={"url": proxied_amqp_url(broker_proxy)}
     ) as bridge:
-        port = int(bridge.url.rsplit(":", 1)[1])
+        port = bridge.port
         config = cli_config(tmp_path, exchange_name, server={"host": "127.0.0.1", "port": port})
-        alive = await konpro_bridge("healthcheck", "--config", config)
-        ready = await konpro_bridge("healthcheck", "--ready", "--config", config)
+        alive = await start_command("healthcheck", "--config", config)
+        ready = await start_command("healthcheck", "--ready", "--config", config)
         _, err = await ready.communicate()
         assert (await alive.wait(), ready.returncode) == (0, 1)
         assert b"503" in err

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 import aiohttp
 import orjson
 
 from tests.conftest import AMQP_URL, QueueFactory, drain, proxied_amqp_url
-from tests.support.process import BridgeProcess, write_toml
+from tests.support.process import BridgeProcess, run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 def sections(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
@@ -59,7 +43,7 @@ async def spool_some_events(
 
 async def test_status_of_a_spool_that_was_never_used_is_empty(tmp_path: Path) -> None:
     config = write_toml(tmp_path / "c.toml", {"spool": {"path": str(tmp_path / "none")}})
-    code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
+    code, out, _ = await run_command("spool", "status", "--json", "--config", str(config))
     assert code == 0
     empty = {"path": str(tmp_path / "none"), "depth": 0, "bytes": 0, "oldest_age": None}
     assert json.loads(out) == {**empty, "spools": [empty]}
@@ -76,18 +60,18 @@ async def test_status_then_drain_with_the_daemon_stopped_delivers_everything(
     bodies = await spool_some_events(tmp_path, exchange_name, broker_proxy, http, count=7)
     config = write_toml(tmp_path / "direct.toml", sections(tmp_path, exchange_name, AMQP_URL))
 
-    code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
+    code, out, _ = await run_command("spool", "status", "--json", "--config", str(config))
     status = json.loads(out)
     assert (code, status["depth"], status["bytes"]) == (0, 7, sum(map(len, bodies)))
     assert status["oldest_age"] >= 0
-    code, out, _ = await cli("spool", "status", "--config", str(config))
+    code, out, _ = await run_command("spool", "status", "--config", str(config))
     assert "depth:  7 events" in out
 
-    code, out, err = await cli("spool", "drain", "--config", str(config))
+    code, out, err = await run_command("spool", "drain", "--config", str(config))
     assert code == 0, err
     assert "drained 7 events" in out
     assert [m.body for m in await drain(queue, expect=7)] == bodies  # original order
-    code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
+    code, out, _ = await run_command("spool", "status", "--json", "--config", str(config))
     assert json.loads(out)["depth"] == 0
 
 
@@ -95,7 +79,7 @@ async def test_drain_refuses_while_the_daemon_owns_the_spool(
     tmp_path: Path, exchange_name: str
 ) -> None:
     async with BridgeProcess(tmp_path, sections(tmp_path, exchange_name, AMQP_URL)) as bridge:
-        code, _, err = await cli("spool", "drain", "--config", str(bridge.config))
+        code, _, err = await run_command("spool", "drain", "--config", str(bridge.config))
     assert code == 1
     assert "the daemon is running" in err
 
@@ -110,10 +94,10 @@ async def test_drain_without_a_broker_fails_clearly_and_keeps_the_events(
     config = write_toml(
         tmp_path / "cut.toml", sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
     )
-    code, _, err = await cli("spool", "drain", "--wait", "1", "--config", str(config))
+    code, _, err = await run_command("spool", "drain", "--wait", "1", "--config", str(config))
     assert code == 1
     assert "did not answer" in err
-    code, out, _ = await cli("spool", "status", "--json", "--config", str(config))
+    code, out, _ = await run_command("spool", "status", "--json", "--config", str(config))
     assert json.loads(out)["depth"] == 2
 
 
@@ -125,7 +109,7 @@ async def test_a_corrupt_spool_file_is_one_clear_line_for_the_commands_and_the_d
     (tmp_path / "spool" / "spool.sqlite3").write_bytes(b"not SQLite at all " * 300)
     config = str(write_toml(tmp_path / "c.toml", config_sections))
     for command in (("spool", "status"), ("spool", "drain", "--wait", "5")):
-        code, _, err = await cli(*command, "--config", config)
+        code, _, err = await run_command(*command, "--config", config)
         assert (code, err.count("\n")) == (1, 1), err
         assert "spool.sqlite3 is not a usable spool (file is not a database)" in err
 

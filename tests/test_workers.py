@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import orjson
 from bridge.config import Settings
 from bridge.workers import Supervisor
 from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
-from tests.support.process import BridgeProcess, write_toml
+from tests.support.process import BridgeProcess, run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
@@ -187,14 +186,6 @@ def test_the_worker_that_cannot_start_decides_the_exit_code_not_the_ones_stopped
 
 
 async def cli(*args: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
-    return out.decode()
+    ran = await run_command(*args)
+    assert ran.code == 0, ran.stderr
+    return ran.stdout

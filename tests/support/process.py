@@ -3,15 +3,59 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import IO, Any, NamedTuple, Self
 
 import aiohttp
+
+
+class Ran(NamedTuple):
+    """How a ``konpro-bridge`` command ended."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+async def start_command(
+    *args: str | Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    output: int | IO[bytes] = asyncio.subprocess.PIPE,
+) -> asyncio.subprocess.Process:
+    """``python -m bridge ARGS`` as an operator runs it. ``KONPRO_BRIDGE_*`` variables of the
+    test runner are left out: a test's settings come from its own file (and ``env``)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        *map(str, args),
+        stdout=output,
+        stderr=output,
+        env={**clean, **(env or {})},
+        cwd=cwd,
+    )
+
+
+async def run_command(
+    *args: str | Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Ran:
+    """``python -m bridge ARGS`` run to its end."""
+    process = await start_command(*args, env=env, cwd=cwd)
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return Ran(process.returncode, stdout.decode(), stderr.decode())
 
 
 def free_port() -> int:
@@ -58,19 +102,8 @@ class BridgeProcess:
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, *, wait_ready: bool = True, wait_listening: bool = True) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
         with self.log_path.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bridge",
-                "run",
-                "--config",
-                str(self.config),
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
+            self.process = await start_command("run", "--config", self.config, output=log)
         if wait_listening:
             await self._wait_for("/readyz" if wait_ready else "/healthz")
 
