@@ -133,6 +133,14 @@ _APP_ENV = {
     "BENCH_EXCHANGE": "{exchange}",
 }
 
+_PUBLISH_ENV = {
+    "BENCH_AMQP_URL": "{amqp_url}",
+    "BENCH_EXCHANGE": "{exchange}",
+    "BENCH_INFLIGHT": "{inflight}",
+    "BENCH_DURATION": "{duration}",
+    "BENCH_RUN_ID": "{run_id}",
+}
+
 
 def _bridge(name: str, description: str, config: str, *, by_default: bool = True) -> Contender:
     return Contender(
@@ -163,6 +171,13 @@ CONTENDERS: tuple[Contender, ...] = (
         by_default=False,
     ),
     _bridge(
+        "konpro-bridge-bare",
+        "konpro-bridge without its per-delivery extras: [log] level = warning, no replay memory",
+        BRIDGE_CONFIG.replace('level = "info"', 'level = "warning"')
+        + "\n[konpro]\nreplay_window = 0.0\n",
+        by_default=False,
+    ),
+    _bridge(
         "konpro-bridge-2w",
         "konpro-bridge as deployed, but [server] workers = 2",
         BRIDGE_CONFIG.replace("port = {port}", "port = {port}\nworkers = 2"),
@@ -173,6 +188,13 @@ CONTENDERS: tuple[Contender, ...] = (
         description="minimal aiohttp + aio-pika bridge (bench/naive_bridge.py)",
         command=("{python}", "-m", "bench.naive_bridge"),
         env=_APP_ENV,
+    ),
+    Contender(
+        name="lean",
+        description="the minimal bridge publishing as konpro-bridge does (bench/lean_bridge.py)",
+        command=("{python}", "-m", "bench.lean_bridge"),
+        env=_APP_ENV,
+        by_default=False,
     ),
     Contender(
         name="flask",
@@ -197,13 +219,15 @@ CONTENDERS: tuple[Contender, ...] = (
         description="raw confirmed persistent publishes, one aio-pika process, no HTTP",
         command=("{python}", "-m", "bench.ceiling_publish"),
         kind="publish",
-        env={
-            "BENCH_AMQP_URL": "{amqp_url}",
-            "BENCH_EXCHANGE": "{exchange}",
-            "BENCH_INFLIGHT": "{inflight}",
-            "BENCH_DURATION": "{duration}",
-            "BENCH_RUN_ID": "{run_id}",
-        },
+        env=_PUBLISH_ENV,
+    ),
+    Contender(
+        name="ceiling_publish_lean",
+        description="as ceiling_publish, via aiormq's channel on uvloop (as the bridge)",
+        command=("{python}", "-m", "bench.ceiling_publish"),
+        kind="publish",
+        env={**_PUBLISH_ENV, "BENCH_LEAN": "1"},
+        by_default=False,
     ),
     Contender(
         name="ceiling_http",

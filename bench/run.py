@@ -836,7 +836,7 @@ async def bench(args: argparse.Namespace) -> Json:
         latency_connections=args.latency_connections,
         threads=args.threads,
         warmup=args.warmup,
-        inflight=args.inflight,
+        inflight=args.inflight or args.connections,
         options_rate=args.options_rate,
         amqp_url=args.amqp_url,
         ready_timeout=args.ready_timeout,
@@ -959,7 +959,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds (2; 0 = none)")
     parser.add_argument(
-        "--inflight", type=int, default=256, help="publishes in flight for ceiling_publish (256)"
+        "--inflight",
+        type=int,
+        help="publishes in flight for the publish ceilings (default: --connections, the most "
+        "confirms an HTTP bridge can be waiting for under that load)",
     )
     parser.add_argument(
         "--options-rate",

@@ -1,8 +1,8 @@
 """The benchmark harness runs end to end and accounts for every 2xx; no timing is asserted.
 
-About a second per contender, for the light contenders only: the naive bridge, both ceilings,
-and konpro-bridge when it is importable. Needs wrk (installed with apt-get when missing and
-possible) and the local RabbitMQ.
+About a second per contender, for the light contenders only: the naive and lean bridges, the
+ceilings, and konpro-bridge when it is importable. Needs wrk (installed with apt-get when missing
+and possible) and the local RabbitMQ.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("KONPRO_BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-CONTENDERS = ("konpro-bridge", "naive", "ceiling_publish", "ceiling_http")
+CONTENDERS = (
+    "konpro-bridge",
+    "naive",
+    "lean",
+    "ceiling_publish",
+    "ceiling_publish_lean",
+    "ceiling_http",
+)
 
 
 def _wrk_available() -> bool:
@@ -78,7 +85,7 @@ def test_benchmark_runs_and_every_2xx_is_a_stored_message(tmp_path: Path) -> Non
     assert not report["errors"]
     ran = set(report["contenders"])
     assert ran | set(report["skipped"]) == set(CONTENDERS)
-    assert {"naive", "ceiling_publish", "ceiling_http"} <= ran
+    assert {"naive", "lean", "ceiling_publish", "ceiling_publish_lean", "ceiling_http"} <= ran
     for name in ran:
         (record,) = report["rounds"][name]
         phases = [record["load"], record["latency"]]
