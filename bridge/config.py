@@ -140,6 +140,7 @@ class SpoolSettings(_Section):
     path: Path = Path("/var/lib/konpro-bridge/spool")
     max_bytes: int = Field(default=268_435_456, ge=1024)
     max_events: int = Field(default=100_000, ge=1)
+    min_free_bytes: int = Field(default=16_777_216, ge=0)
 
 
 class LogSettings(_Section):

@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import shutil
 import sqlite3
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +78,8 @@ class SpoolUnusable(RuntimeError):
 
 
 class SpoolFull(SpoolError):
-    """Taking the delivery would exceed ``max_events`` or ``max_bytes``; nothing is dropped."""
+    """Taking the delivery would exceed ``max_events`` or ``max_bytes``, or leave the disk with
+    less than ``min_free_bytes``; nothing is dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,9 @@ class Spool:
         self._depth, self._bytes = database.totals  # committed rows
         self._queued_events = self._queued_bytes = 0  # accepted, not yet committed
         self._queue: list[tuple[Delivery, asyncio.Future[None]]] = []
+        # Forwarded, but their removal failed (say, the disk is full): skipped by peek() so that
+        # they are not published again, and removed with the next remove().
+        self._forwarded: set[int] = set()
         self._committer: asyncio.Task[None] | None = None
         self._closed = False
         self._lock_fd = lock_fd
@@ -194,21 +200,38 @@ class Spool:
         await committed
 
     async def peek(self, limit: int) -> list[SpooledEvent]:
-        """Up to ``limit`` events, oldest first, left in place."""
+        """Up to ``limit`` events, oldest first, left in place (those already forwarded whose
+        removal failed are left out)."""
         self._check_open()
-        return await self._call(partial(self._db.oldest, limit))
+        # Forwarded events are always the oldest ones: drain() publishes in order.
+        after = max(self._forwarded, default=0)
+        return await self._call(partial(self._db.oldest, limit, after))
 
     async def remove(self, ids: Sequence[int]) -> None:
-        """Delete these events durably; ids no longer present are ignored."""
+        """Delete these events durably; ids no longer present are ignored.
+
+        If the delete fails (``SpoolError``), the events count as forwarded all the same:
+        ``peek`` leaves them out and the next ``remove`` deletes them too. A spool that cannot
+        write for a while (a full disk) thus goes on draining without publishing an event twice;
+        only a restart before the delete succeeds publishes them again, under the same ids.
+        """
         self._check_open()
-        if ids:
+        if ids or self._forwarded:
             # Shielded so that the counters follow the disk even if the caller is cancelled.
-            await asyncio.shield(self._remove(list(ids)))
+            await asyncio.shield(self._remove([*self._forwarded, *ids]))
+
+    async def retry_removals(self) -> None:
+        """Delete the events forwarded earlier whose removal failed; ``SpoolError`` if it fails
+        again."""
+        await self.remove(())
 
     async def record_attempt(self, event_id: int) -> None:
         """Count a failed attempt to publish an event, for operators hunting a poison message."""
         self._check_open()
-        await self._call(partial(self._db.record_attempt, event_id))
+        try:
+            await self._call(partial(self._db.record_attempt, event_id))
+        except (sqlite3.Error, OSError) as exc:
+            raise _write_error(exc) from exc
 
     async def status(self) -> SpoolStatus:
         self._check_open()
@@ -238,6 +261,17 @@ class Spool:
             return f"spool full: it holds its limit of {limits.max_events} events"
         if self._bytes + self._queued_bytes + size > limits.max_bytes:
             return f"spool full: {size} more bytes would exceed {limits.max_bytes}"
+        if limits.min_free_bytes:
+            # The headroom keeps room for the deletes that drain the spool: SQLite needs disk
+            # space to delete, and a spool that filled its disk could never empty itself. Pages
+            # that drained events freed inside the file count as free: they are reused.
+            free = _free_bytes(limits.path) + self._db.reusable_bytes
+            free -= self._queued_bytes + size
+            if free < limits.min_free_bytes:
+                return (
+                    f"disk nearly full: {max(free, 0)} bytes free on {limits.path}, "
+                    f"spool.min_free_bytes is {limits.min_free_bytes}"
+                )
         return None
 
     async def _commit_queue(self) -> None:
@@ -272,7 +306,12 @@ class Spool:
                 committed.set_exception(_write_failed(error))
 
     async def _remove(self, ids: list[int]) -> None:
-        count, size = await self._call(partial(self._db.delete, ids))
+        try:
+            count, size = await self._call(partial(self._db.delete, ids))
+        except (sqlite3.Error, OSError) as exc:
+            self._forwarded.update(ids)
+            raise _write_error(exc) from exc
+        self._forwarded.difference_update(ids)
         self._depth -= count
         self._bytes -= size
 
@@ -291,7 +330,8 @@ async def drain(
 
     One at a time, so that the original order holds even across failures. Returns how many were
     drained. If ``publish`` raises, the drain stops there: that event and all later ones stay in
-    the spool, and the exception propagates. ``on_progress`` is called with the running total
+    the spool, and the exception propagates. Removals that failed before (a full disk) are
+    retried with each batch, and at the end. ``on_progress`` is called with the running total
     after each batch of removals.
     """
     drained = 0
@@ -302,7 +342,8 @@ async def drain(
                 try:
                     await publish(entry.delivery)
                 except Exception:
-                    await spool.record_attempt(entry.id)
+                    with suppress(SpoolError):  # the count is a hint; the failure is the news
+                        await spool.record_attempt(entry.id)
                     raise
                 published.append(entry.id)
         finally:
@@ -311,6 +352,7 @@ async def drain(
                 drained += len(published)
                 if on_progress is not None:
                     on_progress(drained)
+    await spool.retry_removals()  # all published: only deletes that failed are left
     return drained
 
 
@@ -401,6 +443,8 @@ class _Database:
             "SELECT count(*), coalesce(sum(length(body)), 0) FROM events"
         ).fetchone()
         self.totals: tuple[int, int] = (count, size)
+        self.reusable_bytes = self._free_pages_bytes()
+        """Space inside the file that deleted events left for new ones (as of the last write)."""
 
     @classmethod
     def open(cls, directory: Path) -> _Database:
@@ -432,11 +476,11 @@ class _Database:
                 rows,
             )
 
-    def oldest(self, limit: int) -> list[SpooledEvent]:
+    def oldest(self, limit: int, after: int = 0) -> list[SpooledEvent]:
         rows = self._db.execute(
             "SELECT id, event_type, message_id, body, headers, received_at, attempts"
-            " FROM events ORDER BY id LIMIT ?",
-            (limit,),
+            " FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
         )
         return [_spooled_event(row) for row in rows]
 
@@ -469,10 +513,24 @@ class _Database:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # a COMMIT that failed (disk full) can leave it open
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        self.reusable_bytes = self._free_pages_bytes()
+
+    def _free_pages_bytes(self) -> int:
+        (pages,) = self._db.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        return int(pages) * int(page_size)
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:  # the directory is gone: the next write says why
+        return sys.maxsize
 
 
 def _dump_headers(headers: Mapping[str, str]) -> str:
@@ -488,9 +546,13 @@ def _spooled_event(row: _Row) -> SpooledEvent:
     return SpooledEvent(row_id, delivery, attempts)
 
 
+def _write_error(error: sqlite3.Error | OSError) -> SpoolError:
+    return SpoolError(f"spool write failed: {error}")
+
+
 def _write_failed(error: Exception) -> Exception:
     if isinstance(error, sqlite3.Error | OSError):
-        wrapped = SpoolError(f"spool write failed: {error}")
+        wrapped = _write_error(error)
         wrapped.__cause__ = error
         return wrapped
     return error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import sqlite3
 import stat
@@ -25,6 +26,7 @@ from bridge.spool import (
     _Database,
     drain,
 )
+from tests.support.small_disk import fill_disk, small_disk
 
 RECEIVED_AT = 1_700_000_000.0
 
@@ -56,6 +58,17 @@ async def message_ids(spool: Spool) -> list[str]:
 async def fill(spool: Spool, count: int) -> None:
     for n in range(count):
         await spool.append(delivery(n))
+
+
+async def spool_until_refused(spool: Spool, size: int) -> tuple[int, SpoolError]:
+    """Append events of ``size`` bytes until the spool refuses one: how many it took, and why."""
+    count = 0
+    while True:
+        try:
+            await spool.append(delivery(count, size=size))
+        except SpoolError as refusal:
+            return count, refusal
+        count += 1
 
 
 async def eventually(event: asyncio.Event) -> None:
@@ -295,6 +308,67 @@ async def test_closing_waits_for_appends_in_flight(tmp_path: Path) -> None:
     await appends
     async with await Spool.open(settings(tmp_path)) as reopened:
         assert reopened.depth == 50
+
+
+# --- a disk that fills up --------------------------------------------------------------------
+
+
+async def test_the_spool_keeps_free_disk_space_in_reserve_and_says_so(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    async with await Spool.open(settings(tmp_path, min_free_bytes=free + 2**30)) as spool:
+        assert not spool.has_room
+        with pytest.raises(SpoolFull, match="disk nearly full") as refused:
+            await spool.append(delivery(0))
+        assert refused.value.retry_after == 30
+        assert spool.depth == 0
+    async with await Spool.open(settings(tmp_path, min_free_bytes=0)) as spool:
+        await spool.append(delivery(0))  # 0: no reserve
+        assert spool.depth == 1
+
+
+async def test_a_spool_that_fills_its_disk_stops_short_drains_and_takes_events_again(
+    tmp_path: Path,
+) -> None:
+    with small_disk(tmp_path / "disk", 24 * 2**20) as disk:
+        async with await Spool.open(SpoolSettings(path=disk / "spool")) as spool:
+            spooled, refusal = await spool_until_refused(spool, size=65_536)
+            assert isinstance(refusal, SpoolFull)
+            assert "disk nearly full" in refusal.reason
+            assert spooled > 0
+            broker = Broker()
+            assert await drain(spool, broker.publish) == spooled
+            assert broker.published == [f"evt_{n}" for n in range(spooled)]
+            assert spool.depth == 0
+            # What the drained events left inside the file is reused: the spool takes them again.
+            await fill(spool, spooled)
+            assert spool.depth == spooled
+
+
+async def test_on_a_full_disk_draining_publishes_each_event_once_and_removes_them_later(
+    tmp_path: Path,
+) -> None:
+    with small_disk(tmp_path / "disk", 2 * 2**20) as disk:
+        spool_settings = SpoolSettings(path=disk / "spool", min_free_bytes=0)
+        async with await Spool.open(spool_settings) as spool:
+            await fill(spool, 6)
+            filler = fill_disk(disk)  # someone else filled the disk
+            broker = Broker()
+            with pytest.raises(SpoolError, match="full"):
+                await drain(spool, broker.publish, batch=4)  # published 4, cannot remove them
+            with pytest.raises(SpoolError, match="full"):
+                await drain(spool, broker.publish, batch=4)  # the other 2, not the same again
+            with pytest.raises(SpoolError, match="full"):
+                await drain(spool, broker.publish, batch=4)  # nothing left but the deletes
+            assert broker.published == [f"evt_{n}" for n in range(6)]
+            assert spool.depth == 6  # nothing removed yet, nothing lost
+
+            filler.unlink()
+            assert await drain(spool, broker.publish, batch=4) == 0
+            assert broker.published == [f"evt_{n}" for n in range(6)]
+            assert spool.depth == 0
+            await spool.append(delivery(6))  # and the spool writes again
+        async with await Spool.open(spool_settings) as reopened:
+            assert await message_ids(reopened) == ["evt_6"]
 
 
 # --- drain -----------------------------------------------------------------------------------
