@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -28,13 +29,14 @@ from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret, wh
 from bridge.relay import Relay
 from bridge.server import create_app
 from bridge.signatures import Authenticator, ReplayGuard
-from bridge.spool import Forwarder, Spool
+from bridge.spool import Forwarder, Spool, delete_spool_files
 from bridge.status import StatusReport, registration_ok
-from bridge.workers import spool_dir
+from bridge.workers import left_behind_spool_dirs, spool_dir
 
 log = structlog.get_logger(__name__)
 
 _SECRET_POLL_INTERVAL = 2.0
+_LEFT_BEHIND_POLL_SECONDS = 1.0  # how soon a left-behind spool is forwarded once the broker is up
 _GAUGE_REFRESH_SECONDS = 1.0  # how fresh, with several workers, the live gauges are
 
 
@@ -68,6 +70,7 @@ class Bridge:
         self.reconciler: Reconciler | None = None
         self._reconciling: asyncio.Task[None] | None = None
         self._sharing_gauges: asyncio.Task[None] | None = None
+        self._forwarding_left_behind: asyncio.Task[None] | None = None
 
     def _watch_state(self) -> None:
         """The live gauges, read from the parts themselves. With several workers, the one that
@@ -106,6 +109,10 @@ class Bridge:
         relay = Relay(self.publisher, self._spool, self._forwarder, self.replays)
         self._forwarder.start()
         await self.publisher.start()
+        if self.worker == 0:
+            self._forwarding_left_behind = asyncio.create_task(
+                self._forward_left_behind(), name="forward-left-behind"
+            )
         app = create_app(
             self.settings.server,
             relay,
@@ -171,6 +178,39 @@ class Bridge:
                 f"cannot open the spool at {self.settings.spool.path}: {exc}"
             ) from exc
 
+    async def _forward_left_behind(self) -> None:
+        """Forward what workers that no longer run spooled (``server.workers`` was lowered),
+        then delete their spools: a 2xx promised those events too."""
+        root, workers = self.settings.spool.path, self.settings.server.workers
+        for path in left_behind_spool_dirs(root, workers):
+            try:
+                await self._forward_spool_at(path)
+            except (OSError, RuntimeError) as exc:  # locked by `spool drain`, or unusable
+                log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
+
+    async def _forward_spool_at(self, path: Path) -> None:
+        async with await Spool.open(self.settings.spool.model_copy(update={"path": path})) as spool:
+            if spool.depth:
+                log.warning(
+                    "spool.left_behind",
+                    path=str(path),
+                    depth=spool.depth,
+                    detail="spooled by a worker that no longer runs; forwarding",
+                )
+            forwarder = Forwarder(
+                spool,
+                self.publisher.publish,
+                is_connected=lambda: self.publisher.is_ready,
+                poll_interval=_LEFT_BEHIND_POLL_SECONDS,
+            )
+            forwarder.start()
+            try:
+                await forwarder.until_empty()
+            finally:
+                await forwarder.stop(grace=self.settings.server.shutdown_timeout)
+        delete_spool_files(path)
+        log.info("spool.left_behind_forwarded", path=str(path))
+
     def _use_stored_secret(self) -> None:
         if not self.settings.konpro.webhook_secret.get_secret_value():
             self._adopt_stored_secret()
@@ -227,6 +267,8 @@ class Bridge:
         await self._stop_reconciling()
         await _cancel(self._sharing_gauges)
         self._sharing_gauges = None
+        await _cancel(self._forwarding_left_behind)
+        self._forwarding_left_behind = None
         if self._runner is not None:
             log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
             await self._runner.cleanup()

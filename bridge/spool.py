@@ -384,11 +384,16 @@ class Forwarder:
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._emptied = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def notify(self) -> None:
         """Something changed (an event was spooled, the broker came back): look again now."""
         self._wake.set()
+
+    async def until_empty(self) -> None:
+        """Return once the forwarder has found the spool empty (after draining it, say)."""
+        await self._emptied.wait()
 
     def start(self) -> None:
         if self._task is None:
@@ -432,6 +437,8 @@ class Forwarder:
             drained = await drain(self._spool, self._publish, batch=self._batch)
             if drained:
                 _log.info("spool.drained", count=drained, depth=self._spool.depth)
+        if not self._spool.depth:
+            self._emptied.set()
 
 
 class _Database:
@@ -524,6 +531,14 @@ class _Database:
         (pages,) = self._db.execute("PRAGMA freelist_count").fetchone()
         (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
         return int(pages) * int(page_size)
+
+
+def delete_spool_files(directory: Path) -> None:
+    """Remove a spool that is closed and empty, and its directory if nothing else is in it."""
+    for name in (FILE_NAME, f"{FILE_NAME}-wal", f"{FILE_NAME}-shm", LOCK_NAME):
+        (directory / name).unlink(missing_ok=True)
+    with suppress(OSError):
+        directory.rmdir()
 
 
 def _free_bytes(directory: Path) -> int:

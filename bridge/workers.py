@@ -54,6 +54,12 @@ def spool_dirs(root: Path) -> list[Path]:
     return [root, *sorted(path for path in root.glob("worker-*") if path.is_dir())]
 
 
+def left_behind_spool_dirs(root: Path, workers: int) -> list[Path]:
+    """The spools of workers that no longer run, after ``server.workers`` was lowered."""
+    running = {spool_dir(root, worker) for worker in range(workers)}
+    return [path for path in spool_dirs(root) if path not in running]
+
+
 class Supervisor:
     """Runs ``body(settings, i)`` for i in 0..N-1, each in a forked process, until told to stop."""
 

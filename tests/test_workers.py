@@ -128,6 +128,28 @@ async def test_each_worker_spools_on_its_own_and_the_spool_commands_see_them_all
     assert sorted(m.body for m in await drain(queue, expect=len(events))) == sorted(events)
 
 
+async def test_lowering_the_number_of_workers_strands_no_spooled_event(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, bind_queue: QueueFactory
+) -> None:
+    queue = await bind_queue("#")
+    await broker_proxy.cut()
+    two = BridgeProcess(tmp_path, sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy)))
+    await two.start(wait_ready=False)
+    events = bodies(30)
+    statuses = await post_each_on_a_new_connection(two.webhook_url, events)
+    assert await two.stop() == 0
+    assert statuses == [202] * len(events)
+    left_behind = tmp_path / "spool" / "worker-1"
+    assert left_behind.is_dir()
+
+    one = sections(tmp_path, exchange_name, AMQP_URL)
+    one["server"] = {"workers": 1}
+    async with BridgeProcess(tmp_path, one):
+        received = await drain(queue, expect=len(events))
+        await eventually(lambda: not left_behind.exists())
+    assert sorted(m.body for m in received) == sorted(events)
+
+
 async def test_a_worker_that_dies_is_started_again(
     tmp_path: Path, exchange_name: str, bind_queue: QueueFactory
 ) -> None:
