@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS events (
 )
 """
 _MAX_SQL_PARAMETERS: Final = 500  # well below SQLite's historical limit of 999
+_CORRUPTION: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB (primary result codes)
+_LOW_DISK: Final = 1 << 20  # below this much free space, a failed open is blamed on the disk
 
 
 class SpoolError(DeliveryRefused):
@@ -74,7 +76,8 @@ class SpoolLocked(RuntimeError):
 
 
 class SpoolUnusable(RuntimeError):
-    """The spool's file cannot be opened as a spool (corrupt, not a database, unreadable)."""
+    """The spool's file cannot be opened as a spool (corrupt, not a database, unreadable, or its
+    disk cannot take a write); the message says which, and what to do."""
 
 
 class SpoolFull(SpoolError):
@@ -148,10 +151,7 @@ class Spool:
                 lock_fd = _lock(settings.path / LOCK_NAME)
         except sqlite3.DatabaseError as exc:
             executor.shutdown(wait=False)
-            raise SpoolUnusable(
-                f"{settings.path / FILE_NAME} is not a usable spool ({exc}); move it aside to "
-                "start with an empty spool, and recover its events with `sqlite3 FILE .recover`"
-            ) from exc
+            raise _unusable(settings.path, exc) from exc
         except BaseException:
             executor.shutdown(wait=False)
             raise
@@ -559,6 +559,23 @@ def _spooled_event(row: _Row) -> SpooledEvent:
     row_id, event_type, message_id, body, headers, received_at, attempts = row
     delivery = Delivery(event_type, body, message_id, orjson.loads(headers), received_at)
     return SpooledEvent(row_id, delivery, attempts)
+
+
+def _unusable(directory: Path, error: sqlite3.DatabaseError) -> SpoolUnusable:
+    """Corruption calls for moving the file aside; anything else (a full disk, I/O errors) does
+    not, and saying so would have an operator set aside a healthy spool."""
+    path = directory / FILE_NAME
+    if error.sqlite_errorcode & 0xFF in _CORRUPTION:
+        return SpoolUnusable(
+            f"{path} is not a usable spool ({error}); move it aside to start with an empty "
+            "spool, and recover its events with `sqlite3 FILE .recover`"
+        )
+    free = _free_bytes(directory)
+    if free < _LOW_DISK:
+        advice = f"its disk is full ({free} bytes free): free some space"
+    else:
+        advice = "check the volume (permissions, I/O errors)"
+    return SpoolUnusable(f"cannot open the spool {path} ({error}); {advice}, then start again")
 
 
 def _write_error(error: sqlite3.Error | OSError) -> SpoolError:

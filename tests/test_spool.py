@@ -23,6 +23,7 @@ from bridge.spool import (
     SpoolError,
     SpoolFull,
     SpoolStatus,
+    SpoolUnusable,
     _Database,
     drain,
 )
@@ -369,6 +370,21 @@ async def test_on_a_full_disk_draining_publishes_each_event_once_and_removes_the
             await spool.append(delivery(6))  # and the spool writes again
         async with await Spool.open(spool_settings) as reopened:
             assert await message_ids(reopened) == ["evt_6"]
+
+
+async def test_a_healthy_spool_on_a_full_disk_is_not_called_corrupt(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", 2**20) as disk:
+        spool_settings = SpoolSettings(path=disk / "spool", min_free_bytes=0)
+        async with await Spool.open(spool_settings) as spool:
+            await fill(spool, 3)
+        filler = fill_disk(disk)
+        with pytest.raises(SpoolUnusable) as refused:
+            await Spool.open(spool_settings)
+        assert "its disk is full" in str(refused.value)
+        assert "move it aside" not in str(refused.value)
+        filler.unlink()
+        async with await Spool.open(spool_settings) as spool:
+            assert await message_ids(spool) == ["evt_0", "evt_1", "evt_2"]
 
 
 # --- drain -----------------------------------------------------------------------------------
