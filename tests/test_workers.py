@@ -51,6 +51,18 @@ async def post_each_on_a_new_connection(url: str, events: list[bytes]) -> list[i
     return statuses
 
 
+async def every_worker_listening(bridge: BridgeProcess, workers: int = 2) -> None:
+    """With the broker away /readyz cannot tell, but the log can: each worker says it listens.
+    Posting before then could send every connection to the workers already up."""
+
+    def listening() -> bool:
+        lines = (orjson.loads(line) for line in bridge.log().splitlines() if line.startswith("{"))
+        seen = {line.get("worker") for line in lines if line.get("event") == "bridge.listening"}
+        return seen >= set(range(workers))
+
+    await eventually(listening)
+
+
 def worker_pids(supervisor: int) -> list[int]:
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
     return [int(pid) for pid in children]
@@ -115,6 +127,7 @@ async def test_each_worker_spools_on_its_own_and_the_spool_commands_see_them_all
     settings = sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
     bridge = BridgeProcess(tmp_path, settings)
     await bridge.start(wait_ready=False)
+    await every_worker_listening(bridge)
     events = bodies(30)
     statuses = await post_each_on_a_new_connection(bridge.webhook_url, events)
     assert await bridge.stop() == 0
@@ -135,15 +148,18 @@ async def test_lowering_the_number_of_workers_strands_no_spooled_event(
     await broker_proxy.cut()
     two = BridgeProcess(tmp_path, sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy)))
     await two.start(wait_ready=False)
+    await every_worker_listening(two)
     events = bodies(30)
     statuses = await post_each_on_a_new_connection(two.webhook_url, events)
     assert await two.stop() == 0
     assert statuses == [202] * len(events)
-    left_behind = tmp_path / "spool" / "worker-1"
-    assert left_behind.is_dir()
-
     one = sections(tmp_path, exchange_name, AMQP_URL)
     one["server"] = {"workers": 1}
+    config = str(write_toml(tmp_path / "one.toml", one))
+    status = json.loads(await cli("spool", "status", "--json", "--config", config))
+    assert [spool["depth"] > 0 for spool in status["spools"]] == [True, True]
+    left_behind = tmp_path / "spool" / "worker-1"
+
     async with BridgeProcess(tmp_path, one):
         received = await drain(queue, expect=len(events))
         await eventually(lambda: not left_behind.exists())
