@@ -240,9 +240,9 @@ class Bridge:
             return None
         spool = self._spool
         if self.settings.server.readiness == "accepting" and spool is not None:
-            if spool.has_room:
+            if (full := spool.why_full()) is None:
                 return None  # deliveries are spooled (202) and forwarded when the broker is back
-            reason += " and the spool is full"
+            reason += f" and the spool cannot take events ({full})"
         return self._answers(reason)
 
     @property

@@ -239,23 +239,8 @@ class Spool:
         age = None if oldest is None else max(0.0, self._clock() - oldest)
         return SpoolStatus(depth=self._depth, bytes=self._bytes, oldest_age=age)
 
-    @property
-    def has_room(self) -> bool:
-        """Whether one more (small) event would fit within the limits now."""
-        return self._why_full(1) is None
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("the spool is closed")
-
-    def _reserve(self, size: int) -> None:
-        if reason := self._why_full(size):
-            raise SpoolFull(reason)
-        self._queued_events += 1
-        self._queued_bytes += size
-
-    def _why_full(self, size: int) -> str | None:
-        """Why one more event of ``size`` bytes would exceed the limits, or ``None``."""
+    def why_full(self, size: int = 1) -> str | None:
+        """Why one more event of ``size`` bytes would not fit now (limits, disk), or ``None``."""
         limits = self._settings
         if self._depth + self._queued_events + 1 > limits.max_events:
             return f"spool full: it holds its limit of {limits.max_events} events"
@@ -273,6 +258,16 @@ class Spool:
                     f"spool.min_free_bytes is {limits.min_free_bytes}"
                 )
         return None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the spool is closed")
+
+    def _reserve(self, size: int) -> None:
+        if reason := self.why_full(size):
+            raise SpoolFull(reason)
+        self._queued_events += 1
+        self._queued_bytes += size
 
     async def _commit_queue(self) -> None:
         """Commit whatever is queued, one transaction per round, until the queue stays empty."""

@@ -231,6 +231,8 @@ async def test_readiness_accepting_stays_ready_while_the_spool_can_take_deliveri
         status, body = await readiness(http, bridge)
         assert status == 503
         assert body["reason"].startswith("cannot connect to the broker")
-        assert body["reason"].endswith("and the spool is full")
+        assert body["reason"].endswith(
+            "and the spool cannot take events (spool full: it holds its limit of 1 events)"
+        )
         await broker_proxy.restore()
         await wait_for_readiness(http, bridge, 200)  # the broker is back: ready, spool or not
