@@ -10,7 +10,6 @@ confirmed or their event spooled before the AMQP connection and the spool close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +30,7 @@ from bridge.server import create_app
 from bridge.signatures import Authenticator, ReplayGuard
 from bridge.spool import Forwarder, Spool, delete_spool_files
 from bridge.status import StatusReport, registration_ok
+from bridge.tasks import cancel_and_wait
 from bridge.workers import left_behind_spool_dirs, spool_dir
 
 log = structlog.get_logger(__name__)
@@ -265,9 +265,9 @@ class Bridge:
     async def stop(self) -> None:
         """Stop listening, let in-flight deliveries finish (bounded), then close the connection."""
         await self._stop_reconciling()
-        await _cancel(self._sharing_gauges)
+        await cancel_and_wait(self._sharing_gauges)
         self._sharing_gauges = None
-        await _cancel(self._forwarding_left_behind)
+        await cancel_and_wait(self._forwarding_left_behind)
         self._forwarding_left_behind = None
         if self._runner is not None:
             log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
@@ -320,7 +320,7 @@ class Bridge:
     async def _stop_reconciling(self) -> None:
         """Cancel a run even mid-call: a hanging KonPro API must not hold up shutdown."""
         task, self._reconciling = self._reconciling, None
-        await _cancel(task)
+        await cancel_and_wait(task)
         if self._konpro is not None:
             await self._konpro.close()
             self._konpro = None
@@ -379,11 +379,3 @@ async def run(settings: Settings, worker: int = 0) -> None:
 def _request_stop(stop: asyncio.Event, signum: signal.Signals) -> None:
     log.info("bridge.signal", signal=signum.name)
     stop.set()
-
-
-async def _cancel(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` and wait until it has ended."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -40,6 +40,7 @@ from aio_pika.abc import (
 from bridge.config import AmqpSettings, Route, masked_url
 from bridge.events import Delivery, DeliveryRefused
 from bridge.metrics import Metrics
+from bridge.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -221,10 +222,7 @@ class Publisher:
 
     async def close(self) -> None:
         for task in (self._redeclare, self._restore_watch, self._connect_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         await self._discard_connection()
         self._topology_declared = False
         self._last_error = "publisher closed"

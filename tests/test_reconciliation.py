@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import stat
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from bridge.reconcile import (
     should_reconcile,
     why_not_reconcile,
 )
+from bridge.tasks import cancel_and_wait
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
 
 pytest_plugins = ("tests.fake_konpro",)
@@ -459,9 +459,7 @@ async def test_rate_limits_and_server_errors_back_off_then_succeed(
         task = asyncio.create_task(reconciler.run_forever(on_result))
         async with asyncio.timeout(5):
             await settled.wait()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     assert [result.result for result in results] == ["error", "error", "updated"]
     sleeps = [entry["failures"] for entry in logs if entry["event"] == "reconcile.sleeping"]
