@@ -172,7 +172,7 @@ class Bridge:
     async def _open_spool(self) -> Spool:
         try:
             path = spool_dir(self.settings.spool.path, self.worker)
-            return await Spool.open(self.settings.spool.model_copy(update={"path": path}))
+            return await Spool.open(self.settings.spool.at(path))
         except (OSError, RuntimeError) as exc:
             raise StartupError(
                 f"cannot open the spool at {self.settings.spool.path}: {exc}"
@@ -189,7 +189,7 @@ class Bridge:
                 log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
 
     async def _forward_spool_at(self, path: Path) -> None:
-        async with await Spool.open(self.settings.spool.model_copy(update={"path": path})) as spool:
+        async with await Spool.open(self.settings.spool.at(path)) as spool:
             if spool.depth:
                 log.warning(
                     "spool.left_behind",

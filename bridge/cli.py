@@ -149,8 +149,7 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
     async def read(path: Path) -> dict[str, Any]:
         if not (path / FILE_NAME).exists():
             return {"path": str(path), "depth": 0, "bytes": 0, "oldest_age": None}
-        spool_settings = settings.spool.model_copy(update={"path": path})
-        async with await Spool.open(spool_settings, exclusive=False) as spool:
+        async with await Spool.open(settings.spool.at(path), exclusive=False) as spool:
             return {"path": str(path), **dataclasses.asdict(await spool.status())}
 
     async def read_all() -> list[dict[str, Any]]:
@@ -190,9 +189,7 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     async def drain_spools() -> int:
         async with contextlib.AsyncExitStack() as opened:
             spools = [
-                await opened.enter_async_context(
-                    await Spool.open(settings.spool.model_copy(update={"path": path}))
-                )
+                await opened.enter_async_context(await Spool.open(settings.spool.at(path)))
                 for path in spool_dirs(settings.spool.path)
             ]
             publisher = Publisher(settings.amqp)

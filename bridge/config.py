@@ -142,6 +142,10 @@ class SpoolSettings(_Section):
     max_events: int = Field(default=100_000, ge=1)
     min_free_bytes: int = Field(default=16_777_216, ge=0)
 
+    def at(self, path: Path) -> SpoolSettings:
+        """The same limits for the spool in ``path`` (a worker's, say)."""
+        return self.model_copy(update={"path": path})
+
 
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
