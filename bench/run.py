@@ -511,16 +511,20 @@ async def run_round(
         record.update(idle_rss=idle.rss, idle_pss=idle.pss, processes=idle.processes)
         stop_sampling = asyncio.Event()
         sampling = asyncio.create_task(sampler.run(stop_sampling))
+
+        async def load_with_wrk(connections: int, duration: int, phase: str) -> Json:
+            return await run_wrk(
+                wrk,
+                post_url,
+                connections=connections,
+                threads=opts.threads,
+                duration=duration,
+                run_id=f"{tag}-{phase}",
+            )
+
         try:
             if opts.warmup > 0:
-                warm = await run_wrk(
-                    wrk,
-                    post_url,
-                    connections=opts.connections,
-                    threads=opts.threads,
-                    duration=opts.warmup,
-                    run_id=f"{tag}-warm",
-                )
+                warm = await load_with_wrk(opts.connections, opts.warmup, "warm")
                 record["warmup"] = await account(
                     broker, contender, warm, opts.connections, opts.settle
                 )
@@ -533,14 +537,7 @@ async def run_round(
             cpu_before = tree_cpu_seconds(proc.pid)
             machine_before = CpuSnapshot.take()
             try:
-                load = await run_wrk(
-                    wrk,
-                    post_url,
-                    connections=opts.connections,
-                    threads=opts.threads,
-                    duration=opts.duration,
-                    run_id=f"{tag}-load",
-                )
+                load = await load_with_wrk(opts.connections, opts.duration, "load")
             finally:
                 stop_probe.set()
                 await probing
@@ -549,14 +546,7 @@ async def run_round(
             load["options"] = probe.summary()
             record["load"] = await account(broker, contender, load, opts.connections, opts.settle)
 
-            latency = await run_wrk(
-                wrk,
-                post_url,
-                connections=opts.latency_connections,
-                threads=opts.threads,
-                duration=opts.duration,
-                run_id=f"{tag}-lat",
-            )
+            latency = await load_with_wrk(opts.latency_connections, opts.duration, "lat")
             record["latency"] = await account(
                 broker, contender, latency, opts.latency_connections, opts.settle
             )
