@@ -63,6 +63,23 @@ async def every_worker_listening(bridge: BridgeProcess, workers: int = 2) -> Non
     await eventually(listening)
 
 
+async def spool_with_two_workers(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy
+) -> list[bytes]:
+    """Two workers take 30 events while the broker is away (each spools its share), then stop;
+    returns the events."""
+    await broker_proxy.cut()
+    settings = sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
+    bridge = BridgeProcess(tmp_path, settings)
+    await bridge.start(wait_ready=False)
+    await every_worker_listening(bridge)
+    events = bodies(30)
+    statuses = await post_each_on_a_new_connection(bridge.webhook_url, events)
+    assert await bridge.stop() == 0
+    assert statuses == [202] * len(events)
+    return events
+
+
 def worker_pids(supervisor: int) -> list[int]:
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
     return [int(pid) for pid in children]
@@ -123,15 +140,7 @@ async def test_each_worker_spools_on_its_own_and_the_spool_commands_see_them_all
     tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, bind_queue: QueueFactory
 ) -> None:
     queue = await bind_queue("#")
-    await broker_proxy.cut()
-    settings = sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
-    bridge = BridgeProcess(tmp_path, settings)
-    await bridge.start(wait_ready=False)
-    await every_worker_listening(bridge)
-    events = bodies(30)
-    statuses = await post_each_on_a_new_connection(bridge.webhook_url, events)
-    assert await bridge.stop() == 0
-    assert statuses == [202] * len(events)
+    events = await spool_with_two_workers(tmp_path, exchange_name, broker_proxy)
 
     direct = write_toml(tmp_path / "direct.toml", sections(tmp_path, exchange_name, AMQP_URL))
     status = json.loads(await cli("spool", "status", "--json", "--config", str(direct)))
@@ -145,14 +154,7 @@ async def test_lowering_the_number_of_workers_strands_no_spooled_event(
     tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, bind_queue: QueueFactory
 ) -> None:
     queue = await bind_queue("#")
-    await broker_proxy.cut()
-    two = BridgeProcess(tmp_path, sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy)))
-    await two.start(wait_ready=False)
-    await every_worker_listening(two)
-    events = bodies(30)
-    statuses = await post_each_on_a_new_connection(two.webhook_url, events)
-    assert await two.stop() == 0
-    assert statuses == [202] * len(events)
+    events = await spool_with_two_workers(tmp_path, exchange_name, broker_proxy)
     one = sections(tmp_path, exchange_name, AMQP_URL)
     one["server"] = {"workers": 1}
     config = str(write_toml(tmp_path / "one.toml", one))
