@@ -34,7 +34,7 @@ DOCUMENTED_EVENT_TYPES: Final = (
 EVENT_ID_HEADER: Final = "KonPro-Event-Id"
 TIMESTAMP_HEADER: Final = "KonPro-Timestamp"
 SIGNATURE_HEADERS: Final = ("KonPro-Signature", "Signature")
-MAX_EVENT_ID_LENGTH: Final = 200
+MAX_EVENT_ID_BYTES: Final = 200  # in UTF-8; an AMQP message id holds 255
 
 
 class InvalidEvent(ValueError):
@@ -99,8 +99,11 @@ def parse_event_type(body: bytes) -> str:
 def message_id_for(body: bytes, event_id: str | None) -> str:
     """KonPro's event id when it sent one, else a digest of the body: stable across retries."""
     if event_id:
-        if len(event_id) > MAX_EVENT_ID_LENGTH or not event_id.isprintable():
-            raise InvalidEvent(f"{EVENT_ID_HEADER} must be at most 200 printable characters")
+        # Printable first: a surrogate (undecodable bytes) cannot be encoded to count its bytes.
+        if not event_id.isprintable() or len(event_id.encode()) > MAX_EVENT_ID_BYTES:
+            raise InvalidEvent(
+                f"{EVENT_ID_HEADER} must be printable and at most {MAX_EVENT_ID_BYTES} bytes"
+            )
         return event_id
     return hashlib.sha256(body).hexdigest()
 

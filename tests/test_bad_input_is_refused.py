@@ -128,17 +128,39 @@ async def test_a_body_over_the_limit_is_answered_413(
     assert len(await drain(queue, expect=1)) == 1
 
 
+@pytest.mark.parametrize(
+    "event_id",
+    ["e" * 201, "é" * 101],
+    # An AMQP message id holds 255 bytes: 200 printable characters could be 800 (a 500, once).
+    ids=["201 characters", "202 bytes in UTF-8"],
+)
 async def test_an_unusable_event_id_header_is_answered_400(
-    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+    event_id: str,
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
     async with start_bridge() as bridge:
         url = bridge.webhook_url
-        headers = {"Content-Type": "application/json", "KonPro-Event-Id": "e" * 201}
+        headers = {"Content-Type": "application/json", "KonPro-Event-Id": event_id}
         async with http.post(url, data=VALID, headers=headers) as response:
             assert response.status == 400
             assert "KonPro-Event-Id" in (await response.json())["detail"]
     assert await drain(queue, expect=0) == []
+
+
+async def test_an_event_id_of_200_bytes_in_utf_8_is_the_message_id_unchanged(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    event_id = "é" * 100
+    async with start_bridge() as bridge:
+        headers = {"Content-Type": "application/json", "KonPro-Event-Id": event_id}
+        async with http.post(bridge.webhook_url, data=VALID, headers=headers) as response:
+            assert response.status == 200
+    [message] = await drain(queue, expect=1)
+    assert message.message_id == event_id
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
