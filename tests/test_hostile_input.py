@@ -20,7 +20,7 @@ SECRET = "whsec_property_based"
 # Printable ASCII and, sent as UTF-8, Latin and IPA letters of two bytes each: long enough that
 # an event id of at most 200 characters can still be over 255 bytes.
 HEADER_TEXT = st.text(
-    st.characters(min_codepoint=0x20, max_codepoint=0x2AF, exclude_categories=("Cc",)),
+    st.characters(min_codepoint=0x20, max_codepoint=0x2AF, exclude_categories=["Cc"]),
     max_size=150,
 )
 EVENT_TYPES = st.one_of(
