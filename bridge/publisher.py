@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import fnmatch
 import functools
 import random
@@ -33,18 +32,17 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
     AbstractRobustQueue,
-    DeliveryMode,
     ExchangeType,
 )
 
 from bridge.config import AmqpSettings, Route, masked_url
+from bridge.contract import APP_ID, ContractProperties
 from bridge.events import Delivery, DeliveryRefused
 from bridge.metrics import Metrics
 from bridge.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
-APP_ID = "konpro-bridge"
 UNROUTED_SUFFIX = ".unrouted"
 _FIRST_RETRY_DELAY = 0.5
 _MAX_CONNECT_DELAY = 30.0
@@ -197,7 +195,7 @@ class Publisher:
                 delivery.body,
                 exchange=exchange_name,
                 routing_key=delivery.event_type,
-                properties=_properties(delivery),
+                properties=ContractProperties(delivery),
                 mandatory=True,
                 timeout=self._settings.publish_timeout,
                 # Waiting for the socket write would hold the channel's lock until then and
@@ -361,18 +359,6 @@ class Publisher:
         # The robust channel has re-declared the exchanges, queues and bindings it made.
         self._mark_ready()
         log.info("amqp.reconnected")
-
-
-def _properties(delivery: Delivery) -> aiormq.spec.Basic.Properties:
-    return aiormq.spec.Basic.Properties(
-        content_type="application/json",
-        delivery_mode=DeliveryMode.PERSISTENT.value,
-        message_id=delivery.message_id,
-        message_type=delivery.event_type,
-        timestamp=dt.datetime.fromtimestamp(delivery.received_at, tz=dt.UTC),
-        app_id=APP_ID,
-        headers=dict(delivery.headers),
-    )
 
 
 def _describe(exc: BaseException) -> str:

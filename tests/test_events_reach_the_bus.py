@@ -10,8 +10,13 @@ import aiohttp
 import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
+from hypothesis import given
+from hypothesis import strategies as st
+from pamqp import commands
 
 from bridge.app import Bridge
+from bridge.contract import ContractProperties
+from bridge.events import Delivery
 from tests.conftest import BridgeFactory, QueueFactory, drain
 
 SEED_EVENTS = {
@@ -98,6 +103,35 @@ async def test_each_seed_event_lands_in_a_queue_bound_to_its_type_unchanged(
     assert message.timestamp is not None
     assert message.timestamp.timestamp() >= int(before)
     assert message.headers == headers
+
+
+_short_strings = st.text(min_size=1).filter(lambda text: len(text.encode()) <= 255)
+
+
+@given(
+    event_type=_short_strings,
+    message_id=_short_strings,
+    headers=st.dictionaries(st.sampled_from(["KonPro-Event-Id", "KonPro-Timestamp"]), st.text()),
+    received_at=st.floats(min_value=0, max_value=4e9),
+)
+def test_the_contract_properties_marshal_to_the_same_bytes_as_pamqps_own_encoding(
+    event_type: str, message_id: str, headers: dict[str, str], received_at: float
+) -> None:
+    delivery = Delivery(event_type, b"{}", message_id, headers, received_at)
+    properties = ContractProperties(delivery)
+
+    assert properties.marshal() == commands.Basic.Properties.marshal(properties)
+
+
+def test_contract_properties_changed_after_construction_are_marshalled_as_changed() -> None:
+    properties = ContractProperties(Delivery("avatar_video.success", b"{}", "evt-1"))
+    properties.priority = 5
+    properties.app_id = "someone-else"
+
+    decoded = commands.Basic.Properties()
+    data = properties.marshal()
+    decoded.unmarshal(int.from_bytes(data[:2]), data[2:])
+    assert (decoded.priority, decoded.app_id) == (5, "someone-else")
 
 
 async def test_message_id_is_the_body_digest_when_konpro_sends_no_event_id(
