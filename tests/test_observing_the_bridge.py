@@ -7,14 +7,22 @@ test's own TCP proxy.
 from __future__ import annotations
 
 import datetime as dt
+import io
+import logging
 import math
+import re
 import uuid
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import aiohttp
 import orjson
+import pytest
+import structlog
 
 from bridge.app import Bridge
+from bridge.config import LogSettings
+from bridge.logs import configure_logging
 from bridge.samples import sample_body
 from bridge.signatures import SignatureVerifier, sign
 from bridge.tools import send_test_event
@@ -47,6 +55,41 @@ async def post(
     url = bridge.webhook_url
     async with http.post(url, data=body, headers=headers) as response:
         return response.status
+
+
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z")
+
+
+@pytest.mark.parametrize("stream_kind", ["file", "text"])
+def test_json_log_lines_carry_the_level_the_event_and_an_iso_8601_utc_time(
+    stream_kind: str, tmp_path: Path
+) -> None:
+    # A real file is written as bytes (the daemon's path); a text-only stream through the
+    # standard library's renderer. Both, and foreign lines too, stamp the same way.
+    path = tmp_path / "bridge.log"
+    text_only = io.StringIO()
+    stream: TextIO = path.open("w") if stream_kind == "file" else text_only
+    before = dt.datetime.now(dt.UTC)
+    try:
+        configure_logging(LogSettings(level="info", format="json"), stream=stream)
+        structlog.get_logger("test").info("webhook.accepted", outcome="published")
+        logging.getLogger("aiohttp.server").warning("a foreign line")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+        stream.flush()
+    text = path.read_text() if stream_kind == "file" else text_only.getvalue()
+    stream.close()
+
+    records = [orjson.loads(line) for line in text.splitlines()]
+    assert [(r["level"], r["event"]) for r in records] == [
+        ("info", "webhook.accepted"),
+        ("warning", "a foreign line"),
+    ]
+    for record in records:
+        assert ISO_UTC.fullmatch(record["timestamp"]), record["timestamp"]
+        stamped = dt.datetime.fromisoformat(record["timestamp"])
+        assert before <= stamped <= dt.datetime.now(dt.UTC)
 
 
 async def status(http: aiohttp.ClientSession, bridge: Bridge) -> dict[str, Any]:
