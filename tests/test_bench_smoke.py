@@ -111,3 +111,43 @@ def test_benchmark_runs_and_every_2xx_is_a_stored_message(tmp_path: Path) -> Non
         assert summary["rps"] > 0
     assert "naive" in report["ratios"] or report["reference"] == "naive"
     assert "| contender |" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_instruction_counts_come_from_the_bridge_answering_under_callgrind(tmp_path: Path) -> None:
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (apt-get install -y valgrind)")
+    if not _wrk_available():
+        pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk)")
+    out = tmp_path / "instructions.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.instructions",
+            "--only",
+            "konpro-bridge",
+            "--seconds",
+            "1",
+            "--warmup",
+            "1",
+            "--amqp-url",
+            AMQP_URL,
+            "--json-out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    [result] = json.loads(out.read_text())
+
+    assert result["contender"] == "konpro-bridge"
+    assert result["requests"] > 0
+    # Counted while posting only: far more than nothing, far less than a start-up's worth.
+    assert 10_000 < result["instructions_per_request"] < 50_000_000
+    assert "| konpro-bridge |" in proc.stdout
