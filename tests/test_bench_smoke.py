@@ -40,39 +40,10 @@ def _wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_benchmark_runs_and_every_2xx_is_a_stored_message(tmp_path: Path) -> None:
-    if not _wrk_available():
-        pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk)")
-    out = tmp_path / "report.json"
+def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m <module>`` against the test broker; it must succeed."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.run",
-            "--duration",
-            "1",
-            "--rounds",
-            "1",
-            "--warmup",
-            "0",
-            "--connections",
-            "8",
-            "--latency-connections",
-            "2",
-            "--inflight",
-            "16",
-            "--settle",
-            "0",
-            "--only",
-            ",".join(CONTENDERS),
-            "--amqp-url",
-            AMQP_URL,
-            "--json-out",
-            str(out),
-            "--no-install",
-        ],
+        [sys.executable, "-m", module, *args, "--amqp-url", AMQP_URL],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -80,6 +51,21 @@ def test_benchmark_runs_and_every_2xx_is_a_stored_message(tmp_path: Path) -> Non
         check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_benchmark_runs_and_every_2xx_is_a_stored_message(tmp_path: Path) -> None:
+    if not _wrk_available():
+        pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk)")
+    out = tmp_path / "report.json"
+    proc = run_bench(
+        "bench.run",
+        *("--duration", "1", "--rounds", "1", "--warmup", "0", "--settle", "0"),
+        *("--connections", "8", "--latency-connections", "2", "--inflight", "16"),
+        *("--only", ",".join(CONTENDERS), "--json-out", str(out), "--no-install"),
+    )
     report: dict[str, Any] = json.loads(out.read_text())
 
     assert not report["errors"]
@@ -121,29 +107,10 @@ def test_instruction_counts_come_from_the_bridge_answering_under_callgrind(tmp_p
     if not _wrk_available():
         pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk)")
     out = tmp_path / "instructions.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.instructions",
-            "--only",
-            "konpro-bridge",
-            "--seconds",
-            "1",
-            "--warmup",
-            "1",
-            "--amqp-url",
-            AMQP_URL,
-            "--json-out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=220,
-        check=False,
+    proc = run_bench(
+        "bench.instructions",
+        *("--only", "konpro-bridge", "--seconds", "1", "--warmup", "1", "--json-out", str(out)),
     )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     [result] = json.loads(out.read_text())
 
     assert result["contender"] == "konpro-bridge"
