@@ -34,6 +34,8 @@ DOCUMENTED_EVENT_TYPES: Final = (
 EVENT_ID_HEADER: Final = "KonPro-Event-Id"
 TIMESTAMP_HEADER: Final = "KonPro-Timestamp"
 SIGNATURE_HEADERS: Final = ("KonPro-Signature", "Signature")
+FORWARDED_HEADERS: Final = (EVENT_ID_HEADER, TIMESTAMP_HEADER, *SIGNATURE_HEADERS)
+"""The delivery's headers each message carries (the README's message contract)."""
 MAX_EVENT_ID_BYTES: Final = 200  # in UTF-8; an AMQP message id holds 255
 
 
@@ -94,6 +96,23 @@ def parse_event_type(body: bytes) -> str:
     if not isinstance(envelope.get("event_data"), dict):
         raise InvalidEvent("event_data must be a JSON object")
     return event_type
+
+
+def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The KonPro headers the message carries; raises ``InvalidEvent`` for one that is not text.
+
+    aiohttp hands undecodable header bytes over as surrogates, which neither the AMQP headers
+    table nor the spool can hold.
+    """
+    forwarded = {}
+    for name in FORWARDED_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        if not value.isprintable():
+            raise InvalidEvent(f"{name} must be printable UTF-8 text")
+        forwarded[name] = value
+    return forwarded
 
 
 def message_id_for(body: bytes, event_id: str | None) -> str:

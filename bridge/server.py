@@ -16,17 +16,15 @@ from typing import Final, Protocol
 import orjson
 import structlog
 from aiohttp import web
-from multidict import CIMultiDictProxy
 
 from bridge.config import ServerSettings
 from bridge.events import (
     EVENT_ID_HEADER,
-    SIGNATURE_HEADERS,
-    TIMESTAMP_HEADER,
     Delivery,
     DeliveryRefused,
     InvalidEvent,
     Outcome,
+    forwarded_headers,
     message_id_for,
     parse_event_type,
 )
@@ -36,7 +34,6 @@ from bridge.signatures import Authenticator, SignatureRejected
 log = structlog.get_logger(__name__)
 
 _JSON_TYPES: Final = frozenset({"application/json", "application/octet-stream"})
-_FORWARDED_HEADERS: Final = (EVENT_ID_HEADER, TIMESTAMP_HEADER, *SIGNATURE_HEADERS)
 _ALLOW: Final = "POST, OPTIONS"
 _REJECTED_OUTCOMES: Final = {401: "rejected_signature"}  # every other rejection: "invalid"
 
@@ -121,9 +118,10 @@ class WebhookHandler:
         try:
             event_type = parse_event_type(body)
             message_id = message_id_for(body, request.headers.get(EVENT_ID_HEADER))
+            headers = forwarded_headers(request.headers)
         except InvalidEvent as exc:
             raise _Rejected(400, "invalid_event", str(exc)) from None
-        return Delivery(event_type, body, message_id, _konpro_headers(request.headers))
+        return Delivery(event_type, body, message_id, headers)
 
     def _check_content_type(self, request: web.Request) -> None:
         content_type = request.content_type  # aiohttp's default when absent: octet-stream
@@ -205,10 +203,6 @@ def _json(
     return web.Response(
         body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
     )
-
-
-def _konpro_headers(headers: CIMultiDictProxy[str]) -> Mapping[str, str]:
-    return {name: value for name in _FORWARDED_HEADERS if (value := headers.get(name)) is not None}
 
 
 def _elapsed_ms(started: float) -> float:
