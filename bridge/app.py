@@ -20,6 +20,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
+from bridge.expect import expect_continue
 from bridge.konpro import KonProClient
 from bridge.logs import Redactor, redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
@@ -158,10 +159,11 @@ class Bridge:
             registration_off=off or "",
             redact=self._answers.redact_bytes,
         )
-        app.router.add_get("/status", report.handle)
+        app.router.add_get("/status", report.handle, expect_handler=expect_continue)
         port = self.settings.server.metrics_port
         if not port:
-            app.router.add_get("/metrics", metrics_handler(self.metrics))
+            metrics = metrics_handler(self.metrics)
+            app.router.add_get("/metrics", metrics, expect_handler=expect_continue)
             return
         self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
         await self._metrics_runner.setup()

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import BadHttpMessage
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from bridge.config import MASK, LogSettings
@@ -156,6 +157,20 @@ def _dumps_bytes(obj: Any) -> bytes:
     return orjson.dumps(obj, default=str, option=orjson.OPT_UTC_Z)
 
 
+def _bad_requests_as_warnings(record: logging.LogRecord) -> bool:
+    """aiohttp logs every malformed request (a duplicate Host header, a bad Transfer-Encoding)
+    as an error with a traceback: anyone can fill the log that way. It answered 400 already;
+    one warning line saying why is enough."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if record.name == "aiohttp.server" and isinstance(exc, BadHttpMessage):
+        reason = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg, record.args = "bad HTTP request from %s: %s", (remote, reason)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def _route_standard_logging(
     shared: list[Processor],
     renderer: Processor,
@@ -174,6 +189,7 @@ def _route_standard_logging(
             ],
         )
     )
+    handler.addFilter(_bad_requests_as_warnings)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

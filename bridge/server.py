@@ -28,6 +28,7 @@ from bridge.events import (
     message_id_for,
     parse_event_type,
 )
+from bridge.expect import expect_continue
 from bridge.metrics import Metrics
 from bridge.signatures import Authenticator, SignatureRejected
 
@@ -171,11 +172,12 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application; the caller owns running it."""
     app = web.Application(client_max_size=settings.max_body_bytes)
-    app.router.add_route("OPTIONS", "/{path:.*}", _options)
+    route = app.router.add_route
+    route("OPTIONS", "/{path:.*}", _options, expect_handler=expect_continue)
     handler = WebhookHandler(settings, sink, authenticator, metrics or Metrics())
-    app.router.add_post(settings.webhook_path, handler.handle)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz(readiness))
+    route("POST", settings.webhook_path, handler.handle, expect_handler=expect_continue)
+    route("GET", "/healthz", _healthz, expect_handler=expect_continue)
+    route("GET", "/readyz", _readyz(readiness), expect_handler=expect_continue)
     return app
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -11,6 +13,9 @@ import pytest
 import structlog
 from aio_pika.abc import AbstractChannel
 
+from bridge.app import Bridge
+from bridge.config import LogSettings
+from bridge.logs import configure_logging
 from tests.conftest import BridgeFactory, QueueFactory, drain
 
 VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
@@ -164,19 +169,70 @@ async def test_a_konpro_header_that_is_not_printable_text_is_answered_400(
     # text (a 500 once, from the AMQP encoder). aiohttp's parser refuses control characters.
     queue = await bind_queue("#")
     async with start_bridge() as bridge:
-        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-        writer.write(
-            b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
-            b"%s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (bridge.settings.server.webhook_path.encode(), header, len(VALID), VALID)
-        )
-        answer = await reader.read()
-        writer.close()
-    status_line, _, body = answer.partition(b"\r\n\r\n")
-    assert status_line.startswith(b"HTTP/1.1 400"), answer
+        answer = await raw_post(bridge, header, VALID)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
     assert json.loads(body)["error"] == "invalid_event"
     assert header.split(b":")[0].decode() in json.loads(body)["detail"]
     assert await drain(queue, expect=0) == []
+
+
+async def raw_post(bridge: Bridge, header: bytes, body: bytes, *, send_body: bool = True) -> bytes:
+    """POST with ``header`` as given, bytes no client library would send; the whole answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    path = bridge.settings.server.webhook_path.encode()
+    writer.write(
+        b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n%s\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, header, len(body))
+    )
+    if send_body:
+        writer.write(body)
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize("expect", [b"\xb0\xff", b"something-else"], ids=["invalid UTF-8", "other"])
+async def test_an_expectation_other_than_100_continue_is_answered_417(
+    expect: bytes, start_bridge: BridgeFactory, bind_queue: QueueFactory
+) -> None:
+    # aiohttp's own handler quotes the header in its 417, and invalid UTF-8 made that a 500.
+    queue = await bind_queue("#")
+    async with start_bridge() as bridge:
+        answer = await raw_post(bridge, b"Expect: " + expect, VALID)
+        async with aiohttp.ClientSession() as http:
+            headers = {"Expect": "x" * 10}
+            async with http.get(bridge.url + "/readyz", headers=headers) as response:
+                assert response.status == 417
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 417"), answer
+    assert json.loads(body)["error"] == "expectation_failed"
+    assert await drain(queue, expect=0) == []
+
+
+async def test_expect_100_continue_refuses_a_body_over_the_limit_before_it_is_sent(
+    start_bridge: BridgeFactory,
+) -> None:
+    async with start_bridge(server={"max_body_bytes": 4096}) as bridge:
+        oversized = VALID + b" " * 5000
+        answer = await raw_post(bridge, b"Expect: 100-continue", oversized, send_body=False)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b"100 Continue" not in answer
+
+
+async def test_expect_100_continue_gets_the_body_sent_and_the_event_published(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge() as bridge:
+        headers = {"Content-Type": "application/json"}
+        async with http.post(
+            bridge.webhook_url, data=VALID, headers=headers, expect100=True
+        ) as response:
+            assert response.status == 200
+        answer = await raw_post(bridge, b"Expect: 100-continue", VALID)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer
+    assert len(await drain(queue, expect=2)) == 2
 
 
 async def test_an_event_id_of_200_bytes_in_utf_8_is_the_message_id_unchanged(
@@ -200,3 +256,22 @@ async def test_other_methods_on_the_webhook_path_are_answered_405(
         url = bridge.webhook_url
         async with http.request(method, url) as response:
             assert response.status == 405
+
+
+async def test_a_malformed_request_is_answered_400_and_logged_as_one_warning_line(
+    start_bridge: BridgeFactory,
+) -> None:
+    stream = io.StringIO()
+    configure_logging(LogSettings(level="info", format="json"), stream=stream)
+    try:
+        async with start_bridge() as bridge:
+            answer = await raw_post(bridge, b"Host: a-second-host", VALID)
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+
+    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400"), answer
+    [line] = [json.loads(x) for x in stream.getvalue().splitlines() if "bad HTTP request" in x]
+    assert line["level"] == "warning"
+    assert "Duplicate 'Host' header" in line["event"]
+    assert "exception" not in line  # aiohttp's own record carries a traceback
