@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -14,9 +14,8 @@ import structlog
 from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
-from bridge.config import LogSettings
-from bridge.logs import configure_logging
-from tests.conftest import BridgeFactory, QueueFactory, drain
+from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
+from tests.support.process import BridgeProcess
 
 VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
 
@@ -177,10 +176,12 @@ async def test_a_konpro_header_that_is_not_printable_text_is_answered_400(
     assert await drain(queue, expect=0) == []
 
 
-async def raw_post(bridge: Bridge, header: bytes, body: bytes, *, send_body: bool = True) -> bytes:
+async def raw_post(
+    bridge: Bridge | BridgeProcess, header: bytes, body: bytes, *, send_body: bool = True
+) -> bytes:
     """POST with ``header`` as given, bytes no client library would send; the whole answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-    path = bridge.settings.server.webhook_path.encode()
+    path = urlsplit(bridge.webhook_url).path.encode()
     writer.write(
         b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n%s\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, header, len(body))
@@ -259,19 +260,26 @@ async def test_other_methods_on_the_webhook_path_are_answered_405(
 
 
 async def test_a_malformed_request_is_answered_400_and_logged_as_one_warning_line(
-    start_bridge: BridgeFactory,
+    tmp_path: Path, exchange_name: str
 ) -> None:
-    stream = io.StringIO()
-    configure_logging(LogSettings(level="info", format="json"), stream=stream)
+    bridge = BridgeProcess(
+        tmp_path,
+        {
+            "amqp": {"url": AMQP_URL, "exchange": exchange_name},
+            "spool": {"path": str(tmp_path / "spool")},
+            "reconcile": {"enabled": False},
+            "log": {"format": "json"},
+        },
+    )
+    await bridge.start()
     try:
-        async with start_bridge() as bridge:
-            answer = await raw_post(bridge, b"Host: a-second-host", VALID)
+        answer = await raw_post(bridge, b"Host: a-second-host", VALID)
     finally:
-        structlog.reset_defaults()
-        logging.getLogger().handlers.clear()
+        assert await bridge.stop() == 0
 
-    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400"), answer
-    [line] = [json.loads(x) for x in stream.getvalue().splitlines() if "bad HTTP request" in x]
+    assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.0 400")), answer
+    lines = [json.loads(line) for line in bridge.log().splitlines()]
+    [line] = [entry for entry in lines if "bad HTTP request" in entry["event"]]
     assert line["level"] == "warning"
     assert "Duplicate 'Host' header" in line["event"]
-    assert "exception" not in line  # aiohttp's own record carries a traceback
+    assert not [entry for entry in lines if "exception" in entry]  # aiohttp's has a traceback
