@@ -10,12 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 import orjson
 import structlog
 from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web import RequestPayloadError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from bridge.config import MASK, LogSettings
@@ -23,6 +25,8 @@ from bridge.config import MASK, LogSettings
 _MASK_BYTES = MASK.encode()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _CHATTY_LIBRARIES = ("aiormq", "aio_pika", "asyncio")
+_CLIENT_FAULTS = (BadHttpMessage, RequestPayloadError, zlib.error)
+"""What aiohttp's server logs as errors although the client caused it."""
 
 
 class Redactor:
@@ -158,17 +162,24 @@ def _dumps_bytes(obj: Any) -> bytes:
 
 
 def _bad_requests_as_warnings(record: logging.LogRecord) -> bool:
-    """aiohttp logs every malformed request (a duplicate Host header, a bad Transfer-Encoding)
-    as an error with a traceback: anyone can fill the log that way. It answered 400 already;
-    one warning line saying why is enough."""
+    """aiohttp logs every malformed request (a duplicate Host header, a bad Transfer-Encoding,
+    a gzip body that is not) as an error with a traceback: anyone can fill the log that way. It
+    has answered already; one warning line saying why is enough."""
     exc = record.exc_info[1] if record.exc_info else None
-    if record.name == "aiohttp.server" and isinstance(exc, BadHttpMessage):
-        reason = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+    if record.name == "aiohttp.server" and isinstance(exc, _CLIENT_FAULTS):
+        reason = _first_words(exc)
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
         record.msg, record.args = "bad HTTP request from %s: %s", (remote, reason)
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = record.exc_text = None
     return True
+
+
+def _first_words(exc: BaseException) -> str:
+    """aiohttp's "400, message:\n  Duplicate 'Host' header found." as its second line."""
+    text = str(getattr(exc, "message", "") or exc)
+    lines = (line.strip() for line in text.splitlines())
+    return next((line for line in lines if line and not line.endswith("message:")), repr(exc))
 
 
 def _route_standard_logging(

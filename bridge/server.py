@@ -15,7 +15,7 @@ from typing import Final, Protocol
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from bridge.config import ServerSettings
 from bridge.events import (
@@ -141,6 +141,14 @@ class WebhookHandler:
                     body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes") from None
+        except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip, and it is not
+            encoding = request.headers.get(hdrs.CONTENT_ENCODING, "none")
+            raise _Rejected(
+                400,
+                "undecodable_body",
+                f"body could not be decoded (Content-Encoding: {encoding})",
+                log_detail=str(exc.__cause__ or exc),
+            ) from None
         except TimeoutError:
             raise _Rejected(408, "body_timeout", "request body not received in time") from None
         if not body:

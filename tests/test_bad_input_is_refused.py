@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -177,14 +178,19 @@ async def test_a_konpro_header_that_is_not_printable_text_is_answered_400(
 
 
 async def raw_post(
-    bridge: Bridge | BridgeProcess, header: bytes, body: bytes, *, send_body: bool = True
+    bridge: Bridge | BridgeProcess,
+    header: bytes,
+    body: bytes,
+    *,
+    send_body: bool = True,
+    path: str | None = None,
 ) -> bytes:
     """POST with ``header`` as given, bytes no client library would send; the whole answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-    path = urlsplit(bridge.webhook_url).path.encode()
+    target = (path or urlsplit(bridge.webhook_url).path).encode()
     writer.write(
         b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n%s\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, header, len(body))
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (target, header, len(body))
     )
     if send_body:
         writer.write(body)
@@ -274,12 +280,42 @@ async def test_a_malformed_request_is_answered_400_and_logged_as_one_warning_lin
     await bridge.start()
     try:
         answer = await raw_post(bridge, b"Host: a-second-host", VALID)
+        # Not gzip, to a path that takes no POST: aiohttp drains the body after its 405.
+        refused = await raw_post(bridge, b"Content-Encoding: gzip", VALID, path="/nowhere")
     finally:
         assert await bridge.stop() == 0
 
     assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.0 400")), answer
+    assert refused.startswith(b"HTTP/1.1 405"), refused
     lines = [json.loads(line) for line in bridge.log().splitlines()]
-    [line] = [entry for entry in lines if "bad HTTP request" in entry["event"]]
-    assert line["level"] == "warning"
-    assert "Duplicate 'Host' header" in line["event"]
+    bad = [entry for entry in lines if "bad HTTP request" in entry["event"]]
+    assert [entry["level"] for entry in bad] == ["warning", "warning"]
+    assert "Duplicate 'Host' header" in bad[0]["event"]
+    assert "Can not decode content-encoding: gzip" in bad[1]["event"]
     assert not [entry for entry in lines if "exception" in entry]  # aiohttp's has a traceback
+
+
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_answered_400(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge() as bridge:
+        answer = await raw_post(bridge, b"Content-Encoding: gzip", VALID)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    assert json.loads(body) == {
+        "error": "undecodable_body",
+        "detail": "body could not be decoded (Content-Encoding: gzip)",
+    }
+    assert await drain(queue, expect=0) == []
+
+
+async def test_a_gzip_body_is_published_decoded(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory
+) -> None:
+    queue = await bind_queue("#")
+    async with start_bridge() as bridge:
+        answer = await raw_post(bridge, b"Content-Encoding: gzip", gzip.compress(VALID))
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    [message] = await drain(queue, expect=1)
+    assert message.body == VALID
