@@ -1,10 +1,14 @@
-"""``Expect: 100-continue`` for every route the bridge serves.
+"""``Expect: 100-continue`` for every request the bridge answers, 404s and 405s included.
 
 aiohttp's own handler answers any other expectation with a 417 that quotes the header, and a
-header of invalid UTF-8 (which aiohttp hands over as surrogates) turns that 417 into a 500.
+header of invalid UTF-8 (which aiohttp hands over as surrogates) turns that 417 into a 500. Each
+route takes ``expect_continue``; ``add_fallback_routes`` gives the paths and methods no route
+serves a route of their own, since aiohttp's 404 and 405 use its own handler.
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import orjson
 import structlog
@@ -37,3 +41,26 @@ def _refuse(request: web.Request, status: int, error: str, detail: str) -> web.R
     )
     body = orjson.dumps({"error": error, "detail": detail})
     return web.Response(body=body, status=status, content_type="application/json")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def add_fallback_routes(app: web.Application, options: Handler | None = None) -> None:
+    """Route every path (``OPTIONS`` to ``options`` if given) and every method no other route
+    takes, to answer 404 or 405 as aiohttp would, but with ``expect_continue``."""
+    everything = app.router.add_resource("/{path:.*}")
+    if options is not None:
+        everything.add_route(hdrs.METH_OPTIONS, options, expect_handler=expect_continue)
+
+    async def not_routed(request: web.Request) -> web.StreamResponse:
+        # Every path takes OPTIONS when ``options`` is given: then 405, as aiohttp says.
+        allowed = {hdrs.METH_OPTIONS} if options is not None else set()
+        for resource in app.router.resources():
+            if resource is not everything:
+                allowed |= (await resource.resolve(request))[1]
+        if not allowed:
+            raise web.HTTPNotFound
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+
+    everything.add_route(hdrs.METH_ANY, not_routed, expect_handler=expect_continue)

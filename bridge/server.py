@@ -28,7 +28,7 @@ from bridge.events import (
     message_id_for,
     parse_event_type,
 )
-from bridge.expect import expect_continue
+from bridge.expect import add_fallback_routes, expect_continue
 from bridge.metrics import Metrics
 from bridge.signatures import Authenticator, SignatureRejected
 
@@ -180,8 +180,8 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application; the caller owns running it."""
     app = web.Application(client_max_size=settings.max_body_bytes)
+    add_fallback_routes(app, options=_options)  # OPTIONS on any path: KonPro's check
     route = app.router.add_route
-    route("OPTIONS", "/{path:.*}", _options, expect_handler=expect_continue)
     handler = WebhookHandler(settings, sink, authenticator, metrics or Metrics())
     route("POST", settings.webhook_path, handler.handle, expect_handler=expect_continue)
     route("GET", "/healthz", _healthz, expect_handler=expect_continue)

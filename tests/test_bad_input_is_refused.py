@@ -207,6 +207,9 @@ async def test_an_expectation_other_than_100_continue_is_answered_417(
     queue = await bind_queue("#")
     async with start_bridge() as bridge:
         answer = await raw_post(bridge, b"Expect: " + expect, VALID)
+        # Where no route takes the request, aiohttp's 405 would have used its own handler.
+        unrouted = await raw_post(bridge, b"Expect: " + expect, VALID, path="/readyz")
+        assert unrouted.startswith(b"HTTP/1.1 417"), unrouted
         async with aiohttp.ClientSession() as http:
             headers = {"Expect": "x" * 10}
             async with http.get(bridge.url + "/readyz", headers=headers) as response:
