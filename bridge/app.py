@@ -20,7 +20,7 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
-from bridge.expect import expect_continue
+from bridge.expect import add_route
 from bridge.konpro import KonProClient
 from bridge.logs import Redactor, redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
@@ -159,11 +159,10 @@ class Bridge:
             registration_off=off or "",
             redact=self._answers.redact_bytes,
         )
-        app.router.add_get("/status", report.handle, expect_handler=expect_continue)
+        add_route(app, "GET", "/status", report.handle)
         port = self.settings.server.metrics_port
         if not port:
-            metrics = metrics_handler(self.metrics)
-            app.router.add_get("/metrics", metrics, expect_handler=expect_continue)
+            add_route(app, "GET", "/metrics", metrics_handler(self.metrics))
             return
         self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
         await self._metrics_runner.setup()

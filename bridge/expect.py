@@ -1,19 +1,19 @@
 """``Expect: 100-continue`` for every request the bridge answers, 404s and 405s included.
 
 aiohttp's own handler answers any other expectation with a 417 that quotes the header, and a
-header of invalid UTF-8 (which aiohttp hands over as surrogates) turns that 417 into a 500. Each
-route takes ``expect_continue``; ``add_fallback_routes`` gives the paths and methods no route
-serves a route of their own, since aiohttp's 404 and 405 use its own handler.
+header of invalid UTF-8 (which aiohttp hands over as surrogates) turns that 417 into a 500.
+Routes are added with ``add_route``, which gives each ``expect_continue``; ``add_fallback_routes``
+gives the paths and methods no route serves a route of their own, since aiohttp's 404 and 405
+use its own handler.
 """
 
 from __future__ import annotations
-
-from collections.abc import Awaitable, Callable
 
 import orjson
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
+from aiohttp.typedefs import Handler
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +43,13 @@ def _refuse(request: web.Request, status: int, error: str, detail: str) -> web.R
     return web.Response(body=body, status=status, content_type="application/json")
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
+    """How every route of the bridge is added: with ``expect_continue``, and a ``GET`` with
+    ``HEAD`` too, as aiohttp's ``add_get`` does."""
+    resource = app.router.add_resource(path)
+    if method == hdrs.METH_GET:
+        resource.add_route(hdrs.METH_HEAD, handler, expect_handler=expect_continue)
+    resource.add_route(method, handler, expect_handler=expect_continue)
 
 
 def add_fallback_routes(app: web.Application, options: Handler | None = None) -> None:

@@ -33,7 +33,7 @@ from prometheus_client import (
 )
 
 from bridge.events import DOCUMENTED_EVENT_TYPES
-from bridge.expect import add_fallback_routes, expect_continue
+from bridge.expect import add_fallback_routes, add_route
 from bridge.reconcile import ResultKind
 
 OUTCOMES: Final = ("published", "spooled", "duplicate", "rejected_signature", "invalid", "refused")
@@ -194,7 +194,7 @@ def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.R
 def metrics_app(metrics: Metrics) -> web.Application:
     """A tiny application serving only ``GET /metrics``, for ``server.metrics_port``."""
     app = web.Application()
-    app.router.add_get("/metrics", metrics_handler(metrics), expect_handler=expect_continue)
+    add_route(app, "GET", "/metrics", metrics_handler(metrics))
     add_fallback_routes(app)
     return app
 

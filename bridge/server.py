@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
 import orjson
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from bridge.config import ServerSettings
 from bridge.events import (
@@ -28,7 +29,7 @@ from bridge.events import (
     message_id_for,
     parse_event_type,
 )
-from bridge.expect import add_fallback_routes, expect_continue
+from bridge.expect import add_fallback_routes, add_route
 from bridge.metrics import Metrics
 from bridge.signatures import Authenticator, SignatureRejected
 
@@ -45,7 +46,6 @@ class EventSink(Protocol):
     async def deliver(self, delivery: Delivery) -> Outcome: ...
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ReadinessProbe = Callable[[], str | None]
 """Returns why the bridge cannot take deliveries now, or ``None`` when it can."""
 
@@ -181,11 +181,10 @@ def create_app(
     """The aiohttp application; the caller owns running it."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     add_fallback_routes(app, options=_options)  # OPTIONS on any path: KonPro's check
-    route = app.router.add_route
     handler = WebhookHandler(settings, sink, authenticator, metrics or Metrics())
-    route("POST", settings.webhook_path, handler.handle, expect_handler=expect_continue)
-    route("GET", "/healthz", _healthz, expect_handler=expect_continue)
-    route("GET", "/readyz", _readyz(readiness), expect_handler=expect_continue)
+    add_route(app, "POST", settings.webhook_path, handler.handle)
+    add_route(app, "GET", "/healthz", _healthz)
+    add_route(app, "GET", "/readyz", _readyz(readiness))
     return app
 
 

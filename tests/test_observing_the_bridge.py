@@ -132,6 +132,15 @@ async def test_metrics_count_real_deliveries_by_event_type_and_outcome(
     assert len(await drain(queue, expect=2)) == 2
 
 
+async def test_the_operator_endpoints_answer_head_as_well_as_get(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    async with start_bridge() as bridge:
+        for path in ("/healthz", "/readyz", "/status", "/metrics"):
+            async with http.head(bridge.url + path) as response:
+                assert response.status == 200, path
+
+
 async def test_metrics_move_to_their_own_port_when_one_is_set(
     start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:
