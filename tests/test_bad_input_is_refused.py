@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
+from tests.support import raw_http
 from tests.support.process import BridgeProcess
 
 VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
@@ -186,17 +186,12 @@ async def raw_post(
     path: str | None = None,
 ) -> bytes:
     """POST with ``header`` as given, bytes no client library would send; the whole answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
     target = (path or urlsplit(bridge.webhook_url).path).encode()
-    writer.write(
+    head = (
         b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n%s\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (target, header, len(body))
     )
-    if send_body:
-        writer.write(body)
-    answer = await reader.read()
-    writer.close()
-    return answer
+    return await raw_http.exchange(bridge.port, head + body if send_body else head)
 
 
 @pytest.mark.parametrize("expect", [b"\xb0\xff", b"something-else"], ids=["invalid UTF-8", "other"])

@@ -16,6 +16,7 @@ from bridge.app import Bridge
 from bridge.events import InvalidEvent, parse_event_type
 from bridge.signatures import sign
 from tests.conftest import BridgeFactory, QueueFactory, drain
+from tests.support import raw_http
 
 SECRET = "whsec_property_based"
 VALID_BODY = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
@@ -175,17 +176,12 @@ async def test_requests_of_arbitrary_bytes_never_get_a_500(start_bridge: BridgeF
         @settings(max_examples=500, deadline=None, derandomize=True)
         @given(raw_requests())
         def check(request: bytes) -> None:
-            answer = asyncio.run_coroutine_threadsafe(exchange(request), loop).result(timeout=30)
+            answer = asyncio.run_coroutine_threadsafe(
+                raw_http.exchange(bridge.port, request), loop
+            ).result(timeout=30)
             status_line = answer.split(b"\r\n", 1)[0]
             assert status_line.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")), answer[:200]
             assert b" 500 " not in status_line, (request, answer[:300])
-
-        async def exchange(request: bytes) -> bytes:
-            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-            writer.write(request)
-            answer = await reader.read()
-            writer.close()
-            return answer
 
         loop = asyncio.get_running_loop()
         await asyncio.to_thread(check)

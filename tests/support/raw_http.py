@@ -1,0 +1,14 @@
+"""Requests no client library would send: bytes written as given, the whole answer read."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` on a fresh connection to ``127.0.0.1:port``; read until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    answer = await reader.read()
+    writer.close()
+    return answer
