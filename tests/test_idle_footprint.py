@@ -33,8 +33,10 @@ async def test_the_running_bridge_maps_no_cxx_runtime(tmp_path: Path, exchange_n
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_freed_heap_pages_go_back_to_the_system() -> None:
-    blocks = [bytearray(64 * 1024) for _ in range(64)]  # 4 MiB of heap, below mmap's threshold
-    above = bytearray(64 * 1024)  # keeps free() from shrinking the heap by itself
-    del blocks
+    freed, kept = [], []
+    for _ in range(64):
+        freed.append(bytearray(64 * 1024))  # from the heap: below mmap's threshold
+        kept.append(bytearray(1024))  # in between, so that free() cannot shrink the heap itself
+    del freed
     assert release_free_heap() is True
-    del above
+    del kept
