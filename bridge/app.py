@@ -10,6 +10,7 @@ confirmed or their event spooled before the AMQP connection and the spool close.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from pathlib import Path
 from types import TracebackType
@@ -148,7 +149,6 @@ class Bridge:
             version=__version__,
         )
         self._start_reconciling()
-        release_free_heap()
 
     async def _add_operator_endpoints(self, app: web.Application) -> None:
         """``/status`` on the main port; ``/metrics`` there too, or alone on its own port."""
@@ -375,15 +375,33 @@ async def run(settings: Settings, worker: int = 0) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _request_stop, stop, signum)
     async with Bridge(settings, worker):
+        settle_memory()
         await stop.wait()
+
+
+def settle_memory() -> None:
+    """Once the process has started: collect start-up's garbage, exempt what is left from later
+    collections, and give the C heap's free pages back.
+
+    What start-up leaves (modules, classes, settings, the bridge's parts: some 60,000 objects)
+    lives as long as the process, yet every full collection walked it: 13-33 ms under load, a
+    pause for every request in flight, and the tail of the OPTIONS latency. Frozen, it is left
+    out, and a full collection walks what requests create: under a millisecond. The price: a
+    start-up object that later dies in a reference cycle (say, the first AMQP connection's, after
+    a reconnect) is never reclaimed. That happens once, not per request.
+    """
+    gc.collect()
+    gc.freeze()
+    trimmed = release_free_heap()
+    log.debug("bridge.memory_settled", frozen_objects=gc.get_freeze_count(), heap_trimmed=trimmed)
 
 
 def release_free_heap() -> bool:
     """Give the C heap's free pages back to the system; whether any went back.
 
-    Run once start-up is done: importing the libraries and building the settings model leave
-    about half a MiB of freed blocks in glibc's heap, kept for a reuse that does not come. Only
-    glibc has ``malloc_trim``; elsewhere this does nothing.
+    Importing the libraries and building the settings model leave about half a MiB of freed
+    blocks in glibc's heap, kept for a reuse that does not come. Only glibc has ``malloc_trim``;
+    elsewhere this does nothing.
     """
     import ctypes  # noqa: PLC0415 - only for this, once
 

@@ -1,7 +1,8 @@
-"""A sidecar's memory is paid for on every pod: the idle bridge carries nothing it does not use.
+"""What start-up leaves behind: a sidecar's memory is paid for on every pod, and the garbage
+collector must not stall every request in flight by walking it.
 
-How much it holds is measured by the benchmark (README, "Performance"), not asserted here; these
-tests hold the two choices that keep it small.
+How much the bridge holds, and how long its collections take, is measured by the benchmark
+(README, "Performance"), not asserted here; these tests hold the choices that keep both small.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import platform
 from pathlib import Path
 
+import orjson
 import pytest
 
 from bridge.app import release_free_heap
@@ -17,18 +19,35 @@ from tests.conftest import AMQP_URL
 from tests.support.process import BridgeProcess
 
 
-async def test_the_running_bridge_maps_no_cxx_runtime(tmp_path: Path, exchange_name: str) -> None:
-    """frozenlist's C++ build would map libstdc++ (1 MiB resident) for aiohttp's hook lists."""
-    sections: dict[str, dict[str, object]] = {
-        "amqp": {"url": AMQP_URL, "exchange": exchange_name},
+def sections(tmp_path: Path, exchange: str) -> dict[str, dict[str, object]]:
+    return {
+        "amqp": {"url": AMQP_URL, "exchange": exchange},
         "spool": {"path": str(tmp_path / "spool")},
         "reconcile": {"enabled": False},
+        "log": {"level": "debug", "format": "json"},
     }
-    async with BridgeProcess(tmp_path, sections) as bridge:
+
+
+async def test_the_running_bridge_maps_no_cxx_runtime(tmp_path: Path, exchange_name: str) -> None:
+    """frozenlist's C++ build would map libstdc++ (1 MiB resident) for aiohttp's hook lists."""
+    async with BridgeProcess(tmp_path, sections(tmp_path, exchange_name)) as bridge:
         assert bridge.process is not None
         maps = await asyncio.to_thread(Path(f"/proc/{bridge.process.pid}/maps").read_text)
     assert "aiohttp/_http_parser" in maps  # aiohttp's C parser is loaded: this is the server
     assert "libstdc++" not in maps
+
+
+async def test_what_start_up_leaves_is_frozen_out_of_later_collections(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    async with BridgeProcess(tmp_path, sections(tmp_path, exchange_name)) as bridge:
+        pass
+    lines = [orjson.loads(line) for line in bridge.log().splitlines() if line.startswith("{")]
+    settled = [line for line in lines if line["event"] == "bridge.memory_settled"]
+    assert len(settled) == 1, bridge.log()
+    assert settled[0]["frozen_objects"] > 10_000  # modules, classes, settings, the bridge's parts
+    events = [line["event"] for line in lines]
+    assert events.index("bridge.listening") < events.index("bridge.memory_settled")
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
