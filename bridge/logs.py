@@ -2,17 +2,21 @@
 
 Every rendered line passes through a redactor that knows the secrets in force, so a secret that
 slips into an exception message or a URL is masked before it reaches the stream. Per-delivery
-logging sits on the hot path, so the bound logger filters by level before doing any work.
+logging sits on the hot path, so the bound logger filters by level before doing any work, and
+JSON lines are written once per event-loop turn rather than once each (``LineWriter``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import datetime as dt
 import logging
+import select
 import sys
 import zlib
 from collections.abc import Callable, Iterable
-from typing import Any, TextIO
+from typing import IO, Any, Final, TextIO
 
 import orjson
 import structlog
@@ -27,6 +31,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _CHATTY_LIBRARIES = ("aiormq", "aio_pika", "asyncio")
 _CLIENT_FAULTS = (BadHttpMessage, RequestPayloadError, zlib.error)
 """What aiohttp's server logs as errors although the client caused it."""
+_ATOMIC_WRITE: Final = select.PIPE_BUF
+"""The most bytes one ``write`` to a pipe puts there whole, never interleaved with another's."""
 
 
 class Redactor:
@@ -70,12 +76,94 @@ class _RedactingRenderer:
         return self._redactor(rendered if isinstance(rendered, str) else str(rendered))
 
 
-class _RedactingJsonBytes:
-    """The final processor for JSON lines: orjson's bytes, written as they are, one write each.
+class LineWriter:
+    """Writes the lines logged during one event-loop turn together, at the end of that turn.
 
-    One ``write`` per line keeps the lines of several worker processes sharing a pipe whole, and
-    skips a decode and an encode per line on the hot path.
+    A system call per line was the dearest part of a delivery's log line under load. Lines logged
+    while a loop runs wait for the end of its turn (``call_soon``), so they reach the stream
+    within the turn they were logged in; a line logged where no loop runs (start-up, another
+    thread) is written at once; lines still waiting when the process exits are written then.
+    Each write holds whole lines and at most ``PIPE_BUF`` bytes, so that the lines of several
+    worker processes sharing a pipe never interleave mid-line.
     """
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._waiting: list[bytes] = []
+        self._booked: asyncio.AbstractEventLoop | None = None  # whose turn ends with a flush
+        atexit.register(self.flush)
+
+    def write_line(self, line: bytes) -> None:
+        """``line`` ends with a newline."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write([line])
+            return
+        self._waiting.append(line)
+        if self._booked is not loop:
+            self._booked = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        lines, self._waiting, self._booked = self._waiting, [], None
+        if lines:
+            self._write(lines)
+
+    def _write(self, lines: list[bytes]) -> None:
+        try:
+            for chunk in _whole_lines_in_chunks(lines, _ATOMIC_WRITE):
+                self._out.write(chunk)
+                self._out.flush()
+        except (OSError, ValueError):  # the stream is gone (a closed pipe): nowhere to say so
+            pass
+
+
+def _whole_lines_in_chunks(lines: list[bytes], most: int) -> Iterable[bytes]:
+    """The lines joined in order, at most ``most`` bytes a chunk (a longer line alone)."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > most:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
+
+
+class _LineWriterLogger:
+    """structlog's logger for JSON lines: each rendered line to the ``LineWriter``."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: bytes) -> None:
+        self._writer.write_line(message + b"\n")
+
+    log = debug = info = warn = warning = err = error = critical = exception = failure = fatal = msg
+
+
+class _LineWriterHandler(logging.Handler):
+    """The standard library's records into the same ``LineWriter``, so that the lines keep the
+    order they were logged in."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record).encode(errors="backslashreplace") + b"\n"
+            self._writer.write_line(line)
+        except Exception:  # noqa: BLE001 - a logging handler reports its own failures
+            self.handleError(record)
+
+
+class _RedactingJsonBytes:
+    """The final processor for JSON lines: orjson's bytes, redacted, with no decode and encode
+    per line on the hot path."""
 
     def __init__(self, redactor: Redactor) -> None:
         self._redactor = redactor
@@ -103,11 +191,10 @@ def configure_logging(
         _stamper(settings, stream),
     ]
     binary = getattr(stream, "buffer", None) if _wants_json(settings, stream) else None
-    final: Processor = renderer if binary is None else _RedactingJsonBytes(redactor)
+    writer = None if binary is None else LineWriter(binary)
+    final: Processor = renderer if writer is None else _RedactingJsonBytes(redactor)
     factory: Callable[..., WrappedLogger] = (
-        structlog.PrintLoggerFactory(stream)
-        if binary is None
-        else structlog.BytesLoggerFactory(binary)
+        structlog.PrintLoggerFactory(stream) if writer is None else _logger_factory(writer)
     )
     structlog.configure(
         processors=[*shared, _format_exceptions(settings, stream), final],
@@ -115,7 +202,14 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    _route_standard_logging(shared, renderer, settings, stream, level)
+    handler = logging.StreamHandler(stream) if writer is None else _LineWriterHandler(writer)
+    last: list[Processor] = [_format_exceptions(settings, stream), renderer]
+    _route_standard_logging(handler, shared, last, level)
+
+
+def _logger_factory(writer: LineWriter) -> Callable[..., WrappedLogger]:
+    logger = _LineWriterLogger(writer)
+    return lambda *_: logger
 
 
 def _renderer(settings: LogSettings, stream: TextIO) -> Processor:
@@ -183,21 +277,13 @@ def _first_words(exc: BaseException) -> str:
 
 
 def _route_standard_logging(
-    shared: list[Processor],
-    renderer: Processor,
-    settings: LogSettings,
-    stream: TextIO,
-    level: int,
+    handler: logging.Handler, shared: list[Processor], last: list[Processor], level: int
 ) -> None:
-    handler = logging.StreamHandler(stream)
+    """The standard library's records (aiohttp's, aio-pika's) through ``shared``, then ``last``."""
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                _format_exceptions(settings, stream),
-                renderer,
-            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *last],
         )
     )
     handler.addFilter(_bad_requests_as_warnings)

@@ -1,0 +1,102 @@
+"""Log lines reach the stream whole and in order, by the end of the loop turn they were logged
+in, in writes of whole lines that a pipe shared by several workers keeps whole; none is lost at
+exit."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import structlog
+
+from bridge.config import LogSettings
+from bridge.logs import LineWriter, configure_logging
+
+
+class RecordingStream(io.BytesIO):
+    """A binary stream that keeps each ``write`` apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> int:  # type: ignore[override] # bytes are all we write
+        self.writes.append(bytes(data))
+        return super().write(data)
+
+
+async def test_lines_logged_in_one_loop_turn_are_written_together_at_its_end() -> None:
+    out = RecordingStream()
+    writer = LineWriter(out)
+    writer.write_line(b"one\n")
+    writer.write_line(b"two\n")
+    assert out.writes == []  # the turn is not over
+    await asyncio.sleep(0)
+    assert out.writes == [b"one\ntwo\n"]
+    writer.write_line(b"three\n")
+    await asyncio.sleep(0)
+    assert out.writes == [b"one\ntwo\n", b"three\n"]
+
+
+def test_a_line_logged_where_no_loop_runs_is_written_at_once() -> None:
+    out = RecordingStream()
+    LineWriter(out).write_line(b"start-up\n")
+    assert out.writes == [b"start-up\n"]
+
+
+async def test_each_write_is_whole_lines_that_a_pipe_keeps_whole() -> None:
+    out = RecordingStream()
+    writer = LineWriter(out)
+    lines = [b"%04d " % i + b"x" * 95 + b"\n" for i in range(200)]  # 20,000 bytes
+    long_line = b"y" * (2 * select.PIPE_BUF) + b"\n"
+    for line in [*lines, long_line]:
+        writer.write_line(line)
+    await asyncio.sleep(0)
+    assert b"".join(out.writes) == b"".join([*lines, long_line])
+    assert all(write.endswith(b"\n") for write in out.writes)
+    assert out.writes[-1] == long_line  # too long for one atomic write: alone, never split
+    assert all(len(write) <= select.PIPE_BUF for write in out.writes[:-1])
+    assert len(out.writes) < 10  # not a write a line
+
+
+async def test_the_libraries_lines_keep_their_place_among_the_bridges(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.log"
+    with path.open("w") as stream:
+        configure_logging(LogSettings(level="info", format="json"), stream=stream)
+        try:
+            structlog.get_logger("test").info("first")
+            logging.getLogger("aiohttp.server").warning("second")
+            structlog.get_logger("test").info("third")
+            await asyncio.sleep(0)
+        finally:
+            structlog.reset_defaults()
+            logging.getLogger().handlers.clear()
+    events = [orjson.loads(line)["event"] for line in path.read_text().splitlines()]
+    assert events == ["first", "second", "third"]
+
+
+def test_lines_still_waiting_when_the_process_exits_are_written() -> None:
+    # The loop stops in the turn that logged the line: the flush booked for the end of that
+    # turn never runs, and the line is written at exit.
+    program = """
+import asyncio, structlog
+from bridge.config import LogSettings
+from bridge.logs import configure_logging
+configure_logging(LogSettings(level="info", format="json"))
+loop = asyncio.new_event_loop()
+def last_turn():
+    structlog.get_logger("test").info("last.words")
+    loop.stop()
+loop.call_soon(last_turn)
+loop.run_forever()
+"""
+    ran = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, check=True, timeout=60
+    )
+    assert [orjson.loads(line)["event"] for line in ran.stderr.splitlines()] == ["last.words"]
