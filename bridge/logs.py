@@ -160,6 +160,10 @@ class _LineWriterHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - a logging handler reports its own failures
             self.handleError(record)
 
+    def flush(self) -> None:
+        """What ``logging.shutdown()`` calls: the lines still waiting are written now."""
+        self._writer.flush()
+
 
 class _RedactingJsonBytes:
     """The final processor for JSON lines: orjson's bytes, redacted, with no decode and encode

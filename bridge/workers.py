@@ -17,6 +17,7 @@ that a scrape answered by any of them reports all of them (see ``bridge.metrics`
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -172,4 +173,7 @@ def _worker_main(body: WorkerBody, settings: Settings, index: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # the worker's event loop installs its own
     structlog.contextvars.bind_contextvars(worker=index)
-    raise SystemExit(body(settings, index))
+    try:
+        raise SystemExit(body(settings, index))
+    finally:
+        logging.shutdown()  # a forked process ends without atexit: its last lines are written here

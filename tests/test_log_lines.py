@@ -100,3 +100,25 @@ loop.run_forever()
         [sys.executable, "-c", program], capture_output=True, check=True, timeout=60
     )
     assert [orjson.loads(line)["event"] for line in ran.stderr.splitlines()] == ["last.words"]
+
+
+def test_logging_shutdown_writes_the_lines_still_waiting() -> None:
+    # A forked worker ends with os._exit, without atexit: it calls logging.shutdown() instead.
+    program = """
+import asyncio, logging, os, structlog
+from bridge.config import LogSettings
+from bridge.logs import configure_logging
+configure_logging(LogSettings(level="info", format="json"))
+loop = asyncio.new_event_loop()
+def last_turn():
+    structlog.get_logger("test").info("last.words")
+    loop.stop()
+loop.call_soon(last_turn)
+loop.run_forever()
+logging.shutdown()  # what a worker does on its way out (bridge.workers)
+os._exit(0)  # how a forked process ends: no atexit
+"""
+    ran = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, check=True, timeout=60
+    )
+    assert [orjson.loads(line)["event"] for line in ran.stderr.splitlines()] == ["last.words"]
