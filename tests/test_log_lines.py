@@ -81,30 +81,7 @@ async def test_the_libraries_lines_keep_their_place_among_the_bridges(tmp_path: 
     assert events == ["first", "second", "third"]
 
 
-def test_lines_still_waiting_when_the_process_exits_are_written() -> None:
-    # The loop stops in the turn that logged the line: the flush booked for the end of that
-    # turn never runs, and the line is written at exit.
-    program = """
-import asyncio, structlog
-from bridge.config import LogSettings
-from bridge.logs import configure_logging
-configure_logging(LogSettings(level="info", format="json"))
-loop = asyncio.new_event_loop()
-def last_turn():
-    structlog.get_logger("test").info("last.words")
-    loop.stop()
-loop.call_soon(last_turn)
-loop.run_forever()
-"""
-    ran = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, check=True, timeout=60
-    )
-    assert [orjson.loads(line)["event"] for line in ran.stderr.splitlines()] == ["last.words"]
-
-
-def test_logging_shutdown_writes_the_lines_still_waiting() -> None:
-    # A forked worker ends with os._exit, without atexit: it calls logging.shutdown() instead.
-    program = """
+LOGS_IN_ITS_LAST_TURN = """
 import asyncio, logging, os, structlog
 from bridge.config import LogSettings
 from bridge.logs import configure_logging
@@ -115,10 +92,26 @@ def last_turn():
     loop.stop()
 loop.call_soon(last_turn)
 loop.run_forever()
-logging.shutdown()  # what a worker does on its way out (bridge.workers)
-os._exit(0)  # how a forked process ends: no atexit
 """
+"""A program whose loop stops in the turn that logged a line: the flush booked for the end of
+that turn never runs."""
+
+
+def events_logged_by(program: str) -> list[str]:
     ran = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, check=True, timeout=60
     )
-    assert [orjson.loads(line)["event"] for line in ran.stderr.splitlines()] == ["last.words"]
+    return [orjson.loads(line)["event"] for line in ran.stderr.splitlines()]
+
+
+def test_lines_still_waiting_when_the_process_exits_are_written() -> None:
+    assert events_logged_by(LOGS_IN_ITS_LAST_TURN) == ["last.words"]
+
+
+def test_logging_shutdown_writes_the_lines_still_waiting() -> None:
+    # A forked worker ends with os._exit, without atexit: it calls logging.shutdown() instead.
+    program = LOGS_IN_ITS_LAST_TURN + (
+        "logging.shutdown()  # what a worker does on its way out (bridge.workers)\n"
+        "os._exit(0)  # how a forked process ends: no atexit\n"
+    )
+    assert events_logged_by(program) == ["last.words"]
