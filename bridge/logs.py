@@ -9,7 +9,6 @@ JSON lines are written once per event-loop turn rather than once each (``LineWri
 from __future__ import annotations
 
 import asyncio
-import atexit
 import datetime as dt
 import logging
 import select
@@ -83,7 +82,8 @@ class LineWriter:
     logged while a loop runs wait for the end of its turn (``call_soon``), so they reach the
     stream within the turn they were logged in; a line logged where no loop runs (start-up,
     another thread) is written at once; lines still waiting when the process exits are written
-    then (``atexit``, or ``logging.shutdown()`` through the handler).
+    by ``logging.shutdown()`` through the handler: the standard library runs it at exit, and a
+    forked worker, which ends without ``atexit``, calls it itself.
     Each write holds whole lines and at most ``PIPE_BUF`` bytes, so that the lines of several
     worker processes sharing a pipe never interleave mid-line.
     """
@@ -92,7 +92,6 @@ class LineWriter:
         self._out = out
         self._waiting: list[bytes] = []
         self._booked: asyncio.AbstractEventLoop | None = None  # whose turn ends with a flush
-        atexit.register(self.flush)
 
     def write_line(self, line: bytes) -> None:
         """``line`` ends with a newline."""
