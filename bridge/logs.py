@@ -19,6 +19,7 @@ from typing import IO, Any, Final, TextIO
 
 import orjson
 import structlog
+import structlog.tracebacks
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web import RequestPayloadError
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -219,7 +220,10 @@ def _logger_factory(writer: LineWriter) -> Callable[..., WrappedLogger]:
 def _renderer(settings: LogSettings, stream: TextIO) -> Processor:
     if _wants_json(settings, stream):
         return structlog.processors.JSONRenderer(serializer=_dumps)
-    return structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    # Plain tracebacks even where rich is installed: rich's would show every frame's variables.
+    return structlog.dev.ConsoleRenderer(
+        colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
+    )
 
 
 def _stamper(settings: LogSettings, stream: TextIO) -> Processor:
@@ -234,9 +238,16 @@ def _stamp_utc_now(logger: WrappedLogger, name: str, event_dict: EventDict) -> E
     return event_dict
 
 
+_TRACEBACKS_WITHOUT_LOCALS: Final = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+"""Frames without their variables: those hold request bodies, and structlog cuts long values
+short, so a secret inside one could reach the line as a fragment the redactor cannot know."""
+
+
 def _format_exceptions(settings: LogSettings, stream: TextIO) -> Processor:
     if _wants_json(settings, stream):
-        return structlog.processors.dict_tracebacks
+        return _TRACEBACKS_WITHOUT_LOCALS
     return _passthrough
 
 

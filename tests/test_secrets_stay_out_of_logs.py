@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import orjson
 import structlog
 
 from bridge.config import LogSettings
@@ -125,6 +126,32 @@ def test_a_secret_inside_an_exception_or_a_foreign_log_line_is_masked() -> None:
     assert WEBHOOK_SECRET not in output
     assert "call.failed" in output
     assert "retrying with" in output
+
+
+def test_a_logged_traceback_names_its_frames_but_not_their_variables() -> None:
+    """A frame's variables would put request bodies in the log, and a secret cut short by the
+    traceback's length limit is one the redactor can no longer recognise."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(level="info", format="json"), [API_KEY], stream=stream)
+    try:
+        try:
+            fail_while_holding("x" * 70 + API_KEY, EVENT)
+        except RuntimeError:
+            structlog.get_logger("test").exception("call.failed")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+
+    line = orjson.loads(stream.getvalue())
+    frames = line["exception"][0]["frames"]
+    assert [frame["name"] for frame in frames][-1] == "fail_while_holding"
+    assert all("locals" not in frame for frame in frames)
+    assert API_KEY[:8] not in stream.getvalue()
+    assert "video_id" not in stream.getvalue()
+
+
+def fail_while_holding(credential: str, body: bytes) -> None:
+    raise RuntimeError("the call failed")
 
 
 async def test_a_secret_in_a_reason_is_masked_in_readyz_and_status_too(
