@@ -284,6 +284,48 @@ def _bad_requests_as_warnings(record: logging.LogRecord) -> bool:
     return True
 
 
+_LINK_ECHOES: Final = {
+    "aiormq.connection": (
+        "error when creating transport",
+        "Unexpected connection close from remote",
+        "Cancelling cause reader exited abnormally",
+    ),
+    "aio_pika.robust_connection": ("Connection to %s closed.", 'Connection attempt to "%s"'),
+}
+"""What aiormq and aio-pika say, in their own words, about a broker link going down and each
+attempt to bring it back (some of it as errors): the bridge's ``amqp.*`` lines tell the same
+story once, with the outage's length. By message template, so that a reworded one is kept."""
+
+
+class _LinkEchoesAtDebug:
+    """Keeps the libraries' account of a broker outage for the debug level only."""
+
+    def __init__(self, level: int) -> None:
+        self._shown = level <= logging.DEBUG
+
+    def __call__(self, record: logging.LogRecord) -> bool:
+        if not _is_link_echo(record):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self._shown
+
+
+def _is_link_echo(record: logging.LogRecord) -> bool:
+    template = record.msg if isinstance(record.msg, str) else ""
+    if template.startswith(_LINK_ECHOES.get(record.name, ())):
+        return True
+    # A robust channel's close callback racing the connection's loss: it tries to reopen the
+    # channel on a transport that is gone; the robust connection reopens it once reconnected.
+    args = record.args if isinstance(record.args, tuple) else ()
+    callback = getattr(args[0], "callback", None) if args else None
+    return (
+        record.name == "aio_pika.tools"
+        and template.startswith("Callback %r error")
+        and getattr(callback, "__qualname__", "") == "RobustChannel._on_close"
+        and args[1:2] in {("ChannelInvalidStateError",), ("RuntimeError",)}
+    )
+
+
 def _first_words(exc: BaseException) -> str:
     """aiohttp's "400, message:\n  Duplicate 'Host' header found." as its second line."""
     text = str(getattr(exc, "message", "") or exc)
@@ -302,6 +344,7 @@ def _route_standard_logging(
         )
     )
     handler.addFilter(_bad_requests_as_warnings)
+    handler.addFilter(_LinkEchoesAtDebug(level))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

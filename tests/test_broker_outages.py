@@ -6,11 +6,17 @@ never stopped.
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from typing import Any
+
 import aiohttp
+import orjson
 from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
 from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
@@ -123,6 +129,50 @@ async def test_readiness_follows_the_link_down_and_up_and_delivery_resumes(
         assert await deliver(http, url, VALID) == 200
         await wait_for_empty_spool(bridge)
     assert [m.body for m in await drain(queue, expect=2)] == [VALID, VALID]
+
+
+async def test_an_outage_is_logged_once_then_less_and_less_often_and_its_end_says_how_long(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    """aio-pika retries every reconnect_interval; a line per attempt (and aiormq's errors
+    beside them) would bury what happened. /status keeps the time the link went down."""
+    sections: dict[str, dict[str, object]] = {
+        "amqp": {
+            "url": proxied_amqp_url(broker_proxy),
+            "exchange": exchange_name,
+            "reconnect_interval": 0.1,
+        },
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+    async with BridgeProcess(tmp_path, sections) as bridge:
+        await broker_proxy.cut()
+        await eventually(lambda: "amqp.still_down" in bridge.log())
+        since = await link_down_since(http, bridge.url)
+        await asyncio.sleep(2.0)
+        assert await link_down_since(http, bridge.url) == since
+        await broker_proxy.restore()
+        await eventually(lambda: "amqp.reconnected" in bridge.log())
+
+    lines = [orjson.loads(line) for line in bridge.log().splitlines()]
+    events = [line["event"] for line in lines]
+    assert events.count("amqp.connection_lost") == 1
+    reminders = [line["attempts"] for line in lines if line["event"] == "amqp.still_down"]
+    assert reminders == [2**n for n in range(len(reminders))]
+    assert len(reminders) >= 3  # about 20 attempts in 2 s
+    (back,) = (line for line in lines if line["event"] == "amqp.reconnected")
+    assert back["failed_attempts"] >= reminders[-1]
+    assert back["down_for_s"] >= 2.0
+    assert [line for line in lines if "logger" in line] == []  # aiormq's and aio-pika's echoes
+    assert all(line["level"] in {"info", "warning"} for line in lines)
+
+
+async def link_down_since(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url + "/status") as response:
+        broker = (await response.json())["broker"]
+    assert broker["connected"] is False
+    return broker["since"]
 
 
 async def test_a_delivery_the_broker_does_not_confirm_in_time_is_spooled(

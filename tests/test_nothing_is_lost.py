@@ -88,6 +88,52 @@ async def test_a_link_cut_for_seconds_under_steady_load_loses_no_accepted_event(
     )
 
 
+async def test_a_connection_the_broker_closes_under_load_is_reopened_and_loses_nothing(
+    tmp_path: Path,
+    exchange_name: str,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A broker restart or an operator's ``rabbitmqctl close_connection``: the broker says
+    goodbye (320 CONNECTION_FORCED) instead of the link just going quiet."""
+    sections: dict[str, dict[str, object]] = {
+        "amqp": {"url": private_broker.url, "exchange": exchange_name, "reconnect_interval": 0.2},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+    counter = itertools.count()
+    answers: list[tuple[str, int]] = []
+    async with BridgeProcess(tmp_path, sections) as bridge:
+        deadline = time.monotonic() + 4.0
+
+        async def sender() -> None:
+            while time.monotonic() < deadline:
+                answers.append(await post(http, bridge.webhook_url, next(counter)))
+
+        senders = [asyncio.create_task(sender()) for _ in range(8)]
+        await asyncio.sleep(1.0)
+        closed = await asyncio.to_thread(
+            private_broker.close_connections, "konpro-bridge", "closed by the test"
+        )
+        await asyncio.gather(*senders)
+        await eventually(lambda: "amqp.reconnected" in bridge.log(), within=15)
+        await eventually(lambda: "spool.drained" in bridge.log() or "spooled" not in bridge.log())
+
+    assert closed == 1
+    statuses = collections.Counter(status for _, status in answers)
+    assert set(statuses) <= {200, 202}, statuses
+    accepted = {event_id for event_id, status in answers if status in {200, 202}}
+    received = await message_ids(private_queue, at_least=len(accepted))
+    assert accepted <= set(received)
+    lines = [orjson.loads(line) for line in bridge.log().splitlines()]
+    (lost,) = (line for line in lines if line["event"] == "amqp.connection_lost")
+    assert "CONNECTION_FORCED - closed by the test" in lost["error"]
+    assert "amqp.reconnected" in (line["event"] for line in lines)
+    assert [line for line in lines if line["level"] == "error"] == []
+
+
 async def test_events_in_the_spool_survive_sigkill_and_are_delivered_after_restart(
     tmp_path: Path,
     exchange_name: str,

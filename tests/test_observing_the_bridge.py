@@ -13,7 +13,7 @@ import math
 import re
 import uuid
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import aiohttp
 import orjson
@@ -90,6 +90,28 @@ def test_json_log_lines_carry_the_level_the_event_and_an_iso_8601_utc_time(
         assert ISO_UTC.fullmatch(record["timestamp"]), record["timestamp"]
         stamped = dt.datetime.fromisoformat(record["timestamp"])
         assert before <= stamped <= dt.datetime.now(dt.UTC)
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_the_libraries_own_account_of_a_broker_outage_is_kept_for_the_debug_level(
+    level: Literal["info", "debug"],
+) -> None:
+    # The bridge's amqp.* lines tell an outage once; aiormq says it again on every attempt.
+    stream = io.StringIO()
+    try:
+        configure_logging(LogSettings(level=level, format="json"), stream=stream)
+        aiormq_log = logging.getLogger("aiormq.connection")
+        aiormq_log.error("error when creating transport: %r", ConnectionRefusedError(111))
+        aiormq_log.error("Got frame for closed channel %d: %r", 3, "frame")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+
+    records = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    echo = ("debug", "error when creating transport: ConnectionRefusedError(111)")
+    other = ("error", "Got frame for closed channel 3: 'frame'")
+    expected = [echo, other] if level == "debug" else [other]
+    assert [(r["level"], r["event"]) for r in records] == expected
 
 
 async def status(http: aiohttp.ClientSession, bridge: Bridge) -> dict[str, Any]:

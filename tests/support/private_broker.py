@@ -79,6 +79,15 @@ class PrivateBroker:
     def clear_memory_alarm(self) -> None:
         self.ctl("set_vm_memory_high_watermark", "0.4")
 
+    def close_connections(self, named: str, reason: str) -> int:
+        """What a broker restart or an operator's ``rabbitmqctl close_connection`` does to the
+        connections a client named: a Connection.Close (320 CONNECTION_FORCED) from the broker."""
+        listing = self.ctl("list_connections", "--silent", "pid", "client_properties")
+        pids = [line.split()[0] for line in listing.splitlines() if f'"{named}"' in line]
+        for pid in pids:
+            self.ctl("close_connection", pid, reason)
+        return len(pids)
+
     def stop(self) -> None:
         subprocess.run(
             ["rabbitmqctl", "-n", self.node, "stop"], capture_output=True, timeout=60, check=False

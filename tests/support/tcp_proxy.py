@@ -85,6 +85,8 @@ class TcpProxy:
                 self._pump(up_reader, writer),
                 return_exceptions=True,
             )
+        except asyncio.CancelledError:
+            pass  # cut: the link ends (Python 3.11 logs a cancelled connection handler as an error)
         finally:
             for w in (writer, up_writer):
                 w.transport.abort()
