@@ -44,6 +44,22 @@ async def post(http: aiohttp.ClientSession, url: str, n: int) -> tuple[str, int]
         return event_id, r.status
 
 
+async def post_steadily(
+    http: aiohttp.ClientSession, url: str, *, seconds: float, senders: int = 8
+) -> list[tuple[str, int]]:
+    """Distinct events from ``senders`` clients, each posting the next once answered."""
+    counter = itertools.count()
+    answers: list[tuple[str, int]] = []
+    deadline = time.monotonic() + seconds
+
+    async def sender() -> None:
+        while time.monotonic() < deadline:
+            answers.append(await post(http, url, next(counter)))
+
+    await asyncio.gather(*(sender() for _ in range(senders)))
+    return answers
+
+
 async def message_ids(queue: aio_pika.abc.AbstractQueue, at_least: int) -> list[str]:
     received = await drain(queue, expect=at_least, within=30)
     return [str(m.message_id) for m in received]
@@ -57,22 +73,13 @@ async def test_a_link_cut_for_seconds_under_steady_load_loses_no_accepted_event(
 ) -> None:
     queue = await bind_queue("#")
     amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 1.0}
-    counter = itertools.count()
-    answers: list[tuple[str, int]] = []
     async with start_bridge(amqp=amqp) as bridge:
-        url = bridge.webhook_url
-        deadline = time.monotonic() + 6.0
-
-        async def sender() -> None:
-            while time.monotonic() < deadline:
-                answers.append(await post(http, url, next(counter)))
-
-        senders = [asyncio.create_task(sender()) for _ in range(8)]
+        load = asyncio.create_task(post_steadily(http, bridge.webhook_url, seconds=6.0))
         await asyncio.sleep(1.5)
         await broker_proxy.cut()
         await asyncio.sleep(3.0)
         await broker_proxy.restore()
-        await asyncio.gather(*senders)
+        answers = await load
         await eventually(lambda: bridge.spool.depth == 0, within=30)
 
     statuses = collections.Counter(status for _, status in answers)
@@ -103,21 +110,13 @@ async def test_a_connection_the_broker_closes_under_load_is_reopened_and_loses_n
         "reconcile": {"enabled": False},
         "log": {"format": "json"},
     }
-    counter = itertools.count()
-    answers: list[tuple[str, int]] = []
     async with BridgeProcess(tmp_path, sections) as bridge:
-        deadline = time.monotonic() + 4.0
-
-        async def sender() -> None:
-            while time.monotonic() < deadline:
-                answers.append(await post(http, bridge.webhook_url, next(counter)))
-
-        senders = [asyncio.create_task(sender()) for _ in range(8)]
+        load = asyncio.create_task(post_steadily(http, bridge.webhook_url, seconds=4.0))
         await asyncio.sleep(1.0)
         closed = await asyncio.to_thread(
             private_broker.close_connections, "konpro-bridge", "closed by the test"
         )
-        await asyncio.gather(*senders)
+        answers = await load
         await eventually(lambda: "amqp.reconnected" in bridge.log(), within=15)
         await eventually(lambda: "spool.drained" in bridge.log() or "spooled" not in bridge.log())
 
