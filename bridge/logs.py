@@ -289,6 +289,7 @@ _LINK_ECHOES: Final = {
         "error when creating transport",
         "Unexpected connection close from remote",
         "Cancelling cause reader exited abnormally",
+        "Server connection %r was stuck",
     ),
     "aio_pika.robust_connection": ("Connection to %s closed.", 'Connection attempt to "%s"'),
 }

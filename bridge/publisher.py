@@ -246,6 +246,11 @@ class Publisher:
             raise PublishFailed(f"broker refused the message: {_describe(exc)}") from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishFailed(f"publish failed: {_describe(exc)}") from None
+        except asyncio.CancelledError:
+            if _this_task_is_cancelled():
+                raise
+            # aiormq cancels the confirms still awaited when it gives a connection up.
+            raise PublishFailed(f"publish failed: {_LINK_GIVEN_UP}") from None
         self._metrics.published(exchange_name, time.perf_counter() - started)
 
     async def close(self) -> None:
@@ -346,11 +351,13 @@ class Publisher:
             with contextlib.suppress(Exception):
                 await connection.close()
 
-    def _connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+    def _connection_lost(self, connection: object, exc: BaseException | None = None) -> None:
         """The link went down, or (with an outage under way) a reconnect attempt failed."""
-        if exc is None or isinstance(exc, asyncio.CancelledError):
+        if exc is None or connection is not self._connection:
             return  # closed by us
-        error, now = _describe(exc), time.monotonic()
+        # aiormq closes a connection it gave up on (missed heartbeats) with a CancelledError.
+        error = _LINK_GIVEN_UP if isinstance(exc, asyncio.CancelledError) else _describe(exc)
+        now = time.monotonic()
         outage = self._outage
         if outage is None:
             self._outage = Outage(started=now, reported_at=now)
@@ -414,6 +421,15 @@ class Publisher:
         else:
             down_for = outage.lasted(time.monotonic())
             log.info("amqp.reconnected", down_for_s=down_for, failed_attempts=outage.attempts)
+
+
+_LINK_GIVEN_UP = "no frames from the broker within the heartbeat timeout (connection given up)"
+
+
+def _this_task_is_cancelled() -> bool:
+    """Whether a CancelledError is meant for this task, rather than for a future it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _describe(exc: BaseException) -> str:

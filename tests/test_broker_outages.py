@@ -193,6 +193,29 @@ async def test_a_delivery_the_broker_does_not_confirm_in_time_is_spooled(
     assert {m.body for m in received} == {VALID}
 
 
+async def test_a_delivery_waiting_when_a_silent_link_is_given_up_on_is_spooled_and_answered(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A broker that stops answering without closing (a partition, a frozen host): aiormq gives
+    the connection up after three missed heartbeats, and the publish waiting for its confirm
+    ends with the connection, not with the publish timeout."""
+    queue = await bind_queue("#")
+    url = proxied_amqp_url(broker_proxy) + "?heartbeat=1"
+    async with start_bridge(amqp={"url": url, "publish_timeout": 30.0}) as bridge:
+        broker_proxy.hold()
+        async with http.post(bridge.webhook_url, data=VALID, headers=JSON) as response:
+            assert response.status == 202
+            assert (await response.json())["outcome"] == "spooled"
+        assert "no frames" in (bridge.publisher.not_ready_reason() or "")
+        broker_proxy.release()
+        await wait_for_empty_spool(bridge)
+    # The held publish may arrive as well as the spooled copy: at least once, same message id.
+    assert {m.body for m in await drain(queue, expect=1)} == {VALID}
+
+
 async def test_an_exchange_deleted_under_the_running_bridge_is_declared_again_and_nothing_is_lost(
     start_bridge: BridgeFactory,
     bind_queue: QueueFactory,
