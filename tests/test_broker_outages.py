@@ -15,7 +15,10 @@ import orjson
 from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
-from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from bridge.events import Delivery
+from bridge.publisher import Publisher
+from bridge.spool import Forwarder, Spool
+from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -214,6 +217,31 @@ async def test_a_delivery_waiting_when_a_silent_link_is_given_up_on_is_spooled_a
         await wait_for_empty_spool(bridge)
     # The held publish may arrive as well as the spooled copy: at least once, same message id.
     assert {m.body for m in await drain(queue, expect=1)} == {VALID}
+
+
+async def test_the_spool_still_drains_after_a_silent_link_is_given_up_in_mid_forward(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, bind_queue: QueueFactory
+) -> None:
+    queue = await bind_queue("#")
+    url = proxied_amqp_url(broker_proxy) + "?heartbeat=1"
+    settings = make_settings(tmp_path, exchange_name, amqp={"url": url, "publish_timeout": 30.0})
+    publisher = Publisher(settings.amqp)
+    async with await Spool.open(settings.spool) as spool:
+        await spool.append(Delivery("avatar_video.success", VALID, "evt-held"))
+        forwarder = Forwarder(spool, publisher.publish, is_connected=lambda: publisher.is_ready)
+        await publisher.start()
+        await publisher.wait_ready()
+        broker_proxy.hold()
+        forwarder.start()  # it publishes the event and waits for a confirm that cannot come,
+        # until aiormq gives the connection up (three missed heartbeats)
+        try:
+            await eventually(lambda: not publisher.is_ready, within=15)
+            broker_proxy.release()
+            await eventually(lambda: spool.depth == 0, within=15)
+        finally:
+            await forwarder.stop()
+            await publisher.close()
+    assert {m.message_id for m in await drain(queue, expect=1)} == {"evt-held"}
 
 
 async def test_an_exchange_deleted_under_the_running_bridge_is_declared_again_and_nothing_is_lost(
