@@ -40,7 +40,7 @@ from bridge.config import AmqpSettings, Route, masked_url
 from bridge.contract import APP_ID, ContractProperties
 from bridge.events import Delivery, DeliveryRefused
 from bridge.metrics import Metrics
-from bridge.tasks import cancel_and_wait
+from bridge.tasks import cancel_and_wait, cancelled_from_outside
 
 log = structlog.get_logger(__name__)
 
@@ -247,7 +247,7 @@ class Publisher:
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishFailed(f"publish failed: {_describe(exc)}") from None
         except asyncio.CancelledError:
-            if _this_task_is_cancelled():
+            if cancelled_from_outside():
                 raise
             # aiormq cancels the confirms still awaited when it gives a connection up.
             raise PublishFailed(f"publish failed: {_LINK_GIVEN_UP}") from None
@@ -424,12 +424,6 @@ class Publisher:
 
 
 _LINK_GIVEN_UP = "no frames from the broker within the heartbeat timeout (connection given up)"
-
-
-def _this_task_is_cancelled() -> bool:
-    """Whether a CancelledError is meant for this task, rather than for a future it awaited."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 def _describe(exc: BaseException) -> str:

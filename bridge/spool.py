@@ -38,6 +38,7 @@ import structlog
 
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, DeliveryRefused
+from bridge.tasks import cancelled_from_outside
 
 FILE_NAME: Final = "spool.sqlite3"
 LOCK_NAME: Final = "spool.lock"
@@ -419,7 +420,11 @@ class Forwarder:
             self._wake.clear()  # before looking, so that a notify() from now on is not lost
             try:
                 await self._forward()
-            except Exception as exc:  # noqa: BLE001 - the forwarder outlives any failure
+            # The forwarder outlives any failure, even a CancelledError out of a library's
+            # future; only its own cancellation ends it.
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
+                    raise
                 _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
                 await _wait(self._stopping, delay)
                 delay = min(2 * delay, self._max_retry_delay)

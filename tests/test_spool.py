@@ -85,6 +85,7 @@ class Broker:
         self.published: list[str] = []
         self.connected = True
         self.failures_to_come = 0
+        self.failure: BaseException = ConnectionError("broker went away")
         self.hang = False
         self.asked_if_connected = asyncio.Event()
         self.publishing = asyncio.Event()
@@ -101,7 +102,7 @@ class Broker:
             await asyncio.Event().wait()
         if self.failures_to_come:
             self.failures_to_come -= 1
-            raise ConnectionError("broker went away")
+            raise self.failure
         self.published.append(delivery.message_id)
         if len(self.published) >= self._expect:
             self.all_published.set()
@@ -491,6 +492,23 @@ async def test_forwarder_retries_after_a_failure_without_losing_order(spool: Spo
     await forwarder.stop()
     assert broker.published == ["evt_0", "evt_1", "evt_2"]
     assert spool.depth == 0
+
+
+async def test_forwarder_outlives_a_cancelled_error_that_was_not_meant_for_it(
+    spool: Spool,
+) -> None:
+    # What a library raises when it cancels a future the publish awaited (aiormq does, for the
+    # confirms of a connection it gives up); only cancelling the forwarder itself may end it.
+    await fill(spool, 2)
+    broker = Broker(expect=2)
+    broker.failures_to_come, broker.failure = 1, asyncio.CancelledError()
+    forwarder = Forwarder(
+        spool, broker.publish, is_connected=broker.is_connected, retry_delay=0, max_retry_delay=0
+    )
+    forwarder.start()
+    await eventually(broker.all_published)
+    await forwarder.stop()
+    assert broker.published == ["evt_0", "evt_1"]
 
 
 async def test_stopping_the_forwarder_is_bounded_and_keeps_the_event_in_flight(
