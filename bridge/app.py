@@ -265,21 +265,29 @@ class Bridge:
         return self.url + self.settings.server.webhook_path
 
     async def stop(self) -> None:
-        """Stop listening, let in-flight deliveries finish (bounded), then close the connection."""
+        """Stop listening, let in-flight deliveries and a drain of the spool finish within one
+        grace period (``server.shutdown_timeout``), then close the connection and the spool."""
+        loop = asyncio.get_running_loop()
+        grace = self.settings.server.shutdown_timeout
+        deadline = loop.time() + grace
         await self._stop_reconciling()
         await cancel_and_wait(self._sharing_gauges)
         self._sharing_gauges = None
         await cancel_and_wait(self._forwarding_left_behind)
         self._forwarding_left_behind = None
         if self._runner is not None:
-            log.info("bridge.stopping", grace_seconds=self.settings.server.shutdown_timeout)
+            log.info("bridge.stopping", grace_seconds=grace)
+            # aiohttp waits ``grace`` for the handlers, then cancels them: a delivery still
+            # waiting for the broker's confirm by then is spooled and answered instead.
+            grace_over = loop.call_at(deadline, self._end_confirm_waits)
             await self._runner.cleanup()
+            grace_over.cancel()
             self._runner = None
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
-        if self._forwarder is not None:
-            await self._forwarder.stop(grace=self.settings.server.shutdown_timeout)
+        if self._forwarder is not None:  # an event it was forwarding stays in the spool
+            await self._forwarder.stop(grace=max(0.0, deadline - loop.time()))
         await self.publisher.close()
         if self._spool is not None:
             if self._spool.depth:
@@ -291,6 +299,14 @@ class Bridge:
             await self._spool.close()
             self._spool = None
         log.info("bridge.stopped")
+
+    def _end_confirm_waits(self) -> None:
+        if waiting := self.publisher.abandon_confirm_waits("the bridge is stopping"):
+            log.warning(
+                "bridge.confirms_abandoned",
+                deliveries=waiting,
+                detail="the grace period ran out before the broker confirmed: spooled instead",
+            )
 
     async def _share_gauges(self) -> None:
         """Keep this worker's live gauges current for the scrapes the other workers answer."""

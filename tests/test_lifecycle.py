@@ -61,6 +61,43 @@ async def test_sigterm_lets_in_flight_publishes_finish_then_exits_zero(
     assert log.index('"bridge.signal"') < log.index('"bridge.stopped"')
 
 
+async def test_deliveries_still_unconfirmed_when_the_grace_ends_are_spooled_and_answered(
+    tmp_path: Path,
+    exchange_name: str,
+    bind_queue: QueueFactory,
+    broker_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A broker that stopped answering at the moment of a restart: the grace period runs out
+    with deliveries waiting for confirms. They are answered 202 from the spool, not cut off."""
+    queue = await bind_queue("#")
+    sections = settings(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
+    sections["amqp"]["publish_timeout"] = 30.0
+    sections["server"] = {"shutdown_timeout": 1.0}
+    bridge = BridgeProcess(tmp_path, sections)
+    await bridge.start()
+    broker_proxy.hold()
+    body = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
+
+    async def post() -> tuple[int, str]:
+        headers = {"Content-Type": "application/json", "KonPro-Event-Id": "evt-at-shutdown"}
+        async with http.post(bridge.webhook_url, data=body, headers=headers) as response:
+            return response.status, (await response.json())["outcome"]
+
+    answer = asyncio.create_task(post())
+    await asyncio.sleep(0.3)
+    bridge.send(signal.SIGTERM)
+    assert await answer == (202, "spooled")
+    assert await bridge.wait() == 0, bridge.log()
+    assert '"bridge.confirms_abandoned"' in bridge.log()
+    assert '"bridge.spool_not_empty"' in bridge.log()
+
+    broker_proxy.release()
+    async with bridge:  # the next start forwards it
+        received = await drain(queue, expect=1, within=10)
+    assert {m.message_id for m in received} == {"evt-at-shutdown"}
+
+
 async def test_a_bridge_started_while_the_broker_is_down_serves_health_and_stops_cleanly(
     tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, http: aiohttp.ClientSession
 ) -> None:
