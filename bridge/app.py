@@ -304,7 +304,7 @@ class Bridge:
         if waiting := self.publisher.abandon_confirm_waits("the bridge is stopping"):
             log.warning(
                 "bridge.confirms_abandoned",
-                deliveries=waiting,
+                publishes=waiting,
                 detail="the grace period ran out before the broker confirmed: spooled instead",
             )
 

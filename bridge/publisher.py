@@ -172,8 +172,7 @@ class Publisher:
         self._redeclared_at = 0.0
         self._on_ready: list[Callable[[], None]] = []
         self._outage: Outage | None = None
-        self._confirm_waits: set[asyncio.Task[object]] = set()
-        self._abandoned: dict[asyncio.Task[object], str] = {}
+        self._abandoned_because: str | None = None
         self.link_changed_at = time.time()
         """When the link last came up or went down (wall clock), for ``/status``."""
 
@@ -213,8 +212,6 @@ class Publisher:
             raise BrokerUnavailable(self.not_ready_reason() or "broker unavailable")
         exchange_name = self._router.exchange_for(delivery.event_type)
         started = time.perf_counter()
-        waiter = cast("asyncio.Task[object]", asyncio.current_task())
-        self._confirm_waits.add(waiter)
         try:
             # The aiormq channel under the robust one: aio-pika's Message and Exchange layers
             # cost more per publish than the HTTP round trip's own Python work. aiormq's timeout
@@ -251,29 +248,28 @@ class Publisher:
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishFailed(f"publish failed: {_describe(exc)}") from None
         except asyncio.CancelledError:
-            reason = self._abandoned.pop(waiter, None)
-            if reason is not None and waiter.uncancel() == 0:  # abandoned, and by us alone
-                raise PublishFailed(reason) from None
             if cancelled_from_outside():
                 raise
-            # aiormq cancels the confirms still awaited when it gives a connection up.
-            raise PublishFailed(f"publish failed: {_LINK_GIVEN_UP}") from None
-        finally:
-            self._confirm_waits.discard(waiter)
+            # The confirm's future was cancelled, not this task: by aiormq when it gave the
+            # connection up, or by abandon_confirm_waits.
+            reason = self._abandoned_because or f"publish failed: {_LINK_GIVEN_UP}"
+            raise PublishFailed(reason) from None
         self._metrics.published(exchange_name, time.perf_counter() - started)
 
     def abandon_confirm_waits(self, reason: str) -> int:
-        """End every wait for a broker confirm now; each of those publishes fails with
+        """Stop waiting for the confirms not yet received: each of those publishes fails with
         ``reason`` (the broker may still store the message). How many there were.
 
         For a shutdown whose grace period has run out: the deliveries behind them are then
-        spooled and answered instead of cut off.
+        spooled and answered instead of cut off. A confirm that has arrived is not undone.
         """
-        for waiter in self._confirm_waits:
-            if waiter not in self._abandoned:
-                self._abandoned[waiter] = reason
-                waiter.cancel()
-        return len(self._confirm_waits)
+        underlay = self._underlay
+        confirmations = underlay.confirmations.values() if underlay is not None else ()
+        waits = [c for c in confirmations if isinstance(c, asyncio.Future) and not c.done()]
+        self._abandoned_because = reason
+        for confirmation in waits:
+            confirmation.cancel()  # as aiormq does when it gives a connection up
+        return len(waits)
 
     async def close(self) -> None:
         for task in (self._redeclare, self._restore_watch, self._connect_task):
