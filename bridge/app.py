@@ -102,6 +102,8 @@ class Bridge:
             raise
 
     async def _start(self) -> None:
+        for doubt in self.settings.doubts():
+            log.warning("bridge.setting_doubtful", detail=doubt)
         self._spool = await self._open_spool()
         self._use_stored_secret()
         self._forwarder = Forwarder(

@@ -110,6 +110,8 @@ def _run_worker(settings: Settings, worker: int) -> int:
 
 def _check_config(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    for doubt in settings.doubts():
+        print(f"warning: {doubt}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -28,6 +28,8 @@ from pydantic_settings import (
 )
 from yarl import URL
 
+KONPRO_ANSWER_DEADLINE = 10.0
+"""Seconds KonPro waits for a 2xx before it counts a delivery as failed and sends it again."""
 ENV_PREFIX = "KONPRO_BRIDGE_"
 CONFIG_ENV_VAR = f"{ENV_PREFIX}CONFIG"
 DEFAULT_CONFIG_FILE = Path("config.toml")
@@ -184,6 +186,17 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Earlier sources win: arguments, then the environment, then the TOML file.
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    def doubts(self) -> list[str]:
+        """Settings that are valid but work against the bridge, each said in a sentence."""
+        publish_timeout = self.amqp.publish_timeout
+        if publish_timeout < KONPRO_ANSWER_DEADLINE:
+            return []
+        return [
+            f"amqp.publish_timeout ({publish_timeout:g} s) is not under the "
+            f"{KONPRO_ANSWER_DEADLINE:g} s KonPro waits for an answer: while the broker is "
+            "slow, deliveries are answered too late, and KonPro sends them again"
+        ]
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value in force, so that log output can be scrubbed of them."""

@@ -180,6 +180,19 @@ def test_check_config_prints_effective_settings_with_secrets_masked(tmp_path: Pa
         assert secret not in result.stdout + result.stderr
 
 
+def test_a_publish_timeout_longer_than_konpro_waits_is_valid_but_warned_about(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text("[amqp]\npublish_timeout = 12.0\n")
+    result = run_cli("check-config", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(
+        "warning: amqp.publish_timeout (12 s) is not under the 10 s KonPro waits for an answer"
+    )
+    assert Settings().doubts() == []
+
+
 def test_the_example_file_documents_every_key_with_its_default() -> None:
     example = tomllib.loads((ROOT / "config.example.toml").read_text())
     assert flatten(example) == defaults(Settings)

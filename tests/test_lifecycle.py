@@ -90,6 +90,7 @@ async def test_deliveries_still_unconfirmed_when_the_grace_ends_are_spooled_and_
     assert await answer == (202, "spooled")
     assert await bridge.wait() == 0, bridge.log()
     assert '"bridge.confirms_abandoned"' in bridge.log()
+    assert '"bridge.setting_doubtful"' in bridge.log()  # 30 s: longer than KonPro waits
     assert '"bridge.spool_not_empty"' in bridge.log()
 
     broker_proxy.release()
