@@ -124,6 +124,12 @@ def message_id_for(body: bytes, event_id: str | None) -> str:
                 f"{EVENT_ID_HEADER} must be printable and at most {MAX_EVENT_ID_BYTES} bytes"
             )
         return event_id
+    return body_digest(body)
+
+
+def body_digest(body: bytes) -> str:
+    """SHA-256 of the body: what KonPro's signature covers, and what stays the same when a
+    captured delivery is replayed with other headers."""
     return hashlib.sha256(body).hexdigest()
 
 

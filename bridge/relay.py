@@ -4,8 +4,8 @@ A delivery is answered 2xx only once it is the broker's (confirmed) or the disk'
 fsynced); a forwarder later moves spooled events to the broker. While the broker is known to be
 down, deliveries go to the spool at once instead of each waiting out the publish timeout.
 
-An event id is taken once: a copy that was taken within the replay window, or is being taken right
-now, is a duplicate and is not published again.
+A delivery is taken once, known by its body (what the signature covers): a copy that was taken
+within the replay window, or is being taken right now, is a duplicate and is not published again.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import asyncio
 
 import structlog
 
-from bridge.events import Delivery, DeliveryRefused, Outcome
+from bridge.events import Delivery, DeliveryRefused, Outcome, body_digest
 from bridge.publisher import Publisher, PublishFailed
 from bridge.signatures import ReplayGuard
 from bridge.spool import Forwarder, Spool
@@ -41,25 +41,27 @@ class Relay:
         self._taking: dict[str, list[asyncio.Future[bool]]] = {}
 
     async def deliver(self, delivery: Delivery) -> Outcome:
-        event_id = delivery.event_id
-        if event_id is None or not self._replays.enabled:
+        if not self._replays.enabled:
             return await self._publish_or_spool(delivery)
-        if self._replays.seen(event_id):
+        # By the body, which the signature covers: KonPro-Event-Id and KonPro-Timestamp are not
+        # signed, so a replayed capture may carry fresh ones. KonPro's retries repeat the body.
+        key = body_digest(delivery.body)
+        if self._replays.seen(key):
             return Outcome.DUPLICATE
-        if (waiting := self._taking.get(event_id)) is not None:
+        if (waiting := self._taking.get(key)) is not None:
             return await self._after_the_first_copy(waiting)
-        return await self._take_first_copy(event_id, delivery)
+        return await self._take_first_copy(key, delivery)
 
-    async def _take_first_copy(self, event_id: str, delivery: Delivery) -> Outcome:
-        self._taking[event_id] = []
+    async def _take_first_copy(self, key: str, delivery: Delivery) -> Outcome:
+        self._taking[key] = []
         taken = False
         try:
             outcome = await self._publish_or_spool(delivery)
-            self._replays.remember(event_id)
+            self._replays.remember(key)
             taken = True
             return outcome
         finally:
-            for waiter in self._taking.pop(event_id):
+            for waiter in self._taking.pop(key):
                 if not waiter.done():
                     waiter.set_result(taken)
 

@@ -116,10 +116,11 @@ class Authenticator:
 
 
 class ReplayGuard:
-    """Remembers the ids of events already published, for ``window`` seconds, at most
-    ``max_entries`` of them (the oldest are forgotten first). A zero for either disables it.
+    """Remembers the keys of deliveries already taken (the relay uses the body's digest) for
+    ``window`` seconds, at most ``max_entries`` of them (the oldest are forgotten first). A zero
+    for either disables it.
 
-    Ids are only remembered once the event is safely published or spooled: a delivery that
+    A key is only remembered once its delivery is safely published or spooled: a delivery that
     failed must be accepted when KonPro retries it.
     """
 
@@ -141,20 +142,20 @@ class ReplayGuard:
     def __len__(self) -> int:
         return len(self._remembered)
 
-    def seen(self, event_id: str) -> bool:
-        """Whether ``event_id`` was remembered within the window."""
+    def seen(self, key: str) -> bool:
+        """Whether ``key`` was remembered within the window."""
         if not self.enabled:
             return False
         self._expire(self._clock())
-        return event_id in self._remembered
+        return key in self._remembered
 
-    def remember(self, event_id: str) -> None:
-        """Record that ``event_id`` has been published; its window starts now."""
+    def remember(self, key: str) -> None:
+        """Record that ``key``'s delivery has been taken; its window starts now."""
         if not self.enabled:
             return
         now = self._clock()
-        self._remembered[event_id] = now
-        self._remembered.move_to_end(event_id)  # keeps the dict ordered by time
+        self._remembered[key] = now
+        self._remembered.move_to_end(key)  # keeps the dict ordered by time
         self._expire(now)
         while len(self._remembered) > self._max_entries:
             self._remembered.popitem(last=False)

@@ -20,6 +20,7 @@ from tests.support.tcp_proxy import TcpProxy
 SECRET = "whsec_current_3b9f"
 OLD_SECRET = "whsec_previous_77aa"
 BODY = orjson.dumps({"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}})
+OTHER_BODY = orjson.dumps({"event_type": "avatar_video.success", "event_data": {"video_id": "v2"}})
 
 
 def signed(body: bytes, secret: str = SECRET, header: str = "KonPro-Signature") -> dict[str, str]:
@@ -86,7 +87,7 @@ async def test_during_a_rotation_both_the_new_and_the_previous_secret_are_accept
     queue = await bind_queue("#")
     async with start_bridge(**SIGNED) as bridge:
         assert (await post(http, bridge, signed(BODY, SECRET)))[0] == 200
-        assert (await post(http, bridge, signed(BODY, OLD_SECRET)))[0] == 200
+        assert (await post(http, bridge, signed(OTHER_BODY, OLD_SECRET), OTHER_BODY))[0] == 200
         assert (await post(http, bridge, signed(BODY, "whsec_retired_long_ago")))[0] == 401
     assert len(await drain(queue, expect=2)) == 2
 
@@ -105,6 +106,24 @@ async def test_a_replayed_event_id_is_answered_2xx_and_published_only_once(
     assert len(await drain(queue, expect=1)) == 1
 
 
+async def test_a_capture_replayed_with_a_fresh_event_id_and_timestamp_is_not_published_again(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    # The signature covers the body alone: whoever replays a captured delivery can put any
+    # KonPro-Event-Id and KonPro-Timestamp beside it, or leave them out.
+    queue = await bind_queue("#")
+    captured = signed(BODY)
+    fresh_id = {**captured, "KonPro-Event-Id": uuid.uuid4().hex}
+    no_id = {key: value for key, value in captured.items() if key != "KonPro-Event-Id"}
+    async with start_bridge(**SIGNED) as bridge:
+        outcomes = [
+            (await post(http, bridge, h))[1]["outcome"] for h in (captured, fresh_id, no_id)
+        ]
+
+    assert outcomes == ["published", "duplicate", "duplicate"]
+    assert len(await drain(queue, expect=1)) == 1
+
+
 async def test_a_secret_learnt_at_run_time_is_enforced_from_then_on(
     start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -113,7 +132,7 @@ async def test_a_secret_learnt_at_run_time_is_enforced_from_then_on(
         assert (await post(http, bridge, {"Content-Type": "application/json"}))[0] == 200
         bridge.use_webhook_secret(SECRET)
         assert (await post(http, bridge, {"Content-Type": "application/json"}))[0] == 401
-        assert (await post(http, bridge, signed(BODY)))[0] == 200
+        assert (await post(http, bridge, signed(OTHER_BODY), OTHER_BODY))[0] == 200
     assert len(await drain(queue, expect=2)) == 2
 
 

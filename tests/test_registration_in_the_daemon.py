@@ -60,9 +60,9 @@ async def until(condition: Callable[[], object], within: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
-async def post_event(http: aiohttp.ClientSession, bridge: Bridge) -> int:
+async def post_event(http: aiohttp.ClientSession, bridge: Bridge, body: bytes = EVENT) -> int:
     headers = {"Content-Type": "application/json"}
-    async with http.post(bridge.webhook_url, data=EVENT, headers=headers) as response:
+    async with http.post(bridge.webhook_url, data=body, headers=headers) as response:
         return response.status
 
 
@@ -150,10 +150,11 @@ async def test_webhooks_are_accepted_while_the_konpro_api_fails(
 
     async with start() as bridge:
         await until(lambda: fake_konpro.calls)  # reconciliation is under way, and failing
-        statuses = [await post_event(http, bridge) for _ in range(3)]
+        events = [EVENT.replace(b'"v1"', b'"v%d"' % n) for n in range(3)]
+        statuses = [await post_event(http, bridge, event) for event in events]
 
     assert statuses == [200] * 3
-    assert [message.body for message in await drain(queue, expect=3)] == [EVENT] * 3
+    assert [message.body for message in await drain(queue, expect=3)] == events
     assert fake_konpro.endpoints == {}
 
 

@@ -62,13 +62,14 @@ async def test_a_full_run_with_every_secret_set_logs_none_of_them(
         await bridge.start()
         await eventually(lambda: bool(konpro.endpoints))
         url = bridge.webhook_url
-        for secret in (WEBHOOK_SECRET, OLD_SECRET, "whsec_forged"):
-            headers = {"Content-Type": "application/json", "KonPro-Signature": sign(EVENT, secret)}
-            async with http.post(url, data=EVENT, headers=headers) as response:
-                assert response.status == (401 if secret == "whsec_forged" else 200)
+        for n, secret in enumerate((WEBHOOK_SECRET, OLD_SECRET, "whsec_forged")):
+            event = numbered_event(n)
+            async with http.post(url, data=event, headers=signed_headers(event, secret)) as answer:
+                assert answer.status == (401 if secret == "whsec_forged" else 200)
         await proxy.cut()
-        async with http.post(url, data=EVENT, headers=signed_headers()) as response:
-            assert response.status == 202
+        spooled = numbered_event(3)
+        async with http.post(url, data=spooled, headers=signed_headers(spooled)) as answer:
+            assert answer.status == 202
         await proxy.restore()
         await eventually(lambda: "spool.drained" in bridge.log())
         assert await bridge.stop() == 0
@@ -101,8 +102,13 @@ async def test_a_broker_that_refuses_the_password_logs_the_failure_but_not_the_p
     assert AMQP_PASSWORD not in bridge.log()
 
 
-def signed_headers() -> dict[str, str]:
-    return {"Content-Type": "application/json", "KonPro-Signature": sign(EVENT, WEBHOOK_SECRET)}
+def numbered_event(n: int) -> bytes:
+    """Distinct events: the same body twice would be a replay, and published once."""
+    return EVENT.replace(b'"v1"', b'"v%d"' % n)
+
+
+def signed_headers(body: bytes, secret: str = WEBHOOK_SECRET) -> dict[str, str]:
+    return {"Content-Type": "application/json", "KonPro-Signature": sign(body, secret)}
 
 
 def test_a_secret_inside_an_exception_or_a_foreign_log_line_is_masked() -> None:
