@@ -70,11 +70,6 @@ class Delivery:
     headers: Mapping[str, str] = field(default_factory=dict)
     received_at: float = field(default_factory=time.time)
 
-    @property
-    def event_id(self) -> str | None:
-        """KonPro's own id for the event, when it sent one: the key for dropping replays."""
-        return self.headers.get(EVENT_ID_HEADER)
-
 
 def parse_event_type(body: bytes) -> str:
     """The envelope's ``event_type``, after checking the envelope; raises ``InvalidEvent``."""
