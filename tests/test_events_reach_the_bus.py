@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
+import uuid
 
 import aiohttp
 import orjson
@@ -18,6 +20,8 @@ from bridge.app import Bridge
 from bridge.contract import ContractProperties
 from bridge.events import Delivery
 from tests.conftest import BridgeFactory, QueueFactory, drain
+from tests.support.private_broker import PrivateBroker
+from tests.support.waiting import eventually
 
 SEED_EVENTS = {
     "avatar_video.success": {
@@ -199,6 +203,39 @@ async def test_an_event_no_queue_is_bound_for_is_kept_in_the_unrouted_queue(
     [message] = await drain(unrouted, expect=1)
     assert message.body == body
     assert message.routing_key == "instant_avatar.success"
+
+
+async def test_a_broker_user_allowed_only_the_bridges_own_names_is_enough(
+    start_bridge: BridgeFactory,
+    private_broker: PrivateBroker,
+    exchange_name: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    # What the README tells a platform team to grant: configure, write and read on
+    # <exchange> and <exchange>.unrouted, nothing else.
+    own_names = rf"^{re.escape(exchange_name)}(\.unrouted)?$"
+    url = private_broker.add_user(
+        f"bridge-{uuid.uuid4().hex[:6]}", "pw", configure=own_names, write=own_names, read=own_names
+    )
+    async with start_bridge(amqp={"url": url}) as bridge:
+        status, answer = await post(http, bridge, event_body("avatar_video.fail"))
+    assert (status, answer["outcome"]) == (200, "published")
+
+
+async def test_a_broker_user_without_a_permission_it_needs_is_named_in_readiness(
+    start_bridge: BridgeFactory,
+    private_broker: PrivateBroker,
+    exchange_name: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    own_names = rf"^{re.escape(exchange_name)}(\.unrouted)?$"
+    url = private_broker.add_user(
+        f"bridge-{uuid.uuid4().hex[:6]}", "pw", configure=own_names, write=own_names, read="^$"
+    )
+    async with start_bridge(amqp={"url": url}, wait_ready=False) as bridge:
+        await eventually(lambda: "ACCESS_REFUSED" in (bridge.publisher.not_ready_reason() or ""))
+        reason = bridge.publisher.not_ready_reason() or ""
+    assert reason.startswith("cannot connect to the broker: ACCESS_REFUSED - access to exchange")
 
 
 async def test_many_deliveries_in_flight_at_once_are_all_confirmed_and_stored(

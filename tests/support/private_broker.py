@@ -67,10 +67,19 @@ class PrivateBroker:
         )
         return result.stdout
 
-    def add_user(self, name: str, password: str) -> str:
-        """Creates a user with every permission on ``/``; returns its AMQP URL."""
+    def add_user(
+        self,
+        name: str,
+        password: str,
+        *,
+        configure: str = ".*",
+        write: str = ".*",
+        read: str = ".*",
+    ) -> str:
+        """Creates a user with these permissions on ``/`` (every one by default); returns its
+        AMQP URL."""
         self.ctl("add_user", name, password)
-        self.ctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+        self.ctl("set_permissions", "-p", "/", name, configure, write, read)
         return f"amqp://{name}:{password}@127.0.0.1:{self.port}/"
 
     def raise_memory_alarm(self) -> None:
