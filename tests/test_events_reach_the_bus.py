@@ -213,29 +213,30 @@ async def test_a_broker_user_allowed_only_the_bridges_own_names_is_enough(
 ) -> None:
     # What the README tells a platform team to grant: configure, write and read on
     # <exchange> and <exchange>.unrouted, nothing else.
-    own_names = rf"^{re.escape(exchange_name)}(\.unrouted)?$"
-    url = private_broker.add_user(
-        f"bridge-{uuid.uuid4().hex[:6]}", "pw", configure=own_names, write=own_names, read=own_names
-    )
+    url = user_for_own_names(private_broker, exchange_name)
     async with start_bridge(amqp={"url": url}) as bridge:
         status, answer = await post(http, bridge, event_body("avatar_video.fail"))
     assert (status, answer["outcome"]) == (200, "published")
 
 
 async def test_a_broker_user_without_a_permission_it_needs_is_named_in_readiness(
-    start_bridge: BridgeFactory,
-    private_broker: PrivateBroker,
-    exchange_name: str,
-    http: aiohttp.ClientSession,
+    start_bridge: BridgeFactory, private_broker: PrivateBroker, exchange_name: str
 ) -> None:
-    own_names = rf"^{re.escape(exchange_name)}(\.unrouted)?$"
-    url = private_broker.add_user(
-        f"bridge-{uuid.uuid4().hex[:6]}", "pw", configure=own_names, write=own_names, read="^$"
-    )
+    url = user_for_own_names(private_broker, exchange_name, read="^$")
     async with start_bridge(amqp={"url": url}, wait_ready=False) as bridge:
         await eventually(lambda: "ACCESS_REFUSED" in (bridge.publisher.not_ready_reason() or ""))
         reason = bridge.publisher.not_ready_reason() or ""
     assert reason.startswith("cannot connect to the broker: ACCESS_REFUSED - access to exchange")
+
+
+def user_for_own_names(broker: PrivateBroker, exchange: str, *, read: str | None = None) -> str:
+    """A user with every permission on ``exchange`` and ``<exchange>.unrouted`` alone (``read``
+    narrowed if given); its AMQP URL."""
+    own_names = rf"^{re.escape(exchange)}(\.unrouted)?$"
+    name = f"bridge-{uuid.uuid4().hex[:6]}"
+    return broker.add_user(
+        name, "pw", configure=own_names, write=own_names, read=own_names if read is None else read
+    )
 
 
 async def test_many_deliveries_in_flight_at_once_are_all_confirmed_and_stored(
