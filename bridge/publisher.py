@@ -40,7 +40,7 @@ from bridge.config import AmqpSettings, Route, masked_url
 from bridge.contract import APP_ID, ContractProperties
 from bridge.events import Delivery, DeliveryRefused
 from bridge.metrics import Metrics
-from bridge.tasks import cancel_and_wait, cancelled_from_outside
+from bridge.tasks import cancel_and_wait, this_task_is_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -248,7 +248,7 @@ class Publisher:
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishFailed(f"publish failed: {_describe(exc)}") from None
         except asyncio.CancelledError:
-            if cancelled_from_outside():
+            if this_task_is_cancelled():
                 raise
             # The confirm's future was cancelled, not this task: by aiormq when it gave the
             # connection up, or by abandon_confirm_waits.

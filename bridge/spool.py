@@ -38,7 +38,7 @@ import structlog
 
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, DeliveryRefused
-from bridge.tasks import cancelled_from_outside
+from bridge.tasks import this_task_is_cancelled
 
 FILE_NAME: Final = "spool.sqlite3"
 LOCK_NAME: Final = "spool.lock"
@@ -423,7 +423,7 @@ class Forwarder:
             # The forwarder outlives any failure, even a CancelledError out of a library's
             # future; only its own cancellation ends it.
             except (Exception, asyncio.CancelledError) as exc:
-                if isinstance(exc, asyncio.CancelledError) and cancelled_from_outside():
+                if isinstance(exc, asyncio.CancelledError) and this_task_is_cancelled():
                     raise
                 _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
                 await _wait(self._stopping, delay)

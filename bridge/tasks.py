@@ -15,9 +15,9 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
             await task
 
 
-def cancelled_from_outside() -> bool:
-    """Whether a ``CancelledError`` caught now is meant for the running task, rather than come
-    out of a future it awaited that someone else cancelled (aiormq cancels the confirms of a
-    connection it gives up on)."""
+def this_task_is_cancelled() -> bool:
+    """Whether the running task has been asked to cancel: a ``CancelledError`` caught now is
+    then meant for it, rather than come out of a future it awaited that someone else cancelled
+    (aiormq cancels the confirms of a connection it gives up on)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
