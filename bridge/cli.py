@@ -93,8 +93,16 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.server.workers > 1:
         from bridge.workers import Supervisor  # noqa: PLC0415
 
-        return Supervisor(settings, _run_worker).run()
+        return Supervisor(settings, _run_worker, preload=_load_worker_code).run()
     return _run_worker(settings, 0)
+
+
+def _load_worker_code() -> None:
+    """What ``_run_worker`` imports, for the supervisor to load before it forks the workers."""
+    import bridge.app  # noqa: F401, PLC0415
+
+    with contextlib.suppress(ImportError):  # as in _run_async
+        import uvloop  # noqa: F401, PLC0415
 
 
 def _run_worker(settings: Settings, worker: int) -> int:

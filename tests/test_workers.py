@@ -106,6 +106,31 @@ async def test_two_workers_share_the_port_deliver_everything_and_stop_cleanly(
     assert "workers.stopped" in bridge.log()
 
 
+def written_memory_kib(pid: int) -> tuple[int, int]:
+    """(private, shared) of what the process has written to: shared with whom it was forked
+    from or with, until either writes to the page."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    fields = dict(line.split(":", 1) for line in rollup.splitlines()[1:])
+    return int(fields["Private_Dirty"].split()[0]), int(fields["Shared_Dirty"].split()[0])
+
+
+async def test_workers_share_most_of_their_memory_with_the_supervisor(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    """The supervisor loads the bridge's code before it forks the workers: a worker added costs
+    a fraction of a bridge, not a whole one."""
+    settings = sections(tmp_path, exchange_name, AMQP_URL)
+    settings["log"]["level"] = "debug"  # for bridge.memory_settled
+    async with BridgeProcess(tmp_path, settings) as bridge:
+        assert bridge.process is not None
+        await eventually(lambda: worker_lines(bridge.log(), "bridge.memory_settled") == {0, 1})
+        split = {pid: written_memory_kib(pid) for pid in worker_pids(bridge.process.pid)}
+
+    assert len(split) == 2
+    for private, shared in split.values():
+        assert private < shared, split
+
+
 async def test_metrics_from_any_worker_count_the_deliveries_of_all_of_them(
     tmp_path: Path, exchange_name: str
 ) -> None:
