@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__)
 _SECRET_POLL_INTERVAL = 2.0
 _LEFT_BEHIND_POLL_SECONDS = 1.0  # how soon a left-behind spool is forwarded once the broker is up
 _GAUGE_REFRESH_SECONDS = 1.0  # how fresh, with several workers, the live gauges are
+_FIRST_CONNECT_WAIT = 3.0  # seconds at most that listening waits for the first broker connect
 
 
 class StartupError(Exception):
@@ -137,6 +138,7 @@ class Bridge:
             max_line_size=self.settings.server.max_header_bytes,
         )
         await self._runner.setup()
+        await self._know_the_broker()
         server = self.settings.server
         # Workers share the port; a single process must notice that another one holds it.
         shared = server.workers > 1
@@ -151,6 +153,16 @@ class Bridge:
             version=__version__,
         )
         self._start_reconciling()
+
+    async def _know_the_broker(self) -> None:
+        """Before listening, wait (briefly) for the first connect to the broker to succeed or
+        fail: a bridge that took deliveries while still connecting would spool them all, and a
+        worker started again takes its share of its siblings' connections at once."""
+        try:
+            async with asyncio.timeout(_FIRST_CONNECT_WAIT):
+                await self.publisher.first_attempt()
+        except TimeoutError:
+            log.info("bridge.listening_before_broker", waited_s=_FIRST_CONNECT_WAIT)
 
     async def _add_operator_endpoints(self, app: web.Application) -> None:
         """``/status`` on the main port; ``/metrics`` there too, or alone on its own port."""

@@ -173,6 +173,7 @@ class Publisher:
         self._on_ready: list[Callable[[], None]] = []
         self._outage: Outage | None = None
         self._abandoned_because: str | None = None
+        self._first_attempt_over = asyncio.Event()
         self.link_changed_at = time.time()
         """When the link last came up or went down (wall clock), for ``/status``."""
 
@@ -187,6 +188,11 @@ class Publisher:
     async def wait_ready(self) -> None:
         if self._connect_task is not None:
             await asyncio.shield(self._connect_task)
+
+    async def first_attempt(self) -> None:
+        """Until the first attempt to connect has succeeded or failed: from then on, whether a
+        delivery can be published is known."""
+        await self._first_attempt_over.wait()
 
     @property
     def is_ready(self) -> bool:
@@ -284,6 +290,7 @@ class Publisher:
             try:
                 await self._connect_once()
             except Exception as exc:  # noqa: BLE001 - any failure to connect is retried
+                self._first_attempt_over.set()
                 self._last_error = f"cannot connect to the broker: {_describe(exc)}"
                 log.warning(
                     "amqp.connect_failed",
@@ -295,6 +302,7 @@ class Publisher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_CONNECT_DELAY) * random.uniform(0.8, 1.2)
             else:
+                self._first_attempt_over.set()
                 return
 
     async def _connect_once(self) -> None:

@@ -11,9 +11,11 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.conftest import QueueFactory, drain, proxied_amqp_url
+from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
+
+JSON = {"Content-Type": "application/json"}
 
 
 def settings(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
@@ -136,3 +138,28 @@ async def test_a_port_already_taken_is_a_clear_start_up_error(
         await bridge.start(wait_listening=False)
         assert await bridge.wait() == 1
     assert "cannot listen on 127.0.0.1:" in bridge.log()
+
+
+async def test_a_bridge_listens_once_it_can_publish_so_its_first_delivery_is_published(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    """Listening while still connecting would spool the first moments' deliveries (202)."""
+    async with start_bridge(wait_ready=False) as bridge:
+        body = orjson.dumps({"event_type": "avatar_video.success", "event_data": {"video_id": "1"}})
+        async with http.post(bridge.webhook_url, data=body, headers=JSON) as response:
+            answer = await response.json()
+    assert (response.status, answer["outcome"]) == (200, "published")
+
+
+async def test_a_broker_that_does_not_answer_delays_listening_by_a_few_seconds_at_most(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    broker_proxy.hold()  # connections are taken, and nothing comes back
+    bridge = BridgeProcess(
+        tmp_path, settings(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
+    )
+    await bridge.start(wait_ready=False)  # waits for bridge.listening, 15 s at most
+    async with http.get(bridge.url + "/healthz") as response:
+        assert response.status == 200
+    assert await bridge.stop() == 0
+    assert "bridge.listening_before_broker" in bridge.log()
