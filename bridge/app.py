@@ -138,7 +138,7 @@ class Bridge:
             max_line_size=self.settings.server.max_header_bytes,
         )
         await self._runner.setup()
-        await self._know_the_broker()
+        await self._wait_for_the_first_connect()
         server = self.settings.server
         # Workers share the port; a single process must notice that another one holds it.
         shared = server.workers > 1
@@ -154,7 +154,7 @@ class Bridge:
         )
         self._start_reconciling()
 
-    async def _know_the_broker(self) -> None:
+    async def _wait_for_the_first_connect(self) -> None:
         """Before listening, wait (briefly) for the first connect to the broker to succeed or
         fail: a bridge that took deliveries while still connecting would spool them all, and a
         worker started again takes its share of its siblings' connections at once."""
