@@ -40,7 +40,12 @@ def _refuse(request: web.Request, status: int, error: str, detail: str) -> web.R
         "http.expect_refused", status=status, error=error, path=request.path, remote=request.remote
     )
     body = orjson.dumps({"error": error, "detail": detail})
-    return web.Response(body=body, status=status, content_type="application/json")
+    refusal = web.Response(body=body, status=status, content_type="application/json")
+    # The body was not asked for. Kept open, the connection would wait for it (aiohttp lingers
+    # up to 10 s to drain an unread body), and whatever the client sent next would be read as
+    # the rest of this request.
+    refusal.force_close()
+    return refusal
 
 
 def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
