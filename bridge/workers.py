@@ -77,13 +77,24 @@ def left_behind_spool_dirs(root: Path, workers: int) -> list[Path]:
 class Supervisor:
     """Runs ``body(settings, i)`` for i in 0..N-1, each in a forked process, until told to stop."""
 
-    def __init__(self, settings: Settings, body: WorkerBody, preload: Preload = _nothing) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        body: WorkerBody,
+        preload: Preload = _nothing,
+        restart_delay: tuple[float, float] = _RESTART_DELAY,
+    ) -> None:
         self._settings = settings
         self._body = body
         self._preload = preload
+        self._restart_delay = restart_delay
         self._context = multiprocessing.get_context("fork")
         self._workers: dict[int, BaseProcess] = {}
         self._stopping = False
+        # Written to by the signal handler: it wakes the waits below, which Python would
+        # otherwise resume after the handler has run (PEP 475), and a stop could wait out a
+        # restart's back-off (up to 30 s).
+        self._stop_reader, self._stop_writer = multiprocessing.connection.Pipe(duplex=False)
 
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -115,10 +126,10 @@ class Supervisor:
         self._workers[index] = process
 
     def _supervise(self) -> int:
-        delay = _RESTART_DELAY[0]
+        delay = self._restart_delay[0]
         while not self._stopping:
             sentinels = [process.sentinel for process in self._workers.values()]
-            multiprocessing.connection.wait(sentinels, timeout=1.0)
+            multiprocessing.connection.wait([*sentinels, self._stop_reader])
             for index, process in list(self._workers.items()):
                 if self._stopping or process.is_alive():
                     continue
@@ -126,8 +137,8 @@ class Supervisor:
                 _forget_live_gauges(process)
                 if process.exitcode == CANNOT_START:
                     return CANNOT_START
-                time.sleep(delay)
-                delay = min(delay * 2, _RESTART_DELAY[1])
+                multiprocessing.connection.wait([self._stop_reader], timeout=delay)
+                delay = min(delay * 2, self._restart_delay[1])
                 if not self._stopping:
                     self._start(index)
         return 0
@@ -152,7 +163,8 @@ class Supervisor:
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         if not self._stopping:
             log.info("workers.signal", signal=signal.Signals(signum).name)
-        self._stopping = True
+            self._stopping = True
+            self._stop_writer.send_bytes(b"")
 
 
 @contextlib.contextmanager

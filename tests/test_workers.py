@@ -254,3 +254,35 @@ async def cli(*args: str) -> str:
     ran = await run_command(*args)
     assert ran.code == 0, ran.stderr
     return ran.stdout
+
+
+def fails_at_once(settings: Settings, index: int) -> int:
+    (settings.spool.path.parent / f"worker-{index}-failed").touch()
+    return 3  # not CANNOT_START: the supervisor starts it again, after its back-off
+
+
+def supervise_with_a_long_back_off(settings: Settings) -> None:
+    supervisor = Supervisor(settings, fails_at_once, restart_delay=(60.0, 60.0))
+    raise SystemExit(supervisor.run())
+
+
+def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: Path) -> None:
+    """The back-off grows to 30 s; a platform's stop grace is often as short (Kubernetes: 30 s).
+    Python resumes a sleep after a signal handler, so the supervisor must wake itself."""
+    settings = make_settings(tmp_path, "unused", server={"workers": 2})
+    supervisor = multiprocessing.get_context("fork").Process(
+        target=supervise_with_a_long_back_off, args=(settings,)
+    )
+    supervisor.start()
+    try:
+        failed = [settings.spool.path.parent / f"worker-{i}-failed" for i in (0, 1)]
+        deadline = time.monotonic() + 10
+        while not all(marker.exists() for marker in failed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the supervisor has seen them end and is in its back-off
+        assert supervisor.pid is not None
+        os.kill(supervisor.pid, signal.SIGTERM)
+        supervisor.join(20)
+        assert supervisor.exitcode is not None, "still waiting out its back-off"
+    finally:
+        supervisor.kill()
