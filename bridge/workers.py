@@ -101,7 +101,7 @@ class Supervisor:
             signal.signal(signum, self._request_stop)
         count = self._settings.server.workers
         log.info("workers.starting", workers=count)
-        with _shared_metrics_directory():
+        with _shared_metrics_directory(), self._stop_reader, self._stop_writer:
             self._share_with_workers()
             for index in range(count):
                 self._start(index)
