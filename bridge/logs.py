@@ -201,15 +201,15 @@ def configure_logging(
     factory: Callable[..., WrappedLogger] = (
         structlog.PrintLoggerFactory(stream) if writer is None else _logger_factory(writer)
     )
+    tracebacks = _format_exceptions(settings, stream)
     structlog.configure(
-        processors=[*shared, _format_exceptions(settings, stream), final],
+        processors=[*shared, tracebacks, final],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(stream) if writer is None else _LineWriterHandler(writer)
-    last: list[Processor] = [_format_exceptions(settings, stream), renderer]
-    _route_standard_logging(handler, shared, last, level)
+    _route_standard_logging(handler, shared, [tracebacks, renderer], level)
 
 
 def _logger_factory(writer: LineWriter) -> Callable[..., WrappedLogger]:

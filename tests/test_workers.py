@@ -266,7 +266,7 @@ def supervise_with_a_long_back_off(settings: Settings) -> None:
     raise SystemExit(supervisor.run())
 
 
-def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: Path) -> None:
+async def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: Path) -> None:
     """The back-off grows to 30 s; a platform's stop grace is often as short (Kubernetes: 30 s).
     Python resumes a sleep after a signal handler, so the supervisor must wake itself."""
     settings = make_settings(tmp_path, "unused", server={"workers": 2})
@@ -276,13 +276,11 @@ def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: Path) -
     supervisor.start()
     try:
         failed = [settings.spool.path.parent / f"worker-{i}-failed" for i in (0, 1)]
-        deadline = time.monotonic() + 10
-        while not all(marker.exists() for marker in failed) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # the supervisor has seen them end and is in its back-off
+        await eventually(lambda: all(marker.exists() for marker in failed))
+        await asyncio.sleep(0.5)  # the supervisor has seen them end and is in its back-off
         assert supervisor.pid is not None
         os.kill(supervisor.pid, signal.SIGTERM)
-        supervisor.join(20)
+        await asyncio.to_thread(supervisor.join, 20)
         assert supervisor.exitcode is not None, "still waiting out its back-off"
     finally:
         supervisor.kill()
