@@ -47,7 +47,7 @@ async def test_sigterm_lets_in_flight_publishes_finish_then_exits_zero(
     ]
 
     async def post(body: bytes) -> int:
-        async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+        async with http.post(url, data=body, headers=JSON) as r:
             return r.status
 
     posts = [asyncio.create_task(post(body)) for body in bodies]
