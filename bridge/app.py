@@ -373,9 +373,10 @@ class Bridge:
         return None if self.reconciler is None else self.reconciler.last_result
 
     def _on_reconcile_result(self, result: ReconcileResult) -> None:
-        """Count the run; start checking signatures with a secret the reconciler has just learnt."""
+        """Count the run; check signatures with the secret the registration's file holds, which
+        this reconciler or an operator's ``reconcile --once`` may have just written."""
         self.metrics.reconcile_run(result.result)
-        if result.secret_stored:
+        if self._learns_secret():
             self._adopt_stored_secret()
 
     def _adopt_stored_secret(self) -> None:

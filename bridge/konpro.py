@@ -48,6 +48,9 @@ class KonProError(Exception):
     """KonPro could not do what was asked; the message is safe to log and names the call."""
 
     retryable: bool = False
+    may_have_acted: bool = False
+    """Whether KonPro may have done what was asked all the same: repeating a call that is not
+    idempotent (``endpoint.add``) could then do it twice."""
 
     def __init__(
         self,
@@ -94,15 +97,25 @@ class RateLimited(KonProError):
 
 
 class ServerError(KonProError):
-    """KonPro failed (HTTP 5xx); worth retrying."""
+    """KonPro failed (HTTP 5xx); worth retrying. A gateway may answer 5xx for a call that KonPro
+    carried out."""
 
     retryable = True
+    may_have_acted = True
 
 
 class TransportError(KonProError):
-    """No usable answer: timeout, connection failure, or a body that is not a KonPro envelope."""
+    """No usable answer: timeout, connection failure, or a body that is not a KonPro envelope.
+
+    Only a connection that was never made (``may_have_acted`` false) shows that KonPro did not
+    see the call.
+    """
 
     retryable = True
+
+    def __init__(self, message: str, *, may_have_acted: bool = True, **kwargs: Any) -> None:
+        self.may_have_acted = may_have_acted
+        super().__init__(message, **kwargs)
 
 
 EndpointStatus = Literal["enabled", "disabled"] | str
@@ -210,7 +223,9 @@ class KonProClient:
         """Every endpoint registered on the account, whichever URL it points to."""
         data = await self._call("GET", "endpoint.list")
         if isinstance(data, dict):  # some deployments wrap the list
-            data = data.get("endpoints")
+            if "endpoints" not in data:  # not an empty account: an answer not understood
+                raise TransportError("expected a list of endpoints", call="endpoint.list")
+            data = data["endpoints"]
         if data is None:  # an empty account may answer with no list at all
             return []
         if not isinstance(data, list):
@@ -224,7 +239,8 @@ class KonProClient:
         answers 2xx within a second. The answer carries the endpoint's signing ``secret``.
         """
         body = {"url": url, "events": _events(events)}
-        return _endpoint(await self._call("POST", "endpoint.add", json=body), "endpoint.add")
+        data = await self._call("POST", "endpoint.add", json=body, idempotent=False)
+        return _endpoint(data, "endpoint.add")
 
     async def update_endpoint(
         self,
@@ -256,13 +272,15 @@ class KonProClient:
         *,
         json: Any = None,
         params: dict[str, str] | None = None,
+        idempotent: bool = True,
     ) -> Any:
-        """One API call, retried while the failure is transient and attempts remain."""
+        """One API call, retried while the failure is transient and attempts remain; a call that
+        is not ``idempotent`` only while KonPro certainly did not act on it."""
         for attempt in range(1, self._max_attempts + 1):
             try:
                 return await self._attempt(method, name, json=json, params=params)
             except KonProError as exc:
-                delay = self._retry_delay(exc, attempt)
+                delay = self._retry_delay(exc, attempt, idempotent=idempotent)
                 if delay is None:
                     raise
                 log.warning(
@@ -276,10 +294,12 @@ class KonProClient:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt either returns or raises")
 
-    def _retry_delay(self, exc: KonProError, attempt: int) -> float | None:
+    def _retry_delay(self, exc: KonProError, attempt: int, *, idempotent: bool) -> float | None:
         """Seconds to wait before the next attempt, or ``None`` to give up now."""
         if not exc.retryable or attempt >= self._max_attempts:
             return None
+        if exc.may_have_acted and not idempotent:
+            return None  # the caller looks again before it asks again (the reconciler lists)
         ceiling = min(self._backoff_max, self._backoff_base * 2 ** (attempt - 1))
         delay = random.uniform(0, ceiling)  # full jitter: replicas do not retry in lockstep
         if isinstance(exc, RateLimited):
@@ -308,7 +328,10 @@ class KonProClient:
                 body = await response.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # ``from None``: some aiohttp errors hold the request headers, and with them the key.
-            raise TransportError(_exception_text(exc), call=name) from None
+            unsent = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+            raise TransportError(
+                _exception_text(exc), call=name, may_have_acted=not unsent
+            ) from None
         log.debug(
             "konpro.response",
             call=name,

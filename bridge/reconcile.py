@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 SECRET_FILE_NAME: Final = "webhook_secret"  # noqa: S105 - a file name, not a secret
 FIRST_RETRY: Final = 5.0  # seconds before the first retry after a failed run
+_MAX_DOUBLINGS: Final = 60  # past any max_backoff; 2**1024 seconds would overflow a float
 JITTER: Final = 0.1  # runs are spread by +/-10% so that replicas drift apart
 
 ResultKind = Literal["ok", "added", "updated", "deduplicated", "disabled", "drift", "error"]
@@ -212,7 +213,7 @@ def next_delay(
     """
     if failures == 0 or auth_failed:
         return _jittered(interval)
-    backoff = min(interval, FIRST_RETRY) * 2 ** (failures - 1)
+    backoff = min(interval, FIRST_RETRY) * 2 ** min(failures - 1, _MAX_DOUBLINGS)
     return min(max_backoff, max(_jittered(min(backoff, max_backoff)), retry_after))
 
 
@@ -266,12 +267,13 @@ class Reconciler:
             raise ValueError("konpro.public_url is not set: there is nothing to reconcile")
         self._client = client
         self._desired = Desired.from_settings(konpro)
-        self._secret_configured = bool(konpro.webhook_secret.get_secret_value())
+        self._configured_secrets = frozenset(konpro.webhook_secrets)
         self._settings = reconcile
         self._secret_dir = secret_store_dir
         self._events_checked = False
         self._auth_failing = False
         self._warned_secret_unknown = False
+        self._reported_mismatch: str | None = None  # endpoint id
         self._retry_after = 0.0
         self.last_result: ReconcileResult | None = None
 
@@ -345,15 +347,37 @@ class Reconciler:
             if added is not None:
                 keeper, secret = added, added.secret
         stored = await self._sync_secret(secret)
+        endpoint_id = keeper.endpoint_id if keeper else None
+        unverifiable = self._secret_not_configured(endpoint_id, secret)
         result = _result(
-            _summary(actions),
-            endpoint_id=keeper.endpoint_id if keeper else None,
+            "error" if unverifiable else _summary(actions),
+            endpoint_id=endpoint_id,
+            error=unverifiable,
             actions=tuple(done),
             secret_stored=stored,
         )
         report = log.info if result.actions else log.debug
         report("reconcile.done", **_fields(result))
         return result
+
+    def _secret_not_configured(
+        self, endpoint_id: str | None, secret: SecretStr | None
+    ) -> str | None:
+        """Why deliveries to the kept endpoint will be refused: KonPro signs them with a secret
+        the settings do not hold (the endpoint was registered again, or the setting is wrong).
+        Only when secrets are configured and KonPro told this one."""
+        value = secret.get_secret_value() if secret is not None else ""
+        if not self._configured_secrets or not value or value in self._configured_secrets:
+            self._reported_mismatch = None
+            return None
+        error = (
+            "the endpoint's signing secret is not konpro.webhook_secret (nor a previous one): "
+            "its deliveries are refused (401) until the setting holds the endpoint's secret"
+        )
+        if self._reported_mismatch != endpoint_id:  # one line, not one per run
+            self._reported_mismatch = endpoint_id
+            log.error("reconcile.secret_mismatch", endpoint_id=endpoint_id, error=error)
+        return error
 
     async def _check_event_names(self) -> None:
         """Warn once about configured event types KonPro does not list; they may be new."""
@@ -413,7 +437,7 @@ class Reconciler:
 
     async def _sync_secret(self, secret: SecretStr | None) -> bool:
         """Keep the kept endpoint's signing secret on disk unless the operator configured one."""
-        if self._secret_configured:
+        if self._configured_secrets:
             return False
         value = secret.get_secret_value() if secret is not None else ""
         stored = await asyncio.to_thread(load_stored_secret, self._secret_dir)

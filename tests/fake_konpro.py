@@ -54,6 +54,7 @@ class Fault:
     status: int | None
     retry_after: str | None = None
     body: bytes | None = None
+    served: bool = False  # carry the call out first, as behind a gateway that then failed
 
 
 @dataclass(slots=True)
@@ -84,6 +85,11 @@ class FakeKonPro:
         ``Retry-After`` header is added if given.
         """
         self._faults.extend(Fault(status, retry_after, body) for _ in range(count))
+
+    def serve_then_fail_next(self, count: int, status: int) -> None:
+        """Carry out the next ``count`` calls, then answer ``status`` as if a gateway in front
+        of KonPro had lost the answer: the caller cannot tell whether the call took effect."""
+        self._faults.extend(Fault(status, served=True) for _ in range(count))
 
     def hang_next(self, count: int) -> None:
         """Never answer the next ``count`` calls (until the fake closes)."""
@@ -154,11 +160,13 @@ class FakeKonPro:
             body = None
         request[JSON_BODY] = body
         self.calls.append(Call(request.method, request.path, body, dict(request.query)))
-        if self._faults:
-            return await self._fault(self._faults.popleft())
+        fault = self._faults.popleft() if self._faults else None
+        if fault is not None and not fault.served:
+            return await self._fault(fault)
         if request.headers.get("x-api-key") != self.api_key:
             return _error(401, 400112, "Unauthorized")
-        return await handler(request)
+        answer = await handler(request)
+        return answer if fault is None else await self._fault(fault)
 
     async def _fault(self, fault: Fault) -> web.Response:
         if fault.status is None:

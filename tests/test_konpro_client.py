@@ -106,6 +106,19 @@ async def test_list_endpoints_reads_null_data_as_an_empty_account(
     assert await client.list_endpoints() == []
 
 
+async def test_list_endpoints_refuses_a_wrapper_it_does_not_know(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    # Read as an empty account, it would have the reconciler add an endpoint on every run.
+    fake_konpro.add("https://a.example/hook")
+    fake_konpro.answer_next(
+        1, 200, body=b'{"code": 100, "data": {"items": [], "total": 1}, "message": "Success"}'
+    )
+
+    with pytest.raises(TransportError, match="expected a list of endpoints"):
+        await client.list_endpoints()
+
+
 async def test_list_endpoints_reads_created_at_as_epoch_seconds_or_iso_text(
     client: KonProClient, fake_konpro: FakeKonPro
 ) -> None:
@@ -357,6 +370,48 @@ async def test_a_hanging_call_is_a_transport_error_after_the_timeout(
             await client.list_endpoints()
 
     assert fake_konpro.count("endpoint.list") == 2
+
+
+@pytest.mark.parametrize("lost", ["gateway error", "timeout"])
+async def test_an_add_that_may_have_taken_effect_is_not_repeated(
+    fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver, lost: str
+) -> None:
+    # Repeating it could register the URL twice, each endpoint with its own signing secret.
+    if lost == "gateway error":
+        fake_konpro.serve_then_fail_next(1, 504)
+    else:
+        fake_konpro.hang_next(1)
+
+    async with client_for(fake_konpro, timeout=0.5) as client:
+        with pytest.raises(ServerError if lost == "gateway error" else TransportError):
+            await client.add_endpoint(webhook_receiver.url, None)
+
+    assert fake_konpro.count("endpoint.add") == 1
+
+
+async def test_an_add_that_konpro_refused_for_now_is_retried(
+    client: KonProClient, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    fake_konpro.answer_next(1, 429, retry_after="0")
+
+    added = await client.add_endpoint(webhook_receiver.url, None)
+
+    assert [call.name for call in fake_konpro.writes] == ["endpoint.add", "endpoint.add"]
+    assert list(fake_konpro.endpoints) == [added.endpoint_id]
+
+
+async def test_an_add_that_could_not_connect_is_retried() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: nothing reaches KonPro
+
+        async with KonProClient(
+            f"http://127.0.0.1:{port}", SecretStr("k"), max_attempts=2, backoff_base=0.01
+        ) as client:
+            with capture_logs() as logs, pytest.raises(TransportError):
+                await client.add_endpoint("https://bridge.example/hook", None)
+
+    assert [entry["call"] for entry in logs if entry["event"] == "konpro.retry"] == ["endpoint.add"]
 
 
 def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:

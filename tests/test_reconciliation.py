@@ -29,6 +29,7 @@ from bridge.reconcile import (
     should_reconcile,
     why_not_reconcile,
 )
+from bridge.status import registration_ok
 from bridge.tasks import cancel_and_wait
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
 
@@ -168,6 +169,11 @@ def test_failed_runs_back_off_up_to_the_bound() -> None:
     assert delays[0] <= 5.5
     assert all(delay <= 120 for delay in delays)
     assert delays[-1] >= 108
+
+
+def test_failing_for_days_keeps_backing_off_at_the_bound() -> None:
+    # 1,025 failures in a row is 3.5 days at the defaults: 2**1024 overflowed a float once.
+    assert all(270 <= next_delay(300, 300, failures) <= 300 for failures in (1_025, 10**6))
 
 
 def test_a_refused_key_is_retried_at_the_normal_interval_only() -> None:
@@ -526,13 +532,36 @@ async def test_the_secret_of_an_added_endpoint_is_stored_0600_when_none_is_confi
 
 
 async def test_a_configured_secret_means_nothing_is_stored(
-    reconcilers: Reconcilers, webhook_receiver: WebhookReceiver
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
 ) -> None:
-    reconciler = reconcilers.make(webhook_receiver.url, webhook_secret="whsec_configured")
+    endpoint_id = fake_konpro.add(webhook_receiver.url, list(EVENTS))
+    configured = fake_konpro.endpoints[endpoint_id]["secret"]
+    reconciler = reconcilers.make(webhook_receiver.url, webhook_secret=configured)
 
     result = await reconciler.run_once()
 
-    assert (result.result, result.secret_stored) == ("added", False)
+    assert (result.result, result.secret_stored) == ("ok", False)
+    assert load_stored_secret(reconcilers.spool) is None
+
+
+async def test_an_endpoint_registered_again_under_a_configured_secret_is_reported_unverifiable(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    # Deleted in the dashboard and added again: KonPro signs with the new endpoint's secret.
+    reconciler = reconcilers.make(webhook_receiver.url, webhook_secret="whsec_configured")
+
+    with capture_logs() as logs:
+        results = [await reconciler.run_once() for _ in range(2)]
+
+    [registered] = fake_konpro.endpoints.values()
+    assert [(r.result, r.endpoint_id) for r in results] == [
+        ("error", registered["endpoint_id"])
+    ] * 2
+    assert "401" in (results[0].error or "")
+    assert not registration_ok(results[-1])
+    [mismatch] = [entry for entry in logs if entry["event"] == "reconcile.secret_mismatch"]
+    assert mismatch["log_level"] == "error"
+    assert registered["secret"] not in repr(logs)
     assert load_stored_secret(reconcilers.spool) is None
 
 

@@ -19,8 +19,9 @@ from structlog.testing import capture_logs
 
 from bridge.app import Bridge
 from bridge.config import MASK
+from bridge.konpro import KonProClient
 from bridge.logs import redactor
-from bridge.reconcile import ReconcileResult
+from bridge.reconcile import Reconciler, ReconcileResult
 from bridge.signatures import sign
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
 from tests.fake_konpro import FakeKonPro
@@ -132,6 +133,29 @@ async def test_a_learnt_signing_secret_is_kept_masked_and_enforced_at_once(
     assert secret_file.read_text().strip() == registered["secret"]
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
     assert redactor(f"signed with {registered['secret']}") == f"signed with {MASK}"
+
+
+async def test_a_secret_an_operator_registered_meanwhile_is_enforced_at_the_next_run(
+    tmp_path: Path, exchange_name: str, fake_konpro: FakeKonPro, http: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(tmp_path, exchange_name, **registration(fake_konpro))
+    async with Bridge(settings) as bridge:
+        await until(lambda: bridge.authenticator.enabled)
+        ran = result_of(bridge)
+        await until(lambda: result_of(bridge) is not ran)  # the next run is an interval away
+        fake_konpro.endpoints.clear()  # deleted in the dashboard, and registered again by
+        # what `konpro-bridge reconcile --once` does, beside the running daemon:
+        async with KonProClient(fake_konpro.url, settings.konpro.api_key) as client:
+            operators_run = await Reconciler.from_settings(client, settings).run_once()
+        assert (operators_run.result, operators_run.secret_stored) == ("added", True)
+        [registered] = fake_konpro.endpoints.values()
+        ran = result_of(bridge)
+        await until(lambda: result_of(bridge) is not ran)
+
+        signed = {"KonPro-Signature": sign(EVENT, registered["secret"])}
+        async with http.post(bridge.webhook_url, data=EVENT, headers=signed) as response:
+            assert response.status == 200
+        assert [call.name for call in fake_konpro.writes] == ["endpoint.add"] * 2
 
 
 @pytest.mark.parametrize("failure", ["HTTP 500", "no answer"])
