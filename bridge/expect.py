@@ -70,6 +70,17 @@ def add_fallback_routes(app: web.Application, options: Handler | None = None) ->
         for resource in app.router.resources():
             if resource is not everything:
                 allowed |= (await resource.resolve(request))[1]
+        status = web.HTTPMethodNotAllowed.status_code if allowed else web.HTTPNotFound.status_code
+        # A POST is a delivery gone astray (a public_url whose path is not the webhook path, a
+        # proxy that rewrites it): KonPro would retry it for a day with nothing else to say so.
+        report = log.warning if request.method == hdrs.METH_POST else log.info
+        report(
+            "http.not_routed",
+            method=request.method,
+            path=request.path,
+            status=status,
+            remote=request.remote,
+        )
         if not allowed:
             raise web.HTTPNotFound
         raise web.HTTPMethodNotAllowed(request.method, allowed)

@@ -151,6 +151,10 @@ class WebhookHandler:
             ) from None
         except TimeoutError:
             raise _Rejected(408, "body_timeout", "request body not received in time") from None
+        except ConnectionResetError:  # the client hung up: the answer only goes to the log
+            raise _Rejected(
+                400, "client_disconnected", "the connection closed before the body was complete"
+            ) from None
         if not body:
             raise _Rejected(400, "invalid_event", "body is empty")
         return body

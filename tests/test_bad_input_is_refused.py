@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from bridge.app import Bridge
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
 from tests.support import raw_http
 from tests.support.process import BridgeProcess
+from tests.support.waiting import eventually
 
 VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
 
@@ -281,6 +283,25 @@ async def test_an_event_id_of_200_bytes_in_utf_8_is_the_message_id_unchanged(
     assert message.message_id == event_id
 
 
+async def test_a_delivery_to_another_path_is_refused_with_a_warning_naming_it(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    # A public_url with a trailing slash, say: KonPro's OPTIONS check passes on every path.
+    async with start_bridge() as bridge:
+        with structlog.testing.capture_logs() as logs:
+            async with http.post(bridge.webhook_url + "/", data=VALID) as response:
+                status = response.status
+
+    assert status == 405
+    [astray] = [entry for entry in logs if entry["event"] == "http.not_routed"]
+    assert astray["log_level"] == "warning"
+    assert (astray["method"], astray["path"], astray["status"]) == (
+        "POST",
+        "/webhooks/konpro/",
+        405,
+    )
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
 async def test_other_methods_on_the_webhook_path_are_answered_405(
     method: str, start_bridge: BridgeFactory, http: aiohttp.ClientSession
@@ -345,3 +366,37 @@ async def test_a_gzip_body_is_published_decoded(
     assert answer.startswith(b"HTTP/1.1 200"), answer
     [message] = await drain(queue, expect=1)
     assert message.body == VALID
+
+
+async def test_a_client_that_hangs_up_mid_body_is_one_warning_line_not_an_error(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    bridge = BridgeProcess(
+        tmp_path,
+        {
+            "amqp": {"url": AMQP_URL, "exchange": exchange_name},
+            "spool": {"path": str(tmp_path / "spool")},
+            "reconcile": {"enabled": False},
+            "log": {"format": "json"},
+        },
+    )
+    await bridge.start()
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.write(
+            b"POST /webhooks/konpro HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"event_type": '
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the handler is waiting for the rest of the body
+        writer.close()
+        await writer.wait_closed()
+        await eventually(lambda: "client_disconnected" in bridge.log())
+    finally:
+        assert await bridge.stop() == 0
+
+    lines = [json.loads(line) for line in bridge.log().splitlines()]
+    [gone] = [entry for entry in lines if entry.get("error") == "client_disconnected"]
+    assert (gone["event"], gone["level"]) == ("webhook.rejected", "warning")
+    assert not [entry for entry in lines if entry["level"] in {"error", "critical"}]
+    assert not [entry for entry in lines if "exception" in entry]
