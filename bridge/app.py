@@ -74,6 +74,7 @@ class Bridge:
         self._reconciling: asyncio.Task[None] | None = None
         self._sharing_gauges: asyncio.Task[None] | None = None
         self._forwarding_left_behind: asyncio.Task[None] | None = None
+        self._left_behind_forwarder: Forwarder | None = None
 
     def _watch_state(self) -> None:
         """The live gauges, read from the parts themselves. With several workers, the one that
@@ -220,10 +221,12 @@ class Bridge:
                 poll_interval=_LEFT_BEHIND_POLL_SECONDS,
             )
             forwarder.start()
+            self._left_behind_forwarder = forwarder  # for stop(), with what is left of its grace
             try:
                 await forwarder.until_empty()
             finally:
-                await forwarder.stop(grace=self.settings.server.shutdown_timeout)
+                self._left_behind_forwarder = None
+                await forwarder.stop(grace=0.0)  # returns at once if stop() has stopped it
         delete_spool_files(path)
         log.info("spool.left_behind_forwarded", path=str(path))
 
@@ -287,8 +290,6 @@ class Bridge:
         await self._stop_reconciling()
         await cancel_and_wait(self._sharing_gauges)
         self._sharing_gauges = None
-        await cancel_and_wait(self._forwarding_left_behind)
-        self._forwarding_left_behind = None
         if self._runner is not None:
             log.info("bridge.stopping", grace_seconds=grace)
             # aiohttp waits ``grace`` for the handlers, then cancels them: a delivery still
@@ -300,8 +301,13 @@ class Bridge:
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
-        if self._forwarder is not None:  # an event it was forwarding stays in the spool
+        # An event a forwarder was publishing when its grace ran out stays in its spool.
+        if self._forwarder is not None:
             await self._forwarder.stop(grace=max(0.0, deadline - loop.time()))
+        if self._left_behind_forwarder is not None:
+            await self._left_behind_forwarder.stop(grace=max(0.0, deadline - loop.time()))
+        await cancel_and_wait(self._forwarding_left_behind)
+        self._forwarding_left_behind = None
         await self.publisher.close()
         if self._spool is not None:
             if self._spool.depth:

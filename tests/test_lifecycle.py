@@ -10,10 +10,15 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+from structlog.testing import capture_logs
 
-from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from bridge.app import Bridge
+from bridge.events import Delivery
+from bridge.spool import Spool
+from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 JSON = {"Content-Type": "application/json"}
 
@@ -163,3 +168,41 @@ async def test_a_broker_that_does_not_answer_delays_listening_by_a_few_seconds_a
         assert response.status == 200
     assert await bridge.stop() == 0
     assert "bridge.listening_before_broker" in bridge.log()
+
+
+async def test_a_stop_while_a_left_behind_spool_drains_stops_listening_at_once(
+    tmp_path: Path, exchange_name: str, bind_queue: QueueFactory, broker_proxy: TcpProxy
+) -> None:
+    # Worker 1's spool, after server.workers went from 2 to 1: worker 0 forwards it at start.
+    queue = await bind_queue("#")
+    left_behind = make_settings(tmp_path, exchange_name).spool.at(tmp_path / "spool" / "worker-1")
+    async with await Spool.open(left_behind) as spool:
+        for n in range(50):
+            await spool.append(Delivery("avatar_video.success", b"{}", f"left-{n}"))
+    broker_proxy.delay = 0.05  # every confirm takes a while: the drain lasts seconds
+    settings = make_settings(
+        tmp_path,
+        exchange_name,
+        amqp={"url": proxied_amqp_url(broker_proxy)},
+        server={"shutdown_timeout": 2.5},
+    )
+    bridge = Bridge(settings)
+    with capture_logs() as logs:
+        await bridge.start()
+
+        async def forwarded() -> bool:
+            return await queue.get(fail=False) is not None
+
+        await eventually(forwarded)  # the drain is under way
+        port = bridge.port
+        stopping = asyncio.create_task(bridge.stop())
+        # Listening ends first, as on any stop; the drain has what is left of the grace.
+        await eventually(lambda: refuses_connections(port), within=1.0)
+        await stopping
+
+    assert [e["event"] for e in logs].count("bridge.stopped") == 1
+
+
+def refuses_connections(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
