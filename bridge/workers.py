@@ -74,6 +74,28 @@ def left_behind_spool_dirs(root: Path, workers: int) -> list[Path]:
     return [path for path in spool_dirs(root) if path not in running]
 
 
+class RestartBackoff:
+    """How long to wait before starting a worker again that ended: ``first`` seconds, doubling
+    up to ``most`` while it keeps ending soon after each start. Each worker has its own; one that
+    ran for ``most`` seconds or more counts as healthy, and its next restart waits ``first``
+    again, however it fared before."""
+
+    def __init__(self, first: float, most: float) -> None:
+        self._first, self._most = first, most
+        self._started: dict[int, float] = {}
+        self._next: dict[int, float] = {}
+
+    def started(self, worker: int, now: float) -> None:
+        self._started[worker] = now
+
+    def delay(self, worker: int, now: float) -> float:
+        """The wait before restarting ``worker``, which has just ended."""
+        healthy = now - self._started.get(worker, now) >= self._most
+        delay = self._first if healthy else self._next.get(worker, self._first)
+        self._next[worker] = min(delay * 2, self._most)
+        return delay
+
+
 class Supervisor:
     """Runs ``body(settings, i)`` for i in 0..N-1, each in a forked process, until told to stop."""
 
@@ -87,7 +109,7 @@ class Supervisor:
         self._settings = settings
         self._body = body
         self._preload = preload
-        self._restart_delay = restart_delay
+        self._backoff = RestartBackoff(*restart_delay)
         self._context = multiprocessing.get_context("fork")
         self._workers: dict[int, BaseProcess] = {}
         self._stopping = False
@@ -124,9 +146,9 @@ class Supervisor:
         )
         process.start()
         self._workers[index] = process
+        self._backoff.started(index, time.monotonic())
 
     def _supervise(self) -> int:
-        delay = self._restart_delay[0]
         while not self._stopping:
             sentinels = [process.sentinel for process in self._workers.values()]
             multiprocessing.connection.wait([*sentinels, self._stop_reader])
@@ -137,8 +159,8 @@ class Supervisor:
                 _forget_live_gauges(process)
                 if process.exitcode == CANNOT_START:
                     return CANNOT_START
+                delay = self._backoff.delay(index, time.monotonic())
                 multiprocessing.connection.wait([self._stop_reader], timeout=delay)
-                delay = min(delay * 2, self._restart_delay[1])
                 if not self._stopping:
                     self._start(index)
         return 0

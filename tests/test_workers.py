@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 
 from bridge.config import Settings
-from bridge.workers import Supervisor
+from bridge.workers import RestartBackoff, Supervisor
 from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.process import BridgeProcess, run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
@@ -284,3 +284,36 @@ async def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: P
         assert supervisor.exitcode is not None, "still waiting out its back-off"
     finally:
         supervisor.kill()
+
+
+def test_a_worker_that_keeps_dying_waits_longer_each_time_up_to_the_bound() -> None:
+    backoff = RestartBackoff(1.0, 30.0)
+    delays = []
+    now = 0.0
+    for _ in range(7):
+        backoff.started(0, now)
+        now += 0.5  # it dies half a second after each start
+        delays.append(backoff.delay(0, now))
+        now += delays[-1]
+
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_a_worker_that_ran_for_a_while_is_restarted_after_the_first_wait_again() -> None:
+    backoff = RestartBackoff(1.0, 30.0)
+    for _ in range(5):  # a bad start: five quick deaths
+        backoff.started(0, 0.0)
+        backoff.delay(0, 0.1)
+    backoff.started(0, 100.0)
+
+    assert backoff.delay(0, 100.0 + 3600.0) == 1.0  # an hour later, not 30 s
+
+
+def test_each_worker_has_its_own_back_off() -> None:
+    backoff = RestartBackoff(1.0, 30.0)
+    for worker in (0, 1):
+        backoff.started(worker, 0.0)
+    backoff.delay(0, 0.1)
+    backoff.started(0, 1.1)
+
+    assert (backoff.delay(0, 1.2), backoff.delay(1, 1.2)) == (2.0, 1.0)
