@@ -111,7 +111,7 @@ class Bridge:
         self._forwarder = Forwarder(
             self._spool, self.publisher.publish, is_connected=lambda: self.publisher.is_ready
         )
-        self.publisher.on_ready(self._forwarder.notify)
+        self.publisher.on_ready(self._forwarder.retry_now)
         relay = Relay(self.publisher, self._spool, self._forwarder, self.replays)
         self._forwarder.start()
         await self.publisher.start()

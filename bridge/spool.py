@@ -356,8 +356,10 @@ class Forwarder:
     """Drains the spool to the broker in the background, whenever there is something to drain
     and the broker is connected; otherwise sleeps until ``notify()``.
 
-    Call ``notify()`` after spooling a delivery and after the broker reconnects. A periodic
-    look every ``poll_interval`` seconds is only a safety net for a missed notification.
+    Call ``notify()`` after spooling a delivery, and ``retry_now()`` when the broker becomes
+    usable again (a reconnect, a channel restored), which also ends a back-off after failures.
+    A periodic look every ``poll_interval`` seconds is only a safety net for a missed
+    notification.
     """
 
     def __init__(
@@ -379,12 +381,19 @@ class Forwarder:
         self._max_retry_delay = max_retry_delay
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
+        self._retry_now = asyncio.Event()
         self._stopping = asyncio.Event()
         self._emptied = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def notify(self) -> None:
-        """Something changed (an event was spooled, the broker came back): look again now."""
+        """An event was spooled: look again now, unless backing off after a failure (each
+        delivery spooled while publishing fails would otherwise be one more failed attempt)."""
+        self._wake.set()
+
+    def retry_now(self) -> None:
+        """The broker is usable again: look again now, even in a back-off."""
+        self._retry_now.set()
         self._wake.set()
 
     async def until_empty(self) -> None:
@@ -406,7 +415,7 @@ class Forwarder:
         if task is None:
             return
         self._stopping.set()
-        self._wake.set()
+        self.retry_now()
         _done, pending = await asyncio.wait([task], timeout=grace)
         if pending:
             task.cancel()
@@ -417,7 +426,9 @@ class Forwarder:
     async def _run(self) -> None:
         delay = self._retry_delay
         while not self._stopping.is_set():
-            self._wake.clear()  # before looking, so that a notify() from now on is not lost
+            # Before looking, so that a notify() or retry_now() from now on is not lost.
+            self._wake.clear()
+            self._retry_now.clear()
             try:
                 await self._forward()
             # The forwarder outlives any failure, even a CancelledError out of a library's
@@ -426,7 +437,7 @@ class Forwarder:
                 if isinstance(exc, asyncio.CancelledError) and this_task_is_cancelled():
                     raise
                 _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
-                await _wait(self._stopping, delay)
+                await _wait(self._retry_now, delay)
                 delay = min(2 * delay, self._max_retry_delay)
             else:
                 delay = self._retry_delay

@@ -494,6 +494,25 @@ async def test_forwarder_retries_after_a_failure_without_losing_order(spool: Spo
     assert spool.depth == 0
 
 
+async def test_a_broker_usable_again_ends_the_forwarders_back_off_at_once(spool: Spool) -> None:
+    await fill(spool, 2)
+    broker = Broker(expect=2)
+    broker.failures_to_come = 1  # say, a publish that timed out during a memory alarm
+    forwarder = Forwarder(spool, broker.publish, is_connected=broker.is_connected, retry_delay=60)
+    forwarder.start()
+    await eventually(broker.publishing)  # and failed: the back-off (a minute) has begun
+    await asyncio.sleep(0.1)
+    forwarder.notify()  # a delivery spooled meanwhile does not end the back-off
+    await asyncio.sleep(0.1)
+    assert broker.published == []
+
+    forwarder.retry_now()  # as the publisher calls it when the link or channel is back
+
+    await eventually(broker.all_published)
+    await forwarder.stop()
+    assert broker.published == ["evt_0", "evt_1"]
+
+
 async def test_forwarder_outlives_a_cancelled_error_that_was_not_meant_for_it(
     spool: Spool,
 ) -> None:
