@@ -24,6 +24,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 from yarl import URL
@@ -233,16 +234,31 @@ def load_settings(path: Path | None = None) -> Settings:
         merged = _FromFile()
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc, toml_file)) from None
+    except SettingsError as exc:  # an environment variable's value is not valid JSON
+        raise ConfigError(f"environment: {exc}") from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
         raise ConfigError(f"{toml_file}: {exc}") from None
     return Settings.model_validate(merged.model_dump())
 
 
 def describe_errors(error: ValidationError, source: Path | None) -> str:
-    """One line per bad key, naming it as the TOML file spells it; never the offending value."""
-    origin = f"{source}: " if source else ""
+    """One line per bad key, naming it as the TOML file spells it, and where it was set (the
+    environment variable that overrides the file, else the file); never the offending value."""
     lines = []
     for item in error.errors(include_input=False, include_url=False):
-        key = ".".join(str(part) for part in item["loc"]) or "<root>"
-        lines.append(f"{origin}{key}: {item['msg']}")
+        parts = [str(part) for part in item["loc"]]
+        key = ".".join(parts) or "<root>"
+        variable = _environment_variable_setting(parts)
+        origin = f"{variable} (environment)" if variable else str(source or "")
+        lines.append(f"{origin}: {key}: {item['msg']}" if origin else f"{key}: {item['msg']}")
     return "\n".join(lines)
+
+
+def _environment_variable_setting(key: list[str]) -> str | None:
+    """The variable that set ``key``, or the section holding it, if one is set."""
+    present = {name.upper() for name in os.environ}
+    for depth in range(len(key), 0, -1):
+        name = ENV_PREFIX.upper() + "__".join(key[:depth]).upper()
+        if name in present:
+            return name
+    return None

@@ -141,6 +141,37 @@ def test_each_bad_key_gets_one_line_naming_it_and_no_secret_is_echoed(tmp_path: 
     assert "hunter2-secret" not in result.stderr + result.stdout
 
 
+def test_a_bad_key_set_in_the_environment_is_blamed_on_the_variable_not_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "good.toml"
+    config.write_text("[server]\nport = 9300\n")
+    monkeypatch.setenv("KONPRO_BRIDGE_SERVER__PROT", "1")
+    monkeypatch.setenv("KONPRO_BRIDGE_AMQP__PUBLISH_TIMEOUT", "soon")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+
+    assert sorted(str(caught.value).splitlines()) == [
+        "KONPRO_BRIDGE_AMQP__PUBLISH_TIMEOUT (environment): amqp.publish_timeout: "
+        "Input should be a valid number, unable to parse string as a number",
+        "KONPRO_BRIDGE_SERVER__PROT (environment): server.prot: Extra inputs are not permitted",
+    ]
+
+
+def test_a_variable_that_is_not_valid_json_is_blamed_on_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "good.toml"
+    config.write_text("[server]\nport = 9300\n")
+    monkeypatch.setenv("KONPRO_BRIDGE_KONPRO__EVENTS", "[not json")
+
+    with pytest.raises(ConfigError, match=r"^environment: .*konpro") as caught:
+        load_settings(config)
+
+    assert "good.toml" not in str(caught.value)
+
+
 @pytest.mark.parametrize("before_the_command", [True, False])
 def test_config_may_be_given_before_or_after_the_command(
     tmp_path: Path, before_the_command: bool
