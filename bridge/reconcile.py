@@ -274,6 +274,7 @@ class Reconciler:
         self._auth_failing = False
         self._warned_secret_unknown = False
         self._reported_mismatch: str | None = None  # endpoint id
+        self._learnt_from: str | None = None  # the endpoint whose secret was last learnt
         self._retry_after = 0.0
         self.last_result: ReconcileResult | None = None
 
@@ -348,7 +349,10 @@ class Reconciler:
                 keeper, secret = added, added.secret
         stored = await self._sync_secret(secret)
         endpoint_id = keeper.endpoint_id if keeper else None
-        unverifiable = self._secret_not_configured(endpoint_id, secret)
+        unverifiable = self._secret_not_configured(secret) or self._secret_outdated(
+            endpoint_id, secret
+        )
+        self._report_unverifiable(endpoint_id, unverifiable)
         result = _result(
             "error" if unverifiable else _summary(actions),
             endpoint_id=endpoint_id,
@@ -360,24 +364,42 @@ class Reconciler:
         report("reconcile.done", **_fields(result))
         return result
 
-    def _secret_not_configured(
-        self, endpoint_id: str | None, secret: SecretStr | None
-    ) -> str | None:
+    def _secret_not_configured(self, secret: SecretStr | None) -> str | None:
         """Why deliveries to the kept endpoint will be refused: KonPro signs them with a secret
         the settings do not hold (the endpoint was registered again, or the setting is wrong).
         Only when secrets are configured and KonPro told this one."""
         value = secret.get_secret_value() if secret is not None else ""
         if not self._configured_secrets or not value or value in self._configured_secrets:
-            self._reported_mismatch = None
             return None
-        error = (
+        return (
             "the endpoint's signing secret is not konpro.webhook_secret (nor a previous one): "
             "its deliveries are refused (401) until the setting holds the endpoint's secret"
         )
-        if self._reported_mismatch != endpoint_id:  # one line, not one per run
+
+    def _secret_outdated(self, endpoint_id: str | None, secret: SecretStr | None) -> str | None:
+        """Why deliveries to the kept endpoint will be refused: the secret this reconciler learnt
+        belongs to another endpoint, deleted as a duplicate (replicas that registered at once),
+        and KonPro does not tell the kept one's (``endpoint.list`` may answer ``null``)."""
+        if self._configured_secrets or endpoint_id is None:
+            return None
+        if secret is not None and secret.get_secret_value():
+            self._learnt_from = endpoint_id
+            return None
+        if self._learnt_from in (None, endpoint_id):
+            return None
+        return (
+            f"the signing secret this bridge learnt is endpoint {self._learnt_from}'s, which is "
+            "gone, and KonPro does not return the secret of the endpoint kept: its deliveries "
+            "are refused (401); set konpro.webhook_secret to that endpoint's secret"
+        )
+
+    def _report_unverifiable(self, endpoint_id: str | None, error: str | None) -> None:
+        """One error line for each endpoint whose deliveries will be refused, not one per run."""
+        if error is None:
+            self._reported_mismatch = None
+        elif self._reported_mismatch != endpoint_id:
             self._reported_mismatch = endpoint_id
             log.error("reconcile.secret_mismatch", endpoint_id=endpoint_id, error=error)
-        return error
 
     async def _check_event_names(self) -> None:
         """Warn once about configured event types KonPro does not list; they may be new."""

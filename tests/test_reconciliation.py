@@ -512,6 +512,40 @@ async def test_three_replicas_at_once_converge_on_one_registration(
     assert stored == {survivor["secret"]}
 
 
+async def test_replicas_that_cannot_learn_the_kept_endpoints_secret_say_so(
+    reconcilers: Reconcilers,
+    fake_konpro: FakeKonPro,
+    webhook_receiver: WebhookReceiver,
+    tmp_path: Path,
+) -> None:
+    # endpoint.list may answer "secret": null: a replica whose own endpoint was deleted as a
+    # duplicate holds a secret nobody signs with any more, and cannot learn the kept one's.
+    fake_konpro.list_secrets = False
+    webhook_receiver.hold_until = 3
+    replicas = [
+        reconcilers.make(webhook_receiver.url, spool=tmp_path / f"replica{n}") for n in range(3)
+    ]
+    await asyncio.gather(*(replica.run_once() for replica in replicas))
+    added = {
+        replica: load_stored_secret(tmp_path / f"replica{n}") for n, replica in enumerate(replicas)
+    }
+
+    with capture_logs() as logs:
+        for _ in range(2):
+            settled = await asyncio.gather(*(replica.run_once() for replica in replicas))
+
+    [survivor] = fake_konpro.endpoints.values()
+    outcomes = {
+        added[replica] == survivor["secret"]: r.result
+        for replica, r in zip(replicas, settled, strict=True)
+    }
+    assert sorted(r.result for r in settled) == ["error", "error", "ok"]
+    assert outcomes == {True: "ok", False: "error"}
+    assert all("konpro.webhook_secret" in (r.error or "") for r in settled if r.result == "error")
+    mismatches = [entry for entry in logs if entry["event"] == "reconcile.secret_mismatch"]
+    assert len(mismatches) == 2  # once per replica, not once per run
+
+
 async def test_the_secret_of_an_added_endpoint_is_stored_0600_when_none_is_configured(
     reconcilers: Reconcilers,
     fake_konpro: FakeKonPro,
