@@ -257,8 +257,13 @@ class KonProClient:
         return _endpoint(data, "endpoint.update")
 
     async def delete_endpoint(self, endpoint_id: str) -> None:
-        """Remove an endpoint; KonPro stops delivering to it."""
-        await self._call("DELETE", "endpoint.delete", params={"endpoint_id": endpoint_id})
+        """Remove an endpoint; KonPro stops delivering to it.
+
+        ``NotFound`` means it did not exist, unless an earlier attempt of this call may have
+        deleted it (a 5xx from a gateway, a timeout): then the endpoint is gone, as asked.
+        """
+        params = {"endpoint_id": endpoint_id}
+        await self._call("DELETE", "endpoint.delete", params=params, gone_is_done=True)
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -273,13 +278,22 @@ class KonProClient:
         json: Any = None,
         params: dict[str, str] | None = None,
         idempotent: bool = True,
+        gone_is_done: bool = False,
     ) -> Any:
         """One API call, retried while the failure is transient and attempts remain; a call that
-        is not ``idempotent`` only while KonPro certainly did not act on it."""
+        is not ``idempotent`` only while KonPro certainly did not act on it. With
+        ``gone_is_done`` (a delete), a ``NotFound`` after an attempt that may have acted is the
+        call's success."""
+        may_have_acted = False
         for attempt in range(1, self._max_attempts + 1):
             try:
                 return await self._attempt(method, name, json=json, params=params)
+            except NotFound:
+                if gone_is_done and may_have_acted:
+                    return None
+                raise
             except KonProError as exc:
+                may_have_acted = may_have_acted or exc.may_have_acted
                 delay = self._retry_delay(exc, attempt, idempotent=idempotent)
                 if delay is None:
                     raise

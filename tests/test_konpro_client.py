@@ -414,6 +414,18 @@ async def test_an_add_that_could_not_connect_is_retried() -> None:
     assert [entry["call"] for entry in logs if entry["event"] == "konpro.retry"] == ["endpoint.add"]
 
 
+async def test_a_delete_retried_after_it_took_effect_succeeds(
+    client: KonProClient, fake_konpro: FakeKonPro
+) -> None:
+    endpoint_id = fake_konpro.add("https://bridge.example/hook")
+    fake_konpro.serve_then_fail_next(1, 504)  # deleted, but the answer was lost
+
+    await client.delete_endpoint(endpoint_id)  # the retry finds it gone: done, as asked
+
+    assert fake_konpro.count("endpoint.delete") == 2
+    assert fake_konpro.endpoints == {}
+
+
 def test_retry_after_is_read_as_seconds_or_an_http_date() -> None:
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after(None) == 0.0
