@@ -381,7 +381,8 @@ class Forwarder:
         self._max_retry_delay = max_retry_delay
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
-        self._retry_now = asyncio.Event()
+        self._cut_short = asyncio.Event()  # ends a back-off: a stop, or the broker back
+        self._early_retry_spent = False
         self._stopping = asyncio.Event()
         self._emptied = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -392,9 +393,12 @@ class Forwarder:
         self._wake.set()
 
     def retry_now(self) -> None:
-        """The broker is usable again: look again now, even in a back-off."""
-        self._retry_now.set()
+        """The broker is usable again (a reconnect, a channel restored): look again now, even in
+        a back-off after failures, but once per run of failures: a broker that closes the
+        channel at each publish, and has it reopened at once, would otherwise make a busy loop."""
         self._wake.set()
+        if not self._early_retry_spent:
+            self._cut_short.set()
 
     async def until_empty(self) -> None:
         """Return once the forwarder has found the spool empty (after draining it, say)."""
@@ -415,7 +419,8 @@ class Forwarder:
         if task is None:
             return
         self._stopping.set()
-        self.retry_now()
+        self._wake.set()
+        self._cut_short.set()
         _done, pending = await asyncio.wait([task], timeout=grace)
         if pending:
             task.cancel()
@@ -428,7 +433,7 @@ class Forwarder:
         while not self._stopping.is_set():
             # Before looking, so that a notify() or retry_now() from now on is not lost.
             self._wake.clear()
-            self._retry_now.clear()
+            self._cut_short.clear()
             try:
                 await self._forward()
             # The forwarder outlives any failure, even a CancelledError out of a library's
@@ -437,10 +442,12 @@ class Forwarder:
                 if isinstance(exc, asyncio.CancelledError) and this_task_is_cancelled():
                     raise
                 _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
-                await _wait(self._retry_now, delay)
+                await _wait(self._cut_short, delay)
+                self._early_retry_spent = self._early_retry_spent or self._cut_short.is_set()
                 delay = min(2 * delay, self._max_retry_delay)
             else:
                 delay = self._retry_delay
+                self._early_retry_spent = False
                 await _wait(self._wake, self._poll_interval)
 
     async def _forward(self) -> None:

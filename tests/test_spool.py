@@ -513,6 +513,27 @@ async def test_a_broker_usable_again_ends_the_forwarders_back_off_at_once(spool:
     assert broker.published == ["evt_0", "evt_1"]
 
 
+async def test_the_broker_back_ends_a_back_off_once_per_run_of_failures(spool: Spool) -> None:
+    # A broker that closes the channel at each publish, which is then reopened at once.
+    await fill(spool, 1)
+    broker = Broker(expect=1)
+    broker.failures_to_come = 2
+    forwarder = Forwarder(spool, broker.publish, is_connected=broker.is_connected, retry_delay=60)
+    forwarder.start()
+    await eventually(broker.publishing)
+    await asyncio.sleep(0.1)  # failed, and backing off
+    broker.publishing.clear()
+    forwarder.retry_now()
+    await eventually(broker.publishing)  # the early retry, which fails too
+    await asyncio.sleep(0.1)
+
+    forwarder.retry_now()  # the channel reopened again
+    await asyncio.sleep(0.2)
+
+    assert (broker.failures_to_come, broker.published) == (0, [])  # no third attempt yet
+    await forwarder.stop(grace=0)
+
+
 async def test_forwarder_outlives_a_cancelled_error_that_was_not_meant_for_it(
     spool: Spool,
 ) -> None:
