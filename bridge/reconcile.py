@@ -202,16 +202,17 @@ def next_delay(
     max_backoff: float,
     failures: int,
     *,
-    auth_failed: bool = False,
+    retry_cannot_help: bool = False,
     retry_after: float = 0.0,
 ) -> float:
     """Seconds until the next run after ``failures`` failed runs in a row.
 
-    Healthy (and after a refused key, which no retry can fix): the interval, +/-10%. Otherwise
+    Healthy, or failing in a way no retry can fix (a refused key, a signing secret that is not
+    the endpoint's): the interval, +/-10%. Otherwise
     exponential back-off from ``min(interval, FIRST_RETRY)``, never beyond ``max_backoff``, and
     never sooner than a rate limit's ``Retry-After``.
     """
-    if failures == 0 or auth_failed:
+    if failures == 0 or retry_cannot_help:
         return _jittered(interval)
     backoff = min(interval, FIRST_RETRY) * 2 ** min(failures - 1, _MAX_DOUBLINGS)
     return min(max_backoff, max(_jittered(min(backoff, max_backoff)), retry_after))
@@ -274,7 +275,8 @@ class Reconciler:
         self._auth_failing = False
         self._warned_secret_unknown = False
         self._reported_mismatch: str | None = None  # endpoint id
-        self._learnt_from: str | None = None  # the endpoint whose secret was last learnt
+        self._learnt: tuple[str, str] | None = None  # (endpoint id, secret) last learnt
+        self._secret_unverifiable = False
         self._retry_after = 0.0
         self.last_result: ReconcileResult | None = None
 
@@ -316,15 +318,19 @@ class Reconciler:
             failures = failures + 1 if result.result == "error" else 0
             if on_result is not None:
                 _notify(on_result, result)
-            delay = next_delay(
-                self._settings.interval,
-                self._settings.max_backoff,
-                failures,
-                auth_failed=self._auth_failing,
-                retry_after=self._retry_after,
-            )
+            delay = self.next_run_in(failures)
             log.debug("reconcile.sleeping", delay=round(delay, 3), failures=failures)
             await asyncio.sleep(delay)
+
+    def next_run_in(self, failures: int) -> float:
+        """Seconds until the next run, after the last run and ``failures`` failed in a row."""
+        return next_delay(
+            self._settings.interval,
+            self._settings.max_backoff,
+            failures,
+            retry_cannot_help=self._auth_failing or self._secret_unverifiable,
+            retry_after=self._retry_after,
+        )
 
     async def _run_guarded(self) -> ReconcileResult:
         try:
@@ -349,10 +355,11 @@ class Reconciler:
                 keeper, secret = added, added.secret
         stored = await self._sync_secret(secret)
         endpoint_id = keeper.endpoint_id if keeper else None
-        unverifiable = self._secret_not_configured(secret) or self._secret_outdated(
+        unverifiable = self._secret_not_configured(secret) or await self._secret_outdated(
             endpoint_id, secret
         )
         self._report_unverifiable(endpoint_id, unverifiable)
+        self._secret_unverifiable = unverifiable is not None
         result = _result(
             "error" if unverifiable else _summary(actions),
             endpoint_id=endpoint_id,
@@ -376,19 +383,29 @@ class Reconciler:
             "its deliveries are refused (401) until the setting holds the endpoint's secret"
         )
 
-    def _secret_outdated(self, endpoint_id: str | None, secret: SecretStr | None) -> str | None:
+    async def _secret_outdated(
+        self, endpoint_id: str | None, secret: SecretStr | None
+    ) -> str | None:
         """Why deliveries to the kept endpoint will be refused: the secret this reconciler learnt
         belongs to another endpoint, deleted as a duplicate (replicas that registered at once),
-        and KonPro does not tell the kept one's (``endpoint.list`` may answer ``null``)."""
+        and KonPro does not tell the kept one's (``endpoint.list`` may answer ``null``).
+
+        Only while the secret file still holds what this reconciler learnt: another writer (an
+        operator's ``reconcile --once``) may know better, and the bridge enforces what it wrote.
+        """
         if self._configured_secrets or endpoint_id is None:
             return None
         if secret is not None and secret.get_secret_value():
-            self._learnt_from = endpoint_id
+            self._learnt = (endpoint_id, secret.get_secret_value())
             return None
-        if self._learnt_from in (None, endpoint_id):
+        if self._learnt is None or self._learnt[0] == endpoint_id:
+            return None
+        learnt_from, learnt = self._learnt
+        if await asyncio.to_thread(load_stored_secret, self._secret_dir) != learnt:
+            self._learnt = None  # written by someone else since: not this reconciler's to judge
             return None
         return (
-            f"the signing secret this bridge learnt is endpoint {self._learnt_from}'s, which is "
+            f"the signing secret this bridge learnt is endpoint {learnt_from}'s, which is "
             "gone, and KonPro does not return the secret of the endpoint kept: its deliveries "
             "are refused (401); set konpro.webhook_secret to that endpoint's secret"
         )

@@ -177,7 +177,7 @@ def test_failing_for_days_keeps_backing_off_at_the_bound() -> None:
 
 
 def test_a_refused_key_is_retried_at_the_normal_interval_only() -> None:
-    assert all(270 <= next_delay(300, 3600, 7, auth_failed=True) <= 330 for _ in range(50))
+    assert all(270 <= next_delay(300, 3600, 7, retry_cannot_help=True) <= 330 for _ in range(50))
 
 
 def test_a_rate_limit_pause_is_respected_within_the_bound() -> None:
@@ -546,6 +546,24 @@ async def test_replicas_that_cannot_learn_the_kept_endpoints_secret_say_so(
     assert len(mismatches) == 2  # once per replica, not once per run
 
 
+async def test_a_secret_another_run_stored_meanwhile_is_not_called_outdated(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    # The daemon registered; the endpoint was deleted in the dashboard; an operator's
+    # `reconcile --once` registered it again and stored the new secret, which the daemon uses.
+    fake_konpro.list_secrets = False
+    daemon = reconcilers.make(webhook_receiver.url)
+    await daemon.run_once()
+    fake_konpro.endpoints.clear()
+    assert (await reconcilers.make(webhook_receiver.url).run_once()).result == "added"
+
+    with capture_logs() as logs:
+        result = await daemon.run_once()
+
+    assert (result.result, result.error) == ("ok", None)
+    assert not [entry for entry in logs if entry["event"] == "reconcile.secret_mismatch"]
+
+
 async def test_the_secret_of_an_added_endpoint_is_stored_0600_when_none_is_configured(
     reconcilers: Reconcilers,
     fake_konpro: FakeKonPro,
@@ -593,6 +611,8 @@ async def test_an_endpoint_registered_again_under_a_configured_secret_is_reporte
     ] * 2
     assert "401" in (results[0].error or "")
     assert not registration_ok(results[-1])
+    # An operator has to act: asked again every interval, not at a failure's back-off.
+    assert all(reconciler.next_run_in(failures=3) <= 0.11 for _ in range(20))  # interval 0.1
     [mismatch] = [entry for entry in logs if entry["event"] == "reconcile.secret_mismatch"]
     assert mismatch["log_level"] == "error"
     assert registered["secret"] not in repr(logs)
