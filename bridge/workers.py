@@ -149,21 +149,32 @@ class Supervisor:
         self._backoff.started(index, time.monotonic())
 
     def _supervise(self) -> int:
+        restarts: dict[int, float] = {}  # worker -> when to start it again (monotonic clock)
         while not self._stopping:
-            sentinels = [process.sentinel for process in self._workers.values()]
-            multiprocessing.connection.wait([*sentinels, self._stop_reader])
+            self._start_those_due(restarts)
+            running = [p.sentinel for i, p in self._workers.items() if i not in restarts]
+            next_due = min(restarts.values(), default=None)
+            timeout = None if next_due is None else max(0.0, next_due - time.monotonic())
+            multiprocessing.connection.wait([*running, self._stop_reader], timeout=timeout)
+            ended = time.monotonic()  # as soon as the wait returns: the back-off counts from it
             for index, process in list(self._workers.items()):
-                if self._stopping or process.is_alive():
+                if self._stopping or index in restarts or process.is_alive():
                     continue
                 log.error("workers.exited", worker=index, exit_code=process.exitcode)
                 _forget_live_gauges(process)
                 if process.exitcode == CANNOT_START:
                     return CANNOT_START
-                delay = self._backoff.delay(index, time.monotonic())
-                multiprocessing.connection.wait([self._stop_reader], timeout=delay)
-                if not self._stopping:
-                    self._start(index)
+                restarts[index] = ended + self._backoff.delay(index, ended)
         return 0
+
+    def _start_those_due(self, restarts: dict[int, float]) -> None:
+        """Start again each worker whose back-off is over; each waits out its own, while the
+        supervisor goes on watching the others."""
+        now = time.monotonic()
+        for index, due in sorted(restarts.items()):
+            if due <= now and not self._stopping:
+                del restarts[index]
+                self._start(index)
 
     def _stop_all(self) -> int:
         self._stopping = True

@@ -286,6 +286,53 @@ async def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: P
         supervisor.kill()
 
 
+def crash_loops_or_runs_a_while(settings: Settings, index: int) -> int:
+    """Worker 0 dies at once, every time; worker 1 runs longer than the longest back-off, dies
+    once, then runs on."""
+    starts = settings.spool.path.parent / f"worker-{index}-starts"
+    with starts.open("a") as record:
+        record.write(f"{time.time()}\n")
+    if index == 0:
+        return 3
+    if len(starts.read_text().split()) == 1:
+        time.sleep(4.5)
+        (settings.spool.path.parent / "worker-1-ended").write_text(str(time.time()))
+        return 3
+    time.sleep(60)
+    return 0
+
+
+def supervise_a_crash_loop_beside_a_healthy_worker(settings: Settings) -> None:
+    supervisor = Supervisor(settings, crash_loops_or_runs_a_while, restart_delay=(0.25, 4.0))
+    raise SystemExit(supervisor.run())
+
+
+async def test_a_worker_crash_looping_does_not_hold_up_the_restart_of_another(
+    tmp_path: Path,
+) -> None:
+    # Worker 0's back-off has grown to 4 s when worker 1, healthy until then, dies: worker 1's
+    # own back-off (0.25 s) applies, not what is left of worker 0's.
+    settings = make_settings(tmp_path, "unused", server={"workers": 2})
+    supervisor = multiprocessing.get_context("fork").Process(
+        target=supervise_a_crash_loop_beside_a_healthy_worker, args=(settings,)
+    )
+    supervisor.start()
+    starts = settings.spool.path.parent / "worker-1-starts"
+    try:
+        await eventually(
+            lambda: starts.exists() and len(starts.read_text().split()) == 2, within=20
+        )
+    finally:
+        assert supervisor.pid is not None
+        os.kill(supervisor.pid, signal.SIGTERM)
+        await asyncio.to_thread(supervisor.join, 20)
+        supervisor.kill()
+
+    ended = float((settings.spool.path.parent / "worker-1-ended").read_text())
+    restarted = float(starts.read_text().split()[1])
+    assert restarted - ended < 2.0  # worker 0 was then in a 4 s back-off
+
+
 def test_a_worker_that_keeps_dying_waits_longer_each_time_up_to_the_bound() -> None:
     backoff = RestartBackoff(1.0, 30.0)
     delays = []
