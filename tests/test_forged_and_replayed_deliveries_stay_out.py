@@ -16,6 +16,7 @@ from bridge.app import Bridge, StartupError
 from bridge.signatures import sign
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 SECRET = "whsec_current_3b9f"
 OLD_SECRET = "whsec_previous_77aa"
@@ -181,3 +182,81 @@ async def test_a_copy_arriving_while_the_first_is_still_being_taken_is_not_taken
         (202, "spooled"),
     ]
     assert spooled == 1  # one copy kept, not two
+
+
+async def test_a_copy_waiting_on_a_first_copy_that_is_refused_is_refused_too(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    # Neither broker nor spool takes the first copy (503): the second must not be told it was.
+    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 1.0}
+    async with start_bridge(amqp=amqp, spool={"max_events": 1}, **SIGNED) as bridge:
+        broker_proxy.hold()  # confirms stop coming: each publish takes its whole timeout
+        assert (await post(http, bridge, signed(OTHER_BODY), OTHER_BODY))[0] == 202  # spool full
+        headers = signed(BODY)
+        first = asyncio.create_task(post(http, bridge, headers))
+        await asyncio.sleep(0.3)  # overlap: the first cannot be done before 1 s
+        second = await post(http, bridge, headers)
+        answers = [await first, second]
+        broker_proxy.release()
+
+    assert [status for status, _ in answers] == [503, 503]
+
+
+async def test_a_delivery_refused_with_503_is_taken_when_konpro_retries_it(
+    start_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # A 503 promises nothing, so the replay memory must not remember the body: KonPro's retry
+    # would otherwise be answered "duplicate", and the event lost.
+    queue = await bind_queue("#")
+    amqp = {"url": proxied_amqp_url(broker_proxy)}
+    async with start_bridge(amqp=amqp, spool={"max_events": 1}, **SIGNED) as bridge:
+        await broker_proxy.cut()
+        await eventually(lambda: not bridge.publisher.is_ready)
+        assert (await post(http, bridge, signed(OTHER_BODY), OTHER_BODY))[0] == 202
+        assert (await post(http, bridge, signed(BODY)))[0] == 503  # the spool is full
+        await broker_proxy.restore()
+        await eventually(lambda: bridge.publisher.is_ready and bridge.spool.depth == 0)
+
+        status, answer = await post(http, bridge, signed(BODY))  # KonPro's retry
+
+    assert (status, answer["outcome"]) == (200, "published")
+    assert sorted(m.body for m in await drain(queue, expect=2)) == sorted([BODY, OTHER_BODY])
+
+
+@pytest.mark.parametrize("secret", [None, SECRET], ids=["no secret", "a secret"])
+async def test_a_bridge_without_a_secret_says_at_start_that_signatures_are_off(
+    start_bridge: BridgeFactory, secret: str | None
+) -> None:
+    konpro = {} if secret is None else {"webhook_secret": secret}
+    with structlog.testing.capture_logs() as logs:
+        async with start_bridge(konpro=konpro):
+            pass
+
+    off = [entry for entry in logs if entry["event"] == "bridge.signatures_off"]
+    assert [entry["log_level"] for entry in off] == (["warning"] if secret is None else [])
+
+
+async def test_the_replay_window_and_memory_size_are_those_configured(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    for konpro in ({"replay_window": 0}, {"replay_cache_size": 0}):  # either turns it off
+        async with start_bridge(konpro=konpro) as bridge:
+            unsigned = {"Content-Type": "application/json"}
+            outcomes = [(await post(http, bridge, unsigned))[1]["outcome"] for _ in range(2)]
+        assert outcomes == ["published", "published"], konpro
+    assert len(await drain(queue, expect=4)) == 4
+
+
+async def test_the_timestamp_tolerance_is_the_one_configured(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    konpro = {**SIGNED["konpro"], "timestamp_tolerance": 5.0}
+    async with start_bridge(konpro=konpro) as bridge:
+        ten_seconds_old = {**signed(BODY), "KonPro-Timestamp": str(int(time.time()) - 10)}
+        status, _ = await post(http, bridge, ten_seconds_old)  # within the default 300 s
+
+    assert status == 401
