@@ -312,10 +312,9 @@ async def test_other_methods_on_the_webhook_path_are_answered_405(
             assert response.status == 405
 
 
-async def test_a_malformed_request_is_answered_400_and_logged_as_one_warning_line(
-    tmp_path: Path, exchange_name: str
-) -> None:
-    bridge = BridgeProcess(
+def daemon_logging_json(tmp_path: Path, exchange_name: str) -> BridgeProcess:
+    """The bridge as deployed, in a process of its own: what reaches its log is aiohttp's too."""
+    return BridgeProcess(
         tmp_path,
         {
             "amqp": {"url": AMQP_URL, "exchange": exchange_name},
@@ -324,6 +323,12 @@ async def test_a_malformed_request_is_answered_400_and_logged_as_one_warning_lin
             "log": {"format": "json"},
         },
     )
+
+
+async def test_a_malformed_request_is_answered_400_and_logged_as_one_warning_line(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    bridge = daemon_logging_json(tmp_path, exchange_name)
     await bridge.start()
     try:
         answer = await raw_post(bridge, b"Host: a-second-host", VALID)
@@ -371,15 +376,7 @@ async def test_a_gzip_body_is_published_decoded(
 async def test_a_client_that_hangs_up_mid_body_is_one_warning_line_not_an_error(
     tmp_path: Path, exchange_name: str
 ) -> None:
-    bridge = BridgeProcess(
-        tmp_path,
-        {
-            "amqp": {"url": AMQP_URL, "exchange": exchange_name},
-            "spool": {"path": str(tmp_path / "spool")},
-            "reconcile": {"enabled": False},
-            "log": {"format": "json"},
-        },
-    )
+    bridge = daemon_logging_json(tmp_path, exchange_name)
     await bridge.start()
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
