@@ -70,7 +70,12 @@ async def test_options_and_health_are_answered_while_the_broker_is_unreachable(
             assert response.status == 200
         status, body = await readiness(http, bridge)
         assert status == 503
-        assert "cannot connect to the broker" in body["reason"]
+        # As the README's troubleshooting table quotes it, for an operator to search for:
+        port = broker_proxy.port
+        expected = (
+            f"cannot connect to the broker: [Errno 111] Connect call failed ('127.0.0.1', {port})"
+        )
+        assert body["reason"] == expected
 
 
 async def test_a_delivery_while_the_broker_is_down_is_spooled_then_forwarded(

@@ -19,6 +19,7 @@ import aio_pika
 import aiohttp
 import orjson
 import pytest
+import structlog
 
 from bridge.app import Bridge
 from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
@@ -26,6 +27,7 @@ from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
+from tests.test_metrics_describe_the_bridge import scrape, value
 
 JSON = {"Content-Type": "application/json"}
 
@@ -184,13 +186,23 @@ async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
     async with start_bridge(wait_ready=False, amqp=amqp, spool={"max_events": 5}) as bridge:
         url = bridge.webhook_url
         answers = [await post(http, url, n) for n in range(8)]
-        async with http.post(url, data=event(99)[1], headers=JSON) as refused:
-            assert refused.status == 503
-            assert int(refused.headers["Retry-After"]) > 0
+        with structlog.testing.capture_logs() as logs:
+            async with http.post(url, data=event(99)[1], headers=JSON) as refused:
+                assert refused.status == 503
+                assert int(refused.headers["Retry-After"]) > 0
+                assert (await refused.json())["detail"] == "retry later"
+        samples = await scrape(http, bridge.url + "/metrics")
         await broker_proxy.restore()
         await eventually(lambda: bridge.spool.depth == 0)
 
     assert [status for _, status in answers] == [202] * 5 + [503] * 3
+    # What the README's alert on outcome="refused" watches for:
+    received_total = "konpro_bridge_events_received_total"
+    refusals = value(samples, received_total, event_type="avatar_video.success", outcome="refused")
+    assert refusals == 4
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
+        "webhook.refused"
+    ]
     received = await message_ids(queue, at_least=5)
     assert sorted(received) == sorted(event_id for event_id, status in answers if status == 202)
 

@@ -21,6 +21,7 @@ from bridge.reconcile import (
     Desired,
     Reconciler,
     ReconcileResult,
+    ResultKind,
     load_stored_secret,
     next_delay,
     normalize_url,
@@ -236,6 +237,7 @@ class Reconcilers:
         events: tuple[str, ...] = EVENTS,
         mode: Literal["repair", "verify"] = "repair",
         webhook_secret: str = "",
+        previous_webhook_secrets: tuple[str, ...] = (),
         api_key: str | None = None,
         max_attempts: int = 3,
         spool: Path | None = None,
@@ -255,6 +257,7 @@ class Reconcilers:
             public_url=public_url,
             events=events,
             webhook_secret=SecretStr(webhook_secret),
+            previous_webhook_secrets=tuple(map(SecretStr, previous_webhook_secrets)),
         )
         # model_construct: the settings model rightly refuses sub-second intervals.
         schedule = ReconcileSettings.model_construct(interval=0.1, max_backoff=0.3, mode=mode)
@@ -415,7 +418,36 @@ async def test_verify_mode_reports_differences_and_never_writes(
     assert result.result == ("disabled" if account == "disabled" else "drift")
     assert result.actions
     assert fake_konpro.writes == []
-    assert any(entry["log_level"] in {"warning", "error"} for entry in logs)
+    expected = "reconcile.endpoint_disabled" if account == "disabled" else "reconcile.drift"
+    assert expected in {entry["event"] for entry in logs if entry["log_level"] != "debug"}
+    assert registration_ok(result) is False  # /status ok false, the registration_ok gauge 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "ok"),
+    [
+        ("ok", True),
+        ("added", True),
+        ("updated", True),
+        ("deduplicated", True),
+        ("disabled", False),
+        ("drift", False),
+        ("error", False),
+    ],
+)
+def test_only_a_registration_left_as_configured_counts_as_ok(kind: ResultKind, ok: bool) -> None:
+    assert registration_ok(ReconcileResult(datetime.now(UTC), kind)) is ok
+
+
+async def test_a_rate_limit_pause_holds_back_the_next_run(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    fake_konpro.answer_next(1, 429, retry_after="1")
+    reconciler = reconcilers.make(ELSEWHERE, max_attempts=1)  # interval 0.1 s, back-off 0.3 s
+
+    assert (await reconciler.run_once()).result == "error"
+
+    assert reconciler.next_run_in(failures=1) >= 0.3  # KonPro's 1 s, within max_backoff
 
 
 async def test_verify_mode_on_a_matching_account_is_ok(
@@ -581,6 +613,21 @@ async def test_the_secret_of_an_added_endpoint_is_stored_0600_when_none_is_confi
     [warning] = [entry for entry in logs if entry["event"] == "reconcile.secret_stored"]
     assert "konpro.webhook_secret" in warning["hint"]
     assert registered["secret"] not in repr(logs)
+
+
+async def test_an_endpoint_still_signing_with_the_previous_secret_is_verifiable(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
+) -> None:
+    # Mid-rotation: the new secret is configured, the endpoint's is in previous_webhook_secrets.
+    endpoint_id = fake_konpro.add(webhook_receiver.url, list(EVENTS))
+    previous = fake_konpro.endpoints[endpoint_id]["secret"]
+    reconciler = reconcilers.make(
+        webhook_receiver.url, webhook_secret="whsec_new", previous_webhook_secrets=(previous,)
+    )
+
+    result = await reconciler.run_once()
+
+    assert (result.result, result.error) == ("ok", None)
 
 
 async def test_a_configured_secret_means_nothing_is_stored(
