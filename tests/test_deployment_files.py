@@ -82,6 +82,28 @@ def test_the_sidecar_is_probed_locked_down_and_spools_to_a_volume() -> None:
     assert mounts["/etc/konpro-bridge"]["readOnly"] is True
 
 
+def test_the_sidecar_agrees_with_its_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KONPRO_BRIDGE_CONFIG", raising=False)
+    config = tmp_path / "config.toml"
+    config.write_text(_kind("ConfigMap")["data"]["config.toml"])
+    server = load_settings(config).server
+    pod = _kind("Deployment")["spec"]["template"]
+    bridge = _bridge_container()
+    ports = {port["name"]: port["containerPort"] for port in bridge["ports"]}
+
+    assert (ports["webhooks"], ports["metrics"]) == (server.port, server.metrics_port)
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(server.metrics_port)
+    # A sidecar that is not ready takes the whole pod out of its Services.
+    assert server.readiness == "accepting"
+    # The stop takes the grace period plus about 2 s (aiormq's close); then Kubernetes kills.
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= server.shutdown_timeout + 5
+    assert bridge["securityContext"]["allowPrivilegeEscalation"] is False
+    assert bridge["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert "/tmp" in {m["mountPath"] for m in bridge["volumeMounts"]}  # noqa: S108 - read-only root
+
+
 def test_every_variable_the_deployments_set_names_a_real_setting() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     variables = [*compose["services"]["bridge"]["environment"]]
