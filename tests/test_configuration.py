@@ -222,6 +222,9 @@ def test_a_publish_timeout_longer_than_konpro_waits_is_valid_but_warned_about(
         "warning: amqp.publish_timeout (12 s) is not under the 10 s KonPro waits for an answer"
     )
     assert Settings().doubts() == []
+    at_the_deadline = Settings.model_validate({"amqp": {"publish_timeout": 10.0}})
+    just_under = Settings.model_validate({"amqp": {"publish_timeout": 9.9}})
+    assert (len(at_the_deadline.doubts()), just_under.doubts()) == (1, [])  # "10 s or more"
 
 
 def test_the_example_file_documents_every_key_with_its_default() -> None:

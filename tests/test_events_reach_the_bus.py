@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 
+import aio_pika
 import aiohttp
 import orjson
 import pytest
@@ -176,7 +177,11 @@ async def test_routes_send_matching_event_types_to_their_own_exchange(
     other = f"{exchange_name}.other"
     main_queue = await bind_queue("#")
     routed_queue = await bind_queue("#", exchange=other)
-    routes = [{"match": "video_translate.*", "exchange": other}]
+    # The first route that matches wins: video_translate.fail goes to `other`, not `main`.
+    routes = [
+        {"match": "video_translate.*", "exchange": other},
+        {"match": "*.fail", "exchange": exchange_name},
+    ]
     async with start_bridge(amqp={"routes": routes}) as bridge:
         for event_type in ("video_translate.success", "video_translate.fail", "avatar_video.fail"):
             assert (await post(http, bridge, event_body(event_type)))[0] == 200
@@ -203,6 +208,12 @@ async def test_an_event_no_queue_is_bound_for_is_kept_in_the_unrouted_queue(
     [message] = await drain(unrouted, expect=1)
     assert message.body == body
     assert message.routing_key == "instant_avatar.success"
+    # Kept across a broker restart: a durable queue fed by a fanout (a declaration with other
+    # arguments than the existing ones would close the channel with PRECONDITION_FAILED).
+    await channel.declare_queue(f"{exchange_name}.unrouted", durable=True)
+    await channel.declare_exchange(
+        f"{exchange_name}.unrouted", aio_pika.ExchangeType.FANOUT, durable=True
+    )
 
 
 async def test_a_broker_user_allowed_only_the_bridges_own_names_is_enough(
