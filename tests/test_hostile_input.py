@@ -231,6 +231,25 @@ async def test_a_client_that_never_finishes_its_headers_is_disconnected(
         await assert_healthy(http, bridge)
 
 
+async def test_the_header_limit_and_the_webhook_path_are_the_ones_configured(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    server = {"max_header_bytes": 16_384, "webhook_path": "/hooks/konpro"}
+    async with start_bridge(server=server) as bridge:
+        answers = []
+        for size in (12_000, 20_000):  # over the default 8,190; under, then over the setting
+            headers = {"Content-Type": "application/json", "X-Big": "x" * size}
+            async with http.post(bridge.webhook_url, data=VALID_BODY, headers=headers) as r:
+                answers.append(r.status)
+        async with http.post(bridge.url + "/webhooks/konpro", data=VALID_BODY) as default_path:
+            answers.append(default_path.status)
+        assert bridge.webhook_url.endswith("/hooks/konpro")
+
+    assert answers[0] == 200
+    assert 400 <= answers[1] < 500
+    assert answers[2] == 405
+
+
 async def test_oversized_headers_are_refused_with_a_4xx(
     start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:

@@ -200,9 +200,9 @@ async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
     received_total = "konpro_bridge_events_received_total"
     refusals = value(samples, received_total, event_type="avatar_video.success", outcome="refused")
     assert refusals == 4
-    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
-        "webhook.refused"
-    ]
+    [refusal] = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert refusal["event"] == "webhook.refused"
+    assert "spool full: it holds its limit of 5 events" in refusal["reason"]
     received = await message_ids(queue, at_least=5)
     assert sorted(received) == sorted(event_id for event_id, status in answers if status == 202)
 

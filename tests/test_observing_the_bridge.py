@@ -154,6 +154,33 @@ async def test_metrics_count_real_deliveries_by_event_type_and_outcome(
     assert len(await drain(queue, expect=2)) == 2
 
 
+async def test_every_delivery_logs_one_line_saying_what_became_of_it(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with start_bridge(konpro={"webhook_secret": SECRET}) as bridge:
+            assert (
+                await post(http, bridge, sample_body("avatar_video.success"), event_id="e1") == 200
+            )
+            assert await post(http, bridge, sample_body("avatar_video.fail"), secret=None) == 401
+
+    lines = [entry for entry in logs if entry["event"].startswith("webhook.")]
+    accepted, rejected = lines
+    assert accepted["event"] == "webhook.accepted"
+    assert (accepted["event_type"], accepted["message_id"], accepted["outcome"]) == (
+        "avatar_video.success",
+        "e1",
+        "published",
+    )
+    assert accepted["duration_ms"] >= 0
+    assert (rejected["event"], rejected["status"], rejected["error"]) == (
+        "webhook.rejected",
+        401,
+        "unauthorized",
+    )
+    assert rejected["log_level"] == "warning"
+
+
 async def test_the_operator_endpoints_answer_head_as_well_as_get(
     start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:
