@@ -16,9 +16,12 @@ import orjson
 from bridge.config import Settings
 from bridge.workers import RestartBackoff, Supervisor
 from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
-from tests.support.process import BridgeProcess, run_command, write_toml
+from tests.fake_konpro import FakeKonPro
+from tests.support.process import BridgeProcess, free_port, run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
+
+pytest_plugins = ("tests.fake_konpro",)
 
 JSON = {"Content-Type": "application/json"}
 
@@ -191,6 +194,33 @@ async def test_lowering_the_number_of_workers_strands_no_spooled_event(
         received = await drain(queue, expect=len(events))
         await eventually(lambda: not left_behind.exists())
     assert sorted(m.body for m in received) == sorted(events)
+
+
+async def test_only_worker_0_registers_and_every_worker_enforces_the_secret_it_learns(
+    tmp_path: Path, exchange_name: str, fake_konpro: FakeKonPro
+) -> None:
+    settings = sections(tmp_path, exchange_name, AMQP_URL)
+    port = free_port()
+    settings["server"] = {"workers": 2, "port": port}
+    settings["konpro"] = {
+        "api_url": fake_konpro.url,
+        "api_key": fake_konpro.api_key,
+        "public_url": f"http://127.0.0.1:{port}/webhooks/konpro",
+    }
+    settings["reconcile"] = {"enabled": True, "interval": 60.0}
+
+    async with BridgeProcess(tmp_path, settings) as bridge:
+        await every_worker_listening(bridge)
+        await eventually((tmp_path / "spool" / "webhook_secret").exists)
+        await asyncio.sleep(2.5)  # the other worker looks for it every two seconds
+        unsigned = await post_each_on_a_new_connection(bridge.webhook_url, bodies(20))
+        answered_by = worker_lines(bridge.log(), "webhook.rejected")
+        reconciling_off = worker_lines(bridge.log(), "reconcile.off")
+
+    assert [call.name for call in fake_konpro.writes] == ["endpoint.add"]  # once, not per worker
+    assert reconciling_off == {1}
+    assert unsigned == [401] * 20
+    assert answered_by == {0, 1}  # both workers refused some: the kernel spread the connections
 
 
 async def test_a_worker_that_dies_is_started_again(
