@@ -20,8 +20,9 @@ from pamqp import commands
 from bridge.app import Bridge
 from bridge.contract import ContractProperties
 from bridge.events import Delivery
-from tests.conftest import BridgeFactory, QueueFactory, drain
+from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.private_broker import PrivateBroker
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
 SEED_EVENTS = {
@@ -191,6 +192,27 @@ async def test_routes_send_matching_event_types_to_their_own_exchange(
         "video_translate.fail",
         "video_translate.success",
     ]
+
+
+async def test_a_spooled_event_carries_the_time_it_was_received_not_forwarded(
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    broker_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    queue = await bind_queue("#")
+    await broker_proxy.cut()
+    amqp = {"url": proxied_amqp_url(broker_proxy)}
+    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+        received = time.time()
+        status, _ = await post(http, bridge, event_body("avatar_video.success", video_id="late"))
+        assert status == 202
+        await asyncio.sleep(3)  # the broker comes back seconds later
+        await broker_proxy.restore()
+        [message] = await drain(queue, expect=1, within=15)
+
+    assert message.timestamp is not None
+    assert message.timestamp.timestamp() <= received + 1  # AMQP timestamps are whole seconds
 
 
 async def test_an_event_no_queue_is_bound_for_is_kept_in_the_unrouted_queue(

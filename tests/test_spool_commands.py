@@ -75,6 +75,25 @@ async def test_status_then_drain_with_the_daemon_stopped_delivers_everything(
     assert json.loads(out)["depth"] == 0
 
 
+async def test_status_reads_the_spool_of_a_running_daemon(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    # Where an operator looks during an outage: the daemon is up and holds the spool's lock.
+    bodies = await spool_some_events(tmp_path, exchange_name, broker_proxy, http, count=3)
+    cut = sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
+    bridge = BridgeProcess(tmp_path, cut)
+    await bridge.start(wait_ready=False)  # the broker is still away
+    try:
+        code, out, err = await run_command(
+            "spool", "status", "--json", "--config", str(bridge.config)
+        )
+    finally:
+        assert await bridge.stop() == 0
+
+    assert code == 0, err
+    assert (json.loads(out)["depth"], json.loads(out)["bytes"]) == (3, sum(map(len, bodies)))
+
+
 async def test_drain_refuses_while_the_daemon_owns_the_spool(
     tmp_path: Path, exchange_name: str
 ) -> None:
