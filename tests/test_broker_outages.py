@@ -7,6 +7,7 @@ never stopped.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
 from bridge.events import Delivery
-from bridge.publisher import Publisher
+from bridge.publisher import Outage, Publisher
 from bridge.spool import Forwarder, Spool
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.process import BridgeProcess
@@ -343,3 +344,13 @@ async def test_readiness_accepting_stays_ready_while_the_spool_can_take_deliveri
         )
         await broker_proxy.restore()
         await wait_for_readiness(http, bridge, 200)  # the broker is back: ready, spool or not
+
+
+def test_an_outage_is_reported_at_attempts_1_2_4_8_and_at_least_every_ten_minutes() -> None:
+    outage = Outage(started=0.0)
+    reported = [n for n in range(1, 21) if outage.failed_attempt(now=n * 5.0)]
+    assert reported == [1, 2, 4, 8, 16]  # every 5 s for 100 s: powers of two only
+
+    hours = [n for n in range(21, 200) if outage.failed_attempt(now=n * 60.0)]  # a minute apart
+    assert hours[:3] == [21, 31, 32]  # 10 minutes after attempt 16 (at 80 s), then 32
+    assert all(later - earlier <= 10 for earlier, later in itertools.pairwise(hours))
