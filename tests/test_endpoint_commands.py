@@ -231,6 +231,7 @@ async def test_reconcile_once_registers_the_public_url_and_keeps_its_secret(
     webhook_receiver: WebhookReceiver,
 ) -> None:
     settings["konpro"]["public_url"] = webhook_receiver.url
+    settings["reconcile"] = {"enabled": False}  # the daemon's switch: an operator's run is asked
 
     first = await cli("reconcile", "--once", "--json")
     second = await cli("reconcile", "--once")

@@ -13,7 +13,7 @@ from bridge.app import Bridge
 from bridge.samples import sample_body
 from bridge.signatures import SignatureVerifier
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
-from tests.support.process import start_command, write_toml
+from tests.support.process import free_port, start_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 
 SECRET = "whsec_operator"
@@ -84,6 +84,22 @@ async def test_send_test_event_is_accepted_and_verified_by_the_bridge(
     assert forged_out.decode().startswith("401 ")
     [message] = await drain(queue, expect=1)
     SignatureVerifier([SECRET], timestamp_tolerance=60).verify(message.body, message.headers)
+
+
+async def test_send_test_event_exits_0_on_a_spooled_202_to_the_url_given(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy, exchange_name: str, tmp_path: Path
+) -> None:
+    await broker_proxy.cut()
+    amqp = {"url": proxied_amqp_url(broker_proxy)}
+    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+        config = cli_config(tmp_path, exchange_name, server={"port": free_port()})  # not there
+        send = await start_command(
+            "send-test-event", "avatar_video.fail", "--url", bridge.webhook_url, "--config", config
+        )
+        out, err = await asyncio.wait_for(send.communicate(), 15)
+
+    assert send.returncode == 0, err
+    assert out.decode().startswith("202 ")
 
 
 async def test_an_unreachable_broker_is_one_line_without_the_password(tmp_path: Path) -> None:
