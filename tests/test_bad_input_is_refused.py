@@ -292,9 +292,12 @@ async def test_a_delivery_to_another_path_is_refused_with_a_warning_naming_it(
             async with http.post(bridge.webhook_url + "/", data=VALID) as response:
                 status = response.status
 
+            async with http.get(bridge.url + "/favicon.ico") as scanner:
+                assert scanner.status == 405
+
     assert status == 405
-    [astray] = [entry for entry in logs if entry["event"] == "http.not_routed"]
-    assert astray["log_level"] == "warning"
+    astray, scanned = [entry for entry in logs if entry["event"] == "http.not_routed"]
+    assert (astray["log_level"], scanned["log_level"]) == ("warning", "info")  # not a delivery
     assert (astray["method"], astray["path"], astray["status"]) == (
         "POST",
         "/webhooks/konpro/",

@@ -111,6 +111,21 @@ async def test_each_seed_event_lands_in_a_queue_bound_to_its_type_unchanged(
     assert message.headers == headers
 
 
+@pytest.mark.parametrize("header", ["KonPro-Signature", "Signature"])
+async def test_the_signature_travels_with_the_message_under_either_name(
+    header: str, start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    # Consumers may check it again themselves; the other request headers stay behind.
+    queue = await bind_queue("#")
+    body = event_body("avatar_video.success", video_id="signed")
+    headers = {header: "ab" * 32, "X-Forwarded-For": "10.0.0.1", "KonPro-Event-Id": "e-sig"}
+    async with start_bridge() as bridge:  # no secret: the signature is carried, not checked
+        assert (await post(http, bridge, body, headers))[0] == 200
+
+    [message] = await drain(queue, expect=1)
+    assert message.headers == {header: "ab" * 32, "KonPro-Event-Id": "e-sig"}
+
+
 _short_strings = st.text(min_size=1).filter(lambda text: len(text.encode()) <= 255)
 
 

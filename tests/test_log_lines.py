@@ -17,6 +17,8 @@ import structlog
 
 from bridge.config import LogSettings
 from bridge.logs import LineWriter, configure_logging
+from tests.conftest import AMQP_URL
+from tests.support.process import BridgeProcess
 
 
 class RecordingStream(io.BytesIO):
@@ -115,3 +117,21 @@ def test_logging_shutdown_writes_the_lines_still_waiting() -> None:
         "os._exit(0)  # how a forked process ends: no atexit\n"
     )
     assert events_logged_by(program) == ["last.words"]
+
+
+async def test_off_a_terminal_the_default_format_is_one_json_object_per_line(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    # log.format = "auto" (the default), stderr a pipe as in a container: JSON, for collectors.
+    sections: dict[str, dict[str, object]] = {
+        "amqp": {"url": AMQP_URL, "exchange": exchange_name},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+    }
+    async with BridgeProcess(tmp_path, sections) as bridge:
+        pass
+
+    lines = bridge.log().splitlines()
+    assert len(lines) >= 3
+    events = [orjson.loads(line)["event"] for line in lines]
+    assert "bridge.listening" in events

@@ -181,6 +181,19 @@ async def test_every_delivery_logs_one_line_saying_what_became_of_it(
     assert rejected["log_level"] == "warning"
 
 
+async def test_a_configured_event_type_keeps_its_own_label_in_the_metrics(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    # Labels are bounded to the documented types and konpro.events; any other type is "other".
+    async with start_bridge(konpro={"events": ["instant_avatar.success"]}) as bridge:
+        for event_type in ("instant_avatar.success", "photo_avatar_generation.success"):
+            assert await post(http, bridge, sample_body(event_type), secret=None) == 200
+        samples = await scrape(http, bridge.url + "/metrics")
+
+    labelled = value(samples, RECEIVED, event_type="instant_avatar.success", outcome="published")
+    assert (labelled, value(samples, RECEIVED, event_type="other", outcome="published")) == (1, 1)
+
+
 async def test_the_operator_endpoints_answer_head_as_well_as_get(
     start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:

@@ -190,10 +190,12 @@ async def test_lowering_the_number_of_workers_strands_no_spooled_event(
     assert [spool["depth"] > 0 for spool in status["spools"]] == [True, True]
     left_behind = tmp_path / "spool" / "worker-1"
 
-    async with BridgeProcess(tmp_path, one):
+    async with BridgeProcess(tmp_path, one) as bridge:
         received = await drain(queue, expect=len(events))
         await eventually(lambda: not left_behind.exists())
     assert sorted(m.body for m in received) == sorted(events)
+    told = [json.loads(line)["event"] for line in bridge.log().splitlines() if line[:1] == "{"]
+    assert told.index("spool.left_behind") < told.index("spool.left_behind_forwarded")
 
 
 async def test_only_worker_0_registers_and_every_worker_enforces_the_secret_it_learns(
