@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, DeliveryRefused
@@ -545,6 +546,25 @@ async def test_the_broker_back_ends_a_back_off_once_per_run_of_failures(spool: S
 
     assert (broker.failures_to_come, broker.published) == (0, [])  # no third attempt yet
     await forwarder.stop(grace=0)
+
+
+async def test_failed_forwards_are_retried_after_1_s_then_2_s_by_default(spool: Spool) -> None:
+    await fill(spool, 1)
+    broker = Broker(expect=1)
+    broker.failures_to_come = 100
+    forwarder = Forwarder(spool, broker.publish, is_connected=broker.is_connected)
+    with structlog.testing.capture_logs() as logs:
+        forwarder.start()
+
+        def failures() -> list[float]:
+            return [e["retry_in"] for e in logs if e["event"] == "spool.forward_failed"]
+
+        async with asyncio.timeout(10):
+            while len(failures()) < 2:  # noqa: ASYNC110 - log lines offer no event to await
+                await asyncio.sleep(0.05)
+        await forwarder.stop(grace=0)
+
+    assert failures()[:2] == [1.0, 2.0]  # doubling up to a minute
 
 
 async def test_forwarder_outlives_a_cancelled_error_that_was_not_meant_for_it(
