@@ -178,3 +178,29 @@ async def test_tail_shows_only_the_patterns_asked_for_as_readable_lines(
 
     assert f" {exchange_name} video_translate.fail evt-shown " in line
     assert '"output_language":"French"' in line
+
+
+async def test_tail_shows_the_events_of_every_exchange_the_routes_name(
+    channel: AbstractChannel, exchange_name: str, tmp_path: Path
+) -> None:
+    routed = f"{exchange_name}.translations"
+    routes = [{"match": "video_translate.*", "exchange": routed}]
+    settings = make_settings(tmp_path, exchange_name, amqp={"routes": routes})
+    out = io.StringIO()
+    ready = asyncio.Event()
+    task = asyncio.create_task(
+        tail(settings, ["#"], True, out, max_events=2, duration=10, on_ready=ready.set)
+    )
+    await asyncio.wait_for(ready.wait(), 10)
+    for target, event_type in (
+        (exchange_name, "avatar_video.fail"),
+        (routed, "video_translate.fail"),
+    ):
+        exchange = await channel.get_exchange(target)
+        await exchange.publish(_event(event_type, f"evt-{event_type}"), event_type)
+
+    assert await task == 2
+    shown = sorted(orjson.loads(line)["exchange"] for line in out.getvalue().splitlines())
+    await channel.exchange_delete(routed)
+    await channel.exchange_delete(f"{routed}.unrouted")
+    assert shown == sorted([exchange_name, routed])
