@@ -78,6 +78,15 @@ async def spool_with_two_workers(
     await every_worker_listening(bridge)
     events = bodies(30)
     statuses = await post_each_on_a_new_connection(bridge.webhook_url, events)
+
+    async def summed_over_the_workers() -> bool:  # /metrics answers for all of them together
+        metrics = await scrape(bridge.url + "/metrics")
+        depth, connected = (
+            metrics[f"konpro_bridge_{name}"] for name in ("spool_depth", "broker_connected")
+        )
+        return (depth, connected) == (len(events), 0)
+
+    await eventually(summed_over_the_workers)
     assert await bridge.stop() == 0
     assert statuses == [202] * len(events)
     return events
