@@ -41,6 +41,7 @@ from bridge.konpro import (
 log = structlog.get_logger(__name__)
 
 SECRET_FILE_NAME: Final = "webhook_secret"  # noqa: S105 - a file name, not a secret
+ENDPOINT_FILE_NAME: Final = "webhook_secret.endpoint"  # whose secret it is
 FIRST_RETRY: Final = 5.0  # seconds before the first retry after a failed run
 _MAX_DOUBLINGS: Final = 60  # past any max_backoff; 2**1024 seconds would overflow a float
 JITTER: Final = 0.1  # runs are spread by +/-10% so that replicas drift apart
@@ -231,14 +232,30 @@ def load_stored_secret(spool_dir: Path) -> str | None:
     return text.strip() or None
 
 
-def store_secret(spool_dir: Path, secret: str) -> Path:
-    """Write the secret to ``<spool_dir>/webhook_secret``, mode 0600, atomically."""
+def store_secret(spool_dir: Path, secret: str, endpoint_id: str) -> Path:
+    """Write the secret to ``<spool_dir>/webhook_secret`` and the id of its endpoint beside it
+    (``webhook_secret.endpoint``), each mode 0600, atomically."""
     spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = spool_dir / SECRET_FILE_NAME
-    fd, temporary = tempfile.mkstemp(dir=spool_dir, prefix=f".{SECRET_FILE_NAME}.")  # mode 0600
+    target = _write_privately(spool_dir, SECRET_FILE_NAME, secret)
+    _write_privately(spool_dir, ENDPOINT_FILE_NAME, endpoint_id)
+    _fsync_directory(spool_dir)
+    return target
+
+
+def load_stored_endpoint(spool_dir: Path) -> str | None:
+    """The endpoint whose secret is stored, if the reconciler that stored it said."""
+    try:
+        return (spool_dir / ENDPOINT_FILE_NAME).read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _write_privately(directory: Path, name: str, text: str) -> Path:
+    target = directory / name
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")  # mode 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(secret + "\n")
+            file.write(text + "\n")
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, target)
@@ -246,7 +263,6 @@ def store_secret(spool_dir: Path, secret: str) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    _fsync_directory(spool_dir)
     return target
 
 
@@ -275,7 +291,6 @@ class Reconciler:
         self._auth_failing = False
         self._warned_secret_unknown = False
         self._reported_mismatch: str | None = None  # endpoint id
-        self._learnt: tuple[str, str] | None = None  # (endpoint id, secret) last learnt
         self._secret_unverifiable = False
         self._retry_after = 0.0
         self.last_result: ReconcileResult | None = None
@@ -353,7 +368,7 @@ class Reconciler:
             done.append(action)
             if added is not None:
                 keeper, secret = added, added.secret
-        stored = await self._sync_secret(secret)
+        stored = await self._sync_secret(keeper.endpoint_id if keeper else None, secret)
         endpoint_id = keeper.endpoint_id if keeper else None
         unverifiable = self._secret_not_configured(secret) or await self._secret_outdated(
             endpoint_id, secret
@@ -386,28 +401,24 @@ class Reconciler:
     async def _secret_outdated(
         self, endpoint_id: str | None, secret: SecretStr | None
     ) -> str | None:
-        """Why deliveries to the kept endpoint will be refused: the secret this reconciler learnt
-        belongs to another endpoint, deleted as a duplicate (replicas that registered at once),
-        and KonPro does not tell the kept one's (``endpoint.list`` may answer ``null``).
+        """Why deliveries to the kept endpoint will be refused: the stored secret belongs to
+        another endpoint, since deleted (a duplicate of replicas that registered at once), and
+        KonPro does not tell the kept one's (``endpoint.list`` may answer ``null``).
 
-        Only while the secret file still holds what this reconciler learnt: another writer (an
-        operator's ``reconcile --once``) may know better, and the bridge enforces what it wrote.
+        Read from the files, not remembered: an operator's ``reconcile --once`` may have stored
+        a newer secret, and a restarted bridge still knows whose secret it holds.
         """
         if self._configured_secrets or endpoint_id is None:
             return None
         if secret is not None and secret.get_secret_value():
-            self._learnt = (endpoint_id, secret.get_secret_value())
-            return None
-        if self._learnt is None or self._learnt[0] == endpoint_id:
-            return None
-        learnt_from, learnt = self._learnt
-        if await asyncio.to_thread(load_stored_secret, self._secret_dir) != learnt:
-            self._learnt = None  # written by someone else since: not this reconciler's to judge
+            return None  # known, and stored by _sync_secret
+        stored_for = await asyncio.to_thread(load_stored_endpoint, self._secret_dir)
+        if stored_for is None or stored_for == endpoint_id:
             return None
         return (
-            f"the signing secret this bridge learnt is endpoint {learnt_from}'s, which is "
-            "gone, and KonPro does not return the secret of the endpoint kept: its deliveries "
-            "are refused (401); set konpro.webhook_secret to that endpoint's secret"
+            f"the stored signing secret is endpoint {stored_for}'s, which is gone, and KonPro "
+            "does not return the secret of the endpoint kept: its deliveries are refused "
+            "(401); set konpro.webhook_secret to that endpoint's secret"
         )
 
     def _report_unverifiable(self, endpoint_id: str | None, error: str | None) -> None:
@@ -474,7 +485,7 @@ class Reconciler:
         endpoint_id = keeper.endpoint_id if keeper else None
         return _result(kind, endpoint_id=endpoint_id, actions=tuple(actions))
 
-    async def _sync_secret(self, secret: SecretStr | None) -> bool:
+    async def _sync_secret(self, endpoint_id: str | None, secret: SecretStr | None) -> bool:
         """Keep the kept endpoint's signing secret on disk unless the operator configured one."""
         if self._configured_secrets:
             return False
@@ -489,9 +500,13 @@ class Reconciler:
                     "set konpro.webhook_secret, or signatures cannot be checked",
                 )
             return False
-        if stored == value:
+        if endpoint_id is None:
             return False
-        path = await asyncio.to_thread(store_secret, self._secret_dir, value)
+        if stored == value:
+            if await asyncio.to_thread(load_stored_endpoint, self._secret_dir) != endpoint_id:
+                await asyncio.to_thread(store_secret, self._secret_dir, value, endpoint_id)
+            return False
+        path = await asyncio.to_thread(store_secret, self._secret_dir, value, endpoint_id)
         log.warning(
             "reconcile.secret_stored",
             path=str(path),

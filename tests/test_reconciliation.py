@@ -578,6 +578,28 @@ async def test_replicas_that_cannot_learn_the_kept_endpoints_secret_say_so(
     assert len(mismatches) == 2  # once per replica, not once per run
 
 
+async def test_a_restarted_replica_still_knows_whose_secret_it_holds(
+    reconcilers: Reconcilers,
+    fake_konpro: FakeKonPro,
+    webhook_receiver: WebhookReceiver,
+    tmp_path: Path,
+) -> None:
+    fake_konpro.list_secrets = False
+    webhook_receiver.hold_until = 2
+    replicas = [
+        reconcilers.make(webhook_receiver.url, spool=tmp_path / f"replica{n}") for n in range(2)
+    ]
+    await asyncio.gather(*(replica.run_once() for replica in replicas))
+    await asyncio.gather(*(replica.run_once() for replica in replicas))  # one endpoint is left
+
+    restarted = [
+        await reconcilers.make(webhook_receiver.url, spool=tmp_path / f"replica{n}").run_once()
+        for n in range(2)
+    ]
+
+    assert sorted(result.result for result in restarted) == ["error", "ok"]
+
+
 async def test_a_secret_another_run_stored_meanwhile_is_not_called_outdated(
     reconcilers: Reconcilers, fake_konpro: FakeKonPro, webhook_receiver: WebhookReceiver
 ) -> None:
@@ -609,7 +631,13 @@ async def test_the_secret_of_an_added_endpoint_is_stored_0600_when_none_is_confi
     assert result.secret_stored
     assert load_stored_secret(reconcilers.spool) == registered["secret"]
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    assert [path.name for path in reconcilers.spool.iterdir()] == ["webhook_secret"]
+    assert sorted(path.name for path in reconcilers.spool.iterdir()) == [
+        "webhook_secret",
+        "webhook_secret.endpoint",  # whose secret it is
+    ]
+    endpoint_file = reconcilers.spool / "webhook_secret.endpoint"
+    assert endpoint_file.read_text().strip() == registered["endpoint_id"]
+    assert stat.S_IMODE(endpoint_file.stat().st_mode) == 0o600
     [warning] = [entry for entry in logs if entry["event"] == "reconcile.secret_stored"]
     assert "konpro.webhook_secret" in warning["hint"]
     assert registered["secret"] not in repr(logs)
