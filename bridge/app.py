@@ -302,10 +302,9 @@ class Bridge:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
         # An event a forwarder was publishing when its grace ran out stays in its spool.
-        if self._forwarder is not None:
-            await self._forwarder.stop(grace=max(0.0, deadline - loop.time()))
-        if self._left_behind_forwarder is not None:
-            await self._left_behind_forwarder.stop(grace=max(0.0, deadline - loop.time()))
+        for forwarder in (self._forwarder, self._left_behind_forwarder):
+            if forwarder is not None:
+                await forwarder.stop(grace=max(0.0, deadline - loop.time()))
         await cancel_and_wait(self._forwarding_left_behind)
         self._forwarding_left_behind = None
         await self.publisher.close()

@@ -368,8 +368,8 @@ class Reconciler:
             done.append(action)
             if added is not None:
                 keeper, secret = added, added.secret
-        stored = await self._sync_secret(keeper.endpoint_id if keeper else None, secret)
         endpoint_id = keeper.endpoint_id if keeper else None
+        stored = await self._sync_secret(endpoint_id, secret)
         unverifiable = self._secret_not_configured(secret) or await self._secret_outdated(
             endpoint_id, secret
         )
