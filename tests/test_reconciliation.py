@@ -519,22 +519,33 @@ async def test_an_unknown_configured_event_type_is_a_warning_not_fatal(
     assert fake_konpro.count("webhook.list") == 1
 
 
+def racing_replicas(
+    reconcilers: Reconcilers, receiver: WebhookReceiver, tmp_path: Path, count: int
+) -> list[Reconciler]:
+    """``count`` replicas of one URL, each with a spool of its own; their first adds are all in
+    flight before any completes."""
+    receiver.hold_until = count
+    return [reconcilers.make(receiver.url, spool=tmp_path / f"replica{n}") for n in range(count)]
+
+
+async def run_each(replicas: list[Reconciler]) -> list[ReconcileResult]:
+    """One run of every replica, at once."""
+    return list(await asyncio.gather(*(replica.run_once() for replica in replicas)))
+
+
 async def test_three_replicas_at_once_converge_on_one_registration(
     reconcilers: Reconcilers,
     fake_konpro: FakeKonPro,
     webhook_receiver: WebhookReceiver,
     tmp_path: Path,
 ) -> None:
-    webhook_receiver.hold_until = 3  # every replica's add is in flight before any completes
-    replicas = [
-        reconcilers.make(webhook_receiver.url, spool=tmp_path / f"replica{n}") for n in range(3)
-    ]
+    replicas = racing_replicas(reconcilers, webhook_receiver, tmp_path, 3)
 
-    racing = await asyncio.gather(*(replica.run_once() for replica in replicas))
+    racing = await run_each(replicas)
     assert [result.result for result in racing] == ["added"] * 3
     assert len(fake_konpro.endpoints) == 3
-    await asyncio.gather(*(replica.run_once() for replica in replicas))
-    settled = await asyncio.gather(*(replica.run_once() for replica in replicas))
+    await run_each(replicas)
+    settled = await run_each(replicas)
 
     [survivor] = fake_konpro.endpoints.values()
     assert {(result.result, result.endpoint_id) for result in settled} == {
@@ -553,18 +564,15 @@ async def test_replicas_that_cannot_learn_the_kept_endpoints_secret_say_so(
     # endpoint.list may answer "secret": null: a replica whose own endpoint was deleted as a
     # duplicate holds a secret nobody signs with any more, and cannot learn the kept one's.
     fake_konpro.list_secrets = False
-    webhook_receiver.hold_until = 3
-    replicas = [
-        reconcilers.make(webhook_receiver.url, spool=tmp_path / f"replica{n}") for n in range(3)
-    ]
-    await asyncio.gather(*(replica.run_once() for replica in replicas))
+    replicas = racing_replicas(reconcilers, webhook_receiver, tmp_path, 3)
+    await run_each(replicas)
     added = {
         replica: load_stored_secret(tmp_path / f"replica{n}") for n, replica in enumerate(replicas)
     }
 
     with capture_logs() as logs:
         for _ in range(2):
-            settled = await asyncio.gather(*(replica.run_once() for replica in replicas))
+            settled = await run_each(replicas)
 
     [survivor] = fake_konpro.endpoints.values()
     outcomes = {
@@ -585,12 +593,9 @@ async def test_a_restarted_replica_still_knows_whose_secret_it_holds(
     tmp_path: Path,
 ) -> None:
     fake_konpro.list_secrets = False
-    webhook_receiver.hold_until = 2
-    replicas = [
-        reconcilers.make(webhook_receiver.url, spool=tmp_path / f"replica{n}") for n in range(2)
-    ]
-    await asyncio.gather(*(replica.run_once() for replica in replicas))
-    await asyncio.gather(*(replica.run_once() for replica in replicas))  # one endpoint is left
+    replicas = racing_replicas(reconcilers, webhook_receiver, tmp_path, 2)
+    await run_each(replicas)
+    await run_each(replicas)  # one endpoint is left
 
     restarted = [
         await reconcilers.make(webhook_receiver.url, spool=tmp_path / f"replica{n}").run_once()
