@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import string
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -158,3 +162,58 @@ def test_two_bridges_in_one_process_keep_separate_counts() -> None:
 
     assert b'outcome="published"} 1.0' in first.exposition()
     assert b'outcome="published"} 1.0' not in second.exposition()
+
+
+# One worker of ``server.workers = N``: prometheus-client chooses its multi-process value store
+# when it is imported, so each worker is an interpreter of its own with the shared directory set.
+_WORKER = """
+import sys
+from bridge.metrics import Metrics
+
+connected, depth, registered, scrape = sys.argv[1:]
+metrics = Metrics()
+metrics.watch(broker_connected=lambda: connected == "up", spool_depth=lambda: int(depth))
+if registered != "-":  # only the reconciling worker watches the registration
+    metrics.watch(registration_ok=lambda: registered == "ok")
+metrics.refresh_gauges()
+if scrape == "scrape":
+    sys.stdout.buffer.write(metrics.exposition())
+"""
+
+
+def workers_metrics(directory: Path, *workers: tuple[str, int, str]) -> Samples:
+    """Runs one process per ``(broker, spool depth, registration)`` in turn, all sharing
+    ``directory``; the last one's ``/metrics`` text, parsed."""
+    directory.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", _WORKER, broker, str(depth), registered, scrape],
+            env=env,
+            capture_output=True,
+            check=True,
+        ).stdout
+        for (broker, depth, registered), scrape in zip(
+            workers, ["no"] * (len(workers) - 1) + ["scrape"], strict=True
+        )
+    ]
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(outputs[-1].decode())
+        for sample in family.samples
+    }
+
+
+def test_with_several_workers_the_gauges_combine_as_an_operator_reads_them(
+    tmp_path: Path,
+) -> None:
+    """The link is up only when every worker's is (one worker spooling its share is an
+    outage), the depths add up, and the registration is the reconciling worker's."""
+    all_up = workers_metrics(tmp_path / "up", ("up", 2, "ok"), ("up", 3, "-"))
+    one_down = workers_metrics(tmp_path / "down", ("up", 0, "ok"), ("down", 5, "-"))
+
+    assert value(all_up, "konpro_bridge_broker_connected") == 1
+    assert value(one_down, "konpro_bridge_broker_connected") == 0
+    assert value(all_up, "konpro_bridge_spool_depth") == 5
+    assert value(all_up, "konpro_bridge_registration_ok") == 1
+    assert value(one_down, "konpro_bridge_registration_ok") == 1
