@@ -45,7 +45,6 @@ from bridge.config import Settings
 log = structlog.get_logger(__name__)
 
 CANNOT_START: Final = 1  # a worker's exit code when it could not start
-_RESTART_DELAY: Final = (1.0, 30.0)  # first and longest wait before restarting a worker
 
 WorkerBody = Callable[[Settings, int], int]
 """Runs worker ``index`` of the bridge until it is told to stop; returns its exit code."""
@@ -80,7 +79,7 @@ class RestartBackoff:
     ran for ``most`` seconds or more counts as healthy, and its next restart waits ``first``
     again, however it fared before."""
 
-    def __init__(self, first: float, most: float) -> None:
+    def __init__(self, first: float = 1.0, most: float = 30.0) -> None:
         self._first, self._most = first, most
         self._started: dict[int, float] = {}
         self._next: dict[int, float] = {}
@@ -104,12 +103,12 @@ class Supervisor:
         settings: Settings,
         body: WorkerBody,
         preload: Preload = _nothing,
-        restart_delay: tuple[float, float] = _RESTART_DELAY,
+        backoff: RestartBackoff | None = None,
     ) -> None:
         self._settings = settings
         self._body = body
         self._preload = preload
-        self._backoff = RestartBackoff(*restart_delay)
+        self._backoff = backoff or RestartBackoff()
         self._context = multiprocessing.get_context("fork")
         self._workers: dict[int, BaseProcess] = {}
         self._stopping = False

@@ -567,6 +567,31 @@ async def test_failed_forwards_are_retried_after_1_s_then_2_s_by_default(spool: 
     assert failures()[:2] == [1.0, 2.0]  # doubling up to a minute
 
 
+async def test_the_forwarders_back_off_doubles_up_to_its_cap_and_stays_there(spool: Spool) -> None:
+    await fill(spool, 1)
+    broker = Broker(expect=1)
+    broker.failures_to_come = 100
+    forwarder = Forwarder(
+        spool,
+        broker.publish,
+        is_connected=broker.is_connected,
+        retry_delay=0.01,
+        max_retry_delay=0.04,  # 60 s by default
+    )
+    with structlog.testing.capture_logs() as logs:
+        forwarder.start()
+
+        def failures() -> list[float]:
+            return [e["retry_in"] for e in logs if e["event"] == "spool.forward_failed"]
+
+        async with asyncio.timeout(10):
+            while len(failures()) < 5:  # noqa: ASYNC110 - log lines offer no event to await
+                await asyncio.sleep(0.01)
+        await forwarder.stop(grace=0)
+
+    assert failures()[:5] == [0.01, 0.02, 0.04, 0.04, 0.04]
+
+
 async def test_forwarder_outlives_a_cancelled_error_that_was_not_meant_for_it(
     spool: Spool,
 ) -> None:

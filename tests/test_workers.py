@@ -303,7 +303,7 @@ def fails_at_once(settings: Settings, index: int) -> int:
 
 
 def supervise_with_a_long_back_off(settings: Settings) -> None:
-    supervisor = Supervisor(settings, fails_at_once, restart_delay=(60.0, 60.0))
+    supervisor = Supervisor(settings, fails_at_once, backoff=RestartBackoff(60.0, 60.0))
     raise SystemExit(supervisor.run())
 
 
@@ -344,7 +344,9 @@ def crash_loops_or_runs_a_while(settings: Settings, index: int) -> int:
 
 
 def supervise_a_crash_loop_beside_a_healthy_worker(settings: Settings) -> None:
-    supervisor = Supervisor(settings, crash_loops_or_runs_a_while, restart_delay=(0.25, 4.0))
+    supervisor = Supervisor(
+        settings, crash_loops_or_runs_a_while, backoff=RestartBackoff(0.25, 4.0)
+    )
     raise SystemExit(supervisor.run())
 
 
@@ -375,7 +377,7 @@ async def test_a_worker_crash_looping_does_not_hold_up_the_restart_of_another(
 
 
 def test_a_worker_that_keeps_dying_waits_longer_each_time_up_to_the_bound() -> None:
-    backoff = RestartBackoff(1.0, 30.0)
+    backoff = RestartBackoff()  # the supervisor's
     delays = []
     now = 0.0
     for _ in range(7):

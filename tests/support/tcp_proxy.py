@@ -30,11 +30,12 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         await self._drop_links()
+        if server is not None:  # after the links: from Python 3.12 on it waits for them
+            await server.wait_closed()
 
     async def restore(self) -> None:
         self._flowing.set()
