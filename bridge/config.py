@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -51,12 +52,22 @@ class ServerSettings(_Section):
     webhook_path: str = Field(default="/webhooks/konpro", pattern=r"^/[^\s?#]*$")
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_header_bytes: int = Field(default=8190, ge=1024)
+    max_bytes_in_flight: int = Field(default=67_108_864, ge=1024)
     body_timeout: float = Field(default=10.0, gt=0)
     keepalive_timeout: float = Field(default=15.0, gt=0)
     shutdown_timeout: float = Field(default=10.0, gt=0)
     workers: int = Field(default=1, ge=1, le=64)
     metrics_port: int = Field(default=0, ge=0, le=65535)
     readiness: Literal["broker", "accepting"] = "broker"
+
+    @model_validator(mode="after")
+    def _room_for_one_body(self) -> ServerSettings:
+        if self.max_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least "
+                f"max_body_bytes ({self.max_body_bytes}), or the largest delivery never fits"
+            )
+        return self
 
     def local_url(self, path: str = "", *, port: int | None = None) -> str:
         """``path`` on this bridge as reached from the same host: a wildcard address over

@@ -57,6 +57,30 @@ class _Rejected(Exception):
         self.log_detail = log_detail or detail
 
 
+class BodiesInFlight:
+    """Bounds the bytes of request bodies held at once (being read, checked or published).
+
+    Each body held costs the process about two and a half times its size (the read buffer, the
+    body, its AMQP frames), so a flood of large bodies would otherwise grow the bridge until a
+    memory limit kills it. Past the bound a delivery is refused before its body is read.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise DeliveryRefused(
+                f"{self.held} bytes of bodies in flight, {size} more would pass "
+                f"server.max_bytes_in_flight ({self.limit})"
+            )
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
 class WebhookHandler:
     """``POST {webhook_path}``: read, validate, hand to the sink, answer."""
 
@@ -71,30 +95,27 @@ class WebhookHandler:
         self._sink = sink
         self._authenticator = authenticator
         self._metrics = metrics
+        self._bodies = BodiesInFlight(settings.max_bytes_in_flight)
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
+        delivery: Delivery | None = None
         try:
-            delivery = await self._accept(request)
+            self._check_content_type(request)
+            held = self._largest_body(request)
+            self._bodies.take(held)
+            try:
+                delivery = await self._accept(request)
+                self._bodies.give_back(held - len(delivery.body))  # what it turned out to be
+                held = len(delivery.body)
+                outcome = await self._sink.deliver(delivery)
+            finally:
+                self._bodies.give_back(held)
         except _Rejected as rejected:
             self._metrics.delivery(None, _REJECTED_OUTCOMES.get(rejected.status, "invalid"))
             return self._reject(request, rejected, started)
-        try:
-            outcome = await self._sink.deliver(delivery)
         except DeliveryRefused as refused:
-            self._metrics.delivery(delivery.event_type, "refused")
-            log.warning(
-                "webhook.refused",
-                event_type=delivery.event_type,
-                message_id=delivery.message_id,
-                reason=refused.reason,
-                duration_ms=_elapsed_ms(started),
-            )
-            return _json(
-                {"status": "unavailable", "detail": "retry later"},
-                status=503,
-                headers={"Retry-After": str(refused.retry_after)},
-            )
+            return self._refuse(delivery, refused, started)
         self._metrics.delivery(delivery.event_type, outcome.value)
         log.info(
             "webhook.accepted",
@@ -109,7 +130,6 @@ class WebhookHandler:
         )
 
     async def _accept(self, request: web.Request) -> Delivery:
-        self._check_content_type(request)
         body = await self._read_body(request)
         try:
             self._authenticator.verify(body, request.headers)
@@ -129,10 +149,19 @@ class WebhookHandler:
         if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
             raise _Rejected(415, "unsupported_media_type", "content type must be application/json")
 
+    def _largest_body(self, request: web.Request) -> int:
+        """The most the body can take once read: as declared, unless it is compressed or
+        chunked, when only the limit bounds it."""
+        limit = self._settings.max_body_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
+        if declared is None or hdrs.CONTENT_ENCODING in request.headers:
+            return limit
+        return declared
+
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self._settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
         try:
             if request.content.is_eof():  # it all came with the headers: nothing to wait for
                 body = await request.read()
@@ -158,6 +187,28 @@ class WebhookHandler:
         if not body:
             raise _Rejected(400, "invalid_event", "body is empty")
         return body
+
+    def _refuse(
+        self, delivery: Delivery | None, refused: DeliveryRefused, started: float
+    ) -> web.Response:
+        """503: ``delivery`` is ``None`` when it was refused before its body was read."""
+        event_type = delivery.event_type if delivery is not None else None
+        self._metrics.delivery(event_type, "refused")
+        log.warning(
+            "webhook.refused",
+            event_type=event_type,
+            message_id=delivery.message_id if delivery is not None else None,
+            reason=refused.reason,
+            duration_ms=_elapsed_ms(started),
+        )
+        response = _json(
+            {"status": "unavailable", "detail": "retry later"},
+            status=503,
+            headers={"Retry-After": str(refused.retry_after)},
+        )
+        # Refused unread, a body would otherwise be read to its end to keep the connection.
+        response.force_close()
+        return response
 
     @staticmethod
     def _reject(request: web.Request, rejected: _Rejected, started: float) -> web.Response:

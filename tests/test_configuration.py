@@ -159,6 +159,19 @@ def test_a_bad_key_set_in_the_environment_is_blamed_on_the_variable_not_the_file
     ]
 
 
+def test_a_bound_on_bodies_in_flight_below_the_largest_body_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "bound.toml"
+    config.write_text("[server]\nmax_body_bytes = 50000\nmax_bytes_in_flight = 40000\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+
+    assert str(caught.value) == f"{config}: " + (
+        "server: Value error, max_bytes_in_flight (40000) must be at least "
+        "max_body_bytes (50000), or the largest delivery never fits"
+    )
+
+
 def test_a_variable_that_is_not_valid_json_is_blamed_on_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,7 +13,10 @@ class TcpProxy:
 
     - ``cut()``: drop every connection and refuse new ones, like a broker that went away.
     - ``hold()``: keep connections open but forward nothing, like a broker that stopped answering.
+    - ``mute()``: forward to the target, but nothing back: a broker that takes the messages and
+      whose confirms do not arrive.
     - ``delay``: seconds added before each forwarded chunk, like a slow network.
+    - ``sent_upstream``: bytes the clients have sent towards the target, held ones included.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -22,8 +25,11 @@ class TcpProxy:
         self._links: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._answering = asyncio.Event()
+        self._answering.set()
         self.port = 0
         self.delay = 0.0
+        self.sent_upstream = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -38,15 +44,19 @@ class TcpProxy:
             await server.wait_closed()
 
     async def restore(self) -> None:
-        self._flowing.set()
+        self.release()
         if self._server is None:
             await self.start()
 
     def hold(self) -> None:
         self._flowing.clear()
 
+    def mute(self) -> None:
+        self._answering.clear()
+
     def release(self) -> None:
         self._flowing.set()
+        self._answering.set()
 
     async def close(self) -> None:
         await self.cut()
@@ -82,8 +92,8 @@ class TcpProxy:
             return
         try:
             await asyncio.gather(
-                self._pump(reader, up_writer),
-                self._pump(up_reader, writer),
+                self._pump(reader, up_writer, upstream=True),
+                self._pump(up_reader, writer, upstream=False),
                 return_exceptions=True,
             )
         except asyncio.CancelledError:
@@ -93,9 +103,15 @@ class TcpProxy:
                 w.transport.abort()
             self._links.discard(task)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
         while chunk := await reader.read(65536):
+            if upstream:
+                self.sent_upstream += len(chunk)
             await self._flowing.wait()
+            if not upstream:
+                await self._answering.wait()
             if self.delay:
                 await asyncio.sleep(self.delay)
             writer.write(chunk)
