@@ -28,7 +28,7 @@ from bridge.metrics import Metrics, metrics_app, metrics_handler
 from bridge.publisher import Publisher
 from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret, why_not_reconcile
 from bridge.relay import Relay
-from bridge.server import create_app
+from bridge.server import BodiesInFlight, create_app
 from bridge.signatures import Authenticator, ReplayGuard
 from bridge.spool import Forwarder, Spool, delete_spool_files
 from bridge.status import StatusReport, registration_ok
@@ -57,6 +57,7 @@ class Bridge:
             event_types=settings.konpro.events, exchanges=settings.amqp.exchanges
         )
         self.publisher = Publisher(settings.amqp, self.metrics)
+        self._bodies_in_flight = BodiesInFlight(settings.server.max_bytes_in_flight)
         self._watch_state()
         konpro = settings.konpro
         self.authenticator = Authenticator(
@@ -124,7 +125,8 @@ class Bridge:
             relay,
             self._not_ready_reason,
             self.authenticator,
-            self.metrics,
+            metrics=self.metrics,
+            bodies=self._bodies_in_flight,
         )
         await self._add_operator_endpoints(app)
         if self.metrics.shared:
@@ -171,6 +173,7 @@ class Bridge:
         report = StatusReport(
             self.publisher,
             lambda: self.spool,
+            self._bodies_in_flight,
             registration=None if off else self.last_registration,
             registration_off=off or "",
             redact=self._answers.redact_bytes,

@@ -15,7 +15,7 @@ from typing import Final, Protocol
 
 import orjson
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.typedefs import Handler
 
 from bridge.config import ServerSettings
@@ -62,7 +62,7 @@ class BodiesInFlight:
 
     Each body held costs the process about two and a half times its size (the read buffer, the
     body, its AMQP frames), so a flood of large bodies would otherwise grow the bridge until a
-    memory limit kills it. Past the bound a delivery is refused before its body is read.
+    memory limit kills it. A delivery whose body would pass the bound is refused.
     """
 
     def __init__(self, limit: int) -> None:
@@ -90,27 +90,25 @@ class WebhookHandler:
         sink: EventSink,
         authenticator: Authenticator,
         metrics: Metrics,
+        bodies: BodiesInFlight,
     ) -> None:
         self._settings = settings
         self._sink = sink
         self._authenticator = authenticator
         self._metrics = metrics
-        self._bodies = BodiesInFlight(settings.max_bytes_in_flight)
+        self._bodies = bodies
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         delivery: Delivery | None = None
         try:
             self._check_content_type(request)
-            held = self._largest_body(request)
-            self._bodies.take(held)
+            body = await self._read_body(request)
             try:
-                delivery = await self._accept(request)
-                self._bodies.give_back(held - len(delivery.body))  # what it turned out to be
-                held = len(delivery.body)
+                delivery = self._delivery(body, request)
                 outcome = await self._sink.deliver(delivery)
             finally:
-                self._bodies.give_back(held)
+                self._bodies.give_back(len(body))
         except _Rejected as rejected:
             self._metrics.delivery(None, _REJECTED_OUTCOMES.get(rejected.status, "invalid"))
             return self._reject(request, rejected, started)
@@ -129,8 +127,7 @@ class WebhookHandler:
             status=202 if outcome is Outcome.SPOOLED else 200,
         )
 
-    async def _accept(self, request: web.Request) -> Delivery:
-        body = await self._read_body(request)
+    def _delivery(self, body: bytes, request: web.Request) -> Delivery:
         try:
             self._authenticator.verify(body, request.headers)
         except SignatureRejected as exc:
@@ -149,25 +146,18 @@ class WebhookHandler:
         if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
             raise _Rejected(415, "unsupported_media_type", "content type must be application/json")
 
-    def _largest_body(self, request: web.Request) -> int:
-        """The most the body can take once read: as declared, unless it is compressed or
-        chunked, when only the limit bounds it."""
-        limit = self._settings.max_body_bytes
-        declared = request.content_length
-        if declared is not None and declared > limit:
-            raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
-        if declared is None or hdrs.CONTENT_ENCODING in request.headers:
-            return limit
-        return declared
-
     async def _read_body(self, request: web.Request) -> bytes:
+        """The body, counted in the bodies in flight: the caller gives it back."""
         limit = self._settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
         try:
             if request.content.is_eof():  # it all came with the headers: nothing to wait for
                 body = await request.read()
+                self._bodies.take(len(body))
             else:
                 async with asyncio.timeout(self._settings.body_timeout):
-                    body = await request.read()
+                    body = await self._read_as_it_arrives(request.content, limit)
         except web.HTTPRequestEntityTooLarge:
             raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes") from None
         except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip, and it is not
@@ -188,10 +178,27 @@ class WebhookHandler:
             raise _Rejected(400, "invalid_event", "body is empty")
         return body
 
+    async def _read_as_it_arrives(self, content: StreamReader, limit: int) -> bytes:
+        """Counts each part as it arrives: a slow sender holds only what it has sent, and
+        cannot keep KonPro's deliveries out by announcing large bodies."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for part in content.iter_any():
+                self._bodies.take(len(part))
+                size += len(part)
+                if size > limit:
+                    raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
+                parts.append(part)
+        except BaseException:
+            self._bodies.give_back(size)
+            raise
+        return b"".join(parts)
+
     def _refuse(
         self, delivery: Delivery | None, refused: DeliveryRefused, started: float
     ) -> web.Response:
-        """503: ``delivery`` is ``None`` when it was refused before its body was read."""
+        """503: ``delivery`` is ``None`` when it was refused while its body was read."""
         event_type = delivery.event_type if delivery is not None else None
         self._metrics.delivery(event_type, "refused")
         log.warning(
@@ -201,14 +208,11 @@ class WebhookHandler:
             reason=refused.reason,
             duration_ms=_elapsed_ms(started),
         )
-        response = _json(
+        return _json(
             {"status": "unavailable", "detail": "retry later"},
             status=503,
             headers={"Retry-After": str(refused.retry_after)},
         )
-        # Refused unread, a body would otherwise be read to its end to keep the connection.
-        response.force_close()
-        return response
 
     @staticmethod
     def _reject(request: web.Request, rejected: _Rejected, started: float) -> web.Response:
@@ -231,12 +235,20 @@ def create_app(
     sink: EventSink,
     readiness: ReadinessProbe,
     authenticator: Authenticator,
+    *,
     metrics: Metrics | None = None,
+    bodies: BodiesInFlight | None = None,
 ) -> web.Application:
     """The aiohttp application; the caller owns running it."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     add_fallback_routes(app, options=_options)  # OPTIONS on any path: KonPro's check
-    handler = WebhookHandler(settings, sink, authenticator, metrics or Metrics())
+    handler = WebhookHandler(
+        settings,
+        sink,
+        authenticator,
+        metrics or Metrics(),
+        bodies or BodiesInFlight(settings.max_bytes_in_flight),
+    )
     add_route(app, "POST", settings.webhook_path, handler.handle)
     add_route(app, "GET", "/healthz", _healthz)
     add_route(app, "GET", "/readyz", _readyz(readiness))

@@ -16,6 +16,7 @@ from aiohttp import web
 from bridge import __version__
 from bridge.publisher import Publisher
 from bridge.reconcile import ReconcileResult
+from bridge.server import BodiesInFlight
 from bridge.spool import Spool
 
 RegistrationProbe = Callable[[], ReconcileResult | None]
@@ -37,6 +38,8 @@ class StatusReport:
         self,
         publisher: Publisher,
         spool: Callable[[], Spool],
+        bodies: BodiesInFlight,
+        *,
         registration: RegistrationProbe | None = None,
         registration_off: str = "reconciliation is not enabled",
         redact: Callable[[bytes], bytes] = bytes,
@@ -44,6 +47,7 @@ class StatusReport:
         self._publisher = publisher
         self._redact = redact
         self._spool = spool
+        self._bodies = bodies
         self._registration = registration
         self._registration_off = registration_off
 
@@ -52,6 +56,10 @@ class StatusReport:
             "version": __version__,
             "broker": self._broker(),
             "spool": await self._spool_status(),
+            "intake": {
+                "bytes_in_flight": self._bodies.held,
+                "max_bytes_in_flight": self._bodies.limit,
+            },
             "registration": self._registration_status(),
         }
 
