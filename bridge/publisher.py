@@ -251,7 +251,7 @@ class Publisher:
             ) from None
         except aiormq.exceptions.DeliveryError as exc:
             raise PublishFailed(f"broker refused the message: {_describe(exc)}") from None
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - not confirmed, whatever the reason: spooled
             raise PublishFailed(f"publish failed: {_describe(exc)}") from None
         except asyncio.CancelledError:
             if this_task_is_cancelled():
@@ -289,7 +289,12 @@ class Publisher:
         while True:
             try:
                 await self._connect_once()
-            except Exception as exc:  # noqa: BLE001 - any failure to connect is retried
+            # Any failure to connect is retried, even a CancelledError out of a library's future
+            # (aiormq cancels a channel being opened when it gives the connection up); only this
+            # task's own cancellation ends it.
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and this_task_is_cancelled():
+                    raise
                 self._first_attempt_over.set()
                 self._last_error = f"cannot connect to the broker: {_describe(exc)}"
                 log.warning(
@@ -382,7 +387,7 @@ class Publisher:
         if exc is None or connection is not self._connection:
             return  # closed by us
         # aiormq closes a connection it gave up on (missed heartbeats) with a CancelledError.
-        error = _LINK_GIVEN_UP if isinstance(exc, asyncio.CancelledError) else _describe(exc)
+        error = _describe(exc)
         now = time.monotonic()
         outage = self._outage
         if outage is None:
@@ -453,5 +458,10 @@ _LINK_GIVEN_UP = "no frames from the broker within the heartbeat timeout (connec
 
 
 def _describe(exc: BaseException) -> str:
+    if type(exc) is Exception and not str(exc):
+        # What aiormq fails pending futures with when a connection ends without an error.
+        return "the connection ended"
+    if isinstance(exc, asyncio.CancelledError):  # aiormq's, of the futures of a link given up
+        return _LINK_GIVEN_UP
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:300]
