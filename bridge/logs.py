@@ -315,9 +315,13 @@ def _is_link_echo(record: logging.LogRecord) -> bool:
     template = record.msg if isinstance(record.msg, str) else ""
     if template.startswith(_LINK_ECHOES.get(record.name, ())):
         return True
+    args = record.args if isinstance(record.args, tuple) else ()
+    if record.name == "aio_pika.robust_connection" and template.startswith("Reconnect attempt"):
+        # aiormq's bare Exception for a link that ended without an error (it flaps): an outage
+        # like any other. A named error (a topology the broker refuses) stays an error.
+        return len(args) >= 3 and args[1] == "Exception" and str(args[2]) == ""
     # A robust channel's close callback racing the connection's loss: it tries to reopen the
     # channel on a transport that is gone; the robust connection reopens it once reconnected.
-    args = record.args if isinstance(record.args, tuple) else ()
     callback = getattr(args[0], "callback", None) if args else None
     return (
         record.name == "aio_pika.tools"

@@ -103,14 +103,37 @@ def test_the_libraries_own_account_of_a_broker_outage_is_kept_for_the_debug_leve
         aiormq_log = logging.getLogger("aiormq.connection")
         aiormq_log.error("error when creating transport: %r", ConnectionRefusedError(111))
         aiormq_log.error("Got frame for closed channel %d: %r", 3, "frame")
+        reconnect = logging.getLogger("aio_pika.robust_connection")
+        for error in (Exception(), RuntimeError("PRECONDITION_FAILED")):  # a link that ended
+            reconnect.error(  # cleanly (aiormq's bare Exception), and a real failure
+                "Reconnect attempt failed %s due to %s: %s. Retrying after %r seconds.",
+                "amqp://guest:******@127.0.0.1/",
+                type(error).__name__,
+                error,
+                0.2,
+            )
     finally:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
 
     records = [orjson.loads(line) for line in stream.getvalue().splitlines()]
-    echo = ("debug", "error when creating transport: ConnectionRefusedError(111)")
-    other = ("error", "Got frame for closed channel 3: 'frame'")
-    expected = [echo, other] if level == "debug" else [other]
+    echoes = [
+        ("debug", "error when creating transport: ConnectionRefusedError(111)"),
+        (
+            "debug",
+            "Reconnect attempt failed amqp://guest:******@127.0.0.1/ due to Exception: . "
+            "Retrying after 0.2 seconds.",
+        ),
+    ]
+    others = [
+        ("error", "Got frame for closed channel 3: 'frame'"),
+        (
+            "error",
+            "Reconnect attempt failed amqp://guest:******@127.0.0.1/ due to RuntimeError: "
+            "PRECONDITION_FAILED. Retrying after 0.2 seconds.",
+        ),
+    ]
+    expected = [echoes[0], others[0], echoes[1], others[1]] if level == "debug" else others
     assert [(r["level"], r["event"]) for r in records] == expected
 
 
