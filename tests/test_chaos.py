@@ -43,6 +43,7 @@ import orjson
 import pytest
 
 from bridge.events import DOCUMENTED_EVENT_TYPES
+from bridge.publisher import Publisher
 from bridge.samples import sample_body
 from bridge.signatures import sign
 from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
@@ -133,6 +134,13 @@ def delivery(rng: random.Random) -> tuple[str, bytes, dict[str, str]]:
         "KonPro-Signature": sign(body, SECRET),
     }
     return event_id, body, headers
+
+
+async def post_once(url: str, rng: random.Random) -> int:
+    """One delivery on a connection of its own; its status."""
+    _, body, headers = delivery(rng)
+    async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as r:
+        return r.status
 
 
 async def post_until(stop: asyncio.Event, url: str, rng: random.Random) -> list[Answer]:
@@ -411,3 +419,54 @@ async def test_a_bridge_started_while_the_broker_is_silent_connects_once_it_answ
         await asyncio.sleep(started + 7.5 - asyncio.get_running_loop().time())
         broker_proxy.release()
         await eventually(lambda: bridge.publisher.is_ready, within=5)
+
+
+HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+
+
+def stream_ends_behind_a_frame(publisher: Publisher) -> None:
+    """What aiormq's reader finds when the broker's last frame and the end of the stream (a FIN,
+    not a reset) arrive while it is still busy with earlier frames (under load), or right after
+    a handshake (a link that flaps): a whole frame, then the end, with no wait in between. It
+    takes the frame, finds the stream at its end, and returns normally; aiormq then closes the
+    connection with no exception, and fails each pending future with a bare ``Exception``
+    (``FutureStore.reject_all``: ``exception or Exception``). Fed straight into the stream
+    aiormq reads, through its internals: the proxy cannot time a FIN that precisely."""
+    connection = publisher._connection
+    assert connection is not None
+    assert connection.transport is not None
+    underlay: Any = connection.transport.connection
+    receiver = underlay._reader_task.get_coro().cr_frame.f_locals["frame_receiver"]
+    stream: asyncio.StreamReader = receiver.reader
+    stream.feed_data(HEARTBEAT_FRAME)
+    stream.feed_eof()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="Publisher.publish turns aiormq's errors into PublishFailed, but not the bare "
+    "Exception aiormq fails pending confirms with when a link ends cleanly behind a frame: "
+    "the delivery gets a 500 and an 'Error handling request' traceback instead of a 202 "
+    "(the same bare Exception gave seed 6 its 'Reconnect attempt failed ... due to "
+    "Exception: .' error line)",
+)
+async def test_deliveries_waiting_for_confirms_when_the_link_ends_cleanly_are_spooled(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy
+) -> None:
+    async with start_bridge(amqp={"url": proxied_amqp_url(broker_proxy)}) as bridge:
+        broker_proxy.hold()  # the publishes wait in the proxy: their confirms are due
+        rng = random.Random(SEED)
+        posts = [asyncio.create_task(post_once(bridge.webhook_url, rng)) for _ in range(3)]
+        await eventually(lambda: len(confirms_due(bridge.publisher)) == 3)
+        stream_ends_behind_a_frame(bridge.publisher)
+        statuses = await asyncio.gather(*posts)
+        broker_proxy.release()
+        await eventually(lambda: bridge.spool.depth == 0, within=10)
+    assert statuses == [202, 202, 202]
+
+
+def confirms_due(publisher: Publisher) -> list[object]:
+    underlay = publisher._underlay
+    confirmations = underlay.confirmations.values() if underlay is not None else ()
+    return [c for c in confirmations if isinstance(c, asyncio.Future) and not c.done()]
