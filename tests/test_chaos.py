@@ -171,15 +171,33 @@ async def post_until(stop: asyncio.Event, url: str, rng: random.Random) -> list[
 
 
 @dataclass
+class Run:
+    """One bridge process: where its lines start in the shared log, and what ended it."""
+
+    log_offset: int
+    ended_by: signal.Signals | None = None
+
+
+@dataclass
 class Chaos:
     """Applies faults to the link (``proxy``) and to the bridge process, and remembers when the
-    bridge was down (from the signal until it listened again) and how each stop ended."""
+    bridge was down (from the signal until it listened again) and how each process ended."""
 
     proxy: TcpProxy
     bridge: BridgeProcess
+    runs: list[Run] = field(default_factory=list)
     down: list[list[float]] = field(default_factory=list)
     stop_codes: list[int] = field(default_factory=list)
     applied: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    async def start(self) -> None:
+        log = self.bridge.log_path
+        self.runs.append(Run(log.stat().st_size if log.exists() else 0))
+        await self.bridge.start(wait_ready=False)  # listening; the broker may be away
+
+    async def stop(self) -> int:
+        self.runs[-1].ended_by = signal.SIGTERM
+        return await self.bridge.stop()
 
     async def apply(self, fault: Fault) -> None:
         steps: dict[str, Callable[[Fault], Awaitable[None]]] = {
@@ -262,6 +280,7 @@ class Chaos:
 
     async def _signal(self, signum: signal.Signals) -> None:
         self.down.append([time.monotonic(), math.inf])
+        self.runs[-1].ended_by = signum
         self.bridge.send(signum)
         # A stop takes the grace period plus about 2 s for aiormq's close; more is a hang.
         code = await self.bridge.wait(within=SHUTDOWN_TIMEOUT + 10.0)
@@ -271,7 +290,7 @@ class Chaos:
             assert code == -signal.SIGKILL
 
     async def _restart(self) -> None:
-        await self.bridge.start(wait_ready=False)  # listening; the broker may be away
+        await self.start()
         self.down[-1][1] = time.monotonic()
 
     async def heal(self) -> None:
@@ -282,6 +301,34 @@ class Chaos:
 
     def was_down(self, answer: Answer) -> bool:
         return any(start <= answer.ended and answer.started <= end for start, end in self.down)
+
+    def logged_answers(self) -> Iterator[tuple[Run, dict[str, Any]]]:
+        """Each delivery's log line (accepted or refused), with the process that wrote it."""
+        log = self.bridge.log_path.read_bytes()
+        ends = [run.log_offset for run in self.runs[1:]] + [len(log)]
+        for run, end in zip(self.runs, ends, strict=True):
+            for text in log[run.log_offset : end].splitlines():
+                line = orjson.loads(text) if text.startswith(b"{") else {}
+                if line.get("event") in {"webhook.accepted", "webhook.refused"}:
+                    yield run, line
+
+    def unanswered(self, answers: list[Answer]) -> list[tuple[dict[str, Any], Answer]]:
+        """Deliveries the log says were answered, whose client got another answer or none.
+
+        A process that SIGKILL ended may have logged an answer it had no time to send; one
+        stopped with SIGTERM sends every answer it logs (README: deliveries still in flight when
+        the grace period ends are spooled and answered 202, not cut off)."""
+        by_id = {answer.event_id: answer for answer in answers}
+        wrong = []
+        for run, line in self.logged_answers():
+            answer = by_id[line["message_id"]]
+            if line["event"] == "webhook.refused":
+                expected = 503
+            else:
+                expected = 202 if line["outcome"] == "spooled" else 200
+            if answer.status != expected and run.ended_by is not signal.SIGKILL:
+                wrong.append((line, answer))
+        return wrong
 
 
 @contextlib.contextmanager
@@ -335,7 +382,7 @@ async def test_no_accepted_event_is_lost_through_a_random_run_of_link_faults_kil
     }
     bridge = BridgeProcess(tmp_path, sections)
     chaos = Chaos(broker_proxy, bridge)
-    await bridge.start()
+    await chaos.start()
     stop_posting = asyncio.Event()
     try:
         senders = [
@@ -360,7 +407,7 @@ async def test_no_accepted_event_is_lost_through_a_random_run_of_link_faults_kil
             await eventually(ready, within=45)
         with fail_after(f"the spool was not forwarded (seed {SEED})"):
             await eventually(spool_is_empty, within=70)
-        final_stop = await bridge.stop()
+        final_stop = await chaos.stop()
     finally:
         stop_posting.set()
         if bridge.process is not None and bridge.process.returncode is None:
@@ -389,6 +436,8 @@ async def test_no_accepted_event_is_lost_through_a_random_run_of_link_faults_kil
     assert set(statuses) <= {200, 202, 503, None}, statuses
     cut_off = [a for a in answers if a.status is None and not chaos.was_down(a)]
     assert cut_off == [], f"connection errors while the bridge was up (seed {SEED})"
+    unanswered = chaos.unanswered(answers)
+    assert unanswered == [], f"answers logged but not received (seed {SEED})"
     assert errors == [], f"error lines in the bridge's log (seed {SEED})"
     assert strays == [], f"lines that are not JSON in the bridge's log (seed {SEED})"
     assert chaos.stop_codes == [0] * len(chaos.stop_codes), chaos.stop_codes
