@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 import itertools
+import logging
 import math
 import os
 import random
@@ -41,8 +43,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog
 
+from bridge.config import LogSettings
 from bridge.events import DOCUMENTED_EVENT_TYPES
+from bridge.logs import configure_logging
 from bridge.publisher import Publisher
 from bridge.samples import sample_body
 from bridge.signatures import sign
@@ -462,7 +467,8 @@ async def test_no_accepted_event_is_lost_through_a_random_run_of_link_faults_kil
     raises=TimeoutError,
     reason="Publisher._connect_until_ready retries on Exception only: the CancelledError of a "
     "channel open that aiormq cancels when it gives the connection up ends the connect task "
-    "silently, and the publisher never becomes ready again (found by seeds 2, 3 and 6)",
+    "silently, and the publisher never becomes ready again: every delivery is spooled, none "
+    "forwarded, until a restart (the chaos test finds it with seeds 39, 42 and 99)",
 )
 async def test_a_bridge_started_while_the_broker_is_silent_connects_once_it_answers(
     start_bridge: BridgeFactory, broker_proxy: TcpProxy
@@ -507,8 +513,8 @@ def stream_ends_behind_a_frame(publisher: Publisher) -> None:
     reason="Publisher.publish turns aiormq's errors into PublishFailed, but not the bare "
     "Exception aiormq fails pending confirms with when a link ends cleanly behind a frame: "
     "the delivery gets a 500 and an 'Error handling request' traceback instead of a 202 "
-    "(the same bare Exception gave seed 6 its 'Reconnect attempt failed ... due to "
-    "Exception: .' error line)",
+    "(the chaos test met the same bare Exception once, as aio-pika's 'Reconnect attempt "
+    "failed ... due to Exception: .' error line on a flapping link)",
 )
 async def test_deliveries_waiting_for_confirms_when_the_link_ends_cleanly_are_spooled(
     start_bridge: BridgeFactory, broker_proxy: TcpProxy
@@ -529,3 +535,29 @@ def confirms_due(publisher: Publisher) -> list[object]:
     underlay = publisher._underlay
     confirmations = underlay.confirmations.values() if underlay is not None else ()
     return [c for c in confirmations if isinstance(c, asyncio.Future) and not c.done()]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="bridge/logs.py keeps aio-pika's 'Connection to %s closed.' and 'Connection attempt "
+    "to ...' for the debug level, but not its 'Reconnect attempt failed %s due to %s: %s', "
+    "which it logs as an error when an attempt fails with an exception outside its connection "
+    "errors: aiormq's bare Exception after a link ends cleanly (met once by the chaos test on "
+    "a flapping link; the bridge's amqp.still_down told the same attempt)",
+)
+def test_a_reconnect_attempt_cut_short_by_the_link_is_no_error_line() -> None:
+    stream = io.StringIO()
+    try:
+        configure_logging(LogSettings(level="info", format="json"), stream=stream)
+        logging.getLogger("aio_pika.robust_connection").error(
+            "Reconnect attempt failed %s due to %s: %s. Retrying after %r seconds.",
+            "amqp://guest:******@127.0.0.1:5672/",
+            "Exception",
+            Exception(),
+            0.2,
+        )
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert stream.getvalue() == ""
