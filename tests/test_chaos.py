@@ -51,7 +51,7 @@ from bridge.logs import configure_logging
 from bridge.publisher import Publisher
 from bridge.samples import sample_body
 from bridge.signatures import sign
-from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -483,7 +483,7 @@ async def test_a_bridge_started_while_the_broker_is_silent_connects_once_it_answ
     async with start_bridge(wait_ready=False, amqp={"url": url}) as bridge:
         await asyncio.sleep(started + 7.5 - asyncio.get_running_loop().time())
         broker_proxy.release()
-        await eventually(lambda: bridge.publisher.is_ready, within=5)
+        await eventually(lambda: bridge.publisher.is_ready, within=3)
 
 
 HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
@@ -561,3 +561,52 @@ def test_a_reconnect_attempt_cut_short_by_the_link_is_no_error_line() -> None:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
     assert stream.getvalue() == ""
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in {"Z", "X"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TimeoutError,
+    reason="with server.workers > 1 nothing ties a worker's life to its supervisor "
+    "(bridge/workers.py: no PR_SET_PDEATHSIG, no watch on the parent): a supervisor killed "
+    "outright leaves its workers serving the port unsupervised, holding their spools' locks, "
+    "and the bridge started again on the same spool exits 1 (bridge.cannot_start: another "
+    "process owns the spool)",
+)
+async def test_the_workers_end_with_a_supervisor_killed_outright(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    """``kill -9`` of the process an operator started (a process manager that signals only its
+    main process, an OOM kill of the supervisor): the next start must be able to take over."""
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"workers": 2, "shutdown_timeout": SHUTDOWN_TIMEOUT},
+        "amqp": {"url": AMQP_URL, "exchange": exchange_name, "reconnect_interval": 0.2},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+    bridge = BridgeProcess(tmp_path, sections)
+    await bridge.start()
+    assert bridge.process is not None
+    workers = children(bridge.process.pid)
+    assert len(workers) == 2
+    bridge.send(signal.SIGKILL)
+    await bridge.wait()
+    try:
+        await eventually(lambda: not any(map(alive, workers)), within=3)
+        await bridge.start()  # the same port, the same spool
+        assert await bridge.stop() == 0
+    finally:
+        for pid in filter(alive, workers):  # the orphans this test made, by their ids
+            os.kill(pid, signal.SIGKILL)
