@@ -14,8 +14,11 @@ or both::
 
     KONPRO_CHAOS_SEED=7 KONPRO_CHAOS_SECONDS=120 .venv/bin/pytest -s tests/test_chaos.py
 
-``KONPRO_CHAOS_LOG_LEVEL=debug`` adds aiormq's and aio-pika's own account of each reconnect to
-the bridge's log (kept in pytest's temporary directory, ``bridge.log``), to diagnose a failure.
+``KONPRO_CHAOS_WORKERS=2`` runs the bridge as a supervisor and two workers; a SIGKILL then takes
+one worker, as the OOM killer would, and the supervisor starts it again (a SIGKILL of the
+supervisor itself is a defect of its own, below). ``KONPRO_CHAOS_LOG_LEVEL=debug`` adds
+aiormq's and aio-pika's own account of each reconnect to the bridge's log (kept in pytest's
+temporary directory, ``bridge.log``), to diagnose a failure.
 ``-s`` shows the one-line summary (seed, plan, accepted, spooled, duplicates). A failure names
 the seed; the same seed gives the same plan of faults, though not the same interleaving with the
 clients' deliveries.
@@ -50,11 +53,12 @@ from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
-from tests.test_nothing_is_lost import spool_depth
+from tests.test_metrics_describe_the_bridge import scrape, value
 
 SEED = int(os.environ.get("KONPRO_CHAOS_SEED", "12"))
 SECONDS = float(os.environ.get("KONPRO_CHAOS_SECONDS", "16"))
 LOG_LEVEL = os.environ.get("KONPRO_CHAOS_LOG_LEVEL", "info")
+WORKERS = int(os.environ.get("KONPRO_CHAOS_WORKERS", "1"))
 SECRET = "whsec_chaos-test-secret"
 SENDERS = 6
 SHUTDOWN_TIMEOUT = 3.0
@@ -181,33 +185,43 @@ async def post(
 # --- running the plan --------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    """One bridge process: where its lines start in the shared log, and what ended it."""
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
-    log_offset: int
-    ended_by: signal.Signals | None = None
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in {"Z", "X"}
+
+
+Worker = int | None
+"""A worker's index (``server.workers`` > 1), or None for a bridge that is one process."""
 
 
 @dataclass
 class Chaos:
-    """Applies faults to the link (``proxy``) and to the bridge process, and remembers when the
-    bridge was down (from the signal until it listened again) and how each process ended."""
+    """Applies faults to the link (``proxy``) and to the bridge, and remembers when the bridge
+    was down (from the signal until it listened again) and which of its processes SIGKILL
+    ended. With ``server.workers`` > 1 a SIGKILL takes one worker, as the OOM killer would,
+    and the supervisor starts it again; SIGTERM stops them all."""
 
     proxy: TcpProxy
     bridge: BridgeProcess
-    runs: list[Run] = field(default_factory=list)
+    workers: int
+    rng: random.Random
+    killed: set[tuple[Worker, int]] = field(default_factory=set)  # (worker, its generation)
+    restarting: Worker = None
     down: list[list[float]] = field(default_factory=list)
     stop_codes: list[int] = field(default_factory=list)
     applied: collections.Counter[str] = field(default_factory=collections.Counter)
 
     async def start(self) -> None:
-        log = self.bridge.log_path
-        self.runs.append(Run(log.stat().st_size if log.exists() else 0))
         await self.bridge.start(wait_ready=False)  # listening; the broker may be away
 
     async def stop(self) -> int:
-        self.runs[-1].ended_by = signal.SIGTERM
         return await self.bridge.stop()
 
     async def apply(self, fault: Fault) -> None:
@@ -291,7 +305,11 @@ class Chaos:
 
     async def _signal(self, signum: signal.Signals) -> None:
         self.down.append([time.monotonic(), math.inf])
-        self.runs[-1].ended_by = signum
+        if signum == signal.SIGKILL and self.workers > 1:
+            await self._kill_a_worker()
+            return
+        if signum == signal.SIGKILL:
+            self.killed.add((None, self.generation(None)))
         self.bridge.send(signum)
         # A stop takes the grace period plus about 2 s for aiormq's close; more is a hang.
         code = await self.bridge.wait(within=SHUTDOWN_TIMEOUT + 10.0)
@@ -300,9 +318,31 @@ class Chaos:
         else:
             assert code == -signal.SIGKILL
 
+    async def _kill_a_worker(self) -> None:
+        assert self.bridge.process is not None
+        exited = len(self.lines("workers.exited"))
+        os.kill(self.rng.choice(children(self.bridge.process.pid)), signal.SIGKILL)
+        await eventually(lambda: len(self.lines("workers.exited")) > exited, within=5)
+        worker = self.lines("workers.exited")[-1]["worker"]
+        self.killed.add((worker, self.generation(worker)))
+        self.restarting = worker
+
     async def _restart(self) -> None:
-        await self.start()
+        if self.restarting is None:
+            await self.start()
+        else:  # the supervisor starts the worker again, after a back-off of 1 s and more
+            worker, generation = self.restarting, self.generation(self.restarting)
+            await eventually(lambda: self.generation(worker) > generation, within=40)
+            self.restarting = None
         self.down[-1][1] = time.monotonic()
+
+    def lines(self, event: str | None = None) -> list[dict[str, Any]]:
+        lines = parse_lines(self.bridge.log_path.read_bytes())[0]
+        return [line for line in lines if event is None or line["event"] == event]
+
+    def generation(self, worker: Worker) -> int:
+        """How many times this worker (or the bridge) has started listening."""
+        return sum(line.get("worker") == worker for line in self.lines("bridge.listening"))
 
     async def heal(self) -> None:
         """The link as it should be, whatever the last fault left."""
@@ -313,15 +353,6 @@ class Chaos:
     def was_down(self, answer: Answer) -> bool:
         return any(start <= answer.ended and answer.started <= end for start, end in self.down)
 
-    def logged_answers(self) -> Iterator[tuple[Run, dict[str, Any]]]:
-        """Each delivery's log line (accepted or refused), with the process that wrote it."""
-        log = self.bridge.log_path.read_bytes()
-        ends = [run.log_offset for run in self.runs[1:]] + [len(log)]
-        for run, end in zip(self.runs, ends, strict=True):
-            for line in parse_lines(log[run.log_offset : end])[0]:
-                if line["event"] in {"webhook.accepted", "webhook.refused"}:
-                    yield run, line
-
     def unanswered(self, answers: list[Answer]) -> list[tuple[str, int | None]]:
         """Answers the log says were given, which no client received: (event id, status).
 
@@ -330,12 +361,16 @@ class Chaos:
         the grace period ends are spooled and answered 202, not cut off)."""
         received = collections.Counter((answer.event_id, answer.status) for answer in answers)
         logged: collections.Counter[tuple[str, int | None]] = collections.Counter()
-        for run, line in self.logged_answers():
-            if run.ended_by is signal.SIGKILL:
+        generation: collections.Counter[Worker] = collections.Counter()
+        for line in self.lines():
+            worker = line.get("worker")
+            if line["event"] == "bridge.listening":
+                generation[worker] += 1
+            elif (worker, generation[worker]) in self.killed:
                 continue
-            if line["event"] == "webhook.refused":
+            elif line["event"] == "webhook.refused":
                 logged[line["message_id"], 503] += 1
-            else:
+            elif line["event"] == "webhook.accepted":
                 logged[line["message_id"], 202 if line["outcome"] == "spooled" else 200] += 1
         return sorted((logged - received).elements())
 
@@ -377,7 +412,7 @@ async def test_no_accepted_event_is_lost_through_a_random_run_of_link_faults_kil
     publish_timeout = rng.choice([1.0, 5.0])
     queue = await bind_queue("#")
     sections: dict[str, dict[str, Any]] = {
-        "server": {"shutdown_timeout": SHUTDOWN_TIMEOUT},
+        "server": {"shutdown_timeout": SHUTDOWN_TIMEOUT, "workers": WORKERS},
         "amqp": {
             "url": proxied_amqp_url(broker_proxy) + heartbeat,
             "exchange": exchange_name,
@@ -390,7 +425,7 @@ async def test_no_accepted_event_is_lost_through_a_random_run_of_link_faults_kil
         "log": {"format": "json", "level": LOG_LEVEL},
     }
     bridge = BridgeProcess(tmp_path, sections)
-    chaos = Chaos(broker_proxy, bridge)
+    chaos = Chaos(broker_proxy, bridge, WORKERS, random.Random(rng.random()))
     await chaos.start()
     stop_posting = asyncio.Event()
     try:
@@ -404,12 +439,15 @@ async def test_no_accepted_event_is_lost_through_a_random_run_of_link_faults_kil
         answers = list(itertools.chain.from_iterable(await asyncio.gather(*senders)))
         await chaos.heal()
 
+        async def gauge(name: str) -> float:
+            async with aiohttp.ClientSession() as http:  # every worker's, with several
+                return value(await scrape(http, bridge.url + "/metrics"), name)
+
         async def ready() -> bool:
-            async with aiohttp.ClientSession() as http, http.get(bridge.url + "/readyz") as r:
-                return r.status == 200
+            return await gauge("konpro_bridge_broker_connected") == 1
 
         async def spool_is_empty() -> bool:
-            return await spool_depth(bridge.url) == 0
+            return await gauge("konpro_bridge_spool_depth") == 0
 
         # Generous: a bridge that could not connect at start backs off up to 30 s between tries.
         with fail_after(f"the bridge did not get back to the broker (seed {SEED})"):
@@ -429,9 +467,19 @@ async def test_no_accepted_event_is_lost_through_a_random_run_of_link_faults_kil
     received_ids = [str(message.message_id) for message in received]
     bodies = {str(message.message_id): message.body for message in received}
     lines, strays = parse_lines(bridge.log_path.read_bytes())
-    errors = [line for line in lines if line["level"] in {"error", "critical"}]
+    # A worker the test killed is reported as an error, and rightly so.
+    killed = {(worker, -signal.SIGKILL) for worker, _ in chaos.killed}
+    errors = [
+        line
+        for line in lines
+        if line["level"] in {"error", "critical"}
+        and not (
+            line["event"] == "workers.exited" and (line["worker"], line["exit_code"]) in killed
+        )
+    ]
     print(
-        f"\nchaos seed={SEED} seconds={SECONDS:g} heartbeat={heartbeat or 'default'} "
+        f"\nchaos seed={SEED} seconds={SECONDS:g} workers={WORKERS} "
+        f"heartbeat={heartbeat or 'default'} "
         f"publish_timeout={publish_timeout:g} "
         f"answers={len(answers)} events={len({a.event_id for a in answers})} "
         f"accepted={len(accepted)} spooled={statuses[202]} "
@@ -513,18 +561,6 @@ def confirms_due(publisher: Publisher) -> list[object]:
     underlay = publisher._underlay
     confirmations = underlay.confirmations.values() if underlay is not None else ()
     return [c for c in confirmations if isinstance(c, asyncio.Future) and not c.done()]
-
-
-def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in {"Z", "X"}
 
 
 async def test_the_workers_end_with_a_supervisor_killed_outright(
