@@ -384,10 +384,11 @@ class Publisher:
 
     def _connection_lost(self, connection: object, exc: BaseException | None = None) -> None:
         """The link went down, or (with an outage under way) a reconnect attempt failed."""
-        if exc is None or connection is not self._connection:
-            return  # closed by us
-        # aiormq closes a connection it gave up on (missed heartbeats) with a CancelledError.
-        error = _describe(exc)
+        if connection is not self._connection:
+            return  # closed by us: _discard_connection lets go of it first
+        # aiormq closes a connection it gave up on (missed heartbeats) with a CancelledError,
+        # and one whose stream simply ended (the broker's end closed cleanly) with nothing.
+        error = "the connection ended" if exc is None else _describe(exc)
         now = time.monotonic()
         outage = self._outage
         if outage is None:

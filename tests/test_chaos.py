@@ -44,6 +44,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog
 
 from bridge.events import DOCUMENTED_EVENT_TYPES
 from bridge.publisher import Publisher
@@ -550,11 +551,14 @@ async def test_deliveries_waiting_for_confirms_when_the_link_ends_cleanly_are_sp
         rng = random.Random(SEED)
         posts = [asyncio.create_task(post_once(bridge.webhook_url, rng)) for _ in range(3)]
         await eventually(lambda: len(confirms_due(bridge.publisher)) == 3)
-        stream_ends_behind_a_frame(bridge.publisher)
-        statuses = await asyncio.gather(*posts)
+        with structlog.testing.capture_logs() as logs:
+            stream_ends_behind_a_frame(bridge.publisher)
+            statuses = await asyncio.gather(*posts)
         broker_proxy.release()
         await eventually(lambda: bridge.spool.depth == 0, within=10)
     assert statuses == [202, 202, 202]
+    lost = [line for line in logs if line["event"] == "amqp.connection_lost"]
+    assert [line["error"] for line in lost] == ["the connection ended"]  # not taken for our own
 
 
 def confirms_due(publisher: Publisher) -> list[object]:
