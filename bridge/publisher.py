@@ -388,7 +388,7 @@ class Publisher:
             return  # closed by us: _discard_connection lets go of it first
         # aiormq closes a connection it gave up on (missed heartbeats) with a CancelledError,
         # and one whose stream simply ended (the broker's end closed cleanly) with nothing.
-        error = "the connection ended" if exc is None else _describe(exc)
+        error = _LINK_ENDED if exc is None else _describe(exc)
         now = time.monotonic()
         outage = self._outage
         if outage is None:
@@ -456,12 +456,13 @@ class Publisher:
 
 
 _LINK_GIVEN_UP = "no frames from the broker within the heartbeat timeout (connection given up)"
+_LINK_ENDED = "the connection ended"
 
 
 def _describe(exc: BaseException) -> str:
     if type(exc) is Exception and not str(exc):
         # What aiormq fails pending futures with when a connection ends without an error.
-        return "the connection ended"
+        return _LINK_ENDED
     if isinstance(exc, asyncio.CancelledError):  # aiormq's, of the futures of a link given up
         return _LINK_GIVEN_UP
     text = str(exc) or type(exc).__name__

@@ -150,7 +150,7 @@ class WebhookHandler:
         """The body, counted in the bodies in flight: the caller gives it back."""
         limit = self._settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
+            raise _body_too_large(limit)
         try:
             if request.content.is_eof():  # it all came with the headers: nothing to wait for
                 body = await request.read()
@@ -159,7 +159,7 @@ class WebhookHandler:
                 async with asyncio.timeout(self._settings.body_timeout):
                     body = await self._read_as_it_arrives(request.content, limit)
         except web.HTTPRequestEntityTooLarge:
-            raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes") from None
+            raise _body_too_large(limit) from None
         except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip, and it is not
             encoding = request.headers.get(hdrs.CONTENT_ENCODING, "none")
             raise _Rejected(
@@ -188,7 +188,7 @@ class WebhookHandler:
                 self._bodies.take(len(part))
                 size += len(part)
                 if size > limit:
-                    raise _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
+                    raise _body_too_large(limit)
                 parts.append(part)
         except BaseException:
             self._bodies.give_back(size)
@@ -271,6 +271,10 @@ def _readyz(readiness: ReadinessProbe) -> Handler:
         return _json({"status": "not ready", "reason": reason}, status=503)
 
     return readyz
+
+
+def _body_too_large(limit: int) -> _Rejected:
+    return _Rejected(413, "body_too_large", f"body exceeds {limit} bytes")
 
 
 def _json(
