@@ -45,14 +45,18 @@ def _setting_exists(variable: str) -> bool:
     return isinstance(model, type) and issubclass(model, BaseModel) and key in model.model_fields
 
 
-def test_the_configmap_holds_a_valid_configuration(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _configmap_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings the ConfigMap's config.toml gives, loaded as the bridge loads them."""
     monkeypatch.delenv("KONPRO_BRIDGE_CONFIG", raising=False)
     config = tmp_path / "config.toml"
     config.write_text(_kind("ConfigMap")["data"]["config.toml"])
+    return load_settings(config)
 
-    settings = load_settings(config)
+
+def test_the_configmap_holds_a_valid_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _configmap_settings(tmp_path, monkeypatch)
 
     assert str(settings.spool.path) == "/var/lib/konpro-bridge/spool"
 
@@ -85,10 +89,7 @@ def test_the_sidecar_is_probed_locked_down_and_spools_to_a_volume() -> None:
 def test_the_sidecar_agrees_with_its_configuration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("KONPRO_BRIDGE_CONFIG", raising=False)
-    config = tmp_path / "config.toml"
-    config.write_text(_kind("ConfigMap")["data"]["config.toml"])
-    server = load_settings(config).server
+    server = _configmap_settings(tmp_path, monkeypatch).server
     pod = _kind("Deployment")["spec"]["template"]
     bridge = _bridge_container()
     ports = {port["name"]: port["containerPort"] for port in bridge["ports"]}

@@ -18,6 +18,7 @@ from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 from tests.test_metrics_describe_the_bridge import scrape, value
+from tests.test_observing_the_bridge import status
 
 BOUND = {"max_body_bytes": 50_000, "max_bytes_in_flight": 100_000}
 
@@ -41,8 +42,7 @@ async def chunked(body: bytes) -> AsyncIterator[bytes]:
 
 
 async def bytes_in_flight(http: aiohttp.ClientSession, bridge: Bridge) -> int:
-    async with http.get(bridge.url + "/status") as response:
-        intake = (await response.json())["intake"]
+    intake = (await status(http, bridge))["intake"]
     assert intake["max_bytes_in_flight"] == BOUND["max_bytes_in_flight"]
     held: int = intake["bytes_in_flight"]
     return held

@@ -46,7 +46,10 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
     async with http.get(url) as response:
         assert response.status == 200
         assert response.content_type == "text/plain"
-        text = await response.text()
+        return samples_of(await response.text())
+
+
+def samples_of(text: str) -> Samples:
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)
@@ -197,11 +200,7 @@ def workers_metrics(directory: Path, *workers: tuple[str, int, str]) -> Samples:
             workers, ["no"] * (len(workers) - 1) + ["scrape"], strict=True
         )
     ]
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(outputs[-1].decode())
-        for sample in family.samples
-    }
+    return samples_of(outputs[-1].decode())
 
 
 def test_with_several_workers_the_gauges_combine_as_an_operator_reads_them(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import signal
 import sqlite3
 import stat
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -548,11 +549,14 @@ async def test_the_broker_back_ends_a_back_off_once_per_run_of_failures(spool: S
     await forwarder.stop(grace=0)
 
 
-async def test_failed_forwards_are_retried_after_1_s_then_2_s_by_default(spool: Spool) -> None:
+async def retry_delays(
+    spool: Spool, count: int, make: Callable[..., Forwarder] = Forwarder
+) -> list[float]:
+    """The first ``count`` back-offs (``retry_in``) of a forwarder whose publishes all fail."""
     await fill(spool, 1)
     broker = Broker(expect=1)
     broker.failures_to_come = 100
-    forwarder = Forwarder(spool, broker.publish, is_connected=broker.is_connected)
+    forwarder = make(spool, broker.publish, is_connected=broker.is_connected)
     with structlog.testing.capture_logs() as logs:
         forwarder.start()
 
@@ -560,36 +564,20 @@ async def test_failed_forwards_are_retried_after_1_s_then_2_s_by_default(spool: 
             return [e["retry_in"] for e in logs if e["event"] == "spool.forward_failed"]
 
         async with asyncio.timeout(10):
-            while len(failures()) < 2:  # noqa: ASYNC110 - log lines offer no event to await
-                await asyncio.sleep(0.05)
+            while len(failures()) < count:  # noqa: ASYNC110 - log lines offer no event to await
+                await asyncio.sleep(0.01)
         await forwarder.stop(grace=0)
+    return failures()[:count]
 
-    assert failures()[:2] == [1.0, 2.0]  # doubling up to a minute
+
+async def test_failed_forwards_are_retried_after_1_s_then_2_s_by_default(spool: Spool) -> None:
+    assert await retry_delays(spool, 2) == [1.0, 2.0]  # doubling up to a minute
 
 
 async def test_the_forwarders_back_off_doubles_up_to_its_cap_and_stays_there(spool: Spool) -> None:
-    await fill(spool, 1)
-    broker = Broker(expect=1)
-    broker.failures_to_come = 100
-    forwarder = Forwarder(
-        spool,
-        broker.publish,
-        is_connected=broker.is_connected,
-        retry_delay=0.01,
-        max_retry_delay=0.04,  # 60 s by default
-    )
-    with structlog.testing.capture_logs() as logs:
-        forwarder.start()
-
-        def failures() -> list[float]:
-            return [e["retry_in"] for e in logs if e["event"] == "spool.forward_failed"]
-
-        async with asyncio.timeout(10):
-            while len(failures()) < 5:  # noqa: ASYNC110 - log lines offer no event to await
-                await asyncio.sleep(0.01)
-        await forwarder.stop(grace=0)
-
-    assert failures()[:5] == [0.01, 0.02, 0.04, 0.04, 0.04]
+    capped = functools.partial(Forwarder, retry_delay=0.01, max_retry_delay=0.04)  # 1 s, 60 s
+    delays = await retry_delays(spool, 5, capped)
+    assert delays == [0.01, 0.02, 0.04, 0.04, 0.04]
 
 
 async def test_forwarder_outlives_a_cancelled_error_that_was_not_meant_for_it(
