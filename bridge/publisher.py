@@ -173,12 +173,14 @@ class Publisher:
         self._on_ready: list[Callable[[], None]] = []
         self._outage: Outage | None = None
         self._abandoned_because: str | None = None
+        self._confirms_missed = False  # since the last confirm
         self._first_attempt_over = asyncio.Event()
         self.link_changed_at = time.time()
         """When the link last came up or went down (wall clock), for ``/status``."""
 
     def on_ready(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` each time the broker becomes usable (first connect and reconnects)."""
+        """Call ``callback`` each time the broker becomes usable: the first connect, reconnects,
+        a channel restored, and the first confirm after publishes that got none."""
         self._on_ready.append(callback)
 
     async def start(self) -> None:
@@ -239,28 +241,39 @@ class Publisher:
                 # serialise the publishes; the confirm is what matters.
                 wait=False,
             )
-        except TimeoutError:
-            raise PublishFailed("broker did not confirm in time") from None
-        except aiormq.exceptions.PublishError:
-            # Returned: unroutable although every exchange has an alternate exchange, so part
-            # of the topology is gone (say, someone deleted "<exchange>.unrouted").
-            self._declare_topology_again()
-            raise PublishFailed(
-                f"broker returned the message: no route on {exchange_name!r}, "
-                f"not even to {unrouted_name(exchange_name)!r}"
-            ) from None
-        except aiormq.exceptions.DeliveryError as exc:
-            raise PublishFailed(f"broker refused the message: {_describe(exc)}") from None
-        except Exception as exc:  # noqa: BLE001 - not confirmed, whatever the reason: spooled
-            raise PublishFailed(f"publish failed: {_describe(exc)}") from None
         except asyncio.CancelledError:
             if this_task_is_cancelled():
                 raise
             # The confirm's future was cancelled, not this task: by aiormq when it gave the
             # connection up, or by abandon_confirm_waits.
-            reason = self._abandoned_because or f"publish failed: {_LINK_GIVEN_UP}"
-            raise PublishFailed(reason) from None
+            raise self._not_confirmed(None, exchange_name) from None
+        except Exception as exc:  # noqa: BLE001 - not confirmed, whatever the reason: spooled
+            raise self._not_confirmed(exc, exchange_name) from None
         self._metrics.published(exchange_name, time.perf_counter() - started)
+        if self._confirms_missed:
+            # A broker silent for a while without disconnecting (a memory alarm, a stalled
+            # disk) is back: no reconnect says so, and the forwarder may be backing off.
+            self._confirms_missed = False
+            self._notify_ready()
+
+    def _not_confirmed(self, exc: Exception | None, exchange_name: str) -> PublishFailed:
+        """Why a publish got no confirm (``None``: its wait was cancelled under it)."""
+        self._confirms_missed = True
+        if exc is None:
+            return PublishFailed(self._abandoned_because or f"publish failed: {_LINK_GIVEN_UP}")
+        if isinstance(exc, TimeoutError):
+            return PublishFailed("broker did not confirm in time")
+        if isinstance(exc, aiormq.exceptions.PublishError):
+            # Returned: unroutable although every exchange has an alternate exchange, so part
+            # of the topology is gone (say, someone deleted "<exchange>.unrouted").
+            self._declare_topology_again()
+            return PublishFailed(
+                f"broker returned the message: no route on {exchange_name!r}, "
+                f"not even to {unrouted_name(exchange_name)!r}"
+            )
+        if isinstance(exc, aiormq.exceptions.DeliveryError):
+            return PublishFailed(f"broker refused the message: {_describe(exc)}")
+        return PublishFailed(f"publish failed: {_describe(exc)}")
 
     def abandon_confirm_waits(self, reason: str) -> int:
         """Stop waiting for the confirms not yet received: each of those publishes fails with

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import structlog
 from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
@@ -354,3 +355,36 @@ def test_an_outage_is_reported_at_attempts_1_2_4_8_and_at_least_every_ten_minute
     hours = [n for n in range(21, 200) if outage.failed_attempt(now=n * 60.0)]  # a minute apart
     assert hours[:3] == [21, 31, 32]  # 10 minutes after attempt 16 (at 80 s), then 32
     assert all(later - earlier <= 10 for earlier, later in itertools.pairwise(hours))
+
+
+async def test_the_first_confirm_after_a_silent_spell_ends_the_forwarders_back_off(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, bind_queue: QueueFactory
+) -> None:
+    """A broker silent for a while but never disconnected (a memory alarm, a stalled disk):
+    no reconnect tells the forwarder it is back, so the first confirm after publishes that
+    got none does, instead of the forwarder waiting out a back-off of up to a minute."""
+    queue = await bind_queue("#")
+    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 0.5}
+    settings = make_settings(tmp_path, exchange_name, amqp=amqp)
+    publisher = Publisher(settings.amqp)
+    async with await Spool.open(settings.spool) as spool:
+        await spool.append(Delivery("avatar_video.success", VALID, "evt-spooled"))
+        forwarder = Forwarder(
+            spool, publisher.publish, is_connected=lambda: publisher.is_ready, retry_delay=60
+        )
+        publisher.on_ready(forwarder.retry_now)  # as the bridge wires them
+        await publisher.start()
+        await publisher.wait_ready()
+        broker_proxy.hold()
+        with structlog.testing.capture_logs() as logs:
+            forwarder.start()
+            await eventually(lambda: any(e["event"] == "spool.forward_failed" for e in logs))
+        broker_proxy.release()  # the forwarder now backs off for a minute
+        try:
+            await publisher.publish(Delivery("avatar_video.success", NEXT, "evt-live"))
+            await eventually(lambda: spool.depth == 0, within=5)
+        finally:
+            await forwarder.stop()
+            await publisher.close()
+    # The timed-out publish may arrive as well as the forwarded copy: same message id.
+    assert {m.message_id for m in await drain(queue, expect=2)} == {"evt-spooled", "evt-live"}
