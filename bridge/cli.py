@@ -147,7 +147,7 @@ def _add_spool_commands(
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="how long to wait for the broker",
+        help="how long to wait for the broker (default: %(default)g s)",
     )
     drain.set_defaults(command=_spool_drain)
 

@@ -12,6 +12,8 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
 from aiohttp import web
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from bridge.events import DOCUMENTED_EVENT_TYPES, EVENT_ID_HEADER, parse_event_type
 from bridge.samples import sample_event
@@ -204,3 +206,25 @@ async def test_tail_shows_the_events_of_every_exchange_the_routes_name(
     await channel.exchange_delete(routed)
     await channel.exchange_delete(f"{routed}.unrouted")
     assert shown == sorted([exchange_name, routed])
+
+
+async def test_tail_leaves_no_queue_behind_on_the_broker(
+    channel: AbstractChannel, exchange_name: str, tmp_path: Path
+) -> None:
+    """What ``tail`` binds is private to it: once it is gone, events on the exchange reach no
+    queue of its (nobody else's queue is bound here, so they are returned as unroutable)."""
+    [line] = await _tail_while_publishing(
+        channel,
+        exchange_name,
+        tmp_path,
+        [("avatar_video.fail", _event("avatar_video.fail", "evt-seen"))],
+        as_json=True,
+        patterns=["#"],
+        expect=1,
+    )
+    assert orjson.loads(line)["message_id"] == "evt-seen"
+
+    exchange = await channel.get_exchange(exchange_name)
+    answer = await exchange.publish(_event("avatar_video.fail", "evt-after"), "avatar_video.fail")
+    assert isinstance(answer, DeliveredMessage)  # returned unroutable, not acknowledged
+    assert isinstance(answer.delivery, Basic.Return)

@@ -120,6 +120,12 @@ async def test_drain_without_a_broker_fails_clearly_and_keeps_the_events(
     assert json.loads(out)["depth"] == 2
 
 
+async def test_drain_says_it_waits_30_s_for_the_broker_unless_told_otherwise() -> None:
+    code, out, _ = await run_command("spool", "drain", "--help")
+    assert code == 0
+    assert "how long to wait for the broker (default: 30 s)" in " ".join(out.split())
+
+
 async def test_a_corrupt_spool_file_is_one_clear_line_for_the_commands_and_the_daemon(
     tmp_path: Path, exchange_name: str
 ) -> None:
