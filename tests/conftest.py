@@ -136,6 +136,21 @@ def proxied_amqp_url(proxy: TcpProxy) -> str:
     return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
 
 
+@pytest.fixture
+def start_bridge_cut_off(start_bridge: BridgeFactory, broker_proxy: TcpProxy) -> BridgeFactory:
+    """Starts a bridge whose link to the broker runs through ``broker_proxy``, cut: the broker
+    is down as far as the bridge can tell, until the test calls ``broker_proxy.restore()``."""
+
+    @asynccontextmanager
+    async def start(**sections: dict[str, Any]) -> AsyncIterator[Bridge]:
+        await broker_proxy.cut()
+        amqp = {"url": proxied_amqp_url(broker_proxy), **sections.pop("amqp", {})}
+        async with start_bridge(wait_ready=False, amqp=amqp, **sections) as bridge:
+            yield bridge
+
+    return start
+
+
 async def drain(queue: AbstractQueue, *, expect: int, within: float = 5.0) -> list[Any]:
     """Collects exactly ``expect`` messages (acking them), then checks nothing else arrives."""
     messages: list[Any] = []

@@ -58,11 +58,9 @@ async def wait_for_empty_spool(bridge: Bridge) -> None:
 
 
 async def test_options_and_health_are_answered_while_the_broker_is_unreachable(
-    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+    start_bridge_cut_off: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
 ) -> None:
-    await broker_proxy.cut()
-    amqp = {"url": proxied_amqp_url(broker_proxy)}
-    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+    async with start_bridge_cut_off() as bridge:
         url = bridge.webhook_url
         for path in (url, bridge.url + "/", bridge.url + "/any/path"):
             async with http.options(path, timeout=aiohttp.ClientTimeout(total=1)) as response:
@@ -81,15 +79,13 @@ async def test_options_and_health_are_answered_while_the_broker_is_unreachable(
 
 
 async def test_a_delivery_while_the_broker_is_down_is_spooled_then_forwarded(
-    start_bridge: BridgeFactory,
+    start_bridge_cut_off: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    await broker_proxy.cut()
-    amqp = {"url": proxied_amqp_url(broker_proxy)}
-    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+    async with start_bridge_cut_off() as bridge:
         url = bridge.webhook_url
         async with http.post(url, data=VALID, headers=JSON) as response:
             assert response.status == 202
@@ -102,15 +98,13 @@ async def test_a_delivery_while_the_broker_is_down_is_spooled_then_forwarded(
 
 
 async def test_the_bridge_connects_and_forwards_once_the_broker_appears(
-    start_bridge: BridgeFactory,
+    start_bridge_cut_off: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    await broker_proxy.cut()
-    amqp = {"url": proxied_amqp_url(broker_proxy)}
-    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+    async with start_bridge_cut_off() as bridge:
         assert (await readiness(http, bridge))[0] == 503
         await broker_proxy.restore()
         await wait_for_readiness(http, bridge, 200)

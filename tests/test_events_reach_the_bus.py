@@ -20,7 +20,7 @@ from pamqp import commands
 from bridge.app import Bridge
 from bridge.contract import ContractProperties
 from bridge.events import Delivery
-from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.conftest import BridgeFactory, QueueFactory, drain
 from tests.support.private_broker import PrivateBroker
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -210,15 +210,13 @@ async def test_routes_send_matching_event_types_to_their_own_exchange(
 
 
 async def test_a_spooled_event_carries_the_time_it_was_received_not_forwarded(
-    start_bridge: BridgeFactory,
+    start_bridge_cut_off: BridgeFactory,
     bind_queue: QueueFactory,
     broker_proxy: TcpProxy,
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    await broker_proxy.cut()
-    amqp = {"url": proxied_amqp_url(broker_proxy)}
-    async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
+    async with start_bridge_cut_off() as bridge:
         received = time.time()
         status, _ = await post(http, bridge, event_body("avatar_video.success", video_id="late"))
         assert status == 202

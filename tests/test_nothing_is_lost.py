@@ -175,15 +175,13 @@ async def test_events_in_the_spool_survive_sigkill_and_are_delivered_after_resta
 
 
 async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
-    start_bridge: BridgeFactory,
+    start_bridge_cut_off: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    await broker_proxy.cut()
-    amqp = {"url": proxied_amqp_url(broker_proxy)}
-    async with start_bridge(wait_ready=False, amqp=amqp, spool={"max_events": 5}) as bridge:
+    async with start_bridge_cut_off(spool={"max_events": 5}) as bridge:
         url = bridge.webhook_url
         answers = [await post(http, url, n) for n in range(8)]
         with structlog.testing.capture_logs() as logs:
