@@ -250,10 +250,11 @@ class Bridge:
         )
 
     def use_webhook_secret(self, secret: str) -> None:
-        """Verify deliveries with ``secret`` from now on (and keep it out of logs and answers)."""
+        """Verify deliveries with ``secret`` from now on, instead of any learnt before (and keep
+        both out of logs and answers)."""
         redactor.add(secret)
         self._answers.add(secret)
-        self.authenticator.add_secret(secret)
+        self.authenticator.learn_secret(secret)
 
     def _not_ready_reason(self) -> str | None:
         """Why ``/readyz`` says 503, per ``server.readiness``, with any secret masked."""

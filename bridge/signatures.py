@@ -86,12 +86,14 @@ class SignatureVerifier:
 class Authenticator:
     """The signature policy in force: verify when a secret is known, else let deliveries in.
 
-    A secret learnt at run time (from ``endpoint.add``) is added with ``add_secret``; from then
-    on every delivery must be signed.
+    The configured secrets stay for the process's life. A secret learnt at run time (from
+    ``endpoint.add``) is set with ``learn_secret``: from then on every delivery must be signed,
+    and a later one replaces it, since a new registration revokes the old endpoint's secret.
     """
 
     def __init__(self, secrets: Sequence[str], *, timestamp_tolerance: float) -> None:
-        self._secrets = tuple(dict.fromkeys(secrets))
+        self._configured = tuple(dict.fromkeys(secrets))
+        self._learnt: str | None = None
         self._tolerance = timestamp_tolerance
         self._verifier = self._build()
 
@@ -99,9 +101,9 @@ class Authenticator:
     def enabled(self) -> bool:
         return self._verifier is not None
 
-    def add_secret(self, secret: str) -> None:
-        if secret and secret not in self._secrets:
-            self._secrets = (*self._secrets, secret)
+    def learn_secret(self, secret: str) -> None:
+        if secret and secret != self._learnt:
+            self._learnt = secret
             self._verifier = self._build()
 
     def verify(self, body: bytes, headers: Mapping[str, str]) -> None:
@@ -110,9 +112,11 @@ class Authenticator:
             self._verifier.verify(body, headers)
 
     def _build(self) -> SignatureVerifier | None:
-        if not self._secrets:
+        learnt = () if self._learnt is None else (self._learnt,)
+        secrets = tuple(dict.fromkeys((*self._configured, *learnt)))
+        if not secrets:
             return None
-        return SignatureVerifier(self._secrets, timestamp_tolerance=self._tolerance)
+        return SignatureVerifier(secrets, timestamp_tolerance=self._tolerance)
 
 
 class ReplayGuard:

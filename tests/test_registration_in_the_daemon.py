@@ -135,6 +135,33 @@ async def test_a_learnt_signing_secret_is_kept_masked_and_enforced_at_once(
     assert redactor(f"signed with {registered['secret']}") == f"signed with {MASK}"
 
 
+async def test_a_learnt_secret_replaced_by_a_new_registration_no_longer_passes(
+    tmp_path: Path, exchange_name: str, fake_konpro: FakeKonPro, http: aiohttp.ClientSession
+) -> None:
+    """The endpoint deleted in the dashboard (its secret leaked, say) and registered again:
+    KonPro issues a new secret, and a delivery signed with the old one is forged."""
+    settings = make_settings(tmp_path, exchange_name, **registration(fake_konpro))
+    async with Bridge(settings) as bridge:
+        await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
+        await until(lambda: bridge.authenticator.enabled)
+        [(first_id, first)] = fake_konpro.endpoints.items()
+        fake_konpro.delete(first_id)
+        await until(lambda: fake_konpro.endpoints)
+        [second] = fake_konpro.endpoints.values()
+        assert second["secret"] != first["secret"]
+        ran = result_of(bridge)
+        await until(lambda: result_of(bridge) is not ran)  # a run after the one that stored it
+
+        statuses = []
+        for secret, video in ((first["secret"], "v1"), (second["secret"], "v2")):
+            body = EVENT.replace(b'"v1"', f'"{video}"'.encode())
+            headers = {"Content-Type": "application/json", "KonPro-Signature": sign(body, secret)}
+            async with http.post(bridge.webhook_url, data=body, headers=headers) as response:
+                statuses.append(response.status)
+
+    assert statuses == [401, 200]
+
+
 async def test_a_secret_an_operator_registered_meanwhile_is_enforced_at_the_next_run(
     tmp_path: Path, exchange_name: str, fake_konpro: FakeKonPro, http: aiohttp.ClientSession
 ) -> None:
