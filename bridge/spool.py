@@ -435,7 +435,7 @@ class Forwarder:
             self._wake.clear()
             self._cut_short.clear()
             try:
-                await self._forward()
+                tried = await self._forward()
             # The forwarder outlives any failure, even a CancelledError out of a library's
             # future; only its own cancellation ends it.
             except (Exception, asyncio.CancelledError) as exc:
@@ -446,17 +446,23 @@ class Forwarder:
                 self._early_retry_spent = self._early_retry_spent or self._cut_short.is_set()
                 delay = min(2 * delay, self._max_retry_delay)
             else:
-                delay = self._retry_delay
-                self._early_retry_spent = False
+                if tried:  # a look that found the link down does not end a run of failures
+                    delay = self._retry_delay
+                    self._early_retry_spent = False
                 await _wait(self._wake, self._poll_interval)
 
-    async def _forward(self) -> None:
-        if self._spool.depth and self._is_connected():
+    async def _forward(self) -> bool:
+        """Drain what there is; ``False`` when there is but the broker is not connected, so
+        that nothing was tried."""
+        if self._spool.depth:
+            if not self._is_connected():
+                return False
             drained = await drain(self._spool, self._publish, batch=self._batch)
             if drained:
                 _log.info("spool.drained", count=drained, depth=self._spool.depth)
         if not self._spool.depth:
             self._emptied.set()
+        return True
 
 
 class _Database:

@@ -549,6 +549,40 @@ async def test_the_broker_back_ends_a_back_off_once_per_run_of_failures(spool: S
     await forwarder.stop(grace=0)
 
 
+async def test_a_broker_that_drops_the_link_at_each_publish_gets_no_busy_loop(
+    spool: Spool,
+) -> None:
+    """Each publish of the spooled event takes the connection down (a frame the broker will
+    not take), and the publisher reconnects a moment later, calling ``retry_now`` for the
+    channel and again for the connection: a look that finds the link down is no success, and
+    the back-off goes on."""
+    await fill(spool, 1)  # while the broker was away
+    broker = Broker()
+    broker.connected, broker.failures_to_come = False, 100
+    loop = asyncio.get_running_loop()
+
+    def reconnected() -> None:
+        broker.connected = True
+        forwarder.retry_now()
+        loop.call_soon(forwarder.retry_now)
+
+    async def publish_and_lose_the_link(delivery: Delivery) -> None:
+        await asyncio.sleep(0.001)  # the broker's answer is a frame away
+        broker.connected = False
+        loop.call_later(0.05, reconnected)
+        await broker.publish(delivery)
+
+    forwarder = Forwarder(
+        spool, publish_and_lose_the_link, is_connected=broker.is_connected, retry_delay=60
+    )
+    forwarder.start()
+    loop.call_later(0.05, reconnected)
+    await asyncio.sleep(1.0)  # twenty reconnects
+    await forwarder.stop(grace=0)
+
+    assert 100 - broker.failures_to_come <= 2  # the first failure, and the one early retry
+
+
 async def retry_delays(
     spool: Spool, count: int, make: Callable[..., Forwarder] = Forwarder
 ) -> list[float]:
