@@ -50,7 +50,8 @@ class ServerSettings(_Section):
     host: str = "0.0.0.0"  # noqa: S104 - a sidecar listens on the pod's interfaces
     port: int = Field(default=8080, ge=0, le=65535)
     webhook_path: str = Field(default="/webhooks/konpro", pattern=r"^/[^\s?#]*$")
-    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # At most 16 MiB: RabbitMQ 4 refuses larger messages unless max_message_size is raised.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=16_777_216)
     max_header_bytes: int = Field(default=8190, ge=1024)
     max_bytes_in_flight: int = Field(default=67_108_864, ge=1024)
     body_timeout: float = Field(default=10.0, gt=0)
@@ -66,6 +67,16 @@ class ServerSettings(_Section):
             raise ValueError(
                 f"max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least "
                 f"max_body_bytes ({self.max_body_bytes}), or the largest delivery never fits"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_on_a_port_of_their_own(self) -> ServerSettings:
+        # With workers sharing the port, the kernel would hand deliveries to the metrics site.
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(
+                f"metrics_port ({self.metrics_port}) must differ from port; "
+                "0 serves /metrics on the main port"
             )
         return self
 

@@ -37,6 +37,10 @@ SIGNATURE_HEADERS: Final = ("KonPro-Signature", "Signature")
 FORWARDED_HEADERS: Final = (EVENT_ID_HEADER, TIMESTAMP_HEADER, *SIGNATURE_HEADERS)
 """The delivery's headers each message carries (the README's message contract)."""
 MAX_EVENT_ID_BYTES: Final = 200  # in UTF-8; an AMQP message id holds 255
+MAX_FORWARDED_HEADER_BYTES: Final = 512
+"""Each forwarded header's bound, in UTF-8. A message's properties travel in one AMQP frame, and
+a frame over the broker's ``frame_max`` costs the connection (at every try, for a spooled event):
+at these bounds they fit the smallest frame a broker may set, 4 KiB."""
 
 
 class InvalidEvent(ValueError):
@@ -94,7 +98,8 @@ def parse_event_type(body: bytes) -> str:
 
 
 def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The KonPro headers the message carries; raises ``InvalidEvent`` for one that is not text.
+    """The KonPro headers the message carries; raises ``InvalidEvent`` for one that is not
+    text, or too long to forward.
 
     aiohttp hands undecodable header bytes over as surrogates, which neither the AMQP headers
     table nor the spool can hold.
@@ -104,8 +109,11 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
         value = headers.get(name)
         if value is None:
             continue
-        if not value.isprintable():
-            raise InvalidEvent(f"{name} must be printable UTF-8 text")
+        # Printable first: a surrogate (undecodable bytes) cannot be encoded to count its bytes.
+        if not value.isprintable() or len(value.encode()) > MAX_FORWARDED_HEADER_BYTES:
+            raise InvalidEvent(
+                f"{name} must be printable UTF-8 text of at most {MAX_FORWARDED_HEADER_BYTES} bytes"
+            )
         forwarded[name] = value
     return forwarded
 

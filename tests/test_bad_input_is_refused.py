@@ -181,6 +181,37 @@ async def test_a_konpro_header_that_is_not_printable_text_is_answered_400(
     assert await drain(queue, expect=0) == []
 
 
+@pytest.mark.parametrize("name", ["KonPro-Timestamp", "KonPro-Signature", "Signature"])
+async def test_a_konpro_header_over_512_bytes_is_answered_400(
+    name: str, start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    # Forwarded to the bus, where all of a message's headers go in one AMQP frame: one that
+    # passed the broker's frame size would cost the connection, at each try (poisoning the
+    # spool), so the headers are bounded to fit the smallest frame a broker may set (4 KiB).
+    queue = await bind_queue("#")
+    async with start_bridge(server={"max_header_bytes": 65536}) as bridge:
+        headers = {"Content-Type": "application/json", name: "1" * 513}
+        async with http.post(bridge.webhook_url, data=VALID, headers=headers) as response:
+            assert response.status == 400
+            assert (await response.json())["detail"] == (
+                f"{name} must be printable UTF-8 text of at most 512 bytes"
+            )
+    assert await drain(queue, expect=0) == []
+
+
+async def test_konpro_headers_of_512_bytes_each_reach_the_bus_with_the_event(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("#")
+    largest = dict.fromkeys(("KonPro-Timestamp", "KonPro-Signature", "Signature"), "é" * 256)
+    async with start_bridge() as bridge:
+        headers = {"Content-Type": "application/json", **largest}
+        async with http.post(bridge.webhook_url, data=VALID, headers=headers) as response:
+            assert response.status == 200
+    [message] = await drain(queue, expect=1)
+    assert message.headers == largest
+
+
 async def raw_post(
     bridge: Bridge | BridgeProcess,
     header: bytes,

@@ -172,6 +172,33 @@ def test_a_bound_on_bodies_in_flight_below_the_largest_body_is_refused(tmp_path:
     )
 
 
+@pytest.mark.parametrize(
+    ("server", "error"),
+    [
+        (
+            "max_body_bytes = 16777217",
+            "server.max_body_bytes: Input should be less than or equal to 16777216",
+        ),
+        (
+            "port = 9000\nmetrics_port = 9000",
+            "server: Value error, metrics_port (9000) must differ from port; "
+            "0 serves /metrics on the main port",
+        ),
+    ],
+    ids=["a body larger than RabbitMQ takes", "metrics on the webhook port"],
+)
+def test_server_settings_the_bridge_could_not_keep_are_refused(
+    server: str, error: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text(f"[server]\n{server}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+
+    assert str(caught.value) == f"{config}: {error}"
+
+
 def test_a_variable_that_is_not_valid_json_is_blamed_on_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

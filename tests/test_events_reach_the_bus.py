@@ -15,11 +15,19 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from hypothesis import given
 from hypothesis import strategies as st
-from pamqp import commands
+from pamqp import commands, frame
+from pamqp.header import ContentHeader
 
 from bridge.app import Bridge
 from bridge.contract import ContractProperties
-from bridge.events import Delivery
+from bridge.events import (
+    EVENT_ID_HEADER,
+    EVENT_TYPE_MAX_LENGTH,
+    FORWARDED_HEADERS,
+    MAX_EVENT_ID_BYTES,
+    MAX_FORWARDED_HEADER_BYTES,
+    Delivery,
+)
 from tests.conftest import BridgeFactory, QueueFactory, drain
 from tests.support.private_broker import PrivateBroker
 from tests.support.tcp_proxy import TcpProxy
@@ -153,6 +161,18 @@ def test_contract_properties_changed_after_construction_are_marshalled_as_change
     data = properties.marshal()
     decoded.unmarshal(int.from_bytes(data[:2]), data[2:])
     assert (decoded.priority, decoded.app_id) == (5, "someone-else")
+
+
+def test_the_largest_properties_fit_the_smallest_frame_a_broker_may_set() -> None:
+    # AMQP lets a broker set frame_max as low as 4096 bytes; the properties go in one frame,
+    # and a frame over the limit costs the connection. Each bound at its maximum, in UTF-8:
+    headers = dict.fromkeys(FORWARDED_HEADERS, "é" * (MAX_FORWARDED_HEADER_BYTES // 2))
+    headers[EVENT_ID_HEADER] = event_id = "é" * (MAX_EVENT_ID_BYTES // 2)
+    delivery = Delivery("a" * EVENT_TYPE_MAX_LENGTH, b"{}", event_id, headers)
+
+    content_header = ContentHeader(0, 2**63, ContractProperties(delivery))
+
+    assert len(frame.marshal(content_header, 65535)) <= 4096
 
 
 async def test_message_id_is_the_body_digest_when_konpro_sends_no_event_id(
