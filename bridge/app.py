@@ -68,6 +68,7 @@ class Bridge:
         self._answers = Redactor(settings.secrets())
         self._spool: Spool | None = None
         self._forwarder: Forwarder | None = None
+        self._secret_unreadable = ""  # the last error reading the stored secret, said once
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._konpro: KonProClient | None = None
@@ -142,14 +143,7 @@ class Bridge:
         )
         await self._runner.setup()
         await self._wait_for_the_first_connect()
-        server = self.settings.server
-        # Workers share the port; a single process must notice that another one holds it.
-        shared = server.workers > 1
-        site = web.TCPSite(self._runner, server.host, server.port, reuse_port=shared)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {server.host}:{server.port}: {exc}") from exc
+        await self._listen(self._runner, self.settings.server.port)
         log.info(
             "bridge.listening",
             url=self.webhook_url,
@@ -185,9 +179,16 @@ class Bridge:
             return
         self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
         await self._metrics_runner.setup()
-        host = self.settings.server.host
-        shared = self.settings.server.workers > 1
-        await web.TCPSite(self._metrics_runner, host, port, reuse_port=shared).start()
+        await self._listen(self._metrics_runner, port, " (server.metrics_port)")
+
+    async def _listen(self, runner: web.AppRunner, port: int, what: str = "") -> None:
+        server = self.settings.server
+        # Workers share the port; a single process must notice that another one holds it.
+        site = web.TCPSite(runner, server.host, port, reuse_port=server.workers > 1)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {server.host}:{port}{what}: {exc}") from exc
 
     async def _open_spool(self) -> Spool:
         try:
@@ -235,7 +236,10 @@ class Bridge:
 
     def _use_stored_secret(self) -> None:
         if not self.settings.konpro.webhook_secret.get_secret_value():
-            self._adopt_stored_secret()
+            try:
+                self._adopt_stored_secret()
+            except OSError as exc:  # better no start than a bridge that cannot check signatures
+                raise StartupError(f"cannot read the stored webhook secret: {exc}") from exc
         if self.authenticator.enabled:
             return
         if self.settings.konpro.require_signature:
@@ -374,7 +378,7 @@ class Bridge:
     async def _follow_stored_secret(self) -> None:
         """Other workers pick up the secret worker 0's reconciler learns, within seconds."""
         while True:
-            self._adopt_stored_secret()
+            self._adopt_stored_secret_if_readable()
             await asyncio.sleep(_SECRET_POLL_INTERVAL)
 
     def last_registration(self) -> ReconcileResult | None:
@@ -386,7 +390,23 @@ class Bridge:
         this reconciler or an operator's ``reconcile --once`` may have just written."""
         self.metrics.reconcile_run(result.result)
         if self._learns_secret():
+            self._adopt_stored_secret_if_readable()
+
+    def _adopt_stored_secret_if_readable(self) -> None:
+        """At run time a secret file that cannot be read (an operator's ``reconcile --once``
+        run as another user wrote it) leaves the secret in force as it is, said once."""
+        try:
             self._adopt_stored_secret()
+        except OSError as exc:
+            if str(exc) != self._secret_unreadable:
+                log.error(
+                    "bridge.secret_unreadable",
+                    error=str(exc),
+                    detail="signatures are still checked with the secret in force",
+                )
+            self._secret_unreadable = str(exc)
+        else:
+            self._secret_unreadable = ""
 
     def _adopt_stored_secret(self) -> None:
         """Verify with the secret reconciliation kept, if there is one (a few bytes: reading

@@ -147,7 +147,9 @@ class Spool:
         loop = asyncio.get_running_loop()
         lock_fd = None
         try:
-            database = await loop.run_in_executor(executor, _Database.open, settings.path)
+            database = await loop.run_in_executor(
+                executor, _Database.open, settings.path, exclusive
+            )
             if exclusive:
                 lock_fd = _lock(settings.path / LOCK_NAME)
         except sqlite3.DatabaseError as exc:
@@ -478,7 +480,9 @@ class _Database:
         """Space inside the file that deleted events left for new ones (as of the last write)."""
 
     @classmethod
-    def open(cls, directory: Path) -> _Database:
+    def open(cls, directory: Path, writing: bool = True) -> _Database:
+        """``writing``: the caller will write (the daemon, ``spool drain``), so a file it may
+        not write is an error now; ``spool status`` only reads."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         connection = sqlite3.connect(directory / FILE_NAME, timeout=10.0, isolation_level=None)
         try:
@@ -487,6 +491,11 @@ class _Database:
                 raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode!r})")
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute(_SCHEMA)
+            if writing:
+                # SQLite opens a file it may not write read-only, without a word: a write that
+                # changes nothing finds out now rather than at the first event to spool.
+                (version,) = connection.execute("PRAGMA user_version").fetchone()
+                connection.execute(f"PRAGMA user_version = {int(version)}")
             return cls(connection)
         except BaseException:
             connection.close()

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` (if any) and return once it has ended."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    """Cancel ``task`` (if any) and return once it has ended.
+
+    A task that had died of an error is logged here, not raised: a shutdown must go on to
+    answer what is in flight and close the connection and the spool, whatever a helper did.
+    """
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if this_task_is_cancelled():
+            raise
+    except Exception as exc:
+        log.error("bridge.task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
 
 def this_task_is_cancelled() -> bool:

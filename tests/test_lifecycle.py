@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from structlog.testing import capture_logs
 
 from bridge.app import Bridge
+from bridge.config import SpoolSettings
 from bridge.events import Delivery
 from bridge.spool import Spool
+from bridge.tasks import cancel_and_wait
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
-from tests.support.process import BridgeProcess
+from tests.support.process import BridgeProcess, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
 JSON = {"Content-Type": "application/json"}
+NOBODY = 65534
 
 
 def settings(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
@@ -147,6 +154,33 @@ async def test_a_port_already_taken_is_a_clear_start_up_error(
     assert "cannot listen on 127.0.0.1:" in bridge.log()
 
 
+async def test_a_metrics_port_already_taken_is_a_clear_start_up_error(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sections = settings(tmp_path, exchange_name, "amqp://guest:guest@127.0.0.1:5672/")
+        bridge = BridgeProcess(tmp_path, {**sections, "server": {"metrics_port": port}})
+        await bridge.start(wait_listening=False)
+        assert await bridge.wait() == 1
+    assert f"cannot listen on 127.0.0.1:{port} (server.metrics_port)" in bridge.log()
+    assert "Traceback" not in bridge.log()
+
+
+async def test_a_stored_secret_that_cannot_be_read_is_a_clear_start_up_error(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    (tmp_path / "spool" / "webhook_secret").mkdir(parents=True)  # unreadable, even for root
+    sections = settings(tmp_path, exchange_name, "amqp://guest:guest@127.0.0.1:5672/")
+    bridge = BridgeProcess(tmp_path, sections)
+    await bridge.start(wait_listening=False)
+    assert await bridge.wait() == 1
+    assert "cannot read the stored webhook secret: [Errno 21] Is a directory" in bridge.log()
+    assert "Traceback" not in bridge.log()
+
+
 async def test_a_bridge_listens_once_it_can_publish_so_its_first_delivery_is_published(
     start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -208,3 +242,70 @@ async def test_a_stop_while_a_left_behind_spool_drains_stops_listening_at_once(
 def refuses_connections(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_ending_a_task_that_died_of_an_error_logs_it_and_lets_the_stop_go_on() -> None:
+    async def helper() -> None:
+        raise RuntimeError("boom")
+
+    task = asyncio.create_task(helper(), name="helper")
+    await asyncio.sleep(0)
+    with capture_logs() as logs:
+        await cancel_and_wait(task)
+
+    assert [(e["event"], e["task"], e["error"]) for e in logs] == [
+        ("bridge.task_failed", "helper", "RuntimeError('boom')")
+    ]
+
+
+async def test_a_stop_cancelled_while_it_ends_a_task_stays_cancelled() -> None:
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(10)  # cleaning up
+
+    task = asyncio.create_task(slow_to_end())
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(cancel_and_wait(task))
+    await asyncio.sleep(0.01)
+    stopping.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert task.cancelled()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="runs the bridge as nobody on a spool file root owns, which needs root and setpriv",
+)
+async def test_a_spool_file_the_bridge_may_not_write_is_a_clear_start_up_error() -> None:
+    """A volume restored with the wrong owner: SQLite opens a file it may not write read-only,
+    without a word, and the spool would fail at the first delivery the broker cannot take."""
+    with tempfile.TemporaryDirectory() as workdir:  # pytest's own is for root alone
+        os.chmod(workdir, 0o755)  # noqa: S103 - nobody must reach the spool inside
+        root = Path(workdir)
+        spool = root / "spool"
+        async with await Spool.open(SpoolSettings(path=spool)):
+            pass  # root's: the bridge's user may write the directory, not the file
+        for path in (spool, spool / "spool.lock"):
+            os.chown(path, NOBODY, NOBODY)
+        sections = settings(root, "unused", "amqp://guest:guest@127.0.0.1:5672/")
+        config = write_toml(root / "bridge.toml", sections)
+        as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
+        process = await asyncio.create_subprocess_exec(
+            *as_nobody, sys.executable, "-m", "bridge", "run", "--config", str(config),
+            stderr=asyncio.subprocess.PIPE, env=environment, cwd=root,
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(process.wait(), 15)
+        except TimeoutError:
+            process.kill()  # it started: the failure is below
+        _, stderr = await process.communicate()
+
+    log = stderr.decode()
+    assert process.returncode == 1, log[-600:]
+    assert "bridge.cannot_start" in log
+    assert "(attempt to write a readonly database); check the volume (permissions" in log

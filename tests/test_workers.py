@@ -12,8 +12,11 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+from structlog.testing import capture_logs
 
+from bridge.app import Bridge
 from bridge.config import Settings
+from bridge.reconcile import store_secret
 from bridge.workers import RestartBackoff, Supervisor
 from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
@@ -232,6 +235,33 @@ async def test_only_worker_0_registers_and_every_worker_enforces_the_secret_it_l
     assert reconciling_off == {1}
     assert unsigned == [401] * 20
     assert answered_by == {0, 1}  # both workers refused some: the kernel spread the connections
+
+
+async def test_a_worker_that_cannot_read_the_stored_secret_says_so_once_and_keeps_checking(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    """Say, a secret file an operator's ``reconcile --once`` wrote as another user: the worker
+    keeps the secret in force, and still stops gracefully."""
+    konpro = {"api_key": "key", "public_url": "https://hooks.example.com/webhooks/konpro"}
+    settings = make_settings(tmp_path, exchange_name, konpro=konpro, reconcile={"enabled": True})
+    store_secret(settings.spool.path, "whsec_in_force", "endpoint-1")
+    secret_file = settings.spool.path / "webhook_secret"
+    with capture_logs() as logs:
+        async with Bridge(settings, worker=1) as bridge:
+            secret_file.unlink()
+            secret_file.mkdir()  # unreadable, even for root
+
+            def said() -> list[str]:
+                return [e["error"] for e in logs if e["event"] == "bridge.secret_unreadable"]
+
+            await eventually(lambda: bool(said()))
+            await asyncio.sleep(2.5)  # the worker looks for the secret every two seconds
+            unsigned = await post_each_on_a_new_connection(bridge.webhook_url, bodies(1))
+
+    assert said() == [f"[Errno 21] Is a directory: '{secret_file}'"]
+    assert unsigned == [401]
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["bridge.secret_unreadable"]
+    assert [e["event"] for e in logs][-1] == "bridge.stopped"
 
 
 async def test_a_worker_that_dies_is_started_again(
