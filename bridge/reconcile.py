@@ -35,6 +35,8 @@ from bridge.konpro import (
     KonProError,
     NotFound,
     RateLimited,
+    ServerError,
+    TransportError,
     ValidationFailed,
 )
 
@@ -433,7 +435,13 @@ class Reconciler:
         """Warn once about configured event types KonPro does not list; they may be new."""
         if self._events_checked or self._desired.events is None:
             return
-        known = set(await self._client.list_event_types())
+        try:
+            known = set(await self._client.list_event_types())
+        except (RateLimited, AuthenticationError, ServerError, TransportError):
+            raise  # KonPro is down, asks to wait or refuses the key: the run ends, as at any call
+        except KonProError as exc:  # refused or malformed: only a warning hangs on the list
+            log.warning("reconcile.event_types_unchecked", error=str(exc), retry="next run")
+            return
         self._events_checked = True
         if unknown := sorted(set(self._desired.events) - known):
             log.warning(

@@ -519,6 +519,24 @@ async def test_an_unknown_configured_event_type_is_a_warning_not_fatal(
     assert fake_konpro.count("webhook.list") == 1
 
 
+async def test_an_event_type_list_that_fails_does_not_hold_up_the_registration(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    # The list only feeds a warning about the configured event types; it is asked again later.
+    fake_konpro.add(ELSEWHERE, ["personalized_video"])
+    fake_konpro.answer_next(1, 404)  # webhook.list, the first call of a run
+
+    with capture_logs() as logs:
+        reconciler = reconcilers.make(ELSEWHERE)
+        first = await reconciler.run_once()
+        second = await reconciler.run_once()
+
+    assert (first.result, second.result) == ("updated", "ok")
+    [warning] = [entry for entry in logs if entry["event"] == "reconcile.event_types_unchecked"]
+    assert "404" in warning["error"]
+    assert fake_konpro.count("webhook.list") == 2
+
+
 def racing_replicas(
     reconcilers: Reconcilers, receiver: WebhookReceiver, tmp_path: Path, count: int
 ) -> list[Reconciler]:
