@@ -169,6 +169,8 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
         spools = _run_async(read_all())
     except SpoolUnusable as exc:
         return _fail(str(exc), EXIT_FAILURE)
+    except OSError as exc:  # say, the daemon's user's directory, mode 0700
+        return _fail(f"cannot read the spool at {settings.spool.path}: {exc}", EXIT_FAILURE)
     ages = [spool["oldest_age"] for spool in spools if spool["oldest_age"] is not None]
     total = {
         "path": str(settings.spool.path),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -22,12 +21,17 @@ from bridge.events import Delivery
 from bridge.spool import Spool
 from bridge.tasks import cancel_and_wait
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
-from tests.support.process import BridgeProcess, write_toml
+from tests.support.process import (
+    CAN_SWITCH_USER,
+    NOBODY,
+    BridgeProcess,
+    start_command,
+    write_toml,
+)
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
 JSON = {"Content-Type": "application/json"}
-NOBODY = 65534
 
 
 def settings(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
@@ -276,10 +280,7 @@ async def test_a_stop_cancelled_while_it_ends_a_task_stays_cancelled() -> None:
     assert task.cancelled()
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="runs the bridge as nobody on a spool file root owns, which needs root and setpriv",
-)
+@pytest.mark.skipif(not CAN_SWITCH_USER, reason="runs the bridge as nobody: root and setpriv")
 async def test_a_spool_file_the_bridge_may_not_write_is_a_clear_start_up_error() -> None:
     """A volume restored with the wrong owner: SQLite opens a file it may not write read-only,
     without a word, and the spool would fail at the first delivery the broker cannot take."""
@@ -293,12 +294,7 @@ async def test_a_spool_file_the_bridge_may_not_write_is_a_clear_start_up_error()
             os.chown(path, NOBODY, NOBODY)
         sections = settings(root, "unused", "amqp://guest:guest@127.0.0.1:5672/")
         config = write_toml(root / "bridge.toml", sections)
-        as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
-        process = await asyncio.create_subprocess_exec(
-            *as_nobody, sys.executable, "-m", "bridge", "run", "--config", str(config),
-            stderr=asyncio.subprocess.PIPE, env=environment, cwd=root,
-        )  # fmt: skip
+        process = await start_command("run", "--config", config, cwd=root, as_user=NOBODY)
         try:
             await asyncio.wait_for(process.wait(), 15)
         except TimeoutError:

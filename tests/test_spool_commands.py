@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.conftest import AMQP_URL, QueueFactory, drain, proxied_amqp_url
-from tests.support.process import BridgeProcess, run_command, write_toml
+from tests.support.process import (
+    CAN_SWITCH_USER,
+    NOBODY,
+    BridgeProcess,
+    run_command,
+    write_toml,
+)
 from tests.support.tcp_proxy import TcpProxy
 
 
@@ -124,6 +133,23 @@ async def test_drain_says_it_waits_30_s_for_the_broker_unless_told_otherwise() -
     code, out, _ = await run_command("spool", "drain", "--help")
     assert code == 0
     assert "how long to wait for the broker (default: 30 s)" in " ".join(out.split())
+
+
+@pytest.mark.skipif(not CAN_SWITCH_USER, reason="runs the command as nobody: root and setpriv")
+async def test_status_of_a_spool_the_user_may_not_read_is_one_clear_line() -> None:
+    with tempfile.TemporaryDirectory() as workdir:  # pytest's own is for root alone
+        os.chmod(workdir, 0o755)  # noqa: S103 - nobody must reach the config inside
+        root = Path(workdir)
+        (root / "spool").mkdir(mode=0o700)  # the daemon's user's, not the operator's
+        config = write_toml(root / "bridge.toml", {"spool": {"path": str(root / "spool")}})
+
+        ran = await run_command("spool", "status", "--config", config, cwd=root, as_user=NOBODY)
+
+    assert ran.code == 1
+    assert ran.stderr.strip() == (
+        f"konpro-bridge: cannot read the spool at {root / 'spool'}: "
+        f"[Errno 13] Permission denied: '{root / 'spool' / 'spool.sqlite3'}'"
+    )
 
 
 async def test_a_corrupt_spool_file_is_one_clear_line_for_the_commands_and_the_daemon(

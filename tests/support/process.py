@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -27,16 +28,27 @@ class Ran(NamedTuple):
         return json.loads(self.stdout)
 
 
+NOBODY = 65534
+CAN_SWITCH_USER = os.geteuid() == 0 and shutil.which("setpriv") is not None
+"""Whether a test may run a command as ``NOBODY`` (``as_user``): root, with util-linux's
+setpriv. Root may read and write anything, so permission errors need another user."""
+
+
 async def start_command(
     *args: str | Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     output: int | IO[bytes] = asyncio.subprocess.PIPE,
+    as_user: int | None = None,
 ) -> asyncio.subprocess.Process:
     """``python -m bridge ARGS`` as an operator runs it. ``KONPRO_BRIDGE_*`` variables of the
     test runner are left out: a test's settings come from its own file (and ``env``)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KONPRO_BRIDGE_")}
+    switch_user = () if as_user is None else (
+        "setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--clear-groups"
+    )  # fmt: skip
     return await asyncio.create_subprocess_exec(
+        *switch_user,
         sys.executable,
         "-m",
         "bridge",
@@ -49,10 +61,13 @@ async def start_command(
 
 
 async def run_command(
-    *args: str | Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    *args: str | Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    as_user: int | None = None,
 ) -> Ran:
     """``python -m bridge ARGS`` run to its end."""
-    process = await start_command(*args, env=env, cwd=cwd)
+    process = await start_command(*args, env=env, cwd=cwd, as_user=as_user)
     stdout, stderr = await process.communicate()
     assert process.returncode is not None
     return Ran(process.returncode, stdout.decode(), stderr.decode())
