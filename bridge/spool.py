@@ -443,6 +443,8 @@ class Forwarder:
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and this_task_is_cancelled():
                     raise
+                if self._stopping.is_set():
+                    return  # no retry: what is left is the stop's to report (and the next start's)
                 _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
                 await _wait(self._cut_short, delay)
                 self._early_retry_spent = self._early_retry_spent or self._cut_short.is_set()

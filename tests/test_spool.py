@@ -631,6 +631,27 @@ async def test_forwarder_outlives_a_cancelled_error_that_was_not_meant_for_it(
     assert broker.published == ["evt_0", "evt_1"]
 
 
+async def test_a_publish_that_a_stop_abandons_is_not_reported_as_a_failure(spool: Spool) -> None:
+    await fill(spool, 1)
+    abandoned = asyncio.Event()
+
+    async def publish(delivery: Delivery) -> None:
+        await abandoned.wait()
+        raise DeliveryRefused("publish failed: the bridge is stopping")
+
+    forwarder = Forwarder(spool, publish, is_connected=lambda: True)
+    forwarder.start()
+    await asyncio.sleep(0.05)
+    with structlog.testing.capture_logs() as logs:
+        stopping = asyncio.create_task(forwarder.stop(grace=5))
+        await asyncio.sleep(0.05)
+        abandoned.set()  # as the bridge does with the confirms due when its grace runs out
+        await asyncio.wait_for(stopping, 1)
+
+    assert [entry["event"] for entry in logs] == []  # the stop's own lines say what is left
+    assert spool.depth == 1
+
+
 async def test_stopping_the_forwarder_is_bounded_and_keeps_the_event_in_flight(
     spool: Spool,
 ) -> None:
