@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import aiohttp
@@ -40,6 +41,7 @@ class Call:
     path: str
     json: Any
     query: dict[str, str]
+    at: float = 0.0  # time.monotonic() when it arrived
 
     @property
     def name(self) -> str:
@@ -55,6 +57,17 @@ class Fault:
     retry_after: str | None = None
     body: bytes | None = None
     served: bool = False  # carry the call out first, as behind a gateway that then failed
+    only: str | None = None  # the name of the call it is for (None: whichever comes next)
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """How the fake answered one call: ``status`` None if it hung until the fake closed."""
+
+    call: Call
+    status: int | None
+    retry_after: str | None
+    at: float  # time.monotonic() when the answer left
 
 
 @dataclass(slots=True)
@@ -65,10 +78,14 @@ class FakeKonPro:
     validation_timeout: float = 1.0  # KonPro's OPTIONS check allows one second
     list_shape: str = "array"  # or "object": {"endpoints": [...]}
     list_secrets: bool = True  # False: endpoint.list answers with "secret": null
+    list_created_at_text: bool = False  # True: endpoint.list gives epoch created_at as ISO text
     username: str = "tester@example.com"
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     verified_urls: list[str] = field(default_factory=list)
+    answers: list[Answered] = field(default_factory=list)
+    registered: list[str] = field(default_factory=list)  # ids endpoint.add created
+    issued_secrets: list[str] = field(default_factory=list)  # every secret ever handed out
     url: str = ""
     _faults: deque[Fault] = field(default_factory=deque)
     _released: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,23 +94,30 @@ class FakeKonPro:
     # -- programming the fake ---------------------------------------------------------------
 
     def answer_next(
-        self, count: int, status: int, *, retry_after: str | None = None, body: bytes | None = None
+        self,
+        count: int,
+        status: int,
+        *,
+        retry_after: str | None = None,
+        body: bytes | None = None,
+        call: str | None = None,
     ) -> None:
         """Answer the next ``count`` calls with ``status`` instead of serving them.
 
         The body is ``body`` if given, else KonPro's error envelope for that status; a
-        ``Retry-After`` header is added if given.
+        ``Retry-After`` header is added if given. With ``call`` (e.g. ``"endpoint.add"``) only
+        calls of that name are answered so; others pass.
         """
-        self._faults.extend(Fault(status, retry_after, body) for _ in range(count))
+        self._faults.extend(Fault(status, retry_after, body, only=call) for _ in range(count))
 
-    def serve_then_fail_next(self, count: int, status: int) -> None:
+    def serve_then_fail_next(self, count: int, status: int, *, call: str | None = None) -> None:
         """Carry out the next ``count`` calls, then answer ``status`` as if a gateway in front
         of KonPro had lost the answer: the caller cannot tell whether the call took effect."""
-        self._faults.extend(Fault(status, served=True) for _ in range(count))
+        self._faults.extend(Fault(status, served=True, only=call) for _ in range(count))
 
-    def hang_next(self, count: int) -> None:
+    def hang_next(self, count: int, *, call: str | None = None) -> None:
         """Never answer the next ``count`` calls (until the fake closes)."""
-        self._faults.extend(Fault(None) for _ in range(count))
+        self._faults.extend(Fault(None, only=call) for _ in range(count))
 
     def add(
         self,
@@ -105,12 +129,14 @@ class FakeKonPro:
     ) -> str:
         """Register an endpoint as if someone did it elsewhere: no URL check, no call logged."""
         endpoint_id = secrets.token_hex(16)
+        secret = "whsec_" + secrets.token_urlsafe(24)
+        self.issued_secrets.append(secret)
         self.endpoints[endpoint_id] = {
             "endpoint_id": endpoint_id,
             "url": url,
             "status": status,
             "events": events,
-            "secret": "whsec_" + secrets.token_urlsafe(24),
+            "secret": secret,
             "username": self.username,
             "created_at": int(time.time()) if created_at is None else created_at,
         }
@@ -124,6 +150,21 @@ class FakeKonPro:
 
     def delete(self, endpoint_id: str) -> None:
         del self.endpoints[endpoint_id]
+
+    def enable(self, endpoint_id: str) -> None:
+        self.endpoints[endpoint_id]["status"] = "enabled"
+
+    def set_url(self, endpoint_id: str, url: str) -> None:
+        """Change an endpoint's URL as in the dashboard: no OPTIONS check."""
+        self.endpoints[endpoint_id]["url"] = url
+
+    def clear_faults(self) -> None:
+        """Forget the faults programmed and not yet used (a call already hanging still hangs)."""
+        self._faults.clear()
+
+    @property
+    def pending_faults(self) -> int:
+        return len(self._faults)
 
     @property
     def writes(self) -> list[Call]:
@@ -159,14 +200,30 @@ class FakeKonPro:
         except ValueError:
             body = None
         request[JSON_BODY] = body
-        self.calls.append(Call(request.method, request.path, body, dict(request.query)))
-        fault = self._faults.popleft() if self._faults else None
+        call = Call(request.method, request.path, body, dict(request.query), time.monotonic())
+        self.calls.append(call)
+        fault = self._next_fault(call.name)
+        answer: web.StreamResponse
         if fault is not None and not fault.served:
-            return await self._fault(fault)
-        if request.headers.get("x-api-key") != self.api_key:
-            return _error(401, 400112, "Unauthorized")
-        answer = await handler(request)
-        return answer if fault is None else await self._fault(fault)
+            answer = await self._fault(fault)
+        elif request.headers.get("x-api-key") != self.api_key:
+            answer = _error(401, 400112, "Unauthorized")
+        else:
+            answer = await handler(request)
+            answer = answer if fault is None else await self._fault(fault)
+        hung = fault is not None and fault.status is None
+        status = None if hung else answer.status
+        retry_after = answer.headers.get("Retry-After")
+        self.answers.append(Answered(call, status, retry_after, time.monotonic()))
+        return answer
+
+    def _next_fault(self, name: str) -> Fault | None:
+        """The first fault programmed for this call, taken from the queue."""
+        for fault in self._faults:
+            if fault.only in {None, name}:
+                self._faults.remove(fault)
+                return fault
+        return None
 
     async def _fault(self, fault: Fault) -> web.Response:
         if fault.status is None:
@@ -184,7 +241,13 @@ class FakeKonPro:
 
     async def _endpoint_list(self, request: web.Request) -> web.Response:
         listed = [
-            {**endpoint, "secret": endpoint["secret"] if self.list_secrets else None}
+            {
+                **endpoint,
+                "secret": endpoint["secret"] if self.list_secrets else None,
+                "created_at": _as_text(endpoint["created_at"])
+                if self.list_created_at_text
+                else endpoint["created_at"],
+            }
             for endpoint in self.endpoints.values()
         ]
         return _ok(listed if self.list_shape == "array" else {"endpoints": listed})
@@ -198,6 +261,7 @@ class FakeKonPro:
         if problem := _bad_events(body.get("events")) or await self._verify(url):
             return problem
         endpoint_id = self.add(url, body.get("events"))
+        self.registered.append(endpoint_id)
         return _ok(self.endpoints[endpoint_id])
 
     async def _endpoint_update(self, request: web.Request) -> web.Response:
@@ -248,6 +312,7 @@ class WebhookReceiver:
 
     path: str = "/webhooks/konpro"
     options_status: int = 200
+    options_delay: float = 0.0  # seconds before each OPTIONS answer (KonPro waits one)
     options_seen: int = 0
     hold_until: int = 0  # answer no OPTIONS before this many have arrived (forces races)
     url: str = ""
@@ -270,6 +335,8 @@ class WebhookReceiver:
         if self.options_seen >= self.hold_until:
             self._arrived.set()
         await self._arrived.wait()
+        if self.options_delay:
+            await asyncio.sleep(self.options_delay)
         return web.Response(status=self.options_status)
 
 
@@ -282,6 +349,13 @@ def _error(
 ) -> web.Response:
     body = {"code": code, "data": None, "message": message}
     return web.json_response(body, status=status, headers=headers)
+
+
+def _as_text(created_at: Any) -> Any:
+    """Epoch seconds as ISO-8601 text, as some KonPro answers give ``created_at``."""
+    if isinstance(created_at, int | float):
+        return datetime.fromtimestamp(created_at, UTC).isoformat()
+    return created_at
 
 
 def _bad_events(events: Any) -> web.Response | None:
