@@ -38,6 +38,7 @@ from bridge.workers import left_behind_spool_dirs, spool_dir
 log = structlog.get_logger(__name__)
 
 _SECRET_POLL_INTERVAL = 2.0
+_RECANCEL_SECONDS = 0.5  # aiohttp may swallow a cancellation that meets a request's timeout
 _LEFT_BEHIND_POLL_SECONDS = 1.0  # how soon a left-behind spool is forwarded once the broker is up
 _GAUGE_REFRESH_SECONDS = 1.0  # how fresh, with several workers, the live gauges are
 _FIRST_CONNECT_WAIT = 3.0  # seconds at most that listening waits for the first broker connect
@@ -365,7 +366,7 @@ class Bridge:
     async def _stop_reconciling(self) -> None:
         """Cancel a run even mid-call: a hanging KonPro API must not hold up shutdown."""
         task, self._reconciling = self._reconciling, None
-        await cancel_and_wait(task)
+        await cancel_and_wait(task, again_every=_RECANCEL_SECONDS)
         if self._konpro is not None:
             await self._konpro.close()
             self._konpro = None

@@ -66,6 +66,7 @@ class Action:
     url: str
     endpoint_id: str | None = None
     events: tuple[str, ...] | None = None
+    new_url: str | None = None  # UPDATE: the URL to deliver to instead
 
     @property
     def writes(self) -> bool:
@@ -74,7 +75,8 @@ class Action:
     def __str__(self) -> str:
         target = f"{self.endpoint_id} ({self.url})" if self.endpoint_id else self.url
         if self.kind in {ActionKind.ADD, ActionKind.UPDATE}:
-            return f"{self.kind} {target} events={_describe_events(self.events)}"
+            moved = f" url={self.new_url}" if self.new_url else ""
+            return f"{self.kind} {target}{moved} events={_describe_events(self.events)}"
         return f"{self.kind} {target}"
 
 
@@ -142,20 +144,28 @@ def normalize_url(url: str) -> str:
         parsed = URL(url.strip())
     except ValueError:
         return url
-    if not parsed.is_absolute() or parsed.host is None:
+    host = parsed.host_subcomponent  # an IPv6 address in its brackets
+    if not parsed.is_absolute() or host is None:
         return url
     return str(
         URL.build(
             scheme=parsed.scheme.lower(),
             user=parsed.raw_user,
             password=parsed.raw_password,
-            host=parsed.host.lower(),
+            host=host.lower(),
             port=None if parsed.is_default_port() else parsed.port,
             path=parsed.raw_path.rstrip("/"),
             query_string=parsed.raw_query_string,
             encoded=True,
         )
     )
+
+
+def _path(url: str) -> str:
+    try:
+        return URL(url.strip()).raw_path
+    except ValueError:
+        return url
 
 
 def select_keeper(endpoints: Sequence[Endpoint], desired: Desired) -> Endpoint | None:
@@ -181,9 +191,18 @@ def plan(endpoints: Sequence[Endpoint], desired: Desired) -> list[Action]:
         for endpoint in sorted(_ours(endpoints, desired), key=_seniority)
         if endpoint is not keeper
     ]
-    if not same_events(keeper.events, desired.events):
+    # The same endpoint by normalize_url may still differ in its path's trailing slash, and the
+    # bridge serves its webhook path exactly: KonPro's deliveries there would be answered 405.
+    moved = _path(keeper.url) != _path(desired.url)
+    if moved or not same_events(keeper.events, desired.events):
         actions.append(
-            Action(ActionKind.UPDATE, keeper.url, keeper.endpoint_id, events=desired.events)
+            Action(
+                ActionKind.UPDATE,
+                keeper.url,
+                keeper.endpoint_id,
+                events=desired.events,
+                new_url=desired.url if moved else None,
+            )
         )
     if not keeper.enabled:
         actions.append(Action(ActionKind.REPORT_DISABLED, keeper.url, keeper.endpoint_id))
@@ -291,7 +310,6 @@ class Reconciler:
         self._secret_dir = secret_store_dir
         self._events_checked = False
         self._auth_failing = False
-        self._warned_secret_unknown = False
         self._reported_mismatch: str | None = None  # endpoint id
         self._secret_unverifiable = False
         self._retry_after = 0.0
@@ -403,9 +421,11 @@ class Reconciler:
     async def _secret_outdated(
         self, endpoint_id: str | None, secret: SecretStr | None
     ) -> str | None:
-        """Why deliveries to the kept endpoint will be refused: the stored secret belongs to
-        another endpoint, since deleted (a duplicate of replicas that registered at once), and
-        KonPro does not tell the kept one's (``endpoint.list`` may answer ``null``).
+        """Why deliveries to the kept endpoint cannot be checked: KonPro does not tell its
+        secret (``endpoint.list`` may answer ``null``), and the stored one belongs to another
+        endpoint, since deleted (a duplicate of replicas that registered at once), or none is
+        stored (the answer to the registration was lost). Re-registering to learn one could
+        make replicas of one URL replace each other's endpoints for ever: an operator decides.
 
         Read from the files, not remembered: an operator's ``reconcile --once`` may have stored
         a newer secret, and a restarted bridge still knows whose secret it holds.
@@ -415,8 +435,17 @@ class Reconciler:
         if secret is not None and secret.get_secret_value():
             return None  # known, and stored by _sync_secret
         stored_for = await asyncio.to_thread(load_stored_endpoint, self._secret_dir)
-        if stored_for is None or stored_for == endpoint_id:
+        if stored_for == endpoint_id:
             return None
+        if stored_for is None:
+            if await asyncio.to_thread(load_stored_secret, self._secret_dir) is not None:
+                return None  # stored by a version that did not note whose secret it is
+            return (
+                "KonPro does not return the signing secret of the endpoint kept, and none is "
+                "stored (the answer to its registration was lost, or the volume that kept it): "
+                "signatures cannot be checked; set konpro.webhook_secret to that endpoint's "
+                "secret"
+            )
         return (
             f"the stored signing secret is endpoint {stored_for}'s, which is gone, and KonPro "
             "does not return the secret of the endpoint kept: its deliveries are refused "
@@ -459,11 +488,14 @@ class Reconciler:
             return added
         assert action.endpoint_id is not None  # only ADD has no endpoint yet
         if action.kind is ActionKind.UPDATE:
-            await self._client.update_endpoint(action.endpoint_id, events=action.events)
+            await self._client.update_endpoint(
+                action.endpoint_id, url=action.new_url, events=action.events
+            )
             log.info(
                 "reconcile.endpoint_updated",
                 endpoint_id=action.endpoint_id,
                 events=_describe_events(action.events),
+                **({"url": action.new_url} if action.new_url else {}),
             )
         elif action.kind is ActionKind.DELETE:
             await self._delete_duplicate(action)
@@ -500,14 +532,7 @@ class Reconciler:
         value = secret.get_secret_value() if secret is not None else ""
         stored = await asyncio.to_thread(load_stored_secret, self._secret_dir)
         if not value:
-            if stored is None and not self._warned_secret_unknown:
-                self._warned_secret_unknown = True
-                log.warning(
-                    "reconcile.secret_unknown",
-                    hint="KonPro did not return the endpoint's signing secret: "
-                    "set konpro.webhook_secret, or signatures cannot be checked",
-                )
-            return False
+            return False  # unknown: _secret_outdated says what that means
         if endpoint_id is None:
             return False
         if stored == value:
@@ -524,13 +549,16 @@ class Reconciler:
         return True
 
     def _failed(self, exc: KonProError, done: list[Action]) -> ReconcileResult:
+        # What the next run waits for follows this failure, not an earlier run's: after a
+        # refused key, a 429 still asks to wait, and a 503 still calls for back-off.
         self._retry_after = exc.retry_after if isinstance(exc, RateLimited) else 0.0
+        self._secret_unverifiable = False  # this run ended before the secret could be checked
         error = _explain(exc, self._desired)
-        if isinstance(exc, AuthenticationError):
-            if not self._auth_failing:  # one clear line, not one per interval
-                log.error("reconcile.authentication_failed", error=error)
-            self._auth_failing = True
-        else:
+        refused_key = isinstance(exc, AuthenticationError)
+        if refused_key and not self._auth_failing:  # one clear line, not one per interval
+            log.error("reconcile.authentication_failed", error=error)
+        self._auth_failing = refused_key
+        if not refused_key:
             log.warning("reconcile.failed", error=error, error_type=type(exc).__name__)
         return _result("error", error=error, actions=tuple(done))
 

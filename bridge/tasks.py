@@ -10,8 +10,14 @@ import structlog
 log = structlog.get_logger(__name__)
 
 
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+async def cancel_and_wait(
+    task: asyncio.Task[Any] | None, *, again_every: float | None = None
+) -> None:
     """Cancel ``task`` (if any) and return once it has ended.
+
+    ``again_every`` seconds, cancel it again until it ends: for a task whose library may
+    swallow a cancellation (aiohttp turns one that meets its own timeout into a
+    ``TimeoutError``), not for one that needs its cleanup undisturbed.
 
     A task that had died of an error is logged here, not raised: a shutdown must go on to
     answer what is in flight and close the connection and the spool, whatever a helper did.
@@ -19,6 +25,9 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     if task is None:
         return
     task.cancel()
+    while again_every is not None and not task.done():
+        if not (await asyncio.wait({task}, timeout=again_every))[0]:
+            task.cancel()
     try:
         await task
     except asyncio.CancelledError:

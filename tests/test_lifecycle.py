@@ -262,6 +262,24 @@ async def test_ending_a_task_that_died_of_an_error_logs_it_and_lets_the_stop_go_
     ]
 
 
+async def test_a_task_whose_library_swallowed_a_cancellation_is_cancelled_again() -> None:
+    # As aiohttp does with a cancellation that meets its own timeout: it becomes a
+    # TimeoutError, and the task goes on (reconciliation would sleep and run again).
+    async def swallows_the_first_cancellation() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        await asyncio.sleep(10)
+
+    task = asyncio.create_task(swallows_the_first_cancellation())
+    await asyncio.sleep(0)
+
+    await asyncio.wait_for(cancel_and_wait(task, again_every=0.05), 2)
+
+    assert task.cancelled()
+
+
 async def test_a_stop_cancelled_while_it_ends_a_task_stays_cancelled() -> None:
     async def slow_to_end() -> None:
         try:

@@ -90,9 +90,7 @@ def test_different_events_update_the_same_endpoint() -> None:
 def test_duplicates_keep_the_oldest_whatever_the_spelling_of_the_url() -> None:
     endpoints = [
         endpoint("new", ELSEWHERE, created_at=1_700_000_300),
-        endpoint(
-            "old", "HTTPS://Bridge.Example.COM:443/webhooks/konpro/", created_at=1_700_000_100
-        ),
+        endpoint("old", "HTTPS://Bridge.Example.COM:443/webhooks/konpro", created_at=1_700_000_100),
         endpoint("mid", ELSEWHERE + "/", created_at=1_700_000_200),
     ]
 
@@ -101,6 +99,15 @@ def test_duplicates_keep_the_oldest_whatever_the_spelling_of_the_url() -> None:
     assert [(a.kind, a.endpoint_id) for a in actions] == [
         (ActionKind.DELETE, "mid"),
         (ActionKind.DELETE, "new"),
+    ]
+
+
+def test_an_endpoint_whose_path_differs_by_a_trailing_slash_is_moved_to_the_public_url() -> None:
+    # The bridge serves its webhook path exactly: KonPro's deliveries to "<path>/" get 405.
+    actions = plan([endpoint("a", ELSEWHERE + "/")], DESIRED)
+
+    assert actions == [
+        Action(ActionKind.UPDATE, ELSEWHERE + "/", "a", events=EVENTS, new_url=ELSEWHERE)
     ]
 
 
@@ -365,7 +372,7 @@ async def test_duplicates_are_deleted_leaving_the_oldest_and_other_urls_untouche
     reconcilers: Reconcilers, fake_konpro: FakeKonPro
 ) -> None:
     oldest = fake_konpro.add(
-        "https://BRIDGE.example.com/webhooks/konpro/", list(EVENTS), created_at=1_700_000_000
+        "https://BRIDGE.example.com:443/webhooks/konpro", list(EVENTS), created_at=1_700_000_000
     )
     fake_konpro.add(ELSEWHERE, list(EVENTS), created_at="2024-01-01T00:00:00Z")
     fake_konpro.add(ELSEWHERE + "/", None, created_at=1_800_000_000)
