@@ -25,6 +25,7 @@ from tests.support.process import (
     CAN_SWITCH_USER,
     NOBODY,
     BridgeProcess,
+    free_port,
     start_command,
     write_toml,
 )
@@ -299,7 +300,9 @@ async def test_a_stop_cancelled_while_it_ends_a_task_stays_cancelled() -> None:
 
 
 @pytest.mark.skipif(not CAN_SWITCH_USER, reason="runs the bridge as nobody: root and setpriv")
-async def test_a_spool_file_the_bridge_may_not_write_is_a_clear_start_up_error() -> None:
+async def test_a_spool_file_the_bridge_may_not_write_is_a_clear_start_up_error(
+    exchange_name: str,
+) -> None:
     """A volume restored with the wrong owner: SQLite opens a file it may not write read-only,
     without a word, and the spool would fail at the first delivery the broker cannot take."""
     with tempfile.TemporaryDirectory() as workdir:  # pytest's own is for root alone
@@ -310,7 +313,8 @@ async def test_a_spool_file_the_bridge_may_not_write_is_a_clear_start_up_error()
             pass  # root's: the bridge's user may write the directory, not the file
         for path in (spool, spool / "spool.lock"):
             os.chown(path, NOBODY, NOBODY)
-        sections = settings(root, "unused", "amqp://guest:guest@127.0.0.1:5672/")
+        sections = settings(root, exchange_name, "amqp://guest:guest@127.0.0.1:5672/")
+        sections["server"] = {"host": "127.0.0.1", "port": free_port()}  # should it start
         config = write_toml(root / "bridge.toml", sections)
         process = await start_command("run", "--config", config, cwd=root, as_user=NOBODY)
         try:
