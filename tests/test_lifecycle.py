@@ -145,32 +145,23 @@ async def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_pat
         assert out.startswith(b"konpro-bridge ")
 
 
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [("port", "cannot listen on 127.0.0.1:{port}: "), ("metrics_port", "(server.metrics_port)")],
+)
 async def test_a_port_already_taken_is_a_clear_start_up_error(
-    tmp_path: Path, exchange_name: str
+    setting: str, said: str, tmp_path: Path, exchange_name: str
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         sections = settings(tmp_path, exchange_name, "amqp://guest:guest@127.0.0.1:5672/")
-        bridge = BridgeProcess(tmp_path, {**sections, "server": {"port": port}})
+        bridge = BridgeProcess(tmp_path, {**sections, "server": {setting: port}})
         await bridge.start(wait_listening=False)
         assert await bridge.wait() == 1
-    assert "cannot listen on 127.0.0.1:" in bridge.log()
-
-
-async def test_a_metrics_port_already_taken_is_a_clear_start_up_error(
-    tmp_path: Path, exchange_name: str
-) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        sections = settings(tmp_path, exchange_name, "amqp://guest:guest@127.0.0.1:5672/")
-        bridge = BridgeProcess(tmp_path, {**sections, "server": {"metrics_port": port}})
-        await bridge.start(wait_listening=False)
-        assert await bridge.wait() == 1
-    assert f"cannot listen on 127.0.0.1:{port} (server.metrics_port)" in bridge.log()
+    assert f"cannot listen on 127.0.0.1:{port}" in bridge.log()
+    assert said.format(port=port) in bridge.log()
     assert "Traceback" not in bridge.log()
 
 
