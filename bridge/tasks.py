@@ -24,6 +24,11 @@ async def cancel_and_wait(
     """
     if task is None:
         return
+    # Cleanup after this task's own cancellation (a ``finally``, ``Bridge.stop`` from an
+    # ``async with`` whose task was cancelled) must still wait: only a cancellation that comes
+    # while waiting is this task's to raise.
+    current = asyncio.current_task()
+    cancelled_before = current.cancelling() if current is not None else 0
     task.cancel()
     while again_every is not None and not task.done():
         if not (await asyncio.wait({task}, timeout=again_every))[0]:
@@ -31,7 +36,7 @@ async def cancel_and_wait(
     try:
         await task
     except asyncio.CancelledError:
-        if this_task_is_cancelled():
+        if current is not None and current.cancelling() > cancelled_before:
             raise
     except Exception as exc:
         log.error("bridge.task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -318,3 +319,51 @@ async def test_a_spool_file_the_bridge_may_not_write_is_a_clear_start_up_error(
     assert process.returncode == 1, log[-600:]
     assert "bridge.cannot_start" in log
     assert "(attempt to write a readonly database); check the volume (permissions" in log
+
+
+async def test_cleanup_after_a_tasks_own_cancellation_still_waits_for_its_helpers() -> None:
+    cleaned_up: list[str] = []
+
+    async def owner() -> None:
+        helper = asyncio.create_task(asyncio.sleep(3600))
+        try:
+            await asyncio.sleep(3600)
+        finally:  # runs once this task's own cancellation has been delivered
+            await cancel_and_wait(helper)
+            cleaned_up.append("helper ended")
+
+    owning = asyncio.create_task(owner())
+    await asyncio.sleep(0.01)
+    owning.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await owning
+
+    assert cleaned_up == ["helper ended"]
+
+
+async def test_a_bridge_whose_task_is_cancelled_still_stops_completely(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    # Embedded with ``async with Bridge(...)`` in a task that is cancelled (a TaskGroup, say),
+    # while the broker is down (nothing listens on port 1): stop() must not end at the first
+    # helper task still running, leaving the spool locked and the connection attempts going.
+    settings = make_settings(
+        tmp_path, exchange_name, amqp={"url": "amqp://guest:guest@127.0.0.1:1/"}
+    )
+    running = asyncio.Event()
+
+    async def embedded() -> None:
+        async with Bridge(settings):
+            running.set()
+            await asyncio.Event().wait()
+
+    with capture_logs() as logs:
+        task = asyncio.create_task(embedded())
+        await asyncio.wait_for(running.wait(), 15)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    assert [entry["event"] for entry in logs][-1] == "bridge.stopped"
+    async with await Spool.open(settings.spool):  # its lock was let go
+        pass
