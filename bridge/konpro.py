@@ -121,6 +121,10 @@ class TransportError(KonProError):
 EndpointStatus = Literal["enabled", "disabled"] | str
 
 
+class UnexpectedAnswer(KonProError):
+    """KonPro answered, in a shape this client does not know: asking again will not help."""
+
+
 class Endpoint(BaseModel):
     """A registered webhook endpoint, as KonPro describes it; unknown fields are ignored."""
 
@@ -216,7 +220,7 @@ class KonProClient:
         """The event types KonPro can deliver."""
         data = await self._call("GET", "webhook.list")
         if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
-            raise TransportError("expected a list of event types", call="webhook.list")
+            raise UnexpectedAnswer("expected a list of event types", call="webhook.list")
         return data
 
     async def list_endpoints(self) -> list[Endpoint]:
@@ -224,12 +228,12 @@ class KonProClient:
         data = await self._call("GET", "endpoint.list")
         if isinstance(data, dict):  # some deployments wrap the list
             if "endpoints" not in data:  # not an empty account: an answer not understood
-                raise TransportError("expected a list of endpoints", call="endpoint.list")
+                raise UnexpectedAnswer("expected a list of endpoints", call="endpoint.list")
             data = data["endpoints"]
         if data is None:  # an empty account may answer with no list at all
             return []
         if not isinstance(data, list):
-            raise TransportError("expected a list of endpoints", call="endpoint.list")
+            raise UnexpectedAnswer("expected a list of endpoints", call="endpoint.list")
         return [_endpoint(item, "endpoint.list") for item in data]
 
     async def add_endpoint(self, url: str, events: Sequence[str] | None) -> Endpoint:

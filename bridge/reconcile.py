@@ -468,8 +468,9 @@ class Reconciler:
             known = set(await self._client.list_event_types())
         except (RateLimited, AuthenticationError, ServerError, TransportError):
             raise  # KonPro is down, asks to wait or refuses the key: the run ends, as at any call
-        except KonProError as exc:  # refused or malformed: only a warning hangs on the list
-            log.warning("reconcile.event_types_unchecked", error=str(exc), retry="next run")
+        except KonProError as exc:  # refused, or an unknown shape: asking again will not help
+            log.warning("reconcile.event_types_unchecked", error=str(exc))
+            self._events_checked = True
             return
         self._events_checked = True
         if unknown := sorted(set(self._desired.events) - known):

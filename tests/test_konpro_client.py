@@ -20,6 +20,7 @@ from bridge.konpro import (
     RateLimited,
     ServerError,
     TransportError,
+    UnexpectedAnswer,
     ValidationFailed,
     format_endpoints,
     parse_retry_after,
@@ -115,7 +116,7 @@ async def test_list_endpoints_refuses_a_wrapper_it_does_not_know(
         1, 200, body=b'{"code": 100, "data": {"items": [], "total": 1}, "message": "Success"}'
     )
 
-    with pytest.raises(TransportError, match="expected a list of endpoints"):
+    with pytest.raises(UnexpectedAnswer, match="expected a list of endpoints"):
         await client.list_endpoints()
 
 
