@@ -309,7 +309,8 @@ class Reconciler:
         self._settings = reconcile
         self._secret_dir = secret_store_dir
         self._events_checked = False
-        self._auth_failing = False
+        self._auth_failing = False  # the last run's key was refused: no back-off can help
+        self._auth_reported = False  # said so, since the last run that got through
         self._reported_mismatch: str | None = None  # endpoint id
         self._secret_unverifiable = False
         self._retry_after = 0.0
@@ -330,12 +331,14 @@ class Reconciler:
             result = await self._reconcile(done)
         except KonProError as exc:
             result = self._failed(exc, done)
-        except OSError as exc:  # the secret file could not be written
+        except OSError as exc:  # the secret file could not be written: KonPro answered
             log.error("reconcile.secret_store_failed", path=str(self._secret_dir), error=str(exc))
             error = f"storing the signing secret failed: {exc}"
             result = _result("error", error=error, actions=tuple(done))
+            self._auth_failing = self._auth_reported = False
+            self._retry_after = 0.0
         else:
-            self._auth_failing = False
+            self._auth_failing = self._auth_reported = False
             self._retry_after = 0.0
         self.last_result = result
         return result
@@ -556,8 +559,9 @@ class Reconciler:
         self._secret_unverifiable = False  # this run ended before the secret could be checked
         error = _explain(exc, self._desired)
         refused_key = isinstance(exc, AuthenticationError)
-        if refused_key and not self._auth_failing:  # one clear line, not one per interval
+        if refused_key and not self._auth_reported:  # one line until a run gets through
             log.error("reconcile.authentication_failed", error=error)
+            self._auth_reported = True
         self._auth_failing = refused_key
         if not refused_key:
             log.warning("reconcile.failed", error=error, error_type=type(exc).__name__)

@@ -485,6 +485,19 @@ async def test_a_refused_key_is_logged_once_and_retried_only_at_the_interval(
     assert "revoked-key" not in repr(logs)
 
 
+async def test_a_refused_key_is_one_line_until_a_run_gets_through_whatever_comes_between(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    reconciler = reconcilers.make(ELSEWHERE, max_attempts=1)
+    with capture_logs() as logs:
+        for status in (401, 503, 401):
+            fake_konpro.answer_next(1, status)
+            assert (await reconciler.run_once()).result == "error"
+
+    refused = [entry for entry in logs if entry["event"] == "reconcile.authentication_failed"]
+    assert len(refused) == 1
+
+
 @pytest.mark.parametrize("status", [429, 503])
 async def test_rate_limits_and_server_errors_back_off_then_succeed(
     reconcilers: Reconcilers, fake_konpro: FakeKonPro, status: int
