@@ -144,7 +144,7 @@ class Bridge:
         )
         await self._runner.setup()
         await self._wait_for_the_first_connect()
-        await self._listen(self._runner, self.settings.server.port)
+        await self._listen(self._runner, self.settings.server.port, "server.port")
         log.info(
             "bridge.listening",
             url=self.webhook_url,
@@ -180,16 +180,17 @@ class Bridge:
             return
         self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
         await self._metrics_runner.setup()
-        await self._listen(self._metrics_runner, port, " (server.metrics_port)")
+        await self._listen(self._metrics_runner, port, "server.metrics_port")
 
-    async def _listen(self, runner: web.AppRunner, port: int, what: str = "") -> None:
+    async def _listen(self, runner: web.AppRunner, port: int, setting: str) -> None:
         server = self.settings.server
         # Workers share the port; a single process must notice that another one holds it.
         site = web.TCPSite(runner, server.host, port, reuse_port=server.workers > 1)
         try:
             await site.start()
         except OSError as exc:
-            raise StartupError(f"cannot listen on {server.host}:{port}{what}: {exc}") from exc
+            where = f"{server.host}:{port} ({setting})"
+            raise StartupError(f"cannot listen on {where}: {exc}") from exc
 
     async def _open_spool(self) -> Spool:
         try:

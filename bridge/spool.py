@@ -147,9 +147,9 @@ class Spool:
         loop = asyncio.get_running_loop()
         lock_fd = None
         try:
-            database = await loop.run_in_executor(
-                executor, _Database.open, settings.path, exclusive
-            )
+            # Whoever takes the lock will write: a file it may not write is an error now.
+            opening = partial(_Database.open, settings.path, writing=exclusive)
+            database = await loop.run_in_executor(executor, opening)
             if exclusive:
                 lock_fd = _lock(settings.path / LOCK_NAME)
         except sqlite3.DatabaseError as exc:
@@ -359,7 +359,8 @@ class Forwarder:
     and the broker is connected; otherwise sleeps until ``notify()``.
 
     Call ``notify()`` after spooling a delivery, and ``retry_now()`` when the broker becomes
-    usable again (a reconnect, a channel restored), which also ends a back-off after failures.
+    usable again (a reconnect, a channel restored, a confirm after publishes that got none),
+    which also ends a back-off after failures, once per run of them.
     A periodic look every ``poll_interval`` seconds is only a safety net for a missed
     notification.
     """
@@ -482,7 +483,7 @@ class _Database:
         """Space inside the file that deleted events left for new ones (as of the last write)."""
 
     @classmethod
-    def open(cls, directory: Path, writing: bool = True) -> _Database:
+    def open(cls, directory: Path, *, writing: bool = True) -> _Database:
         """``writing``: the caller will write (the daemon, ``spool drain``), so a file it may
         not write is an error now; ``spool status`` only reads."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

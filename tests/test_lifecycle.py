@@ -148,7 +148,7 @@ async def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_pat
 
 @pytest.mark.parametrize(
     ("setting", "said"),
-    [("port", "cannot listen on 127.0.0.1:{port}: "), ("metrics_port", "(server.metrics_port)")],
+    [("port", "(server.port): "), ("metrics_port", "(server.metrics_port): ")],
 )
 async def test_a_port_already_taken_is_a_clear_start_up_error(
     setting: str, said: str, tmp_path: Path, exchange_name: str
