@@ -243,13 +243,16 @@ def next_delay(
 def load_stored_secret(spool_dir: Path) -> str | None:
     """The signing secret a reconciler stored under ``spool_dir``, if there is one.
 
-    A file that exists but cannot be read raises ``OSError``: better a failed start than a bridge
-    that silently cannot check signatures.
+    A file that exists but cannot be read, or is not text, raises ``OSError``: better a failed
+    start than a bridge that silently cannot check signatures.
     """
+    path = spool_dir / SECRET_FILE_NAME
     try:
-        text = (spool_dir / SECRET_FILE_NAME).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError as exc:  # damaged, or edited by hand: as unusable as unreadable
+        raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
     return text.strip() or None
 
 

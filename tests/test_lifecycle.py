@@ -166,15 +166,25 @@ async def test_a_port_already_taken_is_a_clear_start_up_error(
     assert "Traceback" not in bridge.log()
 
 
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [("a directory", "[Errno 21] Is a directory"), ("not text", "is not UTF-8 text")],
+)
 async def test_a_stored_secret_that_cannot_be_read_is_a_clear_start_up_error(
-    tmp_path: Path, exchange_name: str
+    damage: str, said: str, tmp_path: Path, exchange_name: str
 ) -> None:
-    (tmp_path / "spool" / "webhook_secret").mkdir(parents=True)  # unreadable, even for root
+    secret_file = tmp_path / "spool" / "webhook_secret"
+    if damage == "a directory":
+        secret_file.mkdir(parents=True)  # unreadable, even for root
+    else:
+        secret_file.parent.mkdir()
+        secret_file.write_bytes(b"whsec_\xff\xfe")
     sections = settings(tmp_path, exchange_name, "amqp://guest:guest@127.0.0.1:5672/")
     bridge = BridgeProcess(tmp_path, sections)
     await bridge.start(wait_listening=False)
     assert await bridge.wait() == 1
-    assert "cannot read the stored webhook secret: [Errno 21] Is a directory" in bridge.log()
+    assert "cannot read the stored webhook secret: " in bridge.log()
+    assert said in bridge.log()
     assert "Traceback" not in bridge.log()
 
 
