@@ -137,15 +137,30 @@ def proxied_amqp_url(proxy: TcpProxy) -> str:
 
 
 @pytest.fixture
-def start_bridge_cut_off(start_bridge: BridgeFactory, broker_proxy: TcpProxy) -> BridgeFactory:
+def start_proxied_bridge(start_bridge: BridgeFactory, broker_proxy: TcpProxy) -> BridgeFactory:
+    """Starts a bridge whose link to the broker runs through ``broker_proxy``, for the test to
+    cut, hold or slow; its ``amqp`` section adds to the proxied URL."""
+
+    def start(
+        *, wait_ready: bool = True, **sections: dict[str, Any]
+    ) -> AbstractAsyncContextManager[Bridge]:
+        amqp = {"url": proxied_amqp_url(broker_proxy), **sections.pop("amqp", {})}
+        return start_bridge(wait_ready=wait_ready, amqp=amqp, **sections)
+
+    return start
+
+
+@pytest.fixture
+def start_bridge_cut_off(
+    start_proxied_bridge: BridgeFactory, broker_proxy: TcpProxy
+) -> BridgeFactory:
     """Starts a bridge whose link to the broker runs through ``broker_proxy``, cut: the broker
     is down as far as the bridge can tell, until the test calls ``broker_proxy.restore()``."""
 
     @asynccontextmanager
     async def start(**sections: dict[str, Any]) -> AsyncIterator[Bridge]:
         await broker_proxy.cut()
-        amqp = {"url": proxied_amqp_url(broker_proxy), **sections.pop("amqp", {})}
-        async with start_bridge(wait_ready=False, amqp=amqp, **sections) as bridge:
+        async with start_proxied_bridge(wait_ready=False, **sections) as bridge:
             yield bridge
 
     return start

@@ -113,14 +113,13 @@ async def test_the_bridge_connects_and_forwards_once_the_broker_appears(
 
 
 async def test_readiness_follows_the_link_down_and_up_and_delivery_resumes(
-    start_bridge: BridgeFactory,
+    start_proxied_bridge: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    amqp = {"url": proxied_amqp_url(broker_proxy)}
-    async with start_bridge(amqp=amqp) as bridge:
+    async with start_proxied_bridge() as bridge:
         url = bridge.webhook_url
         assert (await readiness(http, bridge))[0] == 200
 
@@ -181,14 +180,13 @@ async def link_down_since(http: aiohttp.ClientSession, url: str) -> Any:
 
 
 async def test_a_delivery_the_broker_does_not_confirm_in_time_is_spooled(
-    start_bridge: BridgeFactory,
+    start_proxied_bridge: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 0.5}
-    async with start_bridge(amqp=amqp) as bridge:
+    async with start_proxied_bridge(amqp={"publish_timeout": 0.5}) as bridge:
         broker_proxy.hold()
         url = bridge.webhook_url
         assert await deliver(http, url, VALID) == 202

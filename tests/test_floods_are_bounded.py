@@ -14,7 +14,7 @@ import orjson
 import structlog
 
 from bridge.app import Bridge
-from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.conftest import BridgeFactory, QueueFactory, drain
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 from tests.test_metrics_describe_the_bridge import scrape, value
@@ -60,14 +60,13 @@ async def held_by_a_silent_broker(
 
 
 async def test_past_the_bytes_in_flight_a_delivery_is_refused_503_and_the_held_ones_delivered(
-    start_bridge: BridgeFactory,
+    start_proxied_bridge: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 8.0}
-    async with start_bridge(server=BOUND, amqp=amqp) as bridge:
+    async with start_proxied_bridge(server=BOUND, amqp={"publish_timeout": 8.0}) as bridge:
         url = bridge.webhook_url
         broker_proxy.mute()  # confirms stop coming: the bodies stay held
         held = await held_by_a_silent_broker(http, url, broker_proxy, 40_000, 40_000)
@@ -97,12 +96,11 @@ async def test_past_the_bytes_in_flight_a_delivery_is_refused_503_and_the_held_o
 
 
 async def test_a_slow_sender_holds_only_what_it_has_sent(
-    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+    start_proxied_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
 ) -> None:
     """Or a few connections announcing large bodies and sending nothing more would keep
     KonPro's deliveries out."""
-    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 8.0}
-    async with start_bridge(server=BOUND, amqp=amqp) as bridge:
+    async with start_proxied_bridge(server=BOUND, amqp={"publish_timeout": 8.0}) as bridge:
         url = bridge.webhook_url
         _, slow = await asyncio.open_connection("127.0.0.1", bridge.port)
         slow.write(
@@ -125,10 +123,9 @@ async def test_a_slow_sender_holds_only_what_it_has_sent(
 
 
 async def test_a_compressed_body_counts_as_what_it_decompresses_to(
-    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+    start_proxied_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
 ) -> None:
-    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 8.0}
-    async with start_bridge(server=BOUND, amqp=amqp) as bridge:
+    async with start_proxied_bridge(server=BOUND, amqp={"publish_timeout": 8.0}) as bridge:
         url = bridge.webhook_url
         broker_proxy.mute()
         held = await held_by_a_silent_broker(http, url, broker_proxy, 40_000, 40_000)

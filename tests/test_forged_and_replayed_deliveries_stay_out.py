@@ -14,7 +14,7 @@ import structlog
 
 from bridge.app import Bridge, StartupError
 from bridge.signatures import sign
-from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
+from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
@@ -164,10 +164,9 @@ async def test_require_signature_without_a_secret_refuses_to_start(
 
 
 async def test_a_copy_arriving_while_the_first_is_still_being_taken_is_not_taken_again(
-    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+    start_proxied_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
 ) -> None:
-    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 3.0}
-    async with start_bridge(amqp=amqp, **SIGNED) as bridge:
+    async with start_proxied_bridge(amqp={"publish_timeout": 3.0}, **SIGNED) as bridge:
         headers = signed(BODY)
         broker_proxy.hold()  # a confirm that does not come: the first copy is held 3 s
         first = asyncio.create_task(post(http, bridge, headers))
@@ -185,11 +184,12 @@ async def test_a_copy_arriving_while_the_first_is_still_being_taken_is_not_taken
 
 
 async def test_a_copy_waiting_on_a_first_copy_that_is_refused_is_refused_too(
-    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+    start_proxied_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
 ) -> None:
     # Neither broker nor spool takes the first copy (503): the second must not be told it was.
-    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 1.0}
-    async with start_bridge(amqp=amqp, spool={"max_events": 1}, **SIGNED) as bridge:
+    async with start_proxied_bridge(
+        amqp={"publish_timeout": 1.0}, spool={"max_events": 1}, **SIGNED
+    ) as bridge:
         broker_proxy.hold()  # confirms stop coming: each publish takes its whole timeout
         assert (await post(http, bridge, signed(OTHER_BODY), OTHER_BODY))[0] == 202  # spool full
         headers = signed(BODY)
@@ -203,7 +203,7 @@ async def test_a_copy_waiting_on_a_first_copy_that_is_refused_is_refused_too(
 
 
 async def test_a_delivery_refused_with_503_is_taken_when_konpro_retries_it(
-    start_bridge: BridgeFactory,
+    start_proxied_bridge: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
@@ -211,8 +211,7 @@ async def test_a_delivery_refused_with_503_is_taken_when_konpro_retries_it(
     # A 503 promises nothing, so the replay memory must not remember the body: KonPro's retry
     # would otherwise be answered "duplicate", and the event lost.
     queue = await bind_queue("#")
-    amqp = {"url": proxied_amqp_url(broker_proxy)}
-    async with start_bridge(amqp=amqp, spool={"max_events": 1}, **SIGNED) as bridge:
+    async with start_proxied_bridge(spool={"max_events": 1}, **SIGNED) as bridge:
         await broker_proxy.cut()
         await eventually(lambda: not bridge.publisher.is_ready)
         assert (await post(http, bridge, signed(OTHER_BODY), OTHER_BODY))[0] == 202

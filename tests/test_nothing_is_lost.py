@@ -74,14 +74,13 @@ async def message_ids(queue: aio_pika.abc.AbstractQueue, at_least: int) -> list[
 
 
 async def test_a_link_cut_for_seconds_under_steady_load_loses_no_accepted_event(
-    start_bridge: BridgeFactory,
+    start_proxied_bridge: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 1.0}
-    async with start_bridge(amqp=amqp) as bridge:
+    async with start_proxied_bridge(amqp={"publish_timeout": 1.0}) as bridge:
         load = asyncio.create_task(post_steadily(http, bridge.webhook_url, seconds=6.0))
         await asyncio.sleep(1.5)
         await broker_proxy.cut()
@@ -206,14 +205,13 @@ async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
 
 
 async def test_a_slow_broker_link_delays_answers_but_every_accepted_event_is_stored(
-    start_bridge: BridgeFactory,
+    start_proxied_bridge: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    amqp = {"url": proxied_amqp_url(broker_proxy), "publish_timeout": 3.0}
-    async with start_bridge(amqp=amqp) as bridge:
+    async with start_proxied_bridge(amqp={"publish_timeout": 3.0}) as bridge:
         url = bridge.webhook_url
         # Slow, but the confirms come within the publish timeout: 0.1 s per chunk each way,
         # and 20 publishes make at most 20 chunks.
