@@ -338,13 +338,16 @@ class Reconciler:
             log.error("reconcile.secret_store_failed", path=str(self._secret_dir), error=str(exc))
             error = f"storing the signing secret failed: {exc}"
             result = _result("error", error=error, actions=tuple(done))
-            self._auth_failing = self._auth_reported = False
-            self._retry_after = 0.0
+            self._answered()
         else:
-            self._auth_failing = self._auth_reported = False
-            self._retry_after = 0.0
+            self._answered()
         self.last_result = result
         return result
+
+    def _answered(self) -> None:
+        """KonPro took the key and asked for no wait: what an earlier failure said is over."""
+        self._auth_failing = self._auth_reported = False
+        self._retry_after = 0.0
 
     async def run_forever(
         self, on_result: Callable[[ReconcileResult], object] | None = None
