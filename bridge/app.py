@@ -85,6 +85,7 @@ class Bridge:
         speaks_for_registration = not (self.metrics.shared and self._why_not_reconcile())
         self.metrics.watch(
             spool_depth=lambda: self.spool.depth,
+            spool_parked=lambda: self.spool.parked,
             broker_connected=lambda: self.publisher.is_ready,
             registration_ok=(
                 (lambda: registration_ok(self.last_registration()))
@@ -112,7 +113,10 @@ class Bridge:
         self._spool = await self._open_spool()
         self._use_stored_secret()
         self._forwarder = Forwarder(
-            self._spool, self.publisher.publish, is_connected=lambda: self.publisher.is_ready
+            self._spool,
+            self.publisher.publish,
+            is_connected=lambda: self.publisher.is_ready,
+            parked_retry_interval=self.settings.spool.parked_retry_interval,
         )
         self.publisher.on_ready(self._forwarder.retry_now)
         relay = Relay(self.publisher, self._spool, self._forwarder, self.replays)
@@ -225,6 +229,7 @@ class Bridge:
                 self.publisher.publish,
                 is_connected=lambda: self.publisher.is_ready,
                 poll_interval=_LEFT_BEHIND_POLL_SECONDS,
+                parked_retry_interval=self.settings.spool.parked_retry_interval,
             )
             forwarder.start()
             self._left_behind_forwarder = forwarder  # for stop(), with what is left of its grace
@@ -323,6 +328,7 @@ class Bridge:
                 log.warning(
                     "bridge.spool_not_empty",
                     depth=self._spool.depth,
+                    parked=self._spool.parked,
                     detail="forwarded when the bridge next starts",
                 )
             await self._spool.close()

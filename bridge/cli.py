@@ -158,7 +158,7 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
 
     async def read(path: Path) -> dict[str, Any]:
         if not (path / FILE_NAME).exists():
-            return {"path": str(path), "depth": 0, "bytes": 0, "oldest_age": None}
+            return {"path": str(path), "depth": 0, "bytes": 0, "oldest_age": None, "parked": 0}
         async with await Spool.open(settings.spool.at(path), exclusive=False) as spool:
             return {"path": str(path), **dataclasses.asdict(await spool.status())}
 
@@ -175,6 +175,7 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
     total = {
         "path": str(settings.spool.path),
         "depth": sum(spool["depth"] for spool in spools),
+        "parked": sum(spool["parked"] for spool in spools),
         "bytes": sum(spool["bytes"] for spool in spools),
         "oldest_age": max(ages, default=None),
         "spools": spools,
@@ -185,6 +186,8 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
     oldest = total["oldest_age"]
     print(f"spool:  {total['path']}" + (f" ({len(spools)} workers)" if len(spools) > 1 else ""))
     print(f"depth:  {total['depth']} events")
+    if total["parked"]:
+        print(f"parked: {total['parked']} of them, refused by the broker (see the daemon's log)")
     print(f"size:   {total['bytes']} bytes")
     print(f"oldest: {'-' if oldest is None else f'{oldest:.0f} s ago'}")
     return EXIT_OK
@@ -214,6 +217,10 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
                 for spool in spools:
                     progress = _advance(bar, before=drained)
                     drained += await drain(spool, publisher.publish, on_progress=progress)
+                    if spool.parked:  # refused by the broker before: once more, last
+                        await spool.unpark_all()
+                        progress = _advance(bar, before=drained)
+                        drained += await drain(spool, publisher.publish, on_progress=progress)
                 return drained
 
     try:

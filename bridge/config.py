@@ -166,6 +166,7 @@ class SpoolSettings(_Section):
     max_bytes: int = Field(default=268_435_456, ge=1024)
     max_events: int = Field(default=100_000, ge=1)
     min_free_bytes: int = Field(default=16_777_216, ge=0)
+    parked_retry_interval: float = Field(default=600.0, gt=0)
 
     def at(self, path: Path) -> SpoolSettings:
         """The same limits for the spool in ``path`` (a worker's, say)."""

@@ -56,6 +56,21 @@ class DeliveryRefused(Exception):
         self.retry_after = retry_after
 
 
+class PublishFailed(DeliveryRefused):
+    """The broker did not confirm the message; it may or may not have stored it."""
+
+
+class MessageRefused(PublishFailed):
+    """The broker refused this message itself, not the link: RabbitMQ closes the channel with
+    PRECONDITION_FAILED for a message over its ``max_message_size``. Publishing it again fails
+    the same way until the broker's settings change, so the spool sets it aside ("parks" it)
+    rather than let it hold up the events behind it.
+
+    Every publish in flight on that channel fails with the same error, so one refusal does not
+    prove which message was at fault; the spool parks an event only after several.
+    """
+
+
 class Outcome(enum.StrEnum):
     """What became of an accepted delivery; each value is a promise that it will reach the bus."""
 

@@ -47,10 +47,15 @@ PUBLISH_BUCKETS: Final = (
 StateProbe = Callable[[], float | None]
 """Reads a live value at scrape time; ``None`` means unknown and is exposed as NaN."""
 
-GaugeName = Literal["spool_depth", "broker_connected", "registration_ok"]
+GaugeName = Literal["spool_depth", "spool_parked", "broker_connected", "registration_ok"]
 Combined = Literal["livesum", "livemin", "livemostrecent"]
 _GAUGES: Final[tuple[tuple[GaugeName, str, Combined], ...]] = (
     ("spool_depth", "Events waiting in the spool for the broker.", "livesum"),
+    (
+        "spool_parked",
+        "Events in the spool set aside because the broker refused them; part of the depth.",
+        "livesum",
+    ),
     ("broker_connected", "1 when the broker link is up and the topology declared.", "livemin"),
     (
         "registration_ok",
@@ -130,6 +135,7 @@ class Metrics:
         self,
         *,
         spool_depth: StateProbe | None = None,
+        spool_parked: StateProbe | None = None,
         broker_connected: StateProbe | None = None,
         registration_ok: StateProbe | None = None,
     ) -> None:
@@ -137,6 +143,7 @@ class Metrics:
         workers, at every ``refresh_gauges``)."""
         probes: dict[GaugeName, StateProbe | None] = {
             "spool_depth": spool_depth,
+            "spool_parked": spool_parked,
             "broker_connected": broker_connected,
             "registration_ok": registration_ok,
         }

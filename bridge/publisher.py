@@ -38,7 +38,7 @@ from aio_pika.abc import (
 
 from bridge.config import AmqpSettings, Route, masked_url
 from bridge.contract import APP_ID, ContractProperties
-from bridge.events import Delivery, DeliveryRefused
+from bridge.events import Delivery, MessageRefused, PublishFailed
 from bridge.metrics import Metrics
 from bridge.tasks import cancel_and_wait, this_task_is_cancelled
 
@@ -51,10 +51,6 @@ _CONNECT_TIMEOUT = 10.0
 _CHANNEL_RESTORE_GRACE = 5.0  # seconds a channel the broker closed may take to come back
 _REDECLARE_INTERVAL = 5.0  # seconds at least between declaring the topology again after a return
 _STILL_DOWN_AT_LEAST_EVERY = 600.0  # seconds at most between reports of a broker link still down
-
-
-class PublishFailed(DeliveryRefused):
-    """The broker did not confirm the message; it may or may not have stored it."""
 
 
 class BrokerUnavailable(PublishFailed):
@@ -271,6 +267,8 @@ class Publisher:
                 f"broker returned the message: no route on {exchange_name!r}, "
                 f"not even to {unrouted_name(exchange_name)!r}"
             )
+        if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+            return MessageRefused(f"broker refused the message: {_describe(exc)}")
         if isinstance(exc, aiormq.exceptions.DeliveryError):
             return PublishFailed(f"broker refused the message: {_describe(exc)}")
         return PublishFailed(f"publish failed: {_describe(exc)}")

@@ -14,8 +14,8 @@ import asyncio
 
 import structlog
 
-from bridge.events import Delivery, DeliveryRefused, Outcome, body_digest
-from bridge.publisher import Publisher, PublishFailed
+from bridge.events import Delivery, DeliveryRefused, Outcome, PublishFailed, body_digest
+from bridge.publisher import Publisher
 from bridge.signatures import ReplayGuard
 from bridge.spool import Forwarder, Spool
 

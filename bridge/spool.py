@@ -37,7 +37,7 @@ import orjson
 import structlog
 
 from bridge.config import SpoolSettings
-from bridge.events import Delivery, DeliveryRefused
+from bridge.events import Delivery, DeliveryRefused, MessageRefused
 from bridge.tasks import this_task_is_cancelled
 
 FILE_NAME: Final = "spool.sqlite3"
@@ -57,9 +57,15 @@ CREATE TABLE IF NOT EXISTS events (
     body        BLOB    NOT NULL,
     headers     TEXT    NOT NULL,
     received_at REAL    NOT NULL,
-    attempts    INTEGER NOT NULL DEFAULT 0
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    parked      TEXT
 )
 """
+_ADD_PARKED: Final = "ALTER TABLE events ADD COLUMN parked TEXT"  # spools of versions before
+PARK_AFTER: Final = 3
+"""Refusals (``MessageRefused``) of one event before it is parked: each one closes the channel
+and fails every publish in flight on it, so one refusal does not prove which message was at
+fault."""
 _MAX_SQL_PARAMETERS: Final = 500  # well below SQLite's historical limit of 999
 _CORRUPTION: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB (primary result codes)
 _LOW_DISK: Final = 1 << 20  # below this much free space, a failed open is blamed on the disk
@@ -97,11 +103,13 @@ class SpooledEvent:
 
 @dataclass(frozen=True, slots=True)
 class SpoolStatus:
-    """How much is waiting: events, their body bytes, and the age in seconds of the oldest."""
+    """How much is waiting: events (``parked`` of them set aside, refused by the broker), their
+    body bytes, and the age in seconds of the oldest."""
 
     depth: int
     bytes: int
     oldest_age: float | None
+    parked: int = 0
 
 
 class Spool:
@@ -121,6 +129,8 @@ class Spool:
         self._executor = executor
         self._clock = clock
         self._depth, self._bytes = database.totals  # committed rows
+        self._parked = database.parked_count
+        self._refusals: dict[int, int] = {}  # event id -> refusals since this process opened it
         self._queued_events = self._queued_bytes = 0  # accepted, not yet committed
         self._queue: list[tuple[Delivery, asyncio.Future[None]]] = []
         # Forwarded, but their removal failed (say, the disk is full): skipped by peek() so that
@@ -185,8 +195,13 @@ class Spool:
 
     @property
     def depth(self) -> int:
-        """Committed events waiting, without touching the disk."""
+        """Committed events waiting, without touching the disk; parked ones included."""
         return self._depth
+
+    @property
+    def parked(self) -> int:
+        """Events set aside because the broker refused them; ``peek`` leaves them out."""
+        return self._parked
 
     async def append(self, delivery: Delivery) -> None:
         """Return once ``delivery`` is durably committed; raise ``SpoolError`` if it cannot be.
@@ -204,9 +219,11 @@ class Spool:
 
     async def peek(self, limit: int) -> list[SpooledEvent]:
         """Up to ``limit`` events, oldest first, left in place (those already forwarded whose
-        removal failed are left out)."""
+        removal failed, and parked ones, are left out)."""
         self._check_open()
-        # Forwarded events are always the oldest ones: drain() publishes in order.
+        # Forwarded events are always the oldest ones not parked: drain() publishes in order and
+        # parks only the event at its head, and parked events are put back in line only once
+        # every removal has gone through.
         after = max(self._forwarded, default=0)
         return await self._call(partial(self._db.oldest, limit, after))
 
@@ -231,16 +248,39 @@ class Spool:
     async def record_attempt(self, event_id: int) -> None:
         """Count a failed attempt to publish an event, for operators hunting a poison message."""
         self._check_open()
-        try:
-            await self._call(partial(self._db.record_attempt, event_id))
-        except (sqlite3.Error, OSError) as exc:
-            raise _write_error(exc) from exc
+        await self._write(partial(self._db.record_attempt, event_id))
+
+    async def refused(self, event_id: int, reason: str) -> bool:
+        """Count a refusal of this event by the broker; at the ``PARK_AFTER``-th, park it with
+        ``reason``. Whether it is parked now."""
+        self._check_open()
+        refusals = self._refusals[event_id] = self._refusals.get(event_id, 0) + 1
+        if refusals < PARK_AFTER:
+            return False
+        await self._write(partial(self._db.park, event_id, reason))
+        del self._refusals[event_id]
+        self._parked += 1
+        return True
+
+    async def oldest_parked(self) -> SpooledEvent | None:
+        self._check_open()
+        return await self._call(self._db.oldest_parked)
+
+    async def unpark_all(self) -> int:
+        """Put every parked event back in line (the broker took one of them); how many."""
+        self._check_open()
+        await self.retry_removals()  # peek() relies on it: see there
+        count = await self._write(self._db.unpark_all)
+        self._parked -= count
+        return count
 
     async def status(self) -> SpoolStatus:
         self._check_open()
         oldest = await self._call(self._db.oldest_received_at)
         age = None if oldest is None else max(0.0, self._clock() - oldest)
-        return SpoolStatus(depth=self._depth, bytes=self._bytes, oldest_age=age)
+        return SpoolStatus(
+            depth=self._depth, bytes=self._bytes, oldest_age=age, parked=self._parked
+        )
 
     def why_full(self, size: int = 1) -> str | None:
         """Why one more event of ``size`` bytes would not fit now (limits, disk), or ``None``."""
@@ -305,16 +345,25 @@ class Spool:
 
     async def _remove(self, ids: list[int]) -> None:
         try:
-            count, size = await self._call(partial(self._db.delete, ids))
+            count, size, parked = await self._call(partial(self._db.delete, ids))
         except (sqlite3.Error, OSError) as exc:
             self._forwarded.update(ids)
             raise _write_error(exc) from exc
         self._forwarded.difference_update(ids)
+        for event_id in ids:
+            self._refusals.pop(event_id, None)
         self._depth -= count
         self._bytes -= size
+        self._parked -= parked
 
     async def _call(self, function: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
+    async def _write(self, function: Callable[[], _T]) -> _T:
+        try:
+            return await self._call(function)
+        except (sqlite3.Error, OSError) as exc:
+            raise _write_error(exc) from exc
 
 
 async def drain(
@@ -328,9 +377,10 @@ async def drain(
 
     One at a time, so that the original order holds even across failures. Returns how many were
     drained. If ``publish`` raises, the drain stops there: that event and all later ones stay in
-    the spool, and the exception propagates. Removals that failed before (a full disk) are
-    retried with each batch, and at the end. ``on_progress`` is called with the running total
-    after each batch of removals.
+    the spool, and the exception propagates. An event the broker refused ``PARK_AFTER`` times
+    (``MessageRefused``) is parked first, so that the next drain goes on past it. Removals that
+    failed before (a full disk) are retried with each batch, and at the end. ``on_progress`` is
+    called with the running total after each batch of removals.
     """
     drained = 0
     while entries := await spool.peek(batch):
@@ -339,9 +389,8 @@ async def drain(
             for entry in entries:
                 try:
                     await publish(entry.delivery)
-                except Exception:
-                    with suppress(SpoolError):  # the count is a hint; the failure is the news
-                        await spool.record_attempt(entry.id)
+                except Exception as exc:
+                    await _note_failure(spool, entry, exc)
                     raise
                 published.append(entry.id)
         finally:
@@ -354,6 +403,31 @@ async def drain(
     return drained
 
 
+async def _note_failure(spool: Spool, entry: SpooledEvent, failure: Exception) -> None:
+    """Count the attempt, and park an event the broker keeps refusing: the events behind it
+    would otherwise wait until someone changes the broker's settings."""
+    with suppress(SpoolError):  # the count is a hint; the failure is the news
+        await spool.record_attempt(entry.id)
+    if not isinstance(failure, MessageRefused):
+        return
+    try:
+        parked = await spool.refused(entry.id, failure.reason)
+    except SpoolError as exc:  # not parked this time; the next refusal tries again
+        _log.warning("spool.park_failed", message_id=entry.delivery.message_id, error=exc.reason)
+        return
+    if parked:
+        _log.error(
+            "spool.event_parked",
+            message_id=entry.delivery.message_id,
+            event_type=entry.delivery.event_type,
+            bytes=len(entry.delivery.body),
+            reason=failure.reason,
+            parked=spool.parked,
+            detail=f"the broker refused it {PARK_AFTER} times: kept in the spool, set aside so "
+            "that the events behind it go on, and tried again every spool.parked_retry_interval",
+        )
+
+
 class Forwarder:
     """Drains the spool to the broker in the background, whenever there is something to drain
     and the broker is connected; otherwise sleeps until ``notify()``.
@@ -362,7 +436,8 @@ class Forwarder:
     usable again (a reconnect, a channel restored, a confirm after publishes that got none),
     which also ends a back-off after failures, once per run of them.
     A periodic look every ``poll_interval`` seconds is only a safety net for a missed
-    notification.
+    notification. Every ``parked_retry_interval`` seconds (and at the first look) the oldest
+    parked event is tried again; once the broker takes it, every parked event is back in line.
     """
 
     def __init__(
@@ -375,6 +450,7 @@ class Forwarder:
         retry_delay: float = 1.0,
         max_retry_delay: float = 60.0,
         poll_interval: float = 30.0,
+        parked_retry_interval: float = 600.0,
     ) -> None:
         self._spool = spool
         self._publish = publish
@@ -383,6 +459,8 @@ class Forwarder:
         self._retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
         self._poll_interval = poll_interval
+        self._parked_retry_interval = parked_retry_interval
+        self._parked_retry_at = 0.0  # monotonic; parked events left by the last run: at once
         self._wake = asyncio.Event()
         self._cut_short = asyncio.Event()  # ends a back-off: a stop, or the broker back
         self._early_retry_spent = False
@@ -437,6 +515,7 @@ class Forwarder:
             # Before looking, so that a notify() or retry_now() from now on is not lost.
             self._wake.clear()
             self._cut_short.clear()
+            parked = self._spool.parked
             try:
                 tried = await self._forward()
             # The forwarder outlives any failure, even a CancelledError out of a library's
@@ -446,6 +525,9 @@ class Forwarder:
                     raise
                 if self._stopping.is_set():
                     return  # no retry: what is left is the stop's to report (and the next start's)
+                if self._spool.parked > parked:  # the event at fault is out of the way now
+                    delay, self._early_retry_spent = self._retry_delay, False
+                    self._parked_retry_at = time.monotonic() + self._parked_retry_interval
                 _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
                 await _wait(self._cut_short, delay)
                 self._early_retry_spent = self._early_retry_spent or self._cut_short.is_set()
@@ -454,7 +536,15 @@ class Forwarder:
                 if tried:  # a look that found the link down does not end a run of failures
                     delay = self._retry_delay
                     self._early_retry_spent = False
-                await _wait(self._wake, self._poll_interval)
+                await _wait(self._wake, self._next_look_in())
+
+    def _next_look_in(self) -> float:
+        """The poll interval, or less when a retry of parked events falls due sooner. One that
+        is overdue waits for the link: the broker's return wakes the forwarder."""
+        parked_retry_in = self._parked_retry_at - time.monotonic()
+        if self._spool.parked and parked_retry_in > 0:
+            return min(self._poll_interval, parked_retry_in)
+        return self._poll_interval
 
     async def _forward(self) -> bool:
         """Drain what there is; ``False`` when there is but the broker is not connected, so
@@ -462,11 +552,41 @@ class Forwarder:
         if self._spool.depth:
             if not self._is_connected():
                 return False
+            retry_due = self._spool.parked and time.monotonic() >= self._parked_retry_at
+            if retry_due and not await self._retry_parked():
+                return True  # refused again, which closed the channel: its return wakes us
             drained = await drain(self._spool, self._publish, batch=self._batch)
             if drained:
                 _log.info("spool.drained", count=drained, depth=self._spool.depth)
         if not self._spool.depth:
             self._emptied.set()
+        return True
+
+    async def _retry_parked(self) -> bool:
+        """Try the oldest parked event again; if the broker takes it now (its
+        ``max_message_size`` raised, say), put every parked event back in line. Whether it did.
+        """
+        self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+        # Removals that failed first: an event published but not yet removed must not be
+        # published again as the oldest parked one.
+        await self._spool.retry_removals()
+        event = await self._spool.oldest_parked()
+        if event is None:
+            return True
+        try:
+            await self._publish(event.delivery)
+        except MessageRefused as exc:
+            _log.warning(
+                "spool.parked_still_refused",
+                parked=self._spool.parked,
+                message_id=event.delivery.message_id,
+                error=exc.reason,
+                retry_in=self._parked_retry_interval,
+            )
+            return False
+        await self._spool.remove([event.id])
+        released = await self._spool.unpark_all()
+        _log.info("spool.parked_released", forwarded=1, back_in_line=released)
         return True
 
 
@@ -475,10 +595,13 @@ class _Database:
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection
-        count, size = connection.execute(
-            "SELECT count(*), coalesce(sum(length(body)), 0) FROM events"
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+        parked = "count(parked)" if "parked" in columns else "0"  # read-only, before a migration
+        count, size, parked_count = connection.execute(
+            f"SELECT count(*), coalesce(sum(length(body)), 0), {parked} FROM events"  # noqa: S608
         ).fetchone()
         self.totals: tuple[int, int] = (count, size)
+        self.parked_count: int = parked_count
         self.reusable_bytes = self._free_pages_bytes()
         """Space inside the file that deleted events left for new ones (as of the last write)."""
 
@@ -499,6 +622,9 @@ class _Database:
                 # changes nothing finds out now rather than at the first event to spool.
                 (version,) = connection.execute("PRAGMA user_version").fetchone()
                 connection.execute(f"PRAGMA user_version = {int(version)}")
+                columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+                if "parked" not in columns:
+                    connection.execute(_ADD_PARKED)
             return cls(connection)
         except BaseException:
             connection.close()
@@ -522,34 +648,53 @@ class _Database:
     def oldest(self, limit: int, after: int = 0) -> list[SpooledEvent]:
         rows = self._db.execute(
             "SELECT id, event_type, message_id, body, headers, received_at, attempts"
-            " FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            " FROM events WHERE id > ? AND parked IS NULL ORDER BY id LIMIT ?",
             (after, limit),
         )
         return [_spooled_event(row) for row in rows]
+
+    def oldest_parked(self) -> SpooledEvent | None:
+        row = self._db.execute(
+            "SELECT id, event_type, message_id, body, headers, received_at, attempts"
+            " FROM events WHERE parked IS NOT NULL ORDER BY id LIMIT 1"
+        ).fetchone()
+        return None if row is None else _spooled_event(row)
 
     def oldest_received_at(self) -> float | None:
         row = self._db.execute("SELECT received_at FROM events ORDER BY id LIMIT 1").fetchone()
         return None if row is None else float(row[0])
 
-    def delete(self, ids: Sequence[int]) -> tuple[int, int]:
-        """Delete rows; return how many, and how many body bytes, were actually there."""
-        count = size = 0
+    def delete(self, ids: Sequence[int]) -> tuple[int, int, int]:
+        """Delete rows; return how many, how many body bytes, and how many parked ones were
+        actually there."""
+        count = size = parked = 0
         with self._transaction():
             for start in range(0, len(ids), _MAX_SQL_PARAMETERS):
                 chunk = ids[start : start + _MAX_SQL_PARAMETERS]
                 where = f"WHERE id IN ({', '.join('?' * len(chunk))})"  # placeholders only
-                found, found_bytes = self._db.execute(
-                    f"SELECT count(*), coalesce(sum(length(body)), 0) FROM events {where}",  # noqa: S608
+                totals = "count(*), coalesce(sum(length(body)), 0), count(parked) FROM events"
+                found, found_bytes, found_parked = self._db.execute(
+                    f"SELECT {totals} {where}",
                     chunk,
                 ).fetchone()
                 self._db.execute(f"DELETE FROM events {where}", chunk)  # noqa: S608
                 count += found
                 size += found_bytes
-        return count, size
+                parked += found_parked
+        return count, size, parked
 
     def record_attempt(self, event_id: int) -> None:
         with self._transaction():
             self._db.execute("UPDATE events SET attempts = attempts + 1 WHERE id = ?", (event_id,))
+
+    def park(self, event_id: int, reason: str) -> None:
+        with self._transaction():
+            self._db.execute("UPDATE events SET parked = ? WHERE id = ?", (reason, event_id))
+
+    def unpark_all(self) -> int:
+        with self._transaction():
+            cursor = self._db.execute("UPDATE events SET parked = NULL WHERE parked IS NOT NULL")
+        return cursor.rowcount
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

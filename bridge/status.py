@@ -79,7 +79,12 @@ class StatusReport:
     async def _spool_status(self) -> dict[str, Any]:
         status = await self._spool().status()
         oldest = None if status.oldest_age is None else round(status.oldest_age, 3)
-        return {"depth": status.depth, "bytes": status.bytes, "oldest_age": oldest}
+        return {
+            "depth": status.depth,
+            "parked": status.parked,
+            "bytes": status.bytes,
+            "oldest_age": oldest,
+        }
 
     def _registration_status(self) -> dict[str, Any]:
         if self._registration is None:

@@ -55,6 +55,26 @@ def private_broker() -> Iterator[PrivateBroker]:
 
 
 @pytest.fixture
+async def private_queue(
+    private_broker: PrivateBroker, exchange_name: str
+) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
+    """A queue on the private node, bound ``#`` to the test's exchange (declared as the bridge
+    declares it)."""
+    connection = await aio_pika.connect_robust(private_broker.url)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(
+        exchange_name,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": f"{exchange_name}.unrouted"},
+    )
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, "#")
+    yield queue
+    await connection.close()
+
+
+@pytest.fixture
 async def exchange_name() -> AsyncIterator[str]:
     """The test's own exchange name; what the bridge declares under it is deleted afterwards."""
     name = f"test.{uuid.uuid4().hex[:12]}"

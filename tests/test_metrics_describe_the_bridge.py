@@ -176,6 +176,7 @@ from bridge.metrics import Metrics
 connected, depth, registered, scrape = sys.argv[1:]
 metrics = Metrics()
 metrics.watch(broker_connected=lambda: connected == "up", spool_depth=lambda: int(depth))
+metrics.watch(spool_parked=lambda: min(int(depth), 1))  # one of them, if any, parked
 if registered != "-":  # only the reconciling worker watches the registration
     metrics.watch(registration_ok=lambda: registered == "ok")
 metrics.refresh_gauges()
@@ -207,12 +208,14 @@ def test_with_several_workers_the_gauges_combine_as_an_operator_reads_them(
     tmp_path: Path,
 ) -> None:
     """The link is up only when every worker's is (one worker spooling its share is an
-    outage), the depths add up, and the registration is the reconciling worker's."""
+    outage), the depths (and parked counts) add up, and the registration is the reconciling
+    worker's."""
     all_up = workers_metrics(tmp_path / "up", ("up", 2, "ok"), ("up", 3, "-"))
     one_down = workers_metrics(tmp_path / "down", ("up", 0, "ok"), ("down", 5, "-"))
 
     assert value(all_up, "konpro_bridge_broker_connected") == 1
     assert value(one_down, "konpro_bridge_broker_connected") == 0
     assert value(all_up, "konpro_bridge_spool_depth") == 5
+    assert value(all_up, "konpro_bridge_spool_parked") == 2
     assert value(all_up, "konpro_bridge_registration_ok") == 1
     assert value(one_down, "konpro_bridge_registration_ok") == 1

@@ -12,13 +12,11 @@ import itertools
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
 import aiohttp
 import orjson
-import pytest
 import structlog
 
 from bridge.app import Bridge
@@ -253,24 +251,6 @@ async def test_an_event_the_broker_nacks_is_spooled_and_forwarded_once_there_is_
         await eventually(lambda: bridge.spool.depth == 0)
 
     assert received == [first[0], second[0]]
-
-
-@pytest.fixture
-async def private_queue(
-    private_broker: PrivateBroker, exchange_name: str
-) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
-    connection = await aio_pika.connect_robust(private_broker.url)
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange(
-        exchange_name,
-        aio_pika.ExchangeType.TOPIC,
-        durable=True,
-        arguments={"alternate-exchange": f"{exchange_name}.unrouted"},
-    )
-    queue = await channel.declare_queue(exclusive=True)
-    await queue.bind(exchange, "#")
-    yield queue
-    await connection.close()
 
 
 async def test_a_broker_that_blocks_publishers_gets_bounded_answers_and_loses_nothing(

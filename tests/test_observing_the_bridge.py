@@ -259,7 +259,7 @@ async def test_status_follows_the_broker_link_and_the_spool(
 
     assert up["broker"]["connected"] is True
     assert up["broker"]["reason"] is None
-    assert up["spool"] == {"depth": 0, "bytes": 0, "oldest_age": None}
+    assert up["spool"] == {"depth": 0, "parked": 0, "bytes": 0, "oldest_age": None}
     assert up["registration"]["enabled"] is False
     assert up["version"]
 

@@ -54,7 +54,13 @@ async def test_status_of_a_spool_that_was_never_used_is_empty(tmp_path: Path) ->
     config = write_toml(tmp_path / "c.toml", {"spool": {"path": str(tmp_path / "none")}})
     code, out, _ = await run_command("spool", "status", "--json", "--config", str(config))
     assert code == 0
-    empty = {"path": str(tmp_path / "none"), "depth": 0, "bytes": 0, "oldest_age": None}
+    empty = {
+        "path": str(tmp_path / "none"),
+        "depth": 0,
+        "bytes": 0,
+        "oldest_age": None,
+        "parked": 0,
+    }
     assert json.loads(out) == {**empty, "spools": [empty]}
 
 

@@ -7,10 +7,13 @@ node on free ports, with its own data directory, stopped and removed afterwards.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.support.process import free_port
@@ -87,6 +90,18 @@ class PrivateBroker:
 
     def clear_memory_alarm(self) -> None:
         self.ctl("set_vm_memory_high_watermark", "0.4")
+
+    @contextmanager
+    def max_message_size(self, size: int) -> Iterator[None]:
+        """Messages over ``size`` bytes refused (PRECONDITION_FAILED) on channels opened meanwhile,
+        as with ``max_message_size`` in rabbitmq.conf."""
+        default = self.ctl("eval", "application:get_env(rabbit, max_message_size).")
+        self.ctl("eval", f"application:set_env(rabbit, max_message_size, {size}).")
+        try:
+            yield
+        finally:
+            (previous,) = re.findall(r"\{ok,(\d+)\}", default)
+            self.ctl("eval", f"application:set_env(rabbit, max_message_size, {previous}).")
 
     def close_connections(self, named: str, reason: str) -> int:
         """What a broker restart or an operator's ``rabbitmqctl close_connection`` does to the
