@@ -456,9 +456,10 @@ class Reconciler:
                 "secret"
             )
         return (
-            f"the stored signing secret is endpoint {stored_for}'s, which is gone, and KonPro "
-            "does not return the secret of the endpoint kept: its deliveries are refused "
-            "(401); set konpro.webhook_secret to that endpoint's secret"
+            f"the stored signing secret is endpoint {stored_for}'s, not the kept endpoint "
+            f"{endpoint_id}'s (it was deleted, or moved to another URL), and KonPro does not "
+            "return the secret of the endpoint kept: its deliveries are refused (401); set "
+            "konpro.webhook_secret to that endpoint's secret"
         )
 
     def _report_unverifiable(self, endpoint_id: str | None, error: str | None) -> None:
