@@ -77,7 +77,7 @@ class Bridge:
         self._reconciling: asyncio.Task[None] | None = None
         self._sharing_gauges: asyncio.Task[None] | None = None
         self._forwarding_left_behind: asyncio.Task[None] | None = None
-        self._left_behind_forwarder: Forwarder | None = None
+        self._left_behind_forwarders: set[Forwarder] = set()
 
     def _watch_state(self) -> None:
         """The live gauges, read from the parts themselves. With several workers, the one that
@@ -207,13 +207,17 @@ class Bridge:
 
     async def _forward_left_behind(self) -> None:
         """Forward what workers that no longer run spooled (``server.workers`` was lowered),
-        then delete their spools: a 2xx promised those events too."""
+        then delete their spools: a 2xx promised those events too. All at once: one whose
+        parked events the broker still refuses must not hold up the others."""
         root, workers = self.settings.spool.path, self.settings.server.workers
-        for path in left_behind_spool_dirs(root, workers):
-            try:
-                await self._forward_spool_at(path)
-            except (OSError, RuntimeError) as exc:  # locked by `spool drain`, or unusable
-                log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
+        paths = left_behind_spool_dirs(root, workers)
+        await asyncio.gather(*(self._forward_left_behind_at(path) for path in paths))
+
+    async def _forward_left_behind_at(self, path: Path) -> None:
+        try:
+            await self._forward_spool_at(path)
+        except (OSError, RuntimeError) as exc:  # locked by `spool drain`, or unusable
+            log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
 
     async def _forward_spool_at(self, path: Path) -> None:
         async with await Spool.open(self.settings.spool.at(path)) as spool:
@@ -232,11 +236,11 @@ class Bridge:
                 parked_retry_interval=self.settings.spool.parked_retry_interval,
             )
             forwarder.start()
-            self._left_behind_forwarder = forwarder  # for stop(), with what is left of its grace
+            self._left_behind_forwarders.add(forwarder)  # for stop(), with what is left of grace
             try:
                 await forwarder.until_empty()
             finally:
-                self._left_behind_forwarder = None
+                self._left_behind_forwarders.discard(forwarder)
                 await forwarder.stop(grace=0.0)  # returns at once if stop() has stopped it
         delete_spool_files(path)
         log.info("spool.left_behind_forwarded", path=str(path))
@@ -317,7 +321,7 @@ class Bridge:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
         # An event a forwarder was publishing when its grace ran out stays in its spool.
-        for forwarder in (self._forwarder, self._left_behind_forwarder):
+        for forwarder in (self._forwarder, *self._left_behind_forwarders):
             if forwarder is not None:
                 await forwarder.stop(grace=max(0.0, deadline - loop.time()))
         await cancel_and_wait(self._forwarding_left_behind)

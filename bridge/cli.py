@@ -214,13 +214,11 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
                 await publisher.wait_ready()
             with tqdm(total=sum(s.depth for s in spools), unit="event", desc="draining") as bar:
                 drained = 0
-                for spool in spools:
-                    progress = _advance(bar, before=drained)
-                    drained += await drain(spool, publisher.publish, on_progress=progress)
-                    if spool.parked:  # refused by the broker before: once more, last
-                        await spool.unpark_all()
+                for parked in (False, True):  # those the broker refused before: last
+                    for spool in spools:
                         progress = _advance(bar, before=drained)
-                        drained += await drain(spool, publisher.publish, on_progress=progress)
+                        publish = publisher.publish
+                        drained += await drain(spool, publish, parked=parked, on_progress=progress)
                 return drained
 
     try:

@@ -61,14 +61,22 @@ class PublishFailed(DeliveryRefused):
 
 
 class MessageRefused(PublishFailed):
-    """The broker refused this message itself, not the link: RabbitMQ closes the channel with
+    """The broker refused a message itself, not the link: RabbitMQ closes the channel with
     PRECONDITION_FAILED for a message over its ``max_message_size``. Publishing it again fails
     the same way until the broker's settings change, so the spool sets it aside ("parks" it)
     rather than let it hold up the events behind it.
 
-    Every publish in flight on that channel fails with the same error, so one refusal does not
-    prove which message was at fault; the spool parks an event only after several.
+    Every publish in flight on that channel fails with the same error. ``size``, the size the
+    broker's text names, tells which message it refused; ``None`` when the text does not say.
     """
+
+    def __init__(self, reason: str, *, size: int | None = None) -> None:
+        super().__init__(reason)
+        self.size = size
+
+    def blames(self, body: bytes) -> bool | None:
+        """Whether the broker refused a message of this body's size; ``None``: it did not say."""
+        return None if self.size is None else self.size == len(body)
 
 
 class Outcome(enum.StrEnum):

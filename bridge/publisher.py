@@ -21,6 +21,7 @@ import contextlib
 import fnmatch
 import functools
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,6 +164,7 @@ class Publisher:
         self._last_error: str | None = "connecting to the broker"
         self._connect_task: asyncio.Task[None] | None = None
         self._restore_watch: asyncio.Task[None] | None = None
+        self._channel_closed_at = 0.0  # monotonic: when the broker last closed the channel
         self._topology: Topology | None = None
         self._redeclare: asyncio.Task[None] | None = None
         self._redeclared_at = 0.0
@@ -268,7 +270,11 @@ class Publisher:
                 f"not even to {unrouted_name(exchange_name)!r}"
             )
         if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
-            return MessageRefused(f"broker refused the message: {_describe(exc)}")
+            named = _TOO_LARGE.search(str(exc))
+            return MessageRefused(
+                f"broker refused the message: {_describe(exc)}",
+                size=None if named is None else int(named[1]),
+            )
         if isinstance(exc, aiormq.exceptions.DeliveryError):
             return PublishFailed(f"broker refused the message: {_describe(exc)}")
         return PublishFailed(f"publish failed: {_describe(exc)}")
@@ -432,6 +438,7 @@ class Publisher:
         if exc is None or connection is None or not connection.connected.is_set():
             return  # closed by us, or with the connection (logged as amqp.connection_lost)
         self._link_changed(f"broker closed the channel: {_describe(exc)}")
+        self._channel_closed_at = time.monotonic()
         log.warning("amqp.channel_closed", error=_describe(exc), detail="reopening")
         if self._restore_watch is None or self._restore_watch.done():
             self._restore_watch = asyncio.create_task(
@@ -442,11 +449,18 @@ class Publisher:
         self._mark_ready()  # the forwarder may have given up on a closed channel: wake it
 
     async def _reconnect_unless_restored(self) -> None:
-        """Start over with a new connection when the robust channel does not come back."""
-        await asyncio.sleep(_CHANNEL_RESTORE_GRACE)
-        connection = self._connection
-        if self.is_ready or connection is None or not connection.connected.is_set():
-            return  # restored, or the connection is down and reconnecting on its own
+        """Start over with a new connection when the robust channel does not come back within
+        the grace after the latest close. A broker that closes it again and again (refusing one
+        message after another), and has it back each time, is no channel that stays closed."""
+        while True:
+            since_closed = time.monotonic() - self._channel_closed_at
+            if since_closed < _CHANNEL_RESTORE_GRACE:
+                await asyncio.sleep(_CHANNEL_RESTORE_GRACE - since_closed)
+                continue
+            connection = self._connection
+            if self.is_ready or connection is None or not connection.connected.is_set():
+                return  # restored, or the connection is down and reconnecting on its own
+            break
         log.error(
             "amqp.channel_not_restored",
             error=self._last_error,
@@ -468,6 +482,7 @@ class Publisher:
 
 _LINK_GIVEN_UP = "no frames from the broker within the heartbeat timeout (connection given up)"
 _LINK_ENDED = "the connection ended"
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size")  # RabbitMQ's
 
 
 def _describe(exc: BaseException) -> str:

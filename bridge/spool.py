@@ -63,9 +63,9 @@ CREATE TABLE IF NOT EXISTS events (
 """
 _ADD_PARKED: Final = "ALTER TABLE events ADD COLUMN parked TEXT"  # spools of versions before
 PARK_AFTER: Final = 3
-"""Refusals (``MessageRefused``) of one event before it is parked: each one closes the channel
-and fails every publish in flight on it, so one refusal does not prove which message was at
-fault."""
+"""Refusals (``MessageRefused``) of one event before it is parked, when the broker's text does not
+name the size it refused: each refusal closes the channel and fails every publish in flight on
+it, so one does not prove which message was at fault."""
 _MAX_SQL_PARAMETERS: Final = 500  # well below SQLite's historical limit of 999
 _CORRUPTION: Final = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB (primary result codes)
 _LOW_DISK: Final = 1 << 20  # below this much free space, a failed open is blamed on the disk
@@ -250,29 +250,35 @@ class Spool:
         self._check_open()
         await self._write(partial(self._db.record_attempt, event_id))
 
-    async def refused(self, event_id: int, reason: str) -> bool:
-        """Count a refusal of this event by the broker; at the ``PARK_AFTER``-th, park it with
-        ``reason``. Whether it is parked now."""
+    async def refused(self, event_id: int, reason: str, *, certain: bool = False) -> bool:
+        """Count a refusal of this event by the broker; at the ``PARK_AFTER``-th, or at once if
+        the broker named this event (``certain``), park it with ``reason``. Whether it is parked
+        now."""
         self._check_open()
         refusals = self._refusals[event_id] = self._refusals.get(event_id, 0) + 1
-        if refusals < PARK_AFTER:
+        if refusals < PARK_AFTER and not certain:
             return False
-        await self._write(partial(self._db.park, event_id, reason))
-        del self._refusals[event_id]
-        self._parked += 1
+        # Shielded, as removals are, so that the count follows the disk even if the caller is
+        # cancelled: the write goes on in the spool's thread all the same.
+        await asyncio.shield(self._park(event_id, reason))
         return True
 
-    async def oldest_parked(self) -> SpooledEvent | None:
+    async def next_parked(self, after: tuple[int, int] | None = None) -> SpooledEvent | None:
+        """The parked event to try next: the smallest (a broker refuses by size), then in
+        order of ``(body size, id)`` after ``after``, starting over past the last."""
         self._check_open()
-        return await self._call(self._db.oldest_parked)
+        return await self._call(partial(self._db.next_parked, after))
+
+    async def peek_parked(self, limit: int) -> list[SpooledEvent]:
+        """Up to ``limit`` parked events, oldest first, left in place."""
+        self._check_open()
+        return await self._call(partial(self._db.oldest, limit, parked=True))
 
     async def unpark_all(self) -> int:
         """Put every parked event back in line (the broker took one of them); how many."""
         self._check_open()
         await self.retry_removals()  # peek() relies on it: see there
-        count = await self._write(self._db.unpark_all)
-        self._parked -= count
-        return count
+        return await asyncio.shield(self._unpark_all())
 
     async def status(self) -> SpoolStatus:
         self._check_open()
@@ -356,6 +362,16 @@ class Spool:
         self._bytes -= size
         self._parked -= parked
 
+    async def _park(self, event_id: int, reason: str) -> None:
+        await self._write(partial(self._db.park, event_id, reason))
+        del self._refusals[event_id]
+        self._parked += 1
+
+    async def _unpark_all(self) -> int:
+        count = await self._write(self._db.unpark_all)
+        self._parked -= count
+        return count
+
     async def _call(self, function: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function)
 
@@ -371,26 +387,30 @@ async def drain(
     publish: Publish,
     *,
     batch: int = 100,
+    parked: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Publish spooled events oldest first, removing each only after ``publish`` returned.
+    """Publish spooled events oldest first, removing each only after ``publish`` returned
+    (``parked``: the parked events instead, which stay parked if they fail again).
 
     One at a time, so that the original order holds even across failures. Returns how many were
     drained. If ``publish`` raises, the drain stops there: that event and all later ones stay in
-    the spool, and the exception propagates. An event the broker refused ``PARK_AFTER`` times
-    (``MessageRefused``) is parked first, so that the next drain goes on past it. Removals that
-    failed before (a full disk) are retried with each batch, and at the end. ``on_progress`` is
-    called with the running total after each batch of removals.
+    the spool, and the exception propagates. An event the broker refuses (``MessageRefused``:
+    naming its size, or ``PARK_AFTER`` times) is parked first, so that the next drain goes on
+    past it. Removals that failed before (a full disk) are retried with each batch, and at the
+    end. ``on_progress`` is called with the running total after each batch of removals.
     """
     drained = 0
-    while entries := await spool.peek(batch):
+    peek = spool.peek_parked if parked else spool.peek
+    while entries := await peek(batch):
         published: list[int] = []
         try:
             for entry in entries:
                 try:
                     await publish(entry.delivery)
                 except Exception as exc:
-                    await _note_failure(spool, entry, exc)
+                    if not parked:
+                        await _note_failure(spool, entry, exc)
                     raise
                 published.append(entry.id)
         finally:
@@ -410,8 +430,11 @@ async def _note_failure(spool: Spool, entry: SpooledEvent, failure: Exception) -
         await spool.record_attempt(entry.id)
     if not isinstance(failure, MessageRefused):
         return
+    blamed = failure.blames(entry.delivery.body)
+    if blamed is False:
+        return  # the broker refused another message in flight on the channel
     try:
-        parked = await spool.refused(entry.id, failure.reason)
+        parked = await spool.refused(entry.id, failure.reason, certain=blamed is True)
     except SpoolError as exc:  # not parked this time; the next refusal tries again
         _log.warning("spool.park_failed", message_id=entry.delivery.message_id, error=exc.reason)
         return
@@ -423,8 +446,8 @@ async def _note_failure(spool: Spool, entry: SpooledEvent, failure: Exception) -
             bytes=len(entry.delivery.body),
             reason=failure.reason,
             parked=spool.parked,
-            detail=f"the broker refused it {PARK_AFTER} times: kept in the spool, set aside so "
-            "that the events behind it go on, and tried again every spool.parked_retry_interval",
+            detail="the broker refuses it: kept in the spool, set aside so that the events "
+            "behind it go on, and tried again every spool.parked_retry_interval",
         )
 
 
@@ -436,8 +459,8 @@ class Forwarder:
     usable again (a reconnect, a channel restored, a confirm after publishes that got none),
     which also ends a back-off after failures, once per run of them.
     A periodic look every ``poll_interval`` seconds is only a safety net for a missed
-    notification. Every ``parked_retry_interval`` seconds (and at the first look) the oldest
-    parked event is tried again; once the broker takes it, every parked event is back in line.
+    notification. Every ``parked_retry_interval`` seconds (and at the first look) a parked
+    event is tried again; once the broker takes one, every parked event is back in line.
     """
 
     def __init__(
@@ -461,6 +484,8 @@ class Forwarder:
         self._poll_interval = poll_interval
         self._parked_retry_interval = parked_retry_interval
         self._parked_retry_at = 0.0  # monotonic; parked events left by the last run: at once
+        self._parked_tried: tuple[int, int] | None = None  # (size, id) of the last one refused
+        self._parked_taken = False  # the broker took a parked event; the others wait for line
         self._wake = asyncio.Event()
         self._cut_short = asyncio.Event()  # ends a back-off: a stop, or the broker back
         self._early_retry_spent = False
@@ -552,10 +577,14 @@ class Forwarder:
         if self._spool.depth:
             if not self._is_connected():
                 return False
-            retry_due = self._spool.parked and time.monotonic() >= self._parked_retry_at
-            if retry_due and not await self._retry_parked():
-                return True  # refused again, which closed the channel: its return wakes us
+            # The others first: a parked event is tried once the line behind it is through,
+            # and so with no removal pending (see Spool.peek).
             drained = await drain(self._spool, self._publish, batch=self._batch)
+            retry_due = self._spool.parked and time.monotonic() >= self._parked_retry_at
+            if self._parked_taken or retry_due:
+                if not await self._retry_parked():
+                    return True  # refused again, which closed the channel: its return wakes us
+                drained += await drain(self._spool, self._publish, batch=self._batch)
             if drained:
                 _log.info("spool.drained", count=drained, depth=self._spool.depth)
         if not self._spool.depth:
@@ -563,30 +592,38 @@ class Forwarder:
         return True
 
     async def _retry_parked(self) -> bool:
-        """Try the oldest parked event again; if the broker takes it now (its
-        ``max_message_size`` raised, say), put every parked event back in line. Whether it did.
+        """Try a parked event again: the smallest first (a broker refuses by size), then each
+        in turn. If the broker takes it now (its ``max_message_size`` raised, say), put every
+        parked event back in line. Whether it took it.
+
+        The next try falls due only after the broker's answer, so a failure of another kind
+        (the link, a full disk) is tried again after the usual back-off, not an interval later.
         """
-        self._parked_retry_at = time.monotonic() + self._parked_retry_interval
-        # Removals that failed first: an event published but not yet removed must not be
-        # published again as the oldest parked one.
-        await self._spool.retry_removals()
-        event = await self._spool.oldest_parked()
-        if event is None:
-            return True
-        try:
-            await self._publish(event.delivery)
-        except MessageRefused as exc:
-            _log.warning(
-                "spool.parked_still_refused",
-                parked=self._spool.parked,
-                message_id=event.delivery.message_id,
-                error=exc.reason,
-                retry_in=self._parked_retry_interval,
-            )
-            return False
-        await self._spool.remove([event.id])
+        if not self._parked_taken:
+            event = await self._spool.next_parked(self._parked_tried)
+            if event is None:
+                return True
+            try:
+                await self._publish(event.delivery)
+            except MessageRefused as exc:
+                if exc.blames(event.delivery.body) is False:
+                    raise  # another message in flight was refused: no answer about this one
+                self._parked_tried = (len(event.delivery.body), event.id)
+                self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+                _log.warning(
+                    "spool.parked_still_refused",
+                    parked=self._spool.parked,
+                    message_id=event.delivery.message_id,
+                    error=exc.reason,
+                    retry_in=self._parked_retry_interval,
+                )
+                return False
+            self._parked_taken = True
+            await self._spool.remove([event.id])
         released = await self._spool.unpark_all()
-        _log.info("spool.parked_released", forwarded=1, back_in_line=released)
+        self._parked_taken, self._parked_tried = False, None
+        self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+        _log.info("spool.parked_released", back_in_line=released)
         return True
 
 
@@ -645,19 +682,23 @@ class _Database:
                 rows,
             )
 
-    def oldest(self, limit: int, after: int = 0) -> list[SpooledEvent]:
+    def oldest(self, limit: int, after: int = 0, *, parked: bool = False) -> list[SpooledEvent]:
+        which = "parked IS NOT NULL" if parked else "parked IS NULL"
         rows = self._db.execute(
-            "SELECT id, event_type, message_id, body, headers, received_at, attempts"
-            " FROM events WHERE id > ? AND parked IS NULL ORDER BY id LIMIT ?",
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE id > ? AND {which} ORDER BY id LIMIT ?",  # noqa: S608
             (after, limit),
         )
         return [_spooled_event(row) for row in rows]
 
-    def oldest_parked(self) -> SpooledEvent | None:
-        row = self._db.execute(
-            "SELECT id, event_type, message_id, body, headers, received_at, attempts"
-            " FROM events WHERE parked IS NOT NULL ORDER BY id LIMIT 1"
-        ).fetchone()
+    def next_parked(self, after: tuple[int, int] | None) -> SpooledEvent | None:
+        by_size = f"SELECT {_EVENT_COLUMNS} FROM events WHERE parked IS NOT NULL"  # noqa: S608
+        order = "ORDER BY length(body), id LIMIT 1"
+        row = None
+        if after is not None:
+            following = f"{by_size} AND (length(body), id) > (?, ?) {order}"
+            row = self._db.execute(following, after).fetchone()
+        if row is None:  # from the smallest again
+            row = self._db.execute(f"{by_size} {order}").fetchone()
         return None if row is None else _spooled_event(row)
 
     def oldest_received_at(self) -> float | None:
@@ -734,6 +775,7 @@ def _dump_headers(headers: Mapping[str, str]) -> str:
 
 
 _Row = tuple[int, str, str, bytes, str, float, int]
+_EVENT_COLUMNS: Final = "id, event_type, message_id, body, headers, received_at, attempts"
 
 
 def _spooled_event(row: _Row) -> SpooledEvent:

@@ -9,29 +9,44 @@ the forwarder a stand-in for the publisher.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import itertools
 import json
 import math
 import sqlite3
+import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aio_pika
 import aiohttp
+import orjson
 import pytest
 import structlog
 
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, MessageRefused, PublishFailed
-from bridge.spool import FILE_NAME, PARK_AFTER, Forwarder, Spool, _Database
-from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
+from bridge.publisher import Publisher
+from bridge.spool import FILE_NAME, PARK_AFTER, Forwarder, Spool, SpooledEvent, _Database
+from tests.conftest import (
+    AMQP_URL,
+    BridgeFactory,
+    QueueFactory,
+    drain,
+    make_settings,
+    proxied_amqp_url,
+)
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import run_command, write_toml
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 from tests.test_metrics_describe_the_bridge import scrape, value
 from tests.test_spool import delivery
 
+JSON = {"Content-Type": "application/json"}
 BROKER_LIMIT = 4096
 TOO_LARGE = 8000
 REFUSAL = "broker refused the message: PRECONDITION_FAILED - message size 8000 is larger"
@@ -54,12 +69,32 @@ async def bridge_status(http: aiohttp.ClientSession, url: str) -> dict[str, int]
         return spool
 
 
+def on_disk(path: Path) -> tuple[int, int]:
+    """(depth, parked) as the spool file has them, read by another connection."""
+    with contextlib.closing(sqlite3.connect(path / FILE_NAME)) as db:
+        depth, parked = db.execute("SELECT count(*), count(parked) FROM events").fetchone()
+        return int(depth), int(parked)
+
+
+async def spool_with_parked(spool: Spool, *, count: int, parked: int) -> list[SpooledEvent]:
+    """``count`` events in ``spool``, the first ``parked`` of them parked (as by an earlier run,
+    or in this one); returns the events."""
+    for n in range(count):
+        await spool.append(delivery(n))
+    events = await spool.peek(count)
+    for event in events[:parked]:
+        await spool.refused(event.id, REFUSAL, certain=True)
+    return events
+
+
 class Refusing:
     """A stand-in for the publisher: refuses the message ids it is told to (as the broker
     refuses a message over its size limit), fails on request, takes the rest."""
 
     def __init__(self, *refused: str) -> None:
         self.refusals_to_come: dict[str, float] = dict.fromkeys(refused, math.inf)
+        self.names_size = True  # as RabbitMQ's text does
+        self.blames_another = False  # refused for another message in flight on the channel
         self.failures_to_come = 0
         self.attempts: list[str] = []
         self.published: list[str] = []
@@ -71,7 +106,8 @@ class Refusing:
             raise PublishFailed("broker did not confirm in time")
         if self.refusals_to_come.get(spooled.message_id, 0) > 0:
             self.refusals_to_come[spooled.message_id] -= 1
-            raise MessageRefused(REFUSAL)
+            named = len(spooled.body) + self.blames_another if self.names_size else None
+            raise MessageRefused(REFUSAL, size=named)
         self.published.append(spooled.message_id)
 
 
@@ -130,7 +166,7 @@ async def test_an_event_the_broker_refuses_is_parked_and_the_events_behind_it_go
     assert "PRECONDITION_FAILED - message size 8000 is larger" in parked["reason"]
     async with await Spool.open(SpoolSettings(path=tmp_path / "spool")) as kept:
         assert (kept.depth, kept.parked) == (1, 1)
-        assert (await kept.oldest_parked()) is not None
+        assert [event.delivery.message_id for event in await kept.peek_parked(10)] == ["evt_99"]
 
 
 async def test_a_parked_event_goes_through_once_the_broker_takes_it(
@@ -156,10 +192,177 @@ async def test_a_parked_event_goes_through_once_the_broker_takes_it(
     assert events.count("spool.parked_released") == 1
 
 
+async def post_for(
+    http: aiohttp.ClientSession, url: str, *, seconds: float, senders: int = 4
+) -> list[tuple[str, bool, int]]:
+    """Distinct events, one in fifty too large for the broker: (id, too large?, status)."""
+    counter = itertools.count()
+    answers: list[tuple[str, bool, int]] = []
+    deadline = time.monotonic() + seconds
+
+    async def sender() -> None:
+        while time.monotonic() < deadline:
+            n = next(counter)
+            event_id, too_large = f"evt-{n}-{uuid.uuid4().hex[:6]}", n % 50 == 7
+            data = {"video_id": event_id, "padding": "x" * (TOO_LARGE if too_large else 0)}
+            body = orjson.dumps({"event_type": "avatar_video.success", "event_data": data})
+            headers = {"Content-Type": "application/json", "KonPro-Event-Id": event_id}
+            async with http.post(url, data=body, headers=headers) as response:
+                answers.append((event_id, too_large, response.status))
+
+    await asyncio.gather(*(sender() for _ in range(senders)))
+    return answers
+
+
+async def test_under_load_and_a_link_cut_every_accepted_event_reaches_the_queue_or_is_parked(
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+    start_bridge: BridgeFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Each too-large delivery the broker refuses closes the channel under every publish in
+    flight; those are spooled, and only the refused ones are parked. Once the limit is raised,
+    the parked ones reach the queue too."""
+    with contextlib.ExitStack() as limit, structlog.testing.capture_logs() as logs:
+        limit.enter_context(private_broker.max_message_size(BROKER_LIMIT))
+        async with TcpProxy("127.0.0.1", private_broker.port) as proxy:
+            amqp = {"url": proxied_amqp_url(proxy), "publish_timeout": 1.0}
+            spool = {"parked_retry_interval": 1.0}
+            async with start_bridge(amqp=amqp, spool=spool) as bridge:
+                load = asyncio.create_task(post_for(http, bridge.webhook_url, seconds=4))
+                await asyncio.sleep(1.5)
+                await proxy.cut()
+                await asyncio.sleep(1.5)
+                await proxy.restore()
+                answers = await load
+                too_large = {event_id for event_id, large, status in answers if large}
+
+                def only_the_refused_left() -> bool:
+                    spooled = bridge.spool
+                    return spooled.depth == spooled.parked == len(too_large)
+
+                await eventually(only_the_refused_left, within=60)
+                limit.close()  # the operator raises the broker's max_message_size
+                await eventually(lambda: bridge.spool.depth == 0, within=30)
+
+    statuses = collections.Counter(status for _, _, status in answers)
+    assert set(statuses) <= {200, 202}, statuses
+    assert statuses[202] > 0
+    received = {str(m.message_id) for m in await drain(private_queue, expect=len(answers))}
+    assert {event_id for event_id, _, _ in answers} <= received
+    errors = {line["event"] for line in logs if line["log_level"] == "error"}
+    assert errors == {"spool.event_parked"}
+    print(f"accepted={len(answers)} too_large={len(too_large)} spooled={statuses[202]}")
+
+
+async def test_a_channel_refused_again_and_again_is_not_taken_for_one_that_stays_closed(
+    private_broker: PrivateBroker,
+    start_bridge: BridgeFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each refusal closes the channel, and the forwarder's next refused event closes it again
+    as soon as it is back: the channel is down most of the time, yet restored every time, and
+    no reason to start over with a new connection (``amqp.channel_not_restored``)."""
+    monkeypatch.setattr("bridge.publisher._CHANNEL_RESTORE_GRACE", 1.0)
+    data = [{"padding": "x" * (TOO_LARGE + n)} for n in range(8)]
+    bodies = [orjson.dumps({"event_type": "avatar_video.fail", "event_data": d}) for d in data]
+    with private_broker.max_message_size(BROKER_LIMIT), structlog.testing.capture_logs() as logs:
+        async with (
+            TcpProxy("127.0.0.1", private_broker.port) as proxy,
+            start_bridge(amqp={"url": proxied_amqp_url(proxy)}) as bridge,
+        ):
+            proxy.delay = 0.05  # restoring a channel (six round trips) then takes 0.6 s
+            for body in bodies:
+                async with http.post(bridge.webhook_url, data=body, headers=JSON) as answer:
+                    assert answer.status == 202
+            await eventually(lambda: bridge.spool.parked == len(bodies), within=30)
+
+    events = [line["event"] for line in logs]
+    assert events.count("amqp.channel_closed") >= len(bodies)
+    assert "amqp.channel_not_restored" not in events
+    assert events.count("amqp.connected") == 1
+
+
+async def test_refusals_of_live_deliveries_beside_a_spooled_event_do_not_park_it(
+    tmp_path: Path,
+    exchange_name: str,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+) -> None:
+    """The live path and the forwarder publish on one channel. A live delivery over the
+    broker's limit closes it, and the forwarder's publish in flight fails with the same
+    PRECONDITION_FAILED, naming the other message's size: no refusal of the spooled event."""
+    settings = make_settings(tmp_path, exchange_name, amqp={"url": private_broker.url})
+    publisher = Publisher(settings.amqp)
+    live_refused: list[str] = []
+    live_oversized = iter(delivery(900 + n, size=TOO_LARGE) for n in range(PARK_AFTER))
+
+    async def forwarder_publish(spooled: Delivery) -> None:
+        """The forwarder's publish, while a live oversized delivery arrives (the first few)."""
+        live = next(live_oversized, None)
+        if live is None:
+            await publisher.publish(spooled)
+            return
+        arriving = asyncio.create_task(publisher.publish(live))
+        try:
+            await publisher.publish(spooled)
+        finally:
+            try:
+                await arriving
+            except PublishFailed as exc:  # the relay spools it (202)
+                live_refused.append(exc.reason)
+
+    with private_broker.max_message_size(BROKER_LIMIT):
+        await publisher.start()
+        try:
+            await asyncio.wait_for(publisher.wait_ready(), 10)
+            async with await Spool.open(settings.spool) as spool:
+                for n in range(2):
+                    await spool.append(delivery(n))
+                forwarder = Forwarder(
+                    spool, forwarder_publish, is_connected=lambda: publisher.is_ready
+                )
+                publisher.on_ready(forwarder.retry_now)
+                forwarder.start()
+                try:
+                    await eventually(lambda: spool.depth <= 1, within=20)
+                    await asyncio.sleep(0.5)
+                    parked = spool.parked
+                finally:
+                    await forwarder.stop(grace=0)
+        finally:
+            await publisher.close()
+
+    assert len(live_refused) == PARK_AFTER  # only the live deliveries were too large
+    received = [m.message_id for m in await drain(private_queue, expect=2, within=5)]
+    assert parked == 0, received
+
+
+async def test_a_left_behind_spool_holding_a_parked_event_holds_up_no_other(
+    tmp_path: Path,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+    start_bridge: BridgeFactory,
+) -> None:
+    """server.workers lowered from 3 to 1: worker-1's spool keeps an event the broker refuses,
+    and worker-2's events are forwarded all the same."""
+    root = tmp_path / "spool"
+    await spool_before_start(root / "worker-1", [delivery(99, size=TOO_LARGE), delivery(1)])
+    await spool_before_start(root / "worker-2", [delivery(2)])
+    with private_broker.max_message_size(BROKER_LIMIT):
+        async with start_bridge(amqp={"url": private_broker.url}):
+            received = await drain(private_queue, expect=2, within=30)
+
+    assert sorted(m.message_id for m in received) == ["evt_1", "evt_2"]
+
+
 # --- the forwarder's rules ----------------------------------------------------------------------
 
 
-async def test_an_event_is_parked_after_repeated_refusals_only(spool: Spool) -> None:
+async def test_an_event_the_broker_names_by_its_size_is_parked_at_the_first_refusal(
+    spool: Spool,
+) -> None:
     for n in range(3):
         await spool.append(delivery(n))
     broker = Refusing("evt_1")
@@ -167,10 +370,46 @@ async def test_an_event_is_parked_after_repeated_refusals_only(spool: Spool) -> 
         async with forwarding(spool, broker):
             await eventually(lambda: broker.published == ["evt_0", "evt_2"])
 
-    assert broker.attempts.count("evt_1") == PARK_AFTER
+    assert broker.attempts.count("evt_1") == 1
     assert (spool.depth, spool.parked) == (1, 1)
     assert await spool.peek(10) == []
     assert [line["event"] for line in logs].count("spool.event_parked") == 1
+
+
+@pytest.mark.parametrize(
+    ("names", "refusals"),
+    [("another size", 3 * PARK_AFTER), ("no size", PARK_AFTER - 1)],
+)
+async def test_refusals_that_do_not_show_an_event_at_fault_keep_its_place(
+    spool: Spool, names: str, refusals: int
+) -> None:
+    """Every publish in flight on a channel the broker closed fails with the same refusal: the
+    size it names tells the message at fault from the others; without one, only repeated
+    refusals do."""
+    for n in range(2):
+        await spool.append(delivery(n))
+    broker = Refusing()
+    broker.blames_another, broker.names_size = names == "another size", names != "no size"
+    broker.refusals_to_come["evt_0"] = refusals
+    async with forwarding(spool, broker):
+        await eventually(lambda: broker.published == ["evt_0", "evt_1"])
+
+    assert broker.attempts == ["evt_0"] * (refusals + 1) + ["evt_1"]
+    assert spool.parked == 0
+
+
+async def test_a_refusal_that_names_no_size_parks_an_event_only_when_repeated(
+    spool: Spool,
+) -> None:
+    for n in range(3):
+        await spool.append(delivery(n))
+    broker = Refusing("evt_1")
+    broker.names_size = False
+    async with forwarding(spool, broker):
+        await eventually(lambda: broker.published == ["evt_0", "evt_2"])
+
+    assert broker.attempts.count("evt_1") == PARK_AFTER
+    assert spool.parked == 1
 
 
 async def test_failures_other_than_a_refusal_never_park_an_event(spool: Spool) -> None:
@@ -184,31 +423,12 @@ async def test_failures_other_than_a_refusal_never_park_an_event(spool: Spool) -
     assert spool.parked == 0
 
 
-async def test_fewer_refusals_than_the_limit_keep_the_order(spool: Spool) -> None:
-    """Every publish in flight on a channel the broker closed fails with the same refusal, so
-    an event may be refused for another message's size: it keeps its place."""
-    for n in range(2):
-        await spool.append(delivery(n))
-    broker = Refusing()
-    broker.refusals_to_come["evt_0"] = PARK_AFTER - 1
-    async with forwarding(spool, broker):
-        await eventually(lambda: broker.published == ["evt_0", "evt_1"])
-
-    assert broker.attempts == ["evt_0"] * PARK_AFTER + ["evt_1"]
-    assert spool.parked == 0
-
-
 async def test_parked_events_stay_parked_across_a_restart_and_are_tried_at_the_first_look(
     tmp_path: Path,
 ) -> None:
     settings = SpoolSettings(path=tmp_path / "spool")
     async with await Spool.open(settings) as spool:
-        for n in range(3):
-            await spool.append(delivery(n))
-        (first, second, _) = await spool.peek(3)
-        for _ in range(PARK_AFTER):
-            await spool.refused(first.id, REFUSAL)
-            await spool.refused(second.id, REFUSAL)
+        await spool_with_parked(spool, count=3, parked=2)
 
     async with await Spool.open(settings) as spool:
         assert (spool.depth, spool.parked) == (3, 2)
@@ -218,9 +438,9 @@ async def test_parked_events_stay_parked_across_a_restart_and_are_tried_at_the_f
             async with forwarding(spool, broker):
                 await eventually(lambda: spool.depth == 0)
 
-    assert broker.published == ["evt_0", "evt_1", "evt_2"]  # the oldest parked one first
+    assert broker.published == ["evt_2", "evt_0", "evt_1"]  # the others, then parked ones
     (released,) = (line for line in logs if line["event"] == "spool.parked_released")
-    assert (released["forwarded"], released["back_in_line"]) == (1, 1)
+    assert released["back_in_line"] == 1
 
 
 async def test_a_parked_event_still_refused_is_tried_again_once_per_interval(
@@ -242,9 +462,6 @@ async def test_parking_an_event_starts_the_back_off_afresh(spool: Spool) -> None
     ends the wait, even in a run of failures that had used up its early retry."""
     for n in range(2):
         await spool.append(delivery(n))
-    (first, _) = await spool.peek(2)
-    for _ in range(PARK_AFTER - 1):  # refused before, in this process
-        await spool.refused(first.id, REFUSAL)
     broker = Refusing("evt_0")
     broker.failures_to_come = 1  # a timeout first: the run's early retry goes to it
     forwarder = Forwarder(spool, broker.publish, is_connected=lambda: True, retry_delay=60)
@@ -265,16 +482,15 @@ async def test_a_parked_event_published_but_not_removed_is_not_published_again(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The disk fills up just as the broker takes a parked event again: its removal fails, and
-    the next retry of parked events must not take it for one still parked."""
-    for n in range(2):
-        await spool.append(delivery(n))
-    (first, _) = await spool.peek(2)
-    for _ in range(PARK_AFTER):
-        await spool.refused(first.id, REFUSAL)
-    disk_full = True
+    no later retry of parked events may take it for one still parked."""
+    first, _, _ = await spool_with_parked(spool, count=3, parked=2)
+    disk_full, filled = False, False
     delete = _Database.delete
 
     def delete_unless_the_disk_is_full(self: _Database, ids: Sequence[int]) -> tuple[int, ...]:
+        nonlocal disk_full, filled
+        if first.id in ids and not filled:  # it fills up as the first parked one goes
+            disk_full = filled = True
         if disk_full:
             raise sqlite3.OperationalError("database or disk is full")
         return delete(self, ids)
@@ -282,19 +498,16 @@ async def test_a_parked_event_published_but_not_removed_is_not_published_again(
     monkeypatch.setattr(_Database, "delete", delete_unless_the_disk_is_full)
     broker = Refusing()
     async with forwarding(spool, broker, parked_retry_interval=0.1):
-        await eventually(lambda: broker.published == ["evt_0", "evt_1"])
-        await asyncio.sleep(0.5)  # a few retries of parked events, with removals still failing
+        await eventually(lambda: broker.published == ["evt_2", "evt_0"])
+        await asyncio.sleep(0.5)  # several looks, with removals still failing
         disk_full = False
         await eventually(lambda: spool.depth == 0)
 
-    assert broker.published == ["evt_0", "evt_1"]
+    assert broker.published == ["evt_2", "evt_0", "evt_1"]
 
 
 async def test_parked_events_make_no_busy_loop_while_the_broker_is_away(spool: Spool) -> None:
-    await spool.append(delivery(0))
-    (first,) = await spool.peek(1)
-    for _ in range(PARK_AFTER):
-        await spool.refused(first.id, REFUSAL)  # parked by the last run: due at the first look
+    await spool_with_parked(spool, count=1, parked=1)  # by the last run: due at the first look
     looks = 0
 
     def is_connected() -> bool:
@@ -310,17 +523,80 @@ async def test_parked_events_make_no_busy_loop_while_the_broker_is_away(spool: S
     assert looks == 1
 
 
+async def test_a_parked_event_the_broker_takes_now_is_not_held_for_ever_behind_one_it_refuses(
+    spool: Spool,
+) -> None:
+    """The broker takes evt_1 now but still refuses evt_0 (its limit raised, but not enough):
+    the retries go through the parked events in turn, and evt_1 goes through."""
+    for n in range(2):
+        await spool.append(delivery(n))
+    broker = Refusing("evt_0")  # refused for good
+    broker.refusals_to_come["evt_1"] = PARK_AFTER  # refused until parked, then taken
+    async with forwarding(spool, broker, parked_retry_interval=0.2):
+        await eventually(lambda: spool.parked == 2)
+        with contextlib.suppress(TimeoutError):
+            await eventually(lambda: "evt_1" in broker.published, within=3)
+
+    assert broker.published == ["evt_1"], broker.attempts
+
+
+async def test_a_stop_while_parked_events_are_put_back_in_line_keeps_the_count_as_on_disk(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shutdown grace runs out while the spool writes: the write goes on in its thread all
+    the same, and the count in memory must follow it."""
+    await spool_with_parked(spool, count=3, parked=2)
+    unpark = _Database.unpark_all
+
+    def slow_unpark(self: _Database) -> int:
+        time.sleep(0.5)  # a slow disk
+        return unpark(self)
+
+    monkeypatch.setattr(_Database, "unpark_all", slow_unpark)
+    broker = Refusing()  # the broker takes them now
+    forwarder = Forwarder(spool, broker.publish, is_connected=lambda: True)
+    forwarder.start()
+    await eventually(lambda: broker.published == ["evt_2", "evt_0"])  # a parked one, at start
+    await asyncio.sleep(0.1)  # evt_1 being put back in line
+    await forwarder.stop(grace=0)  # the bridge's shutdown grace has run out
+    await spool.status()  # runs after the UPDATE in flight, on the same thread
+
+    assert (spool.depth, spool.parked) == on_disk(spool.path.parent)
+
+
+@pytest.mark.parametrize("failing", ["delete", "unpark_all"])
+async def test_a_write_that_fails_once_as_parked_events_are_released_does_not_hold_them_an_interval(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """The broker takes a parked event again, but the disk refuses one write just then: the
+    removal of that event, or putting the others back in line. The others are released after
+    the usual back-off, not a whole spool.parked_retry_interval (600 s) later."""
+    await spool_with_parked(spool, count=3, parked=2)
+    original = getattr(_Database, failing)
+    failures = [sqlite3.OperationalError("database or disk is full")]
+
+    def fails_once(self: _Database, *args: object) -> object:
+        if failures:
+            raise failures.pop()
+        return original(self, *args)
+
+    monkeypatch.setattr(_Database, failing, fails_once)
+    broker = Refusing()  # the broker takes every event now
+    async with forwarding(spool, broker):  # parked_retry_interval: 600 s, the default
+        await eventually(lambda: "evt_2" in broker.published)
+        with contextlib.suppress(TimeoutError):
+            await eventually(lambda: spool.depth == 0, within=5)
+
+    assert (spool.depth, spool.parked) == (0, 0), broker.published
+
+
 # --- what operators see --------------------------------------------------------------------------
 
 
 async def test_spool_status_counts_the_parked_events(tmp_path: Path) -> None:
     settings = SpoolSettings(path=tmp_path / "spool")
     async with await Spool.open(settings) as spool:
-        for n in range(2):
-            await spool.append(delivery(n))
-        (first, _) = await spool.peek(2)
-        for _ in range(PARK_AFTER):
-            await spool.refused(first.id, REFUSAL)
+        await spool_with_parked(spool, count=2, parked=1)
     config = write_toml(tmp_path / "c.toml", {"spool": {"path": str(settings.path)}})
 
     code, out, _ = await run_command("spool", "status", "--config", str(config))
@@ -336,9 +612,8 @@ async def park_the_first_of(path: Path, count: int, *, size: int = 16) -> None:
     events = [delivery(0, size=size), *(delivery(n) for n in range(1, count))]
     await spool_before_start(path, events)
     async with await Spool.open(SpoolSettings(path=path)) as spool:
-        (first, *_) = await spool.peek(1)
-        for _ in range(PARK_AFTER):
-            await spool.refused(first.id, REFUSAL)
+        (first,) = await spool.peek(1)
+        await spool.refused(first.id, REFUSAL, certain=True)
 
 
 def drain_config(tmp_path: Path, amqp_url: str, exchange: str) -> Path:
@@ -387,8 +662,28 @@ async def test_spool_drain_fails_on_an_event_the_broker_still_refuses_and_keeps_
     received = await drain(private_queue, expect=2)
     assert [message.message_id for message in received] == ["evt_1", "evt_2"]
     async with await Spool.open(SpoolSettings(path=tmp_path / "spool")) as kept:
-        (left,) = await kept.peek(10)
-        assert left.delivery.message_id == "evt_0"
+        assert (kept.depth, kept.parked) == (1, 1)  # still parked, for the daemon to retry
+        assert [event.delivery.message_id for event in await kept.peek_parked(10)] == ["evt_0"]
+
+
+async def test_spool_drain_drains_every_workers_spool_before_the_parked_events(
+    tmp_path: Path,
+    exchange_name: str,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+) -> None:
+    """Decommissioning a node of two workers: worker 0's spool holds an event the broker still
+    refuses (parked), worker 1's an ordinary event, which a refusal must not keep back."""
+    root = tmp_path / "spool"
+    await park_the_first_of(root, 1, size=TOO_LARGE)
+    await spool_before_start(root / "worker-1", [delivery(1)])
+    config = drain_config(tmp_path, private_broker.url, exchange_name)
+
+    with private_broker.max_message_size(BROKER_LIMIT):
+        await run_command("spool", "drain", "--config", str(config))
+
+    received = await drain(private_queue, expect=1)
+    assert [m.message_id for m in received] == ["evt_1"]
 
 
 async def test_a_spool_written_before_parking_existed_is_read_and_upgraded(
@@ -415,6 +710,5 @@ async def test_a_spool_written_before_parking_existed_is_read_and_upgraded(
 
     async with await Spool.open(SpoolSettings(path=directory)) as spool:
         (entry,) = await spool.peek(10)
-        for _ in range(PARK_AFTER):
-            await spool.refused(entry.id, REFUSAL)
+        await spool.refused(entry.id, REFUSAL, certain=True)
         assert (spool.depth, spool.parked) == (1, 1)
