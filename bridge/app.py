@@ -77,15 +77,15 @@ class Bridge:
         self._reconciling: asyncio.Task[None] | None = None
         self._sharing_gauges: asyncio.Task[None] | None = None
         self._forwarding_left_behind: asyncio.Task[None] | None = None
-        self._left_behind_forwarders: set[Forwarder] = set()
+        self._left_behind: dict[Spool, Forwarder] = {}  # spools of workers no longer run
 
     def _watch_state(self) -> None:
         """The live gauges, read from the parts themselves. With several workers, the one that
         reconciles speaks for the registration; the others would only say "unknown"."""
         speaks_for_registration = not (self.metrics.shared and self._why_not_reconcile())
         self.metrics.watch(
-            spool_depth=lambda: self.spool.depth,
-            spool_parked=lambda: self.spool.parked,
+            spool_depth=lambda: sum(spool.depth for spool in self.spools),
+            spool_parked=lambda: sum(spool.parked for spool in self.spools),
             broker_connected=lambda: self.publisher.is_ready,
             registration_ok=(
                 (lambda: registration_ok(self.last_registration()))
@@ -99,6 +99,11 @@ class Bridge:
         if self._spool is None:
             raise RuntimeError("the bridge is not started")
         return self._spool
+
+    @property
+    def spools(self) -> list[Spool]:
+        """This worker's spool, and those of workers no longer run that it is forwarding."""
+        return [self.spool, *self._left_behind]
 
     async def start(self) -> None:
         try:
@@ -171,7 +176,7 @@ class Bridge:
         off = self._why_not_reconcile()
         report = StatusReport(
             self.publisher,
-            lambda: self.spool,
+            lambda: self.spools,
             self._bodies_in_flight,
             registration=None if off else self.last_registration,
             registration_off=off or "",
@@ -236,11 +241,11 @@ class Bridge:
                 parked_retry_interval=self.settings.spool.parked_retry_interval,
             )
             forwarder.start()
-            self._left_behind_forwarders.add(forwarder)  # for stop(), with what is left of grace
+            self._left_behind[spool] = forwarder  # for stop(), with what is left of the grace
             try:
                 await forwarder.until_empty()
             finally:
-                self._left_behind_forwarders.discard(forwarder)
+                del self._left_behind[spool]
                 await forwarder.stop(grace=0.0)  # returns at once if stop() has stopped it
         delete_spool_files(path)
         log.info("spool.left_behind_forwarded", path=str(path))
@@ -321,7 +326,7 @@ class Bridge:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
         # An event a forwarder was publishing when its grace ran out stays in its spool.
-        for forwarder in (self._forwarder, *self._left_behind_forwarders):
+        for forwarder in (self._forwarder, *self._left_behind.values()):
             if forwarder is not None:
                 await forwarder.stop(grace=max(0.0, deadline - loop.time()))
         await cancel_and_wait(self._forwarding_left_behind)

@@ -16,7 +16,7 @@ import structlog
 
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
-from bridge.events import DeliveryRefused
+from bridge.events import DeliveryRefused, MessageRefused
 from bridge.konpro import (
     AuthenticationError,
     Endpoint,
@@ -34,7 +34,8 @@ EXIT_CONFIG = 2
 _HEALTHCHECK_TIMEOUT = 2.0  # seconds; below the image's HEALTHCHECK --timeout
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
+    from bridge.publisher import Publisher
+    from bridge.spool import Spool
 
 T = TypeVar("T")
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -195,13 +196,11 @@ def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log.model_copy(update={"level": "warning"}), settings.secrets())
-    from tqdm import tqdm  # noqa: PLC0415 - a megabyte the daemon does not need
-
     from bridge.publisher import Publisher  # noqa: PLC0415
-    from bridge.spool import Spool, SpoolLocked, SpoolUnusable, drain  # noqa: PLC0415
+    from bridge.spool import Spool, SpoolLocked, SpoolUnusable  # noqa: PLC0415
     from bridge.workers import spool_dirs  # noqa: PLC0415
 
-    async def drain_spools() -> int:
+    async def drain_spools() -> tuple[int, int]:
         async with contextlib.AsyncExitStack() as opened:
             spools = [
                 await opened.enter_async_context(await Spool.open(settings.spool.at(path)))
@@ -212,17 +211,10 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
             await publisher.start()
             async with asyncio.timeout(args.wait):
                 await publisher.wait_ready()
-            with tqdm(total=sum(s.depth for s in spools), unit="event", desc="draining") as bar:
-                drained = 0
-                for parked in (False, True):  # those the broker refused before: last
-                    for spool in spools:
-                        progress = _advance(bar, before=drained)
-                        publish = publisher.publish
-                        drained += await drain(spool, publish, parked=parked, on_progress=progress)
-                return drained
+            return await _drain_for_good(spools, publisher, wait=args.wait)
 
     try:
-        drained = _run_async(drain_spools())
+        drained, still_refused = _run_async(drain_spools())
     except SpoolLocked:
         message = "the spool is in use: the daemon is running and drains it itself; stop it first"
         return _fail(message, EXIT_FAILURE)
@@ -234,14 +226,68 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     except DeliveryRefused as exc:
         return _fail(f"drain stopped: {exc.reason}; the rest stays in the spool", EXIT_FAILURE)
     print(f"drained {drained} events")
+    if still_refused:
+        message = (
+            f"{still_refused} parked events stay in the spool: the broker still refuses them "
+            "(raise its max_message_size)"
+        )
+        return _fail(message, EXIT_FAILURE)
     return EXIT_OK
 
 
-def _advance(progress: tqdm[Any], before: int) -> Callable[[int], None]:
-    def update(drained: int) -> None:
-        progress.update(before + drained - progress.n)
+async def _drain_for_good(
+    spools: list[Spool], publisher: Publisher, *, wait: float
+) -> tuple[int, int]:
+    """Every spool's events, then their parked ones (the broker refused those before): how
+    many were drained, and how many the broker still refuses. An event refused for the first
+    time is parked, and the drain goes on once the channel is back."""
+    from tqdm import tqdm  # noqa: PLC0415 - a megabyte the daemon does not need
 
-    return update
+    from bridge.spool import drain, drain_parked  # noqa: PLC0415
+
+    usable_again = asyncio.Event()
+    publisher.on_ready(usable_again.set)
+
+    async def usable() -> None:
+        try:
+            async with asyncio.timeout(wait):
+                while not publisher.is_ready:
+                    usable_again.clear()
+                    await usable_again.wait()
+        except TimeoutError:
+            reason = f"the broker's channel did not come back within {wait:g} s"
+            raise DeliveryRefused(reason) from None
+
+    drained = still_refused = 0
+    with tqdm(total=sum(s.depth for s in spools), unit="event", desc="draining") as bar:
+
+        def progress() -> Callable[[int], None]:
+            """For one call: it reports its own running total."""
+            start = drained
+
+            def update(count: int) -> None:
+                nonlocal drained
+                bar.update(start + count - drained)
+                drained = start + count
+
+            return update
+
+        for spool in spools:
+            while True:
+                parked = spool.parked
+                try:
+                    await drain(spool, publisher.publish, on_progress=progress())
+                    break
+                except MessageRefused:
+                    if spool.parked == parked:
+                        raise  # refused, but not parked: no telling which event is at fault
+                    await usable()
+        for spool in spools:
+            _, refused = await drain_parked(
+                spool, publisher.publish, usable=usable, on_progress=progress()
+            )
+            still_refused += refused
+    return drained, still_refused
 
 
 def _run_async(coroutine: Coroutine[Any, Any, T]) -> T:

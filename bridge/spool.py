@@ -269,10 +269,10 @@ class Spool:
         self._check_open()
         return await self._call(partial(self._db.next_parked, after))
 
-    async def peek_parked(self, limit: int) -> list[SpooledEvent]:
-        """Up to ``limit`` parked events, oldest first, left in place."""
+    async def peek_parked(self, limit: int, after: int = 0) -> list[SpooledEvent]:
+        """Up to ``limit`` parked events after id ``after``, oldest first, left in place."""
         self._check_open()
-        return await self._call(partial(self._db.oldest, limit, parked=True))
+        return await self._call(partial(self._db.oldest, limit, after, parked=True))
 
     async def unpark_all(self) -> int:
         """Put every parked event back in line (the broker took one of them); how many."""
@@ -387,11 +387,9 @@ async def drain(
     publish: Publish,
     *,
     batch: int = 100,
-    parked: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Publish spooled events oldest first, removing each only after ``publish`` returned
-    (``parked``: the parked events instead, which stay parked if they fail again).
+    """Publish spooled events oldest first, removing each only after ``publish`` returned.
 
     One at a time, so that the original order holds even across failures. Returns how many were
     drained. If ``publish`` raises, the drain stops there: that event and all later ones stay in
@@ -401,16 +399,14 @@ async def drain(
     end. ``on_progress`` is called with the running total after each batch of removals.
     """
     drained = 0
-    peek = spool.peek_parked if parked else spool.peek
-    while entries := await peek(batch):
+    while entries := await spool.peek(batch):
         published: list[int] = []
         try:
             for entry in entries:
                 try:
                     await publish(entry.delivery)
                 except Exception as exc:
-                    if not parked:
-                        await _note_failure(spool, entry, exc)
+                    await _note_failure(spool, entry, exc)
                     raise
                 published.append(entry.id)
         finally:
@@ -421,6 +417,36 @@ async def drain(
                     on_progress(drained)
     await spool.retry_removals()  # all published: only deletes that failed are left
     return drained
+
+
+async def drain_parked(
+    spool: Spool,
+    publish: Publish,
+    *,
+    usable: Callable[[], Awaitable[None]],
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Publish the parked events, oldest first, removing each once published: for
+    ``spool drain``, which empties a spool for good. One the broker still refuses stays parked,
+    and the next is tried once ``usable()`` returns (the refusal cost the channel). Returns how
+    many were drained and how many the broker still refuses; other failures propagate."""
+    drained = refused = last = 0
+    while entries := await spool.peek_parked(100, after=last):
+        for entry in entries:
+            last = entry.id
+            await usable()
+            try:
+                await publish(entry.delivery)
+            except MessageRefused as exc:
+                if exc.blames(entry.delivery.body) is False:
+                    raise  # not this one's refusal: no verdict, and no usable channel either
+                refused += 1
+                continue
+            await spool.remove([entry.id])
+            drained += 1
+            if on_progress is not None:
+                on_progress(drained)
+    return drained, refused
 
 
 async def _note_failure(spool: Spool, entry: SpooledEvent, failure: Exception) -> None:
@@ -552,7 +578,8 @@ class Forwarder:
                     return  # no retry: what is left is the stop's to report (and the next start's)
                 if self._spool.parked > parked:  # the event at fault is out of the way now
                     delay, self._early_retry_spent = self._retry_delay, False
-                    self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+                    if not parked:  # the first: tried again an interval on (later ones wait)
+                        self._parked_retry_at = time.monotonic() + self._parked_retry_interval
                 _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
                 await _wait(self._cut_short, delay)
                 self._early_retry_spent = self._early_retry_spent or self._cut_short.is_set()
@@ -580,13 +607,15 @@ class Forwarder:
             # The others first: a parked event is tried once the line behind it is through,
             # and so with no removal pending (see Spool.peek).
             drained = await drain(self._spool, self._publish, batch=self._batch)
-            retry_due = self._spool.parked and time.monotonic() >= self._parked_retry_at
-            if self._parked_taken or retry_due:
-                if not await self._retry_parked():
-                    return True  # refused again, which closed the channel: its return wakes us
-                drained += await drain(self._spool, self._publish, batch=self._batch)
-            if drained:
-                _log.info("spool.drained", count=drained, depth=self._spool.depth)
+            try:
+                retry_due = self._spool.parked and time.monotonic() >= self._parked_retry_at
+                if self._parked_taken or retry_due:
+                    if not await self._retry_parked():
+                        return True  # refused again, which closed the channel: its return wakes us
+                    drained += await drain(self._spool, self._publish, batch=self._batch)
+            finally:
+                if drained:
+                    _log.info("spool.drained", count=drained, depth=self._spool.depth)
         if not self._spool.depth:
             self._emptied.set()
         return True
@@ -608,7 +637,10 @@ class Forwarder:
             except MessageRefused as exc:
                 if exc.blames(event.delivery.body) is False:
                     raise  # another message in flight was refused: no answer about this one
-                self._parked_tried = (len(event.delivery.body), event.id)
+                # Refused by size: every larger one would be too, so the smallest again next
+                # time; for a refusal that names none, the next one in turn.
+                named = exc.size is not None
+                self._parked_tried = None if named else (len(event.delivery.body), event.id)
                 self._parked_retry_at = time.monotonic() + self._parked_retry_interval
                 _log.warning(
                     "spool.parked_still_refused",

@@ -6,8 +6,9 @@ broker link, what waits in the spool, and how the last registration check went.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import orjson
@@ -37,7 +38,7 @@ class StatusReport:
     def __init__(
         self,
         publisher: Publisher,
-        spool: Callable[[], Spool],
+        spools: Callable[[], Iterable[Spool]],
         bodies: BodiesInFlight,
         *,
         registration: RegistrationProbe | None = None,
@@ -46,7 +47,7 @@ class StatusReport:
     ) -> None:
         self._publisher = publisher
         self._redact = redact
-        self._spool = spool
+        self._spools = spools
         self._bodies = bodies
         self._registration = registration
         self._registration_off = registration_off
@@ -77,13 +78,17 @@ class StatusReport:
         }
 
     async def _spool_status(self) -> dict[str, Any]:
-        status = await self._spool().status()
-        oldest = None if status.oldest_age is None else round(status.oldest_age, 3)
+        """This worker's spool, with those of workers no longer run that it is forwarding."""
+        statuses = []
+        for spool in self._spools():
+            with contextlib.suppress(RuntimeError):  # a left-behind spool closed meanwhile
+                statuses.append(await spool.status())
+        ages = [status.oldest_age for status in statuses if status.oldest_age is not None]
         return {
-            "depth": status.depth,
-            "parked": status.parked,
-            "bytes": status.bytes,
-            "oldest_age": oldest,
+            "depth": sum(status.depth for status in statuses),
+            "parked": sum(status.parked for status in statuses),
+            "bytes": sum(status.bytes for status in statuses),
+            "oldest_age": round(max(ages), 3) if ages else None,
         }
 
     def _registration_status(self) -> dict[str, Any]:

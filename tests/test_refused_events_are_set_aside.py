@@ -87,6 +87,14 @@ async def spool_with_parked(spool: Spool, *, count: int, parked: int) -> list[Sp
     return events
 
 
+async def park_all(path: Path, deliveries: list[Delivery]) -> None:
+    """A spool holding ``deliveries``, every one of them parked (by an earlier run)."""
+    await spool_before_start(path, deliveries)
+    async with await Spool.open(SpoolSettings(path=path)) as spool:
+        for event in await spool.peek(len(deliveries)):
+            await spool.refused(event.id, REFUSAL, certain=True)
+
+
 class Refusing:
     """A stand-in for the publisher: refuses the message ids it is told to (as the broker
     refuses a message over its size limit), fails on request, takes the rest."""
@@ -357,6 +365,59 @@ async def test_a_left_behind_spool_holding_a_parked_event_holds_up_no_other(
     assert sorted(m.message_id for m in received) == ["evt_1", "evt_2"]
 
 
+async def test_a_limit_raised_at_run_time_lets_a_parked_event_through_within_two_intervals(
+    tmp_path: Path,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+    start_bridge: BridgeFactory,
+) -> None:
+    """RabbitMQ reads the limit when a channel opens, and the channel the bridge reopened after
+    the refusal keeps the old one: raised at run time, the first retry after the raise is still
+    refused, and the event goes through at the next (README: within two intervals)."""
+    interval = 3.0
+    await spool_before_start(tmp_path / "spool", [delivery(99, size=TOO_LARGE)])
+    with contextlib.ExitStack() as limit, structlog.testing.capture_logs() as logs:
+        limit.enter_context(private_broker.max_message_size(BROKER_LIMIT))
+        spool = {"parked_retry_interval": interval}
+        async with start_bridge(amqp={"url": private_broker.url}, spool=spool) as bridge:
+            await eventually(lambda: bridge.spool.parked == 1)
+            await asyncio.sleep(0.5)  # the channel is back, opened under the old limit
+            limit.close()  # the operator raises the broker's max_message_size
+            raised, raised_at = len(logs), time.monotonic()
+            await eventually(lambda: bridge.spool.depth == 0, within=3 * interval)
+            took = time.monotonic() - raised_at
+        received = await drain(private_queue, expect=1)
+
+    assert [m.message_id for m in received] == ["evt_99"]
+    after_the_raise = [line["event"] for line in logs[raised:]]
+    assert took <= 2 * interval + 0.5, (took, after_the_raise)
+    assert after_the_raise.count("spool.parked_released") == 1
+
+
+async def test_parked_events_of_a_left_behind_spool_are_counted_where_operators_look(
+    tmp_path: Path,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+    start_bridge: BridgeFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """server.workers lowered from 2 to 1: worker-1's spool holds an event the broker refuses,
+    kept and retried while it does, and counted in the metrics and /status with worker 0's."""
+    root = tmp_path / "spool"
+    await spool_before_start(root / "worker-1", [delivery(99, size=TOO_LARGE), delivery(1)])
+    with private_broker.max_message_size(BROKER_LIMIT):
+        async with start_bridge(amqp={"url": private_broker.url}) as bridge:
+            received = await drain(private_queue, expect=1, within=30)
+            await asyncio.sleep(0.5)
+            metrics = await scrape(http, bridge.url + "/metrics")
+            status = await bridge_status(http, bridge.url)
+
+    assert [m.message_id for m in received] == ["evt_1"]
+    assert (root / "worker-1").exists()  # kept: evt_99 is still in it, parked
+    assert value(metrics, "konpro_bridge_spool_parked") == 1
+    assert (status["depth"], status["parked"]) == (1, 1)
+
+
 # --- the forwarder's rules ----------------------------------------------------------------------
 
 
@@ -523,21 +584,40 @@ async def test_parked_events_make_no_busy_loop_while_the_broker_is_away(spool: S
     assert looks == 1
 
 
-async def test_a_parked_event_the_broker_takes_now_is_not_held_for_ever_behind_one_it_refuses(
-    spool: Spool,
+@pytest.mark.parametrize(("names_size", "sizes"), [(True, (100, 16)), (False, (16, 100))])
+async def test_a_parked_event_the_broker_takes_now_is_not_held_behind_one_it_still_refuses(
+    spool: Spool, names_size: bool, sizes: tuple[int, int]
 ) -> None:
-    """The broker takes evt_1 now but still refuses evt_0 (its limit raised, but not enough):
-    the retries go through the parked events in turn, and evt_1 goes through."""
-    for n in range(2):
-        await spool.append(delivery(n))
+    """The broker takes evt_1 now but still refuses evt_0 (its limit raised, but not enough).
+    A refusal by size: the smallest is tried first. One that names no size proves nothing about
+    the others: they are tried in turn."""
+    for n, size in enumerate(sizes):
+        await spool.append(delivery(n, size=size))
     broker = Refusing("evt_0")  # refused for good
-    broker.refusals_to_come["evt_1"] = PARK_AFTER  # refused until parked, then taken
+    broker.names_size = names_size
+    broker.refusals_to_come["evt_1"] = 1 if names_size else PARK_AFTER  # until parked
     async with forwarding(spool, broker, parked_retry_interval=0.2):
         await eventually(lambda: spool.parked == 2)
-        with contextlib.suppress(TimeoutError):
-            await eventually(lambda: "evt_1" in broker.published, within=3)
+        await eventually(lambda: "evt_1" in broker.published, within=3)
 
     assert broker.published == ["evt_1"], broker.attempts
+
+
+async def test_while_the_broker_refuses_the_smallest_parked_event_no_larger_one_is_tried(
+    spool: Spool,
+) -> None:
+    """A refusal by size: every larger parked event would be refused too. The smallest is the
+    one to try, every interval, so that it goes through at the first retry after the raise."""
+    for n, size in enumerate((16, 100, 200)):
+        await spool.append(delivery(n, size=size))
+    for event in await spool.peek(3):
+        await spool.refused(event.id, REFUSAL, certain=True)
+    broker = Refusing("evt_1", "evt_2")  # still too large
+    broker.refusals_to_come["evt_0"] = 2  # refused at start and at the next retry, then taken
+    async with forwarding(spool, broker, parked_retry_interval=0.1):
+        await eventually(lambda: "evt_0" in broker.published)
+
+    assert broker.attempts[:3] == ["evt_0"] * 3
 
 
 async def test_a_stop_while_parked_events_are_put_back_in_line_keeps_the_count_as_on_disk(
@@ -588,6 +668,65 @@ async def test_a_write_that_fails_once_as_parked_events_are_released_does_not_ho
             await eventually(lambda: spool.depth == 0, within=5)
 
     assert (spool.depth, spool.parked) == (0, 0), broker.published
+
+
+async def test_parked_events_are_tried_every_interval_even_while_new_ones_are_parked(
+    spool: Spool,
+) -> None:
+    """The broker's limit was raised, but not past every size KonPro sends: evt_0, parked
+    before, refused once more at start, goes through at the next retry, an interval on, while
+    new deliveries still refused are parked more often than that."""
+    await spool_with_parked(spool, count=1, parked=1)
+    refused = [f"evt_{100 + n}" for n in range(40)]
+    broker = Refusing(*refused)
+    broker.refusals_to_come["evt_0"] = 1
+    await spool.append(delivery(100))
+    forwarder = Forwarder(
+        spool,
+        broker.publish,
+        is_connected=lambda: True,
+        retry_delay=0.01,
+        parked_retry_interval=0.5,
+    )
+
+    async def live_deliveries_still_too_large() -> None:
+        for n in range(1, len(refused)):
+            await asyncio.sleep(0.2)
+            await spool.append(delivery(100 + n))  # as the relay spools a refused delivery
+            forwarder.notify()
+
+    forwarder.start()
+    arriving = asyncio.create_task(live_deliveries_still_too_large())
+    try:
+        with contextlib.suppress(TimeoutError):
+            await eventually(lambda: "evt_0" in broker.published, within=3)  # six intervals
+    finally:
+        arriving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await arriving
+        await forwarder.stop(grace=0)
+
+    assert "evt_0" in broker.published, broker.attempts
+    first, second = (n for n, event_id in enumerate(broker.attempts) if event_id == "evt_0")
+    assert len({e for e in broker.attempts[first:second] if e in refused}) > 1  # parked between
+
+
+async def test_events_drained_before_a_refused_retry_of_a_parked_one_are_logged(
+    spool: Spool,
+) -> None:
+    """The events forwarded before a retry of a parked one that the broker refuses again are
+    logged all the same."""
+    await spool_with_parked(spool, count=3, parked=1)  # evt_0 parked; evt_1, evt_2 waiting
+    broker = Refusing("evt_0")  # still refused
+    with structlog.testing.capture_logs() as logs:
+        async with forwarding(spool, broker):
+            await eventually(lambda: broker.published == ["evt_1", "evt_2"])
+            await eventually(
+                lambda: any(line["event"] == "spool.parked_still_refused" for line in logs)
+            )
+
+    drained = [line for line in logs if line["event"] == "spool.drained"]
+    assert [line["count"] for line in drained] == [2], [line["event"] for line in logs]
 
 
 # --- what operators see --------------------------------------------------------------------------
@@ -644,26 +783,31 @@ async def test_spool_drain_tries_the_parked_events_too(
     assert [message.message_id for message in received] == ["evt_1", "evt_2", "evt_0"]
 
 
-async def test_spool_drain_fails_on_an_event_the_broker_still_refuses_and_keeps_it(
+async def test_spool_drain_goes_past_what_the_broker_refuses_keeps_it_parked_and_fails(
     tmp_path: Path,
     exchange_name: str,
     private_broker: PrivateBroker,
     private_queue: aio_pika.abc.AbstractQueue,
 ) -> None:
-    await park_the_first_of(tmp_path / "spool", 3, size=TOO_LARGE)
+    """evt_0 was parked by the daemon; evt_50, as large, the broker refuses for the first time
+    during the drain. Both stay in the spool, parked; the others are drained; exit 1."""
+    path = tmp_path / "spool"
+    await park_the_first_of(path, 2, size=TOO_LARGE)
+    await spool_before_start(path, [delivery(50, size=TOO_LARGE), delivery(2)])
     config = drain_config(tmp_path, private_broker.url, exchange_name)
 
     with private_broker.max_message_size(BROKER_LIMIT):
-        code, _, err = await run_command("spool", "drain", "--config", str(config))
+        code, out, err = await run_command("spool", "drain", "--config", str(config))
 
     assert code == 1
-    assert "drain stopped: broker refused the message: PRECONDITION_FAILED" in err
-    assert "the rest stays in the spool" in err
+    assert "drained 2 events" in out
+    assert "2 parked events stay in the spool: the broker still refuses them" in err
     received = await drain(private_queue, expect=2)
     assert [message.message_id for message in received] == ["evt_1", "evt_2"]
-    async with await Spool.open(SpoolSettings(path=tmp_path / "spool")) as kept:
-        assert (kept.depth, kept.parked) == (1, 1)  # still parked, for the daemon to retry
-        assert [event.delivery.message_id for event in await kept.peek_parked(10)] == ["evt_0"]
+    async with await Spool.open(SpoolSettings(path=path)) as kept:
+        assert (kept.depth, kept.parked) == (2, 2)  # for the daemon to retry
+        parked = [event.delivery.message_id for event in await kept.peek_parked(10)]
+        assert parked == ["evt_0", "evt_50"]
 
 
 async def test_spool_drain_drains_every_workers_spool_before_the_parked_events(
@@ -684,6 +828,27 @@ async def test_spool_drain_drains_every_workers_spool_before_the_parked_events(
 
     received = await drain(private_queue, expect=1)
     assert [m.message_id for m in received] == ["evt_1"]
+
+
+async def test_spool_drain_drains_the_parked_events_behind_one_the_broker_still_refuses(
+    tmp_path: Path,
+    exchange_name: str,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+) -> None:
+    """A decommissioned node of two workers: worker 0 parked evt_99 (still too large) and evt_1,
+    worker 1 parked evt_2; the broker takes evt_1 and evt_2 now, and they are drained."""
+    root = tmp_path / "spool"
+    await park_all(root, [delivery(99, size=TOO_LARGE), delivery(1)])
+    await park_all(root / "worker-1", [delivery(2)])
+    config = drain_config(tmp_path, private_broker.url, exchange_name)
+
+    with private_broker.max_message_size(BROKER_LIMIT):
+        code, _, _ = await run_command("spool", "drain", "--config", str(config))
+
+    assert code == 1  # evt_99 stays
+    received = await drain(private_queue, expect=2)
+    assert sorted(m.message_id for m in received) == ["evt_1", "evt_2"]
 
 
 async def test_a_spool_written_before_parking_existed_is_read_and_upgraded(
