@@ -245,15 +245,10 @@ async def _drain_for_good(
 
     from bridge.spool import drain, drain_parked  # noqa: PLC0415
 
-    usable_again = asyncio.Event()
-    publisher.on_ready(usable_again.set)
-
     async def usable() -> None:
         try:
             async with asyncio.timeout(wait):
-                while not publisher.is_ready:
-                    usable_again.clear()
-                    await usable_again.wait()
+                await publisher.until_ready()
         except TimeoutError:
             reason = f"the broker's channel did not come back within {wait:g} s"
             raise DeliveryRefused(reason) from None

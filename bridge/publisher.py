@@ -173,6 +173,7 @@ class Publisher:
         self._abandoned_because: str | None = None
         self._confirms_missed = False  # since the last confirm
         self._first_attempt_over = asyncio.Event()
+        self._became_ready = asyncio.Event()
         self.link_changed_at = time.time()
         """When the link last came up or went down (wall clock), for ``/status``."""
 
@@ -193,6 +194,13 @@ class Publisher:
         """Until the first attempt to connect has succeeded or failed: from then on, whether a
         delivery can be published is known."""
         await self._first_attempt_over.wait()
+
+    async def until_ready(self) -> None:
+        """Until publishing can succeed again: after a channel the broker closed (refusing a
+        message, say), or a reconnect."""
+        while not self.is_ready:
+            self._became_ready.clear()
+            await self._became_ready.wait()
 
     @property
     def is_ready(self) -> bool:
@@ -389,6 +397,7 @@ class Publisher:
         self.link_changed_at = time.time()
 
     def _notify_ready(self) -> None:
+        self._became_ready.set()
         for callback in self._on_ready:
             callback()
 
