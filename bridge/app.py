@@ -333,11 +333,13 @@ class Bridge:
         self._forwarding_left_behind = None
         await self.publisher.close()
         if self._spool is not None:
-            if self._spool.depth:
+            # Read after any write still going on (shielded from a forwarder stopped mid-way).
+            status = await self._spool.status()
+            if status.depth:
                 log.warning(
                     "bridge.spool_not_empty",
-                    depth=self._spool.depth,
-                    parked=self._spool.parked,
+                    depth=status.depth,
+                    parked=status.parked,
                     detail="forwarded when the bridge next starts",
                 )
             await self._spool.close()

@@ -34,6 +34,8 @@ EXIT_CONFIG = 2
 _HEALTHCHECK_TIMEOUT = 2.0  # seconds; below the image's HEALTHCHECK --timeout
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from bridge.publisher import Publisher
     from bridge.spool import Spool
 
@@ -239,13 +241,13 @@ async def _drain_for_good(
     spools: list[Spool], publisher: Publisher, *, wait: float
 ) -> tuple[int, int]:
     """Every spool's events, then their parked ones (the broker refused those before): how
-    many were drained, and how many the broker still refuses. An event refused for the first
-    time is parked, and the drain goes on once the channel is back."""
+    many were drained, and how many the broker still refuses."""
     from tqdm import tqdm  # noqa: PLC0415 - a megabyte the daemon does not need
 
-    from bridge.spool import drain, drain_parked  # noqa: PLC0415
+    from bridge.spool import drain_parked  # noqa: PLC0415
 
     async def usable() -> None:
+        """Until the channel a refusal cost is back."""
         try:
             async with asyncio.timeout(wait):
                 await publisher.until_ready()
@@ -253,36 +255,54 @@ async def _drain_for_good(
             reason = f"the broker's channel did not come back within {wait:g} s"
             raise DeliveryRefused(reason) from None
 
-    drained = still_refused = 0
+    still_refused = 0
     with tqdm(total=sum(s.depth for s in spools), unit="event", desc="draining") as bar:
-
-        def progress() -> Callable[[int], None]:
-            """For one call: it reports its own running total."""
-            start = drained
-
-            def update(count: int) -> None:
-                nonlocal drained
-                bar.update(start + count - drained)
-                drained = start + count
-
-            return update
-
+        tally = _Tally(bar)
         for spool in spools:
-            while True:
-                parked = spool.parked
-                try:
-                    await drain(spool, publisher.publish, on_progress=progress())
-                    break
-                except MessageRefused:
-                    if spool.parked == parked:
-                        raise  # refused, but not parked: no telling which event is at fault
-                    await usable()
+            await _drain_past_refusals(spool, publisher, usable=usable, tally=tally)
         for spool in spools:
+            progress = tally.one_drain()
             _, refused = await drain_parked(
-                spool, publisher.publish, usable=usable, on_progress=progress()
+                spool, publisher.publish, usable=usable, on_progress=progress
             )
             still_refused += refused
-    return drained, still_refused
+    return tally.total, still_refused
+
+
+async def _drain_past_refusals(
+    spool: Spool, publisher: Publisher, *, usable: Callable[[], Awaitable[None]], tally: _Tally
+) -> None:
+    """The spool's events; one the broker refuses is parked (this drain is the only publisher
+    on the channel, so the refusal is that event's), and the drain goes on once the channel is
+    back."""
+    from bridge.spool import drain  # noqa: PLC0415
+
+    while True:
+        parked = spool.parked
+        try:
+            await drain(spool, publisher.publish, alone=True, on_progress=tally.one_drain())
+            return
+        except MessageRefused:
+            if spool.parked == parked:
+                raise  # the spool could not mark it parked (a full disk): stop here
+            await usable()
+
+
+class _Tally:
+    """One progress bar over several drains, each of which reports its own running total."""
+
+    def __init__(self, bar: tqdm[Any]) -> None:
+        self._bar = bar
+        self.total = 0
+
+    def one_drain(self) -> Callable[[int], None]:
+        start = self.total
+
+        def update(drained: int) -> None:
+            self._bar.update(start + drained - self.total)
+            self.total = start + drained
+
+        return update
 
 
 def _run_async(coroutine: Coroutine[Any, Any, T]) -> T:

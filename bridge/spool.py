@@ -250,7 +250,7 @@ class Spool:
         self._check_open()
         await self._write(partial(self._db.record_attempt, event_id))
 
-    async def refused(self, event_id: int, reason: str, *, certain: bool = False) -> bool:
+    async def note_refusal(self, event_id: int, reason: str, *, certain: bool = False) -> bool:
         """Count a refusal of this event by the broker; at the ``PARK_AFTER``-th, or at once if
         the broker named this event (``certain``), park it with ``reason``. Whether it is parked
         now."""
@@ -387,6 +387,7 @@ async def drain(
     publish: Publish,
     *,
     batch: int = 100,
+    alone: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
     """Publish spooled events oldest first, removing each only after ``publish`` returned.
@@ -394,9 +395,10 @@ async def drain(
     One at a time, so that the original order holds even across failures. Returns how many were
     drained. If ``publish`` raises, the drain stops there: that event and all later ones stay in
     the spool, and the exception propagates. An event the broker refuses (``MessageRefused``:
-    naming its size, or ``PARK_AFTER`` times) is parked first, so that the next drain goes on
-    past it. Removals that failed before (a full disk) are retried with each batch, and at the
-    end. ``on_progress`` is called with the running total after each batch of removals.
+    naming its size, or ``PARK_AFTER`` times; once, when nothing else publishes on the channel,
+    ``alone``) is parked first, so that the next drain goes on past it. Removals that failed
+    before (a full disk) are retried with each batch, and at the end. ``on_progress`` is called
+    with the running total after each batch of removals.
     """
     drained = 0
     while entries := await spool.peek(batch):
@@ -406,7 +408,7 @@ async def drain(
                 try:
                     await publish(entry.delivery)
                 except Exception as exc:
-                    await _note_failure(spool, entry, exc)
+                    await _note_failure(spool, entry, exc, alone=alone)
                     raise
                 published.append(entry.id)
         finally:
@@ -431,15 +433,21 @@ async def drain_parked(
     and the next is tried once ``usable()`` returns (the refusal cost the channel). Returns how
     many were drained and how many the broker still refuses; other failures propagate."""
     drained = refused = last = 0
+    refused_from = sys.maxsize  # a size the broker refused: any as large would be refused too
     while entries := await spool.peek_parked(100, after=last):
         for entry in entries:
-            last = entry.id
+            last, size = entry.id, len(entry.delivery.body)
+            if size >= refused_from:
+                refused += 1
+                continue
             await usable()
             try:
                 await publish(entry.delivery)
             except MessageRefused as exc:
                 if exc.blames(entry.delivery.body) is False:
                     raise  # not this one's refusal: no verdict, and no usable channel either
+                if exc.size is not None:
+                    refused_from = min(refused_from, size)
                 refused += 1
                 continue
             await spool.remove([entry.id])
@@ -449,9 +457,12 @@ async def drain_parked(
     return drained, refused
 
 
-async def _note_failure(spool: Spool, entry: SpooledEvent, failure: Exception) -> None:
+async def _note_failure(
+    spool: Spool, entry: SpooledEvent, failure: Exception, *, alone: bool
+) -> None:
     """Count the attempt, and park an event the broker keeps refusing: the events behind it
-    would otherwise wait until someone changes the broker's settings."""
+    would otherwise wait until someone changes the broker's settings. A refusal is this event's
+    when the broker names its size, or when it was the only publish on the channel."""
     with suppress(SpoolError):  # the count is a hint; the failure is the news
         await spool.record_attempt(entry.id)
     if not isinstance(failure, MessageRefused):
@@ -460,7 +471,8 @@ async def _note_failure(spool: Spool, entry: SpooledEvent, failure: Exception) -
     if blamed is False:
         return  # the broker refused another message in flight on the channel
     try:
-        parked = await spool.refused(entry.id, failure.reason, certain=blamed is True)
+        certain = blamed is True or alone
+        parked = await spool.note_refusal(entry.id, failure.reason, certain=certain)
     except SpoolError as exc:  # not parked this time; the next refusal tries again
         _log.warning("spool.park_failed", message_id=entry.delivery.message_id, error=exc.reason)
         return
@@ -473,7 +485,7 @@ async def _note_failure(spool: Spool, entry: SpooledEvent, failure: Exception) -
             reason=failure.reason,
             parked=spool.parked,
             detail="the broker refuses it: kept in the spool, set aside so that the events "
-            "behind it go on, and tried again every spool.parked_retry_interval",
+            "behind it go on, and tried again later",
         )
 
 
@@ -576,11 +588,10 @@ class Forwarder:
                     raise
                 if self._stopping.is_set():
                     return  # no retry: what is left is the stop's to report (and the next start's)
-                if self._spool.parked > parked:  # the event at fault is out of the way now
-                    delay, self._early_retry_spent = self._retry_delay, False
-                    if not parked:  # the first: tried again an interval on (later ones wait)
-                        self._parked_retry_at = time.monotonic() + self._parked_retry_interval
-                _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
+                if self._parked_meanwhile(before=parked):
+                    delay = self._retry_delay  # the event at fault is out of the way now
+                else:
+                    _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
                 await _wait(self._cut_short, delay)
                 self._early_retry_spent = self._early_retry_spent or self._cut_short.is_set()
                 delay = min(2 * delay, self._max_retry_delay)
@@ -589,6 +600,18 @@ class Forwarder:
                     delay = self._retry_delay
                     self._early_retry_spent = False
                 await _wait(self._wake, self._next_look_in())
+
+    def _parked_meanwhile(self, *, before: int) -> bool:
+        """Whether the failure parked an event (``spool.event_parked`` says so). If it did, the
+        channel's return ends the wait, and the first one parked schedules a retry of parked
+        events: were each new one to postpone it, a broker that keeps refusing deliveries
+        would never see one tried again."""
+        if self._spool.parked <= before:
+            return False
+        self._early_retry_spent = False
+        if not before:
+            self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+        return True
 
     def _next_look_in(self) -> float:
         """The poll interval, or less when a retry of parked events falls due sooner. One that
@@ -610,8 +633,8 @@ class Forwarder:
             try:
                 retry_due = self._spool.parked and time.monotonic() >= self._parked_retry_at
                 if self._parked_taken or retry_due:
-                    if not await self._retry_parked():
-                        return True  # refused again, which closed the channel: its return wakes us
+                    if await self._retry_parked_refused():
+                        return True  # the channel is gone: its return wakes the forwarder
                     drained += await drain(self._spool, self._publish, batch=self._batch)
             finally:
                 if drained:
@@ -620,10 +643,10 @@ class Forwarder:
             self._emptied.set()
         return True
 
-    async def _retry_parked(self) -> bool:
-        """Try a parked event again: the smallest first (a broker refuses by size), then each
-        in turn. If the broker takes it now (its ``max_message_size`` raised, say), put every
-        parked event back in line. Whether it took it.
+    async def _retry_parked_refused(self) -> bool:
+        """Try a parked event again, and if the broker takes it now (its ``max_message_size``
+        raised, say), put every parked event back in line. Whether the broker refused it again,
+        which cost the channel.
 
         The next try falls due only after the broker's answer, so a failure of another kind
         (the link, a full disk) is tried again after the usual back-off, not an interval later.
@@ -631,32 +654,38 @@ class Forwarder:
         if not self._parked_taken:
             event = await self._spool.next_parked(self._parked_tried)
             if event is None:
-                return True
-            try:
-                await self._publish(event.delivery)
-            except MessageRefused as exc:
-                if exc.blames(event.delivery.body) is False:
-                    raise  # another message in flight was refused: no answer about this one
-                # Refused by size: every larger one would be too, so the smallest again next
-                # time; for a refusal that names none, the next one in turn.
-                named = exc.size is not None
-                self._parked_tried = None if named else (len(event.delivery.body), event.id)
-                self._parked_retry_at = time.monotonic() + self._parked_retry_interval
-                _log.warning(
-                    "spool.parked_still_refused",
-                    parked=self._spool.parked,
-                    message_id=event.delivery.message_id,
-                    error=exc.reason,
-                    retry_in=self._parked_retry_interval,
-                )
                 return False
+            if await self._still_refused(event):
+                return True
             self._parked_taken = True
             await self._spool.remove([event.id])
         released = await self._spool.unpark_all()
         self._parked_taken, self._parked_tried = False, None
         self._parked_retry_at = time.monotonic() + self._parked_retry_interval
         _log.info("spool.parked_released", back_in_line=released)
-        return True
+        return False
+
+    async def _still_refused(self, event: SpooledEvent) -> bool:
+        """Publish a parked event; whether the broker refused it again (other failures raise)."""
+        try:
+            await self._publish(event.delivery)
+        except MessageRefused as exc:
+            if exc.blames(event.delivery.body) is False:
+                raise  # another message in flight was refused: no answer about this one
+            # Refused by size: every larger one would be too, so the smallest again next time;
+            # after a refusal that names none, the next one in turn.
+            named = exc.size is not None
+            self._parked_tried = None if named else (len(event.delivery.body), event.id)
+            self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+            _log.warning(
+                "spool.parked_still_refused",
+                parked=self._spool.parked,
+                message_id=event.delivery.message_id,
+                error=exc.reason,
+                retry_in=self._parked_retry_interval,
+            )
+            return True
+        return False
 
 
 class _Database:
@@ -664,8 +693,7 @@ class _Database:
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._db = connection
-        columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
-        parked = "count(parked)" if "parked" in columns else "0"  # read-only, before a migration
+        parked = "count(parked)" if _has_parked_column(connection) else "0"  # read, not migrated
         count, size, parked_count = connection.execute(
             f"SELECT count(*), coalesce(sum(length(body)), 0), {parked} FROM events"  # noqa: S608
         ).fetchone()
@@ -691,8 +719,7 @@ class _Database:
                 # changes nothing finds out now rather than at the first event to spool.
                 (version,) = connection.execute("PRAGMA user_version").fetchone()
                 connection.execute(f"PRAGMA user_version = {int(version)}")
-                columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
-                if "parked" not in columns:
+                if not _has_parked_column(connection):
                     connection.execute(_ADD_PARKED)
             return cls(connection)
         except BaseException:
@@ -785,6 +812,12 @@ class _Database:
         (pages,) = self._db.execute("PRAGMA freelist_count").fetchone()
         (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
         return int(pages) * int(page_size)
+
+
+def _has_parked_column(connection: sqlite3.Connection) -> bool:
+    """Spool files of versions before parking have no such column until opened for writing."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(events)")}
+    return "parked" in columns
 
 
 def delete_spool_files(directory: Path) -> None:
