@@ -33,7 +33,15 @@ from bridge.cli import _drain_for_good
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, MessageRefused, PublishFailed
 from bridge.publisher import Publisher
-from bridge.spool import FILE_NAME, PARK_AFTER, Forwarder, Spool, SpooledEvent, _Database
+from bridge.spool import (
+    FILE_NAME,
+    PARK_AFTER,
+    Forwarder,
+    Spool,
+    SpooledEvent,
+    _Database,
+    drain_parked,
+)
 from tests.conftest import (
     AMQP_URL,
     BridgeFactory,
@@ -912,6 +920,27 @@ async def test_spool_drain_drains_the_parked_events_behind_one_the_broker_still_
     assert code == 1  # evt_99 stays
     received = await drain(private_queue, expect=2)
     assert sorted(m.message_id for m in received) == ["evt_1", "evt_2"]
+
+
+async def test_spool_drain_does_not_try_what_is_as_large_as_an_event_refused_by_size(
+    spool: Spool,
+) -> None:
+    """Each refusal costs the channel: once the broker has refused a size, a parked event at
+    least as large would be refused too, and is counted so without being tried."""
+    for n, size in enumerate((8000, 16, 9000, 8000)):
+        await spool.append(delivery(n, size=size))
+    for event in await spool.peek(4):
+        await spool.note_refusal(event.id, REFUSAL, certain=True)
+    broker = Refusing("evt_0", "evt_2", "evt_3")
+
+    async def usable() -> None:
+        pass
+
+    drained, refused = await drain_parked(spool, broker.publish, usable=usable)
+
+    assert (drained, refused) == (1, 3)
+    assert broker.attempts == ["evt_0", "evt_1"]
+    assert (spool.depth, spool.parked) == (3, 3)
 
 
 async def test_a_spool_written_before_parking_existed_is_read_and_upgraded(
