@@ -321,14 +321,27 @@ def _is_link_echo(record: logging.LogRecord) -> bool:
         # like any other. A named error (a topology the broker refuses) stays an error.
         return len(args) >= 3 and args[1] == "Exception" and str(args[2]) == ""
     # A robust channel's close callback racing the connection's loss: it tries to reopen the
-    # channel on a transport that is gone; the robust connection reopens it once reconnected.
+    # channel on a transport that is gone, or the broker ends the connection as it does (after
+    # a refusal, aiormq may write a publish on the channel being closed: CHANNEL_ERROR); the
+    # robust connection reopens it once reconnected, and amqp.connection_lost says so.
     callback = getattr(args[0], "callback", None) if args else None
     return (
         record.name == "aio_pika.tools"
         and template.startswith("Callback %r error")
         and getattr(callback, "__qualname__", "") == "RobustChannel._on_close"
-        and args[1:2] in {("ChannelInvalidStateError",), ("RuntimeError",)}
+        and args[1:2] in _LINK_LOST_UNDER_A_CHANNEL
     )
+
+
+_LINK_LOST_UNDER_A_CHANNEL: Final = frozenset(
+    (name,)
+    for name in (
+        "ChannelInvalidStateError",
+        "RuntimeError",
+        "ConnectionChannelError",
+        "AMQPConnectionError",
+    )
+)
 
 
 def _first_words(exc: BaseException) -> str:
