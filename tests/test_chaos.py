@@ -226,18 +226,8 @@ class Chaos:
         return await self.bridge.stop()
 
     async def apply(self, fault: Fault) -> None:
-        steps: dict[str, Callable[[Fault], Awaitable[None]]] = {
-            "cut": self._cut,
-            "hold": self._hold,
-            "slow": self._slow,
-            "kill": self._kill,
-            "flap": self._flap,
-            "kill_in_outage": self._kill_in_outage,
-            "kill_held": self._kill_held,
-            "term": self._term,
-            "term_held": self._term_held,
-        }
-        await steps[fault.kind](fault)
+        step: Callable[[Fault], Awaitable[None]] = getattr(self, f"_{fault.kind}")
+        await step(fault)
         self.applied[fault.kind] += 1
         await asyncio.sleep(fault.pause)
 

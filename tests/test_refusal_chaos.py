@@ -36,7 +36,6 @@ import asyncio
 import collections
 import datetime as dt
 import itertools
-import math
 import os
 import random
 import re
@@ -53,12 +52,13 @@ import orjson
 import pytest
 
 from bridge.signatures import sign
+from tests import test_chaos
 from tests.conftest import proxied_amqp_url
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
-from tests.test_chaos import children, parse_lines
+from tests.test_chaos import Fault, parse_lines
 from tests.test_metrics_describe_the_bridge import scrape, value
 
 SEEDS = [int(seed) for seed in os.environ.get("KONPRO_PARK_CHAOS_SEED", "2").split(",")]
@@ -69,31 +69,21 @@ SECRET = "whsec_park-chaos-secret"
 SENDERS = 5
 SHUTDOWN_TIMEOUT = 3.0
 RETRY_INTERVAL = 1.0
+BEFORE_THE_SIGNAL = 0.3  # seconds of a link cut or held before a kill or a stop in it
 LOW_LIMIT = 4096
 TOO_LARGE = 8000
 LARGE_SHARE = 0.12
 QUIET = 3.0
 """Seconds with no live deliveries and the limit low, before healing."""
 BUSY_FAILURES_PER_SECOND = 10
+"""More ``spool.forward_failed`` lines than this in a second is a loop, not a bridge working
+through refused events."""
 CLOSES_UNEXPLAINED = 3
 """Channel closes after the clients stopped that no refusal line explains, at most (a close
 that races the link's loss, say)."""
 
-"""More ``spool.forward_failed`` lines than this in a second (or ``amqp.channel_closed`` lines
-once the clients have stopped) is a loop, not a bridge working through refused events."""
-
 
 # --- the plan of faults ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fault:
-    kind: str
-    seconds: float
-    pause: float
-
-    def __str__(self) -> str:
-        return f"{self.kind}({self.seconds:.1f})"
 
 
 FAULTS: dict[str, tuple[float, float]] = {
@@ -114,7 +104,8 @@ def plan_faults(rng: random.Random, seconds: float) -> list[Fault]:
     total = 0.0
     while total < seconds:
         kind = rng.choice(KINDS)
-        plan.append(Fault(kind, rng.uniform(*FAULTS[kind]), rng.uniform(0.3, 2.0)))
+        seconds, pause = rng.uniform(*FAULTS[kind]), rng.uniform(0.3, 2.0)
+        plan.append(Fault(kind, seconds, pause, detail=BEFORE_THE_SIGNAL))
         total += plan[-1].seconds + plan[-1].pause
     return plan
 
@@ -122,15 +113,10 @@ def plan_faults(rng: random.Random, seconds: float) -> list[Fault]:
 # --- the clients -------------------------------------------------------------------------------
 
 
-@dataclass
-class Answer:
-    event_id: str
-    body: bytes
+@dataclass(kw_only=True)
+class Answer(test_chaos.Answer):
     large: bool
-    started: float
-    ended: float
-    status: int | None
-    error: str = ""
+    """Larger than the broker's limit."""
 
 
 def delivery(rng: random.Random) -> tuple[str, bytes, bool, dict[str, str]]:
@@ -162,12 +148,14 @@ async def post_until(stop: asyncio.Event, url: str, rng: random.Random) -> list[
                 try:
                     async with http.post(url, data=body, headers=headers) as response:
                         await response.read()
+                        status = response.status
                         answer = Answer(
-                            event_id, body, large, started, time.monotonic(), response.status
+                            event_id, body, started, time.monotonic(), status, large=large
                         )
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     error = f"{type(exc).__name__}: {exc}"
-                    answer = Answer(event_id, body, large, started, time.monotonic(), None, error)
+                    ended = time.monotonic()
+                    answer = Answer(event_id, body, started, ended, None, error, large=large)
                 answers.append(answer)
                 if answer.status in {200, 202}:
                     break
@@ -179,19 +167,13 @@ async def post_until(stop: asyncio.Event, url: str, rng: random.Random) -> list[
 # --- running the plan --------------------------------------------------------------------------
 
 
-@dataclass
-class Chaos:
-    proxy: TcpProxy
-    bridge: BridgeProcess
+@dataclass(kw_only=True)
+class Chaos(test_chaos.Chaos):
+    """test_chaos's faults of the link and the bridge, and the broker's limit raised or lowered
+    at run time (RabbitMQ applies it to channels opened later)."""
+
     broker: PrivateBroker
-    workers: int
-    rng: random.Random
     default_limit: int
-    killed: set[tuple[int | None, int]] = field(default_factory=set)
-    restarting: int | None = None
-    down: list[list[float]] = field(default_factory=list)
-    stop_codes: list[int] = field(default_factory=list)
-    applied: collections.Counter[str] = field(default_factory=collections.Counter)
     limits: list[tuple[float, int]] = field(default_factory=list)
 
     async def set_limit(self, size: int) -> None:
@@ -199,100 +181,11 @@ class Chaos:
         await asyncio.to_thread(self.broker.ctl, "eval", command, timeout=30)
         self.limits.append((time.monotonic(), size))
 
-    async def apply(self, fault: Fault) -> None:
-        await getattr(self, f"_{fault.kind}")(fault)
-        self.applied[fault.kind] += 1
-        await asyncio.sleep(fault.pause)
-
-    async def _cut(self, fault: Fault) -> None:
-        await self.proxy.cut()
-        await asyncio.sleep(fault.seconds)
-        await self.proxy.restore()
-
-    async def _hold(self, fault: Fault) -> None:
-        self.proxy.hold()
-        await asyncio.sleep(fault.seconds)
-        self.proxy.release()
-
     async def _limit_low(self, fault: Fault) -> None:
         await self.set_limit(LOW_LIMIT)
 
     async def _limit_high(self, fault: Fault) -> None:
         await self.set_limit(self.default_limit)
-
-    async def _kill(self, fault: Fault) -> None:
-        await self._signal(signal.SIGKILL)
-        await asyncio.sleep(fault.seconds)
-        await self._restart()
-
-    async def _kill_in_outage(self, fault: Fault) -> None:
-        await self.proxy.cut()
-        await asyncio.sleep(0.3)
-        await self._signal(signal.SIGKILL)
-        await self._restart()
-        await asyncio.sleep(fault.seconds)
-        await self.proxy.restore()
-
-    async def _term(self, fault: Fault) -> None:
-        await self._signal(signal.SIGTERM)
-        await asyncio.sleep(fault.seconds)
-        await self._restart()
-
-    async def _term_held(self, fault: Fault) -> None:
-        self.proxy.hold()
-        await asyncio.sleep(0.3)
-        await self._signal(signal.SIGTERM)
-        await asyncio.sleep(fault.seconds)
-        self.proxy.release()
-        await self._restart()
-
-    async def _signal(self, signum: signal.Signals) -> None:
-        self.down.append([time.monotonic(), math.inf])
-        if signum == signal.SIGKILL and self.workers > 1:
-            assert self.bridge.process is not None
-            exited = len(self.lines("workers.exited"))
-            os.kill(self.rng.choice(children(self.bridge.process.pid)), signal.SIGKILL)
-            await eventually(lambda: len(self.lines("workers.exited")) > exited, within=5)
-            worker = self.lines("workers.exited")[-1]["worker"]
-            self.killed.add((worker, self.generation(worker)))
-            self.restarting = worker
-            return
-        if signum == signal.SIGKILL:
-            self.killed.add((None, self.generation(None)))
-        self.bridge.send(signum)
-        code = await self.bridge.wait(within=SHUTDOWN_TIMEOUT + 10.0)
-        if signum == signal.SIGTERM:
-            self.stop_codes.append(code)
-        else:
-            assert code == -signal.SIGKILL
-
-    async def _restart(self) -> None:
-        if self.restarting is None:
-            await self.bridge.start(wait_ready=False)
-        else:
-            worker, generation = self.restarting, self.generation(self.restarting)
-            await eventually(lambda: self.generation(worker) > generation, within=40)
-            self.restarting = None
-        self.down[-1][1] = time.monotonic()
-
-    def lines(self, event: str | None = None) -> list[dict[str, Any]]:
-        lines = parse_lines(self.bridge.log_path.read_bytes())[0]
-        return [line for line in lines if event is None or line["event"] == event]
-
-    def generation(self, worker: int | None) -> int:
-        return sum(line.get("worker") == worker for line in self.lines("bridge.listening"))
-
-    async def restore_link(self) -> None:
-        self.proxy.delay = 0.0
-        self.proxy.release()
-        await self.proxy.restore()
-
-    async def heal(self) -> None:
-        await self.set_limit(self.default_limit)
-        await self.restore_link()
-
-    def was_down(self, answer: Answer) -> bool:
-        return any(start <= answer.ended and answer.started <= end for start, end in self.down)
 
 
 def busiest_second(lines: list[dict[str, Any]], event: str, since: str = "") -> tuple[int, str]:
@@ -372,15 +265,20 @@ async def test_no_accepted_event_is_lost_while_the_broker_refuses_some_and_fault
         "log": {"format": "json", "level": LOG_LEVEL},
     }
     bridge = BridgeProcess(tmp_path, sections)
-    chaos = Chaos(
-        proxy, bridge, private_broker, WORKERS, random.Random(rng.random()), default_limit
+    faults = Chaos(
+        proxy,
+        bridge,
+        WORKERS,
+        random.Random(rng.random()),
+        broker=private_broker,
+        default_limit=default_limit,
     )
     stop_posting = asyncio.Event()
     answers: list[Answer] = []
     status: dict[str, Any] = {}
     quiet_since = ""
     try:
-        await chaos.set_limit(LOW_LIMIT)
+        await faults.set_limit(LOW_LIMIT)
         await bridge.start(wait_ready=False)
         senders = [
             asyncio.create_task(post_until(stop_posting, bridge.webhook_url, random.Random(n)))
@@ -388,16 +286,17 @@ async def test_no_accepted_event_is_lost_while_the_broker_refuses_some_and_fault
         ]
         await asyncio.sleep(1.0)  # some refused deliveries parked before the first fault
         for fault in plan:
-            await chaos.apply(fault)
+            await faults.apply(fault)
         stop_posting.set()
         answers = list(itertools.chain.from_iterable(await asyncio.gather(*senders)))
         # A quiet while: no live deliveries, the link back, the limit low. What the log says from
         # now on is the forwarder's alone: a parked event tried each interval, no more.
         quiet_since = utc_now()
-        await chaos.restore_link()
-        await chaos.set_limit(LOW_LIMIT)
+        await faults.heal()  # the link
+        await faults.set_limit(LOW_LIMIT)
         await asyncio.sleep(QUIET)
-        await chaos.heal()
+        await faults.set_limit(default_limit)
+        await faults.heal()
         healed = time.monotonic()
 
         async def drained() -> bool:
@@ -440,7 +339,7 @@ async def test_no_accepted_event_is_lost_while_the_broker_refuses_some_and_fault
     bodies = {str(message.message_id): message.body for message in received}
     lines, strays = parse_lines(bridge.log_path.read_bytes())
     events = collections.Counter(line["event"] for line in lines)
-    killed = {(worker, -signal.SIGKILL) for worker, _ in chaos.killed}
+    killed = {(worker, -signal.SIGKILL) for worker, _ in faults.killed}
     errors = [
         line
         for line in lines
@@ -478,12 +377,12 @@ async def test_no_accepted_event_is_lost_while_the_broker_refuses_some_and_fault
         f"busiest_forward_failed={[c for c, _ in busy.values()]} "
         f"quiet_closes={closes} quiet_parked_or_still_refused={explained} "
         f"received={len(received_ids)} duplicates={len(received_ids) - len(set(received_ids))} "
-        f"drain_after_heal={drain_took:.1f}s faults={dict(chaos.applied)} "
+        f"drain_after_heal={drain_took:.1f}s faults={dict(faults.applied)} "
         f"plan={' '.join(map(str, plan))}"
     )
 
     missing = sorted(set(accepted) - set(bodies))
-    cut_off = [a for a in answers if a.status is None and not chaos.was_down(a)]
+    cut_off = [a for a in answers if a.status is None and not faults.was_down(a)]
     wrong = [b for e, b in accepted.items() if e in bodies and bodies[e] != b]
     problems = [
         *(
@@ -499,7 +398,7 @@ async def test_no_accepted_event_is_lost_while_the_broker_refuses_some_and_fault
         *([f"statuses {statuses}"] if not set(statuses) <= {200, 202, 503, None} else []),
         *([f"connection errors while the bridge was up: {cut_off[:3]}"] if cut_off else []),
         *([f"lines that are not JSON: {strays[:5]}"] if strays else []),
-        *([f"SIGTERM exit codes {chaos.stop_codes}"] if any(chaos.stop_codes) else []),
+        *([f"SIGTERM exit codes {faults.stop_codes}"] if any(faults.stop_codes) else []),
         *([f"final stop exit code {final_stop}"] if final_stop else []),
         *(
             f"{count} {name} lines at {second}"
