@@ -156,33 +156,27 @@ def _add_spool_commands(
 
 
 def _spool_status(args: argparse.Namespace, settings: Settings) -> int:
-    from bridge.spool import FILE_NAME, Spool, SpoolUnusable  # noqa: PLC0415
+    from bridge.spool import FILE_NAME, Spool, SpoolStatus, SpoolUnusable  # noqa: PLC0415
     from bridge.workers import spool_dirs  # noqa: PLC0415
 
-    async def read(path: Path) -> dict[str, Any]:
+    async def read(path: Path) -> SpoolStatus:
         if not (path / FILE_NAME).exists():
-            return {"path": str(path), "depth": 0, "bytes": 0, "oldest_age": None, "parked": 0}
+            return SpoolStatus(depth=0, bytes=0, oldest_age=None)
         async with await Spool.open(settings.spool.at(path), exclusive=False) as spool:
-            return {"path": str(path), **dataclasses.asdict(await spool.status())}
+            return await spool.status()
 
-    async def read_all() -> list[dict[str, Any]]:
-        return [await read(path) for path in spool_dirs(settings.spool.path)]
+    async def read_all() -> dict[Path, SpoolStatus]:
+        return {path: await read(path) for path in spool_dirs(settings.spool.path)}
 
     try:
-        spools = _run_async(read_all())
+        statuses = _run_async(read_all())
     except SpoolUnusable as exc:
         return _fail(str(exc), EXIT_FAILURE)
     except OSError as exc:  # say, the daemon's user's directory, mode 0700
         return _fail(f"cannot read the spool at {settings.spool.path}: {exc}", EXIT_FAILURE)
-    ages = [spool["oldest_age"] for spool in spools if spool["oldest_age"] is not None]
-    total = {
-        "path": str(settings.spool.path),
-        "depth": sum(spool["depth"] for spool in spools),
-        "parked": sum(spool["parked"] for spool in spools),
-        "bytes": sum(spool["bytes"] for spool in spools),
-        "oldest_age": max(ages, default=None),
-        "spools": spools,
-    }
+    spools = [{"path": str(path), **dataclasses.asdict(s)} for path, s in statuses.items()]
+    every_worker = dataclasses.asdict(SpoolStatus.of_all(statuses.values()))
+    total = {"path": str(settings.spool.path), **every_worker, "spools": spools}
     if args.json:
         print(json.dumps(total))
         return EXIT_OK

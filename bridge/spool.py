@@ -24,7 +24,7 @@ import shutil
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -110,6 +110,18 @@ class SpoolStatus:
     bytes: int
     oldest_age: float | None
     parked: int = 0
+
+    @classmethod
+    def of_all(cls, statuses: Iterable[SpoolStatus]) -> SpoolStatus:
+        """Several spools (one a worker) as one: their sums, and the oldest event's age."""
+        statuses = list(statuses)
+        ages = [status.oldest_age for status in statuses if status.oldest_age is not None]
+        return cls(
+            depth=sum(status.depth for status in statuses),
+            bytes=sum(status.bytes for status in statuses),
+            oldest_age=max(ages, default=None),
+            parked=sum(status.parked for status in statuses),
+        )
 
 
 class Spool:
@@ -772,9 +784,9 @@ class _Database:
             for start in range(0, len(ids), _MAX_SQL_PARAMETERS):
                 chunk = ids[start : start + _MAX_SQL_PARAMETERS]
                 where = f"WHERE id IN ({', '.join('?' * len(chunk))})"  # placeholders only
-                totals = "count(*), coalesce(sum(length(body)), 0), count(parked) FROM events"
                 found, found_bytes, found_parked = self._db.execute(
-                    f"SELECT {totals} {where}",
+                    "SELECT count(*), coalesce(sum(length(body)), 0), count(parked)"  # noqa: S608
+                    f" FROM events {where}",
                     chunk,
                 ).fetchone()
                 self._db.execute(f"DELETE FROM events {where}", chunk)  # noqa: S608

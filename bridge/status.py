@@ -18,7 +18,7 @@ from bridge import __version__
 from bridge.publisher import Publisher
 from bridge.reconcile import ReconcileResult
 from bridge.server import BodiesInFlight
-from bridge.spool import Spool
+from bridge.spool import Spool, SpoolStatus
 
 RegistrationProbe = Callable[[], ReconcileResult | None]
 """The last registration check's result, ``None`` before the first one."""
@@ -83,12 +83,13 @@ class StatusReport:
         for spool in self._spools():
             with contextlib.suppress(RuntimeError):  # a left-behind spool closed meanwhile
                 statuses.append(await spool.status())
-        ages = [status.oldest_age for status in statuses if status.oldest_age is not None]
+        total = SpoolStatus.of_all(statuses)
+        oldest = None if total.oldest_age is None else round(total.oldest_age, 3)
         return {
-            "depth": sum(status.depth for status in statuses),
-            "parked": sum(status.parked for status in statuses),
-            "bytes": sum(status.bytes for status in statuses),
-            "oldest_age": round(max(ages), 3) if ages else None,
+            "depth": total.depth,
+            "parked": total.parked,
+            "bytes": total.bytes,
+            "oldest_age": oldest,
         }
 
     def _registration_status(self) -> dict[str, Any]:
