@@ -22,6 +22,7 @@ from aiohttp import web
 from bridge import __version__
 from bridge.config import Settings
 from bridge.expect import add_route
+from bridge.forwarder import Forwarder
 from bridge.konpro import KonProClient
 from bridge.logs import Redactor, redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
@@ -30,7 +31,7 @@ from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret, wh
 from bridge.relay import Relay
 from bridge.server import BodiesInFlight, create_app
 from bridge.signatures import Authenticator, ReplayGuard
-from bridge.spool import Forwarder, Spool, delete_spool_files
+from bridge.spool import Spool, delete_spool_files
 from bridge.status import StatusReport, registration_ok
 from bridge.tasks import cancel_and_wait
 from bridge.workers import left_behind_spool_dirs, spool_dir

@@ -238,7 +238,7 @@ async def _drain_for_good(
     many were drained, and how many the broker still refuses."""
     from tqdm import tqdm  # noqa: PLC0415 - a megabyte the daemon does not need
 
-    from bridge.spool import drain_parked  # noqa: PLC0415
+    from bridge.forwarder import drain_parked  # noqa: PLC0415
 
     async def usable() -> None:
         """Until the channel a refusal cost is back."""
@@ -269,7 +269,7 @@ async def _drain_past_refusals(
     """The spool's events; one the broker refuses is parked (this drain is the only publisher
     on the channel, so the refusal is that event's), and the drain goes on once the channel is
     back."""
-    from bridge.spool import drain  # noqa: PLC0415
+    from bridge.forwarder import drain  # noqa: PLC0415
 
     while True:
         parked = spool.parked

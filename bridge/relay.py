@@ -15,9 +15,10 @@ import asyncio
 import structlog
 
 from bridge.events import Delivery, DeliveryRefused, Outcome, PublishFailed, body_digest
+from bridge.forwarder import Forwarder
 from bridge.publisher import Publisher
 from bridge.signatures import ReplayGuard
-from bridge.spool import Forwarder, Spool
+from bridge.spool import Spool
 
 log = structlog.get_logger(__name__)
 

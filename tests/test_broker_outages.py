@@ -18,8 +18,9 @@ from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
 from bridge.events import Delivery
+from bridge.forwarder import Forwarder
 from bridge.publisher import Outage, Publisher
-from bridge.spool import Forwarder, Spool
+from bridge.spool import Spool
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy

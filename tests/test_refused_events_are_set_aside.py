@@ -32,15 +32,14 @@ import structlog
 from bridge.cli import _drain_for_good
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, MessageRefused, PublishFailed
+from bridge.forwarder import Forwarder, drain_parked
 from bridge.publisher import Publisher
 from bridge.spool import (
     FILE_NAME,
     PARK_AFTER,
-    Forwarder,
     Spool,
     SpooledEvent,
     _Database,
-    drain_parked,
 )
 from tests.conftest import (
     AMQP_URL,

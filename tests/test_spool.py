@@ -18,16 +18,15 @@ import structlog
 
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, DeliveryRefused
+from bridge.forwarder import Forwarder, drain
 from bridge.spool import (
     FILE_NAME,
-    Forwarder,
     Spool,
     SpoolError,
     SpoolFull,
     SpoolStatus,
     SpoolUnusable,
     _Database,
-    drain,
 )
 from tests.support.small_disk import fill_disk, small_disk
 

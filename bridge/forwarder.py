@@ -1,0 +1,338 @@
+"""Forwarding the spool to the broker: in the background (``Forwarder``) and for ``spool drain``.
+
+Events leave the spool oldest first, each removed only once the broker has confirmed it, so a
+stop or a failure part-way costs at most a duplicate under the same message id, never an event.
+An event the broker refuses for good is parked (see ``Spool.note_refusal``), so that the events
+behind it go on; parked events are tried again now and then, the smallest first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+
+import structlog
+
+from bridge.events import Delivery, MessageRefused
+from bridge.spool import Spool, SpooledEvent, SpoolError
+from bridge.tasks import this_task_is_cancelled
+
+Publish = Callable[[Delivery], Awaitable[None]]
+
+_log = structlog.get_logger(__name__)
+
+
+async def drain(
+    spool: Spool,
+    publish: Publish,
+    *,
+    batch: int = 100,
+    alone: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Publish spooled events oldest first, removing each only after ``publish`` returned.
+
+    One at a time, so that the original order holds even across failures. Returns how many were
+    drained. If ``publish`` raises, the drain stops there: that event and all later ones stay in
+    the spool, and the exception propagates. An event the broker refuses (``MessageRefused``:
+    naming its size, or ``PARK_AFTER`` times; once, when nothing else publishes on the channel,
+    ``alone``) is parked first, so that the next drain goes on past it. Removals that failed
+    before (a full disk) are retried with each batch, and at the end. ``on_progress`` is called
+    with the running total after each batch of removals.
+    """
+    drained = 0
+    while entries := await spool.peek(batch):
+        published: list[int] = []
+        try:
+            for entry in entries:
+                try:
+                    await publish(entry.delivery)
+                except Exception as exc:
+                    await _note_failure(spool, entry, exc, alone=alone)
+                    raise
+                published.append(entry.id)
+        finally:
+            if published:
+                await spool.remove(published)
+                drained += len(published)
+                if on_progress is not None:
+                    on_progress(drained)
+    await spool.retry_removals()  # all published: only deletes that failed are left
+    return drained
+
+
+async def drain_parked(
+    spool: Spool,
+    publish: Publish,
+    *,
+    usable: Callable[[], Awaitable[None]],
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Publish the parked events, oldest first, removing each once published: for
+    ``spool drain``, which empties a spool for good. One the broker still refuses stays parked,
+    and the next is tried once ``usable()`` returns (the refusal cost the channel). Returns how
+    many were drained and how many the broker still refuses; other failures propagate."""
+    drained = refused = last = 0
+    refused_from = sys.maxsize  # a size the broker refused: any as large would be refused too
+    while entries := await spool.peek_parked(100, after=last):
+        for entry in entries:
+            last, size = entry.id, len(entry.delivery.body)
+            if size >= refused_from:
+                refused += 1
+                continue
+            await usable()
+            try:
+                await publish(entry.delivery)
+            except MessageRefused as exc:
+                if exc.blames(entry.delivery.body) is False:
+                    raise  # not this one's refusal: no verdict, and no usable channel either
+                if exc.size is not None:
+                    refused_from = min(refused_from, size)
+                refused += 1
+                continue
+            await spool.remove([entry.id])
+            drained += 1
+            if on_progress is not None:
+                on_progress(drained)
+    return drained, refused
+
+
+async def _note_failure(
+    spool: Spool, entry: SpooledEvent, failure: Exception, *, alone: bool
+) -> None:
+    """Count the attempt, and park an event the broker keeps refusing: the events behind it
+    would otherwise wait until someone changes the broker's settings. A refusal is this event's
+    when the broker names its size, or when it was the only publish on the channel."""
+    with suppress(SpoolError):  # the count is a hint; the failure is the news
+        await spool.record_attempt(entry.id)
+    if not isinstance(failure, MessageRefused):
+        return
+    blamed = failure.blames(entry.delivery.body)
+    if blamed is False:
+        return  # the broker refused another message in flight on the channel
+    try:
+        certain = blamed is True or alone
+        parked = await spool.note_refusal(entry.id, failure.reason, certain=certain)
+    except SpoolError as exc:  # not parked this time; the next refusal tries again
+        _log.warning("spool.park_failed", message_id=entry.delivery.message_id, error=exc.reason)
+        return
+    if parked:
+        _log.error(
+            "spool.event_parked",
+            message_id=entry.delivery.message_id,
+            event_type=entry.delivery.event_type,
+            bytes=len(entry.delivery.body),
+            reason=failure.reason,
+            parked=spool.parked,
+            detail="the broker refuses it: kept in the spool, set aside so that the events "
+            "behind it go on, and tried again later",
+        )
+
+
+class Forwarder:
+    """Drains the spool to the broker in the background, whenever there is something to drain
+    and the broker is connected; otherwise sleeps until ``notify()``.
+
+    Call ``notify()`` after spooling a delivery, and ``retry_now()`` when the broker becomes
+    usable again (a reconnect, a channel restored, a confirm after publishes that got none),
+    which also ends a back-off after failures, once per run of them.
+    A periodic look every ``poll_interval`` seconds is only a safety net for a missed
+    notification. Every ``parked_retry_interval`` seconds (and at the first look) a parked
+    event is tried again; once the broker takes one, every parked event is back in line.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        publish: Publish,
+        *,
+        is_connected: Callable[[], bool],
+        batch: int = 100,
+        retry_delay: float = 1.0,
+        max_retry_delay: float = 60.0,
+        poll_interval: float = 30.0,
+        parked_retry_interval: float = 600.0,
+    ) -> None:
+        self._spool = spool
+        self._publish = publish
+        self._is_connected = is_connected
+        self._batch = batch
+        self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._poll_interval = poll_interval
+        self._parked_retry_interval = parked_retry_interval
+        self._parked_retry_at = 0.0  # monotonic; parked events left by the last run: at once
+        self._parked_tried: tuple[int, int] | None = None  # (size, id) of the last one refused
+        self._parked_taken = False  # the broker took a parked event; the others wait for line
+        self._wake = asyncio.Event()
+        self._cut_short = asyncio.Event()  # ends a back-off: a stop, or the broker back
+        self._early_retry_spent = False
+        self._stopping = asyncio.Event()
+        self._emptied = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        """An event was spooled: look again now, unless backing off after a failure (each
+        delivery spooled while publishing fails would otherwise be one more failed attempt)."""
+        self._wake.set()
+
+    def retry_now(self) -> None:
+        """The broker is usable again (a reconnect, a channel restored): look again now, even in
+        a back-off after failures, but once per run of failures: a broker that closes the
+        channel at each publish, and has it reopened at once, would otherwise make a busy loop."""
+        self._wake.set()
+        if not self._early_retry_spent:
+            self._cut_short.set()
+
+    async def until_empty(self) -> None:
+        """Return once the forwarder has found the spool empty (after draining it, say)."""
+        await self._emptied.wait()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._run(), name="spool-forwarder")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Let a drain in progress run for up to ``grace`` seconds, then cancel it.
+
+        Cancelling is safe: an event is removed only after it was published, so the worst case
+        is one event published again after restart, under the same message id.
+        """
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        self._cut_short.set()
+        _done, pending = await asyncio.wait([task], timeout=grace)
+        if pending:
+            task.cancel()
+            await asyncio.wait([task])
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+    async def _run(self) -> None:
+        delay = self._retry_delay
+        while not self._stopping.is_set():
+            # Before looking, so that a notify() or retry_now() from now on is not lost.
+            self._wake.clear()
+            self._cut_short.clear()
+            parked = self._spool.parked
+            try:
+                tried = await self._forward()
+            # The forwarder outlives any failure, even a CancelledError out of a library's
+            # future; only its own cancellation ends it.
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and this_task_is_cancelled():
+                    raise
+                if self._stopping.is_set():
+                    return  # no retry: what is left is the stop's to report (and the next start's)
+                if self._parked_meanwhile(before=parked):
+                    delay = self._retry_delay  # the event at fault is out of the way now
+                else:
+                    _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
+                await _wait(self._cut_short, delay)
+                self._early_retry_spent = self._early_retry_spent or self._cut_short.is_set()
+                delay = min(2 * delay, self._max_retry_delay)
+            else:
+                if tried:  # a look that found the link down does not end a run of failures
+                    delay = self._retry_delay
+                    self._early_retry_spent = False
+                await _wait(self._wake, self._next_look_in())
+
+    def _parked_meanwhile(self, *, before: int) -> bool:
+        """Whether the failure parked an event (``spool.event_parked`` says so). If it did, the
+        channel's return ends the wait, and the first one parked schedules a retry of parked
+        events: were each new one to postpone it, a broker that keeps refusing deliveries
+        would never see one tried again."""
+        if self._spool.parked <= before:
+            return False
+        self._early_retry_spent = False
+        if not before:
+            self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+        return True
+
+    def _next_look_in(self) -> float:
+        """The poll interval, or less when a retry of parked events falls due sooner. One that
+        is overdue waits for the link: the broker's return wakes the forwarder."""
+        parked_retry_in = self._parked_retry_at - time.monotonic()
+        if self._spool.parked and parked_retry_in > 0:
+            return min(self._poll_interval, parked_retry_in)
+        return self._poll_interval
+
+    async def _forward(self) -> bool:
+        """Drain what there is; ``False`` when there is but the broker is not connected, so
+        that nothing was tried."""
+        if self._spool.depth:
+            if not self._is_connected():
+                return False
+            # The others first: a parked event is tried once the line behind it is through,
+            # and so with no removal pending (see Spool.peek).
+            drained = await drain(self._spool, self._publish, batch=self._batch)
+            try:
+                retry_due = self._spool.parked and time.monotonic() >= self._parked_retry_at
+                if self._parked_taken or retry_due:
+                    if await self._retry_parked_refused():
+                        return True  # the channel is gone: its return wakes the forwarder
+                    drained += await drain(self._spool, self._publish, batch=self._batch)
+            finally:
+                if drained:
+                    _log.info("spool.drained", count=drained, depth=self._spool.depth)
+        if not self._spool.depth:
+            self._emptied.set()
+        return True
+
+    async def _retry_parked_refused(self) -> bool:
+        """Try a parked event again, and if the broker takes it now (its ``max_message_size``
+        raised, say), put every parked event back in line. Whether the broker refused it again,
+        which cost the channel.
+
+        The next try falls due only after the broker's answer, so a failure of another kind
+        (the link, a full disk) is tried again after the usual back-off, not an interval later.
+        """
+        if not self._parked_taken:
+            event = await self._spool.next_parked(self._parked_tried)
+            if event is None:
+                return False
+            if await self._still_refused(event):
+                return True
+            self._parked_taken = True
+            await self._spool.remove([event.id])
+        released = await self._spool.unpark_all()
+        self._parked_taken, self._parked_tried = False, None
+        self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+        _log.info("spool.parked_released", back_in_line=released)
+        return False
+
+    async def _still_refused(self, event: SpooledEvent) -> bool:
+        """Publish a parked event; whether the broker refused it again (other failures raise)."""
+        try:
+            await self._publish(event.delivery)
+        except MessageRefused as exc:
+            if exc.blames(event.delivery.body) is False:
+                raise  # another message in flight was refused: no answer about this one
+            # Refused by size: every larger one would be too, so the smallest again next time;
+            # after a refusal that names none, the next one in turn.
+            named = exc.size is not None
+            self._parked_tried = None if named else (len(event.delivery.body), event.id)
+            self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+            _log.warning(
+                "spool.parked_still_refused",
+                parked=self._spool.parked,
+                message_id=event.delivery.message_id,
+                error=exc.reason,
+                retry_in=self._parked_retry_interval,
+            )
+            return True
+        return False
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait until ``event`` is set, or ``seconds`` have passed, whichever comes first."""
+    with suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
