@@ -363,7 +363,8 @@ class KonProClient:
         envelope = _envelope(body)
         code = envelope.get("code") if envelope else None
         code = code if isinstance(code, int) else None
-        message = self._scrub(_message(envelope, status))
+        # Masked before it is cut: a key across the cut would no longer be whole to mask.
+        message = self._scrub(_message(envelope, status))[:_MAX_MESSAGE_LENGTH]
         context: dict[str, Any] = {"call": name, "status": status, "code": code}
         success = 200 <= status < 300
         if success and code == SUCCESS_CODE:
@@ -434,7 +435,7 @@ def _message(envelope: dict[str, Any] | None, status: int) -> str:
     if not isinstance(message, str) or not message:
         error = envelope.get("error") if envelope else None
         message = error if isinstance(error, str) and error else f"HTTP {status}"
-    return message[:_MAX_MESSAGE_LENGTH]
+    return message
 
 
 def _exception_text(exc: BaseException) -> str:

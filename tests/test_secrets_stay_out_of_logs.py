@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import uuid
 from pathlib import Path
@@ -10,8 +11,11 @@ from pathlib import Path
 import aiohttp
 import orjson
 import structlog
+from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from bridge.config import LogSettings
+from bridge.konpro import KonProClient, KonProError
 from bridge.logs import configure_logging, redactor
 from bridge.signatures import sign
 from tests.conftest import BridgeFactory
@@ -20,6 +24,8 @@ from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess, free_port
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
+
+pytest_plugins = ("tests.fake_konpro",)
 
 AMQP_PASSWORD = "amqp-Pa55-7f3e"
 API_KEY = "konpro-api-key-91c2"
@@ -172,3 +178,34 @@ async def test_a_secret_in_a_reason_is_masked_in_readyz_and_status_too(
             async with http.get(bridge.url + path) as response:
                 answer = await response.text()
             assert "cannot connect to the broker: [Errno 111] Connect call ***" in answer, path
+
+
+async def test_an_api_error_echoing_the_key_where_the_message_is_cut_shows_none_of_it(
+    fake_konpro: FakeKonPro,
+) -> None:
+    """The client keeps 300 characters of an error message. It masks the key first: cut first,
+    a key across the cut would not be whole any more, and its first part would reach the error,
+    the ``konpro.retry`` line and, through reconciliation, ``/status``."""
+    key = fake_konpro.api_key
+    prefix = key[:20]
+    message = "invalid credentials for key " + "." * (300 - 28 - 20) + key
+    assert message[:300].endswith(prefix)
+    echo = json.dumps({"code": 400175, "message": message}).encode()
+    fake_konpro.answer_next(1, 400, body=echo)
+    fake_konpro.answer_next(1, 503, body=echo)
+    fake_konpro.answer_next(1, 400, body=echo)
+    errors: list[KonProError] = []
+    with capture_logs() as logs:
+        client = KonProClient(
+            fake_konpro.url, SecretStr(key), timeout=2.0, max_attempts=2, backoff_base=0.01
+        )
+        async with client:
+            for _ in range(2):
+                try:
+                    await client.list_endpoints()
+                except KonProError as exc:
+                    errors.append(exc)
+
+    assert len(errors) == 2
+    assert all(prefix not in str(error) and "***" in str(error) for error in errors)
+    assert prefix not in repr(logs)
