@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -106,6 +107,8 @@ def parse_event_type(body: bytes) -> str:
         raise InvalidEvent(f"body is not valid JSON: {_first_line(exc)}") from None
     if not isinstance(envelope, dict):
         raise InvalidEvent("body must be a JSON object")
+    if _may_repeat_a_key(body) and (repeated := _repeated_top_level_keys(body)):
+        raise InvalidEvent(f"the envelope names {', '.join(sorted(repeated))} more than once")
     event_type = envelope.get("event_type")
     if not isinstance(event_type, str):
         raise InvalidEvent("event_type must be a string")
@@ -157,6 +160,31 @@ def body_digest(body: bytes) -> str:
     """SHA-256 of the body: what KonPro's signature covers, and what stays the same when a
     captured delivery is replayed with other headers."""
     return hashlib.sha256(body).hexdigest()
+
+
+def _may_repeat_a_key(body: bytes) -> bool:
+    """Whether the envelope could name ``event_type`` or ``event_data`` twice: a cheap look at
+    the bytes, so that only such bodies pay for a second, exact parse. A key can hide behind a
+    ``\\u`` escape; with neither an escape nor a second occurrence, no key is repeated."""
+    return b"\\u" in body or body.count(b'"event_type"') > 1 or body.count(b'"event_data"') > 1
+
+
+def _repeated_top_level_keys(body: bytes) -> set[str]:
+    """The envelope keys the bridge reads that appear more than once. The bridge routes by
+    the last one (orjson's reading) and forwards the raw body, whose consumers may read the
+    first: such an envelope says two things at once."""
+    objects: list[list[str]] = []
+
+    def keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        objects.append([key for key, _ in pairs])
+        return dict(pairs)
+
+    try:
+        json.loads(body, object_pairs_hook=keys)  # valid JSON: orjson parsed it
+    except RecursionError:  # orjson nests to 1024, the standard library's parser less deep
+        raise InvalidEvent("body nests too deeply") from None
+    top_level = objects[-1]  # the outermost object closes last
+    return {key for key in ("event_type", "event_data") if top_level.count(key) > 1}
 
 
 def _first_line(exc: Exception) -> str:

@@ -46,6 +46,15 @@ BAD_BODIES = {
     + b'{"x": ' * 2000
     + b"1"
     + b"}" * 2001,
+    # The bridge routes by the last of two keys, a consumer's parser may read the first.
+    "event_type twice": b'{"event_type": "a.fail", "event_type": "a.success", "event_data": {}}',
+    "event_type twice, escaped": b'{"event_type": "a.fail", "event\\u005ftype": "a.success", '
+    b'"event_data": {}}',
+    "event_data twice": b'{"event_type": "a.b", "event_data": {}, "event_data": {"x": 1}}',
+    "nested 1000 deep, escaped": b'{"event_type": "a.b", "x": "\\u00e9", "event_data": '
+    + b'{"x": ' * 1000
+    + b"1"
+    + b"}" * 1001,
 }
 
 
@@ -71,11 +80,30 @@ async def test_every_malformed_envelope_is_answered_400_naming_the_problem(
     assert "event_type" in answers["double dot"][1]["detail"]
     assert "event_data" in answers["event_data array"][1]["detail"]
     assert "JSON" in answers["not json"][1]["detail"]
+    assert "names event_type more than once" in answers["event_type twice, escaped"][1]["detail"]
     rejected = [line for line in logs if line["event"] == "webhook.rejected"]
     assert len(rejected) == len(BAD_BODIES)
     assert await drain(queue, expect=0) == []
     unrouted = await channel.declare_queue(f"{exchange_name}.unrouted", passive=True)
     assert await drain(unrouted, expect=0) == []
+
+
+async def test_keys_repeated_inside_event_data_and_escaped_text_are_forwarded_unchanged(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    """Only the envelope's own keys must be unambiguous: ``event_data`` is the consumers' to
+    read, and escapes (``\\u00e9``) are how many JSON writers send text that is not ASCII."""
+    queue = await bind_queue("#")
+    bodies = [
+        b'{"event_type": "a.b", "event_data": {"event_type": 1, "event_type": 2}}',
+        b'{"event_type": "a.b", "event_data": {"caption": "caf\\u00e9"}}',
+    ]
+    async with start_bridge() as bridge:
+        for body in bodies:
+            headers = {"Content-Type": "application/json"}
+            async with http.post(bridge.webhook_url, data=body, headers=headers) as response:
+                assert response.status == 200
+    assert [message.body for message in await drain(queue, expect=2)] == bodies
 
 
 @pytest.mark.parametrize(
