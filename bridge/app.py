@@ -151,6 +151,9 @@ class Bridge:
             keepalive_timeout=self.settings.server.keepalive_timeout,
             max_field_size=self.settings.server.max_header_bytes,
             max_line_size=self.settings.server.max_header_bytes,
+            # A request refused before its body was read is not read on (for ten seconds, by
+            # default): its connection closes after the answer, and what it holds is freed.
+            lingering_time=0,
         )
         await self._runner.setup()
         await self._wait_for_the_first_connect()

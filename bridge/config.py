@@ -38,6 +38,11 @@ DEFAULT_CONFIG_FILE = Path("config.toml")
 MASK = "***"
 
 
+HEADER_FIELDS_ALLOWANCE = 16_384
+"""Room beside the largest body in ``server.max_bytes_in_flight`` for a delivery's header fields,
+which count too (KonPro's take about half a kilobyte)."""
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message is fit to show an operator as it is."""
 
@@ -63,10 +68,11 @@ class ServerSettings(_Section):
 
     @model_validator(mode="after")
     def _room_for_one_body(self) -> ServerSettings:
-        if self.max_bytes_in_flight < self.max_body_bytes:
+        if self.max_bytes_in_flight < self.max_body_bytes + HEADER_FIELDS_ALLOWANCE:
             raise ValueError(
                 f"max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least "
-                f"max_body_bytes ({self.max_body_bytes}), or the largest delivery never fits"
+                f"max_body_bytes ({self.max_body_bytes}) + {HEADER_FIELDS_ALLOWANCE}, "
+                "or the largest delivery never fits with its header fields"
             )
         return self
 

@@ -58,7 +58,8 @@ class _Rejected(Exception):
 
 
 class BodiesInFlight:
-    """Bounds the bytes of request bodies held at once (being read, checked or published).
+    """Bounds the bytes of requests held at once: their bodies (being read, checked or published)
+    and header fields.
 
     Each body held costs the process about two and a half times its size (the read buffer, the
     body, its AMQP frames), so a flood of large bodies would otherwise grow the bridge until a
@@ -72,7 +73,7 @@ class BodiesInFlight:
     def take(self, size: int) -> None:
         if self.held + size > self.limit:
             raise DeliveryRefused(
-                f"{self.held} bytes of bodies in flight, {size} more would pass "
+                f"{self.held} bytes of requests in flight, {size} more would pass "
                 f"server.max_bytes_in_flight ({self.limit})"
             )
         self.held += size
@@ -101,14 +102,19 @@ class WebhookHandler:
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         delivery: Delivery | None = None
+        headers = _header_bytes(request)
         try:
-            self._check_content_type(request)
-            body = await self._read_body(request)
+            self._bodies.take(headers)  # up to 128 fields of max_header_bytes: a megabyte
             try:
-                delivery = self._delivery(body, request)
-                outcome = await self._sink.deliver(delivery)
+                self._check_content_type(request)
+                body = await self._read_body(request)
+                try:
+                    delivery = self._delivery(body, request)
+                    outcome = await self._sink.deliver(delivery)
+                finally:
+                    self._bodies.give_back(len(body))
             finally:
-                self._bodies.give_back(len(body))
+                self._bodies.give_back(headers)
         except _Rejected as rejected:
             self._metrics.delivery(None, _REJECTED_OUTCOMES.get(rejected.status, "invalid"))
             return self._reject(request, rejected, started)
@@ -271,6 +277,12 @@ def _readyz(readiness: ReadinessProbe) -> Handler:
         return _json({"status": "not ready", "reason": reason}, status=503)
 
     return readyz
+
+
+def _header_bytes(request: web.Request) -> int:
+    """What the request's header fields take, as received: held with the request, and so
+    counted with its body."""
+    return sum(len(name) + len(value) for name, value in request.raw_headers)
 
 
 def _body_too_large(limit: int) -> _Rejected:

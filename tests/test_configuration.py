@@ -159,7 +159,9 @@ def test_a_bad_key_set_in_the_environment_is_blamed_on_the_variable_not_the_file
     ]
 
 
-def test_a_bound_on_bodies_in_flight_below_the_largest_body_is_refused(tmp_path: Path) -> None:
+def test_a_bound_on_bytes_in_flight_without_room_for_the_largest_delivery_is_refused(
+    tmp_path: Path,
+) -> None:
     config = tmp_path / "bound.toml"
     config.write_text("[server]\nmax_body_bytes = 50000\nmax_bytes_in_flight = 40000\n")
 
@@ -168,7 +170,7 @@ def test_a_bound_on_bodies_in_flight_below_the_largest_body_is_refused(tmp_path:
 
     assert str(caught.value) == f"{config}: " + (
         "server: Value error, max_bytes_in_flight (40000) must be at least "
-        "max_body_bytes (50000), or the largest delivery never fits"
+        "max_body_bytes (50000) + 16384, or the largest delivery never fits with its header fields"
     )
 
 

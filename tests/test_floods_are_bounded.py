@@ -83,8 +83,8 @@ async def test_past_the_bytes_in_flight_a_delivery_is_refused_503_and_the_held_o
 
     assert refusal == (503, "5", {"status": "unavailable", "detail": "retry later"})
     [line] = [entry for entry in logs if entry["event"] == "webhook.refused"]
-    assert re.fullmatch(
-        r"80000 bytes of bodies in flight, \d+ more would pass "
+    assert re.fullmatch(  # two bodies of 40,000 bytes, and their header fields
+        r"80[0-9]{3} bytes of requests in flight, \d+ more would pass "
         r"server.max_bytes_in_flight \(100000\)",
         line["reason"],
     )
@@ -119,7 +119,9 @@ async def test_a_slow_sender_holds_only_what_it_has_sent(
         slow.close()
 
     assert answers == [200, 200, 200]
-    assert while_slow == 1_000  # what the slow sender has sent, and nothing else
+    # What the slow sender has sent: its header fields (Host, Content-Type, Content-Length: 52
+    # bytes as received) and the body's first 1,000 bytes, and nothing else.
+    assert while_slow == 52 + 1_000
 
 
 async def test_a_compressed_body_counts_as_what_it_decompresses_to(
@@ -162,3 +164,45 @@ async def test_bodies_refused_for_what_they_are_are_not_held(
 
     assert timed_out.startswith(b"HTTP/1.1 408")
     assert (too_large, not_an_event, left_held) == (413, 400, 0)
+
+
+def stalled_request(fields: int) -> bytes:
+    """A delivery with ``fields`` extra header fields of 8,007 bytes each (as received: name
+    and value), whose body stops after its first 15 bytes."""
+    padding = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"a" * 8000) for n in range(fields))
+    return (
+        b"POST /webhooks/konpro HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + padding
+        + b'Content-Length: 100\r\n\r\n{"event_type": '
+    )
+
+
+async def test_header_fields_count_with_the_body_and_a_refused_request_is_not_read_on(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A request may carry 128 header fields of ``server.max_header_bytes``: a megabyte, twice
+    that once parsed, held as long as its body takes. Before, they were counted nowhere, and a
+    request refused before its body was read was still read on for ten seconds (aiohttp's
+    lingering), its header fields held: 60 such requests whose bodies never came held 114 MiB
+    of RSS while ``/status`` showed a few bytes in flight (12 MiB now)."""
+    async with start_bridge(server=BOUND) as bridge:
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(stalled_request(5))
+            held.append(writer)
+
+        async def both_held() -> bool:
+            return await bytes_in_flight(http, bridge) > 80_000
+
+        await eventually(both_held)
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.write(stalled_request(5))
+        async with asyncio.timeout(3):  # to the end: the connection closes after the answer
+            refused = await reader.read()
+        in_flight = await bytes_in_flight(http, bridge)
+        for stalled in [*held, writer]:
+            stalled.close()
+
+    assert refused.startswith(b"HTTP/1.1 503")
+    assert in_flight == 2 * (5 * 8_007 + 50 + 15)  # two requests' header fields, first bytes
