@@ -29,6 +29,7 @@ from bridge.metrics import Metrics, metrics_app, metrics_handler
 from bridge.publisher import Publisher
 from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret, why_not_reconcile
 from bridge.relay import Relay
+from bridge.replay_mesh import ReplayLink
 from bridge.server import BodiesInFlight, create_app
 from bridge.signatures import Authenticator, ReplayGuard
 from bridge.spool import Spool, delete_spool_files
@@ -52,9 +53,13 @@ class StartupError(Exception):
 class Bridge:
     """One running bridge: spool, publisher, relay and HTTP server, started and stopped together."""
 
-    def __init__(self, settings: Settings, worker: int = 0) -> None:
+    def __init__(
+        self, settings: Settings, worker: int = 0, replays: ReplayLink | None = None
+    ) -> None:
+        """``replays``: with several workers, how this one shares its replay memory."""
         self.settings = settings
         self.worker = worker
+        self._replay_link = replays
         self.metrics = Metrics(
             event_types=settings.konpro.events, exchanges=settings.amqp.exchanges
         )
@@ -65,7 +70,11 @@ class Bridge:
         self.authenticator = Authenticator(
             konpro.webhook_secrets, timestamp_tolerance=konpro.timestamp_tolerance
         )
-        self.replays = ReplayGuard(konpro.replay_window, konpro.replay_cache_size)
+        self.replays = ReplayGuard(
+            konpro.replay_window,
+            konpro.replay_cache_size,
+            tell=replays.tell if replays is not None else None,
+        )
         # For what the bridge says over HTTP (/readyz, /status): reasons quote error texts.
         self._answers = Redactor(settings.secrets())
         self._spool: Spool | None = None
@@ -126,6 +135,8 @@ class Bridge:
         )
         self.publisher.on_ready(self._forwarder.retry_now)
         relay = Relay(self.publisher, self._spool, self._forwarder, self.replays)
+        if self._replay_link is not None and self.replays.enabled:
+            self._replay_link.listen(self.replays.heard)
         self._forwarder.start()
         await self.publisher.start()
         if self.worker == 0:
@@ -335,6 +346,8 @@ class Bridge:
                 await forwarder.stop(grace=max(0.0, deadline - loop.time()))
         await cancel_and_wait(self._forwarding_left_behind)
         self._forwarding_left_behind = None
+        if self._replay_link is not None:
+            self._replay_link.close()
         await self.publisher.close()
         if self._spool is not None:
             # Read after any write still going on (shielded from a forwarder stopped mid-way).
@@ -451,13 +464,13 @@ class Bridge:
         await self.stop()
 
 
-async def run(settings: Settings, worker: int = 0) -> None:
+async def run(settings: Settings, worker: int = 0, replays: ReplayLink | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _request_stop, stop, signum)
-    async with Bridge(settings, worker):
+    async with Bridge(settings, worker, replays):
         settle_memory()
         await stop.wait()
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
     from bridge.publisher import Publisher
+    from bridge.replay_mesh import ReplayLink
     from bridge.spool import Spool
 
 T = TypeVar("T")
@@ -108,11 +109,11 @@ def _load_worker_code() -> None:
         import uvloop  # noqa: F401, PLC0415
 
 
-def _run_worker(settings: Settings, worker: int) -> int:
+def _run_worker(settings: Settings, worker: int, replays: ReplayLink | None = None) -> int:
     from bridge.app import StartupError, run  # noqa: PLC0415 - keep the network stack lazy
 
     try:
-        _run_async(run(settings, worker))
+        _run_async(run(settings, worker, replays))
     except StartupError as exc:
         structlog.get_logger(__name__).error("bridge.cannot_start", error=str(exc))
         return EXIT_FAILURE

@@ -125,7 +125,8 @@ class ReplayGuard:
     for either disables it.
 
     A key is only remembered once its delivery is safely published or spooled: a delivery that
-    failed must be accepted when KonPro retries it.
+    failed must be accepted when KonPro retries it. ``tell`` passes each key remembered on to
+    the other workers (``bridge.replay_mesh``), whose keys come back through ``heard``.
     """
 
     def __init__(
@@ -133,10 +134,12 @@ class ReplayGuard:
         window: float,
         max_entries: int,
         clock: Callable[[], float] = time.monotonic,
+        tell: Callable[[str], None] | None = None,
     ) -> None:
         self._window = window
         self._max_entries = max_entries
         self._clock = clock
+        self._tell = tell
         self._remembered: OrderedDict[str, float] = OrderedDict()  # oldest first
 
     @property
@@ -154,7 +157,13 @@ class ReplayGuard:
         return key in self._remembered
 
     def remember(self, key: str) -> None:
-        """Record that ``key``'s delivery has been taken; its window starts now."""
+        """Record that ``key``'s delivery has been taken here; its window starts now."""
+        self.heard(key)
+        if self._tell is not None and self.enabled:
+            self._tell(key)
+
+    def heard(self, key: str) -> None:
+        """Record that ``key``'s delivery has been taken by another worker."""
         if not self.enabled:
             return
         now = self._clock()

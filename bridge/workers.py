@@ -41,13 +41,15 @@ from typing import Final
 import structlog
 
 from bridge.config import Settings
+from bridge.replay_mesh import ReplayLink, ReplayMesh
 
 log = structlog.get_logger(__name__)
 
 CANNOT_START: Final = 1  # a worker's exit code when it could not start
 
-WorkerBody = Callable[[Settings, int], int]
-"""Runs worker ``index`` of the bridge until it is told to stop; returns its exit code."""
+WorkerBody = Callable[[Settings, int, ReplayLink], int]
+"""Runs worker ``index`` of the bridge until it is told to stop; returns its exit code. The link
+shares its replay memory with the other workers."""
 
 Preload = Callable[[], None]
 """Imports what the workers will run, once, in the supervisor."""
@@ -111,6 +113,7 @@ class Supervisor:
         self._backoff = backoff or RestartBackoff()
         self._context = multiprocessing.get_context("fork")
         self._workers: dict[int, BaseProcess] = {}
+        self._replays = ReplayMesh(settings.server.workers)
         self._stopping = False
         # Written to by the signal handler: it wakes the waits below, which Python would
         # otherwise resume after the handler has run (PEP 475), and a stop could wait out a
@@ -128,6 +131,7 @@ class Supervisor:
                 self._start(index)
             failed = self._supervise()
             stopped = self._stop_all()
+        self._replays.close()
         return failed or stopped  # the cause of a stop matters more than how the others ended
 
     def _share_with_workers(self) -> None:
@@ -140,7 +144,7 @@ class Supervisor:
     def _start(self, index: int) -> None:
         process = self._context.Process(
             target=_worker_main,
-            args=(self._body, self._settings, index, os.getpid()),
+            args=(self._body, self._settings, index, os.getpid(), self._replays.link(index)),
             name=f"konpro-bridge-worker-{index}",
         )
         process.start()
@@ -235,13 +239,15 @@ def _exit_status(exitcode: int | None) -> int:
     return abs(exitcode)
 
 
-def _worker_main(body: WorkerBody, settings: Settings, index: int, supervisor: int) -> None:
+def _worker_main(
+    body: WorkerBody, settings: Settings, index: int, supervisor: int, replays: ReplayLink
+) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # the worker's event loop installs its own
     _stop_with(supervisor)
     structlog.contextvars.bind_contextvars(worker=index)
     try:
-        raise SystemExit(body(settings, index))
+        raise SystemExit(body(settings, index, replays))
     finally:
         logging.shutdown()  # a forked process ends without atexit: its last lines are written here
 

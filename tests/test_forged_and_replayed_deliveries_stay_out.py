@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -13,8 +15,10 @@ import pytest
 import structlog
 
 from bridge.app import Bridge, StartupError
+from bridge.replay_mesh import ReplayMesh
 from bridge.signatures import sign
-from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
+from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, make_settings
+from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
@@ -259,3 +263,67 @@ async def test_the_timestamp_tolerance_is_the_one_configured(
         status, _ = await post(http, bridge, ten_seconds_old)  # within the default 300 s
 
     assert status == 401
+
+
+def lines_of(log: str, event: str) -> list[dict[str, Any]]:
+    entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return [entry for entry in entries if entry.get("event") == event]
+
+
+async def test_a_capture_replayed_to_another_worker_is_not_published_again(
+    tmp_path: Path, exchange_name: str, bind_queue: QueueFactory
+) -> None:
+    """With ``server.workers = 2`` the kernel hands each connection to either worker; each
+    tells the other what it took, so a replay is a duplicate wherever it lands."""
+    queue = await bind_queue("#")
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"workers": 2},
+        "amqp": {"url": AMQP_URL, "exchange": exchange_name, "reconnect_interval": 0.2},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+        **SIGNED,
+    }
+    outcomes = []
+    async with BridgeProcess(tmp_path, sections) as bridge:
+        await eventually(lambda: len(lines_of(bridge.log(), "bridge.listening")) == 2)
+        connector = aiohttp.TCPConnector(force_close=True)  # a connection each: both workers
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for _ in range(40):  # until the kernel has handed copies to both workers
+                headers = signed(BODY)  # a fresh event id and timestamp each time
+                async with http.post(bridge.webhook_url, data=BODY, headers=headers) as response:
+                    outcomes.append((response.status, (await response.json())["outcome"]))
+                await asyncio.sleep(0.02)  # the answer's log line written
+                accepted = lines_of(bridge.log(), "webhook.accepted")
+                if {entry["worker"] for entry in accepted} == {0, 1}:
+                    break
+
+    assert {entry["worker"] for entry in accepted} == {0, 1}, "both workers answered"
+    assert outcomes[0] == (200, "published")
+    assert set(outcomes[1:]) == {(200, "duplicate")}
+    assert len(await drain(queue, expect=1)) == 1
+
+
+async def test_workers_hear_each_others_keys_and_one_that_is_not_listening_holds_up_none() -> None:
+    """A worker being started again reads nothing for a while: its siblings go on, and only
+    the keys sent meanwhile miss it (at most a duplicate published, never a delivery held)."""
+    mesh = ReplayMesh(3)
+    links = [mesh.link(index) for index in range(3)]
+    heard: list[list[str]] = [[], [], []]
+    try:
+        for index in (0, 1):  # worker 2 is not listening
+            links[index].listen(heard[index].append)
+        keys = [f"{n:064x}" for n in range(5_000)]  # more than worker 2's inbox holds
+        for turn in range(0, len(keys), 100):  # 100 deliveries taken in each loop turn
+            for key in keys[turn : turn + 100]:
+                links[0].tell(key)
+            await asyncio.sleep(0.001)
+        await eventually(lambda: len(heard[1]) == len(keys))
+    finally:
+        for link in links:
+            link.close()
+        mesh.close()
+
+    assert heard[1] == keys
+    assert heard[0] == []  # a worker is not told its own keys
+    assert links[0].missed > 0

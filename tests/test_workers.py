@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from bridge.app import Bridge
 from bridge.config import Settings
 from bridge.reconcile import store_secret
+from bridge.replay_mesh import ReplayLink
 from bridge.workers import RestartBackoff, Supervisor
 from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
@@ -297,7 +298,9 @@ async def test_workers_that_cannot_start_stop_the_bridge_with_exit_code_1(
     assert "bridge.cannot_start" in bridge.log()
 
 
-def one_cannot_start_while_the_other_is_still_starting(settings: Settings, index: int) -> int:
+def one_cannot_start_while_the_other_is_still_starting(
+    settings: Settings, index: int, replays: ReplayLink
+) -> int:
     """Worker 0 fails to start; worker 1 has not installed its signal handlers yet."""
     if index == 0:
         time.sleep(0.3)  # worker 1 is surely forked and asleep by now
@@ -327,7 +330,7 @@ async def cli(*args: str) -> str:
     return ran.stdout
 
 
-def fails_at_once(settings: Settings, index: int) -> int:
+def fails_at_once(settings: Settings, index: int, replays: ReplayLink) -> int:
     (settings.spool.path.parent / f"worker-{index}-failed").touch()
     return 3  # not CANNOT_START: the supervisor starts it again, after its back-off
 
@@ -357,7 +360,7 @@ async def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: P
         supervisor.kill()
 
 
-def crash_loops_or_runs_a_while(settings: Settings, index: int) -> int:
+def crash_loops_or_runs_a_while(settings: Settings, index: int, replays: ReplayLink) -> int:
     """Worker 0 dies at once, every time; worker 1 runs longer than the longest back-off, dies
     once, then runs on."""
     starts = settings.spool.path.parent / f"worker-{index}-starts"
