@@ -7,9 +7,11 @@ accident.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import (
     BaseModel,
@@ -51,10 +53,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, frozen=True)
 
 
+def _without_surrounding_whitespace(value: Any) -> Any:
+    """A secret or URL as a file gives it has a newline at its end (``kubectl create secret
+    --from-file``); no KonPro secret, API key or broker URL has whitespace around it. Kept, the
+    newline would key every signature check wrongly, or be refused in an HTTP header."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, list | tuple):
+        return [_without_surrounding_whitespace(item) for item in value]
+    return value
+
+
 class ServerSettings(_Section):
     host: str = "0.0.0.0"  # noqa: S104 - a sidecar listens on the pod's interfaces
     port: int = Field(default=8080, ge=0, le=65535)
-    webhook_path: str = Field(default="/webhooks/konpro", pattern=r"^/[^\s?#]*$")
+    webhook_path: str = "/webhooks/konpro"
     # At most 16 MiB: RabbitMQ 4 refuses larger messages unless max_message_size is raised.
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=16_777_216)
     max_header_bytes: int = Field(default=8190, ge=1024)
@@ -65,6 +80,14 @@ class ServerSettings(_Section):
     workers: int = Field(default=1, ge=1, le=64)
     metrics_port: int = Field(default=0, ge=0, le=65535)
     readiness: Literal["broker", "accepting"] = "broker"
+
+    @field_validator("webhook_path")
+    @classmethod
+    def _plain_path(cls, value: str) -> str:
+        # Braces would make it an aiohttp route pattern, matching other paths (or none).
+        if not re.fullmatch(r"/[^\s?#{}]*", value):
+            raise ValueError("must start with / and hold no whitespace, ?, #, { or }")
+        return value
 
     @model_validator(mode="after")
     def _room_for_one_body(self) -> ServerSettings:
@@ -90,8 +113,10 @@ class ServerSettings(_Section):
         """``path`` on this bridge as reached from the same host: a wildcard address over
         loopback. ``port`` replaces the configured one (say, the port actually bound)."""
         host = self.host
-        if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - a wildcard is reached over loopback
+        if host in {"0.0.0.0", ""}:  # noqa: S104 - a wildcard is reached over loopback
             host = "127.0.0.1"
+        elif host == "::":  # IPv6 alone: asyncio sets IPV6_V6ONLY on the socket
+            host = "[::1]"
         elif ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port if port is None else port}{path}"
@@ -108,6 +133,8 @@ class AmqpSettings(_Section):
     publish_timeout: float = Field(default=5.0, gt=0)
     reconnect_interval: float = Field(default=2.0, gt=0)
     routes: tuple[Route, ...] = ()
+
+    _strip_url = field_validator("url", mode="before")(_without_surrounding_whitespace)
 
     @field_validator("url")
     @classmethod
@@ -139,6 +166,15 @@ class KonProSettings(_Section):
     public_url: str = ""
     events: tuple[str, ...] = ("avatar_video.success", "avatar_video.fail")
     request_timeout: float = Field(default=10.0, gt=0)
+
+    _strip_secrets = field_validator(
+        "api_key",
+        "webhook_secret",
+        "previous_webhook_secrets",
+        "api_url",
+        "public_url",
+        mode="before",
+    )(_without_surrounding_whitespace)
 
     @field_validator("api_url")
     @classmethod
@@ -255,6 +291,8 @@ def resolve_config_path(explicit: Path | None) -> Path | None:
 def load_settings(path: Path | None = None) -> Settings:
     """Load settings from the resolved TOML file and the environment, or raise ``ConfigError``."""
     toml_file = resolve_config_path(path)
+    if misspelt := _variables_with_one_underscore():
+        raise ConfigError("\n".join(misspelt))
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=toml_file)
@@ -264,7 +302,7 @@ def load_settings(path: Path | None = None) -> Settings:
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc, toml_file)) from None
     except SettingsError as exc:  # an environment variable's value is not valid JSON
-        raise ConfigError(f"environment: {exc}") from None
+        raise ConfigError(_describe_unparsable(exc)) from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
         raise ConfigError(f"{toml_file}: {exc}") from None
     return Settings.model_validate(merged.model_dump())
@@ -278,9 +316,61 @@ def describe_errors(error: ValidationError, source: Path | None) -> str:
         parts = [str(part) for part in item["loc"]]
         key = ".".join(parts) or "<root>"
         variable = _environment_variable_setting(parts)
+        if variable is None and len(parts) == 1:  # a rule between keys: blame those it names
+            named = [
+                name
+                for name, section_key in _section_variables(parts[0])
+                if re.search(rf"\b{section_key}\b", item["msg"])
+            ]
+            variable = ", ".join(named) or None
         origin = f"{variable} (environment)" if variable else str(source or "")
         lines.append(f"{origin}: {key}: {item['msg']}" if origin else f"{key}: {item['msg']}")
     return "\n".join(lines)
+
+
+def _section_variables(section: str) -> list[tuple[str, str]]:
+    """The variables set for keys of ``section``, each with the key it sets."""
+    head = f"{ENV_PREFIX}{section}__".upper()
+    return [
+        (name, name[len(head) :].lower())
+        for name in sorted(os.environ)
+        if name.upper().startswith(head)
+    ]
+
+
+def _variables_with_one_underscore() -> list[str]:
+    """``KONPRO_BRIDGE_AMQP_URL`` for ``KONPRO_BRIDGE_AMQP__URL``: pydantic-settings passes such
+    a variable over without a word, and the bridge would run on the default instead."""
+    lines = []
+    for name in sorted(os.environ):
+        rest = name.upper().removeprefix(ENV_PREFIX)
+        for section in Settings.model_fields:
+            head = section.upper() + "_"
+            if rest != name.upper() and rest.startswith(head) and not rest.startswith(head + "_"):
+                meant = f"{ENV_PREFIX}{head}_{rest[len(head) :]}"
+                lines.append(
+                    f"{name} (environment): not a setting: the section and the key are joined "
+                    f"by two underscores ({meant})"
+                )
+    return lines
+
+
+def _describe_unparsable(error: SettingsError) -> str:
+    """Name the variables whose value is not the JSON their key needs (a list, a table), where
+    pydantic-settings names only the section."""
+    section = re.search(r'field "(\w+)"', str(error))
+    named = []
+    if section is not None and section[1] in Settings.model_fields:
+        fields = type(Settings.model_fields[section[1]].default).model_fields  # a section's model
+        for name, key in _section_variables(section[1]):
+            if key in fields and get_origin(fields[key].annotation) in {tuple, list, dict}:
+                try:
+                    json.loads(os.environ[name])
+                except ValueError:
+                    named.append(name)
+    if not named:
+        return f"environment: {error}"
+    return "\n".join(f'{name} (environment): must be JSON, e.g. ["a", "b"]' for name in named)
 
 
 def _environment_variable_setting(key: list[str]) -> str | None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from bridge.app import Bridge
 from bridge.samples import sample_body
@@ -138,6 +140,46 @@ async def test_healthcheck_follows_the_configured_port_and_says_why_it_fails(
     _, err = await check.communicate()
     assert check.returncode == 1
     assert f"127.0.0.1:{port}/healthz: not answering".encode() in err
+
+
+def can_listen_on_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        pytest.param(
+            "::",
+            marks=pytest.mark.skipif(not can_listen_on_ipv6(), reason="no IPv6 on this host"),
+        ),
+        "",
+    ],
+    ids=["IPv6 wildcard", "every address"],
+)
+async def test_a_bridge_on_a_wildcard_address_answers_where_it_says_it_listens(
+    host: str,
+    start_bridge: BridgeFactory,
+    http: aiohttp.ClientSession,
+    exchange_name: str,
+    tmp_path: Path,
+) -> None:
+    """``::`` takes IPv6 alone (asyncio sets ``IPV6_V6ONLY``): the bridge said it listened on
+    127.0.0.1, where ``healthcheck`` (the image's HEALTHCHECK) and ``send-test-event`` were
+    refused. It is reached over ``[::1]``; ``""`` listens on every address of both."""
+    async with start_bridge(server={"host": host}) as bridge:
+        async with http.get(bridge.url + "/healthz") as response:
+            assert response.status == 200
+        config = cli_config(tmp_path, exchange_name, server={"host": host, "port": bridge.port})
+        check = await start_command("healthcheck", "--config", config)
+        _, err = await check.communicate()
+
+    assert check.returncode == 0, err
 
 
 async def test_healthcheck_ready_fails_with_the_reason_while_the_broker_is_unreachable(
