@@ -21,8 +21,9 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
+from bridge.events import Delivery
 from bridge.expect import add_route
-from bridge.forwarder import Forwarder
+from bridge.forwarder import FORWARD_WITHIN, Forwarder
 from bridge.konpro import KonProClient
 from bridge.logs import Redactor, redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
@@ -32,7 +33,7 @@ from bridge.relay import Relay
 from bridge.replay_mesh import ReplayLink
 from bridge.server import BodiesInFlight, create_app
 from bridge.signatures import Authenticator, ReplayGuard
-from bridge.spool import Spool, delete_spool_files
+from bridge.spool import Spool, SpoolLocked, delete_spool_files
 from bridge.status import StatusReport, registration_ok
 from bridge.tasks import cancel_and_wait
 from bridge.workers import left_behind_spool_dirs, spool_dir
@@ -129,7 +130,7 @@ class Bridge:
         self._use_stored_secret()
         self._forwarder = Forwarder(
             self._spool,
-            self.publisher.publish,
+            self._forward,
             is_connected=lambda: self.publisher.is_ready,
             parked_retry_interval=self.settings.spool.parked_retry_interval,
         )
@@ -234,10 +235,22 @@ class Bridge:
         await asyncio.gather(*(self._forward_left_behind_at(path) for path in paths))
 
     async def _forward_left_behind_at(self, path: Path) -> None:
-        try:
-            await self._forward_spool_at(path)
-        except (OSError, RuntimeError) as exc:  # locked by `spool drain`, or unusable
-            log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
+        """A spool still locked (its old worker still stopping, or a ``spool drain``) is tried
+        again until it is free; one that cannot be used is left, with a warning."""
+        said = False
+        while True:
+            try:
+                await self._forward_spool_at(path)
+            except SpoolLocked as exc:
+                if not said:
+                    log.info("spool.left_behind_locked", path=str(path), error=str(exc))
+                    said = True
+                await asyncio.sleep(_LEFT_BEHIND_POLL_SECONDS)
+            except (OSError, RuntimeError) as exc:  # unusable: a restart will not fix it either
+                log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
+                return
+            else:
+                return
 
     async def _forward_spool_at(self, path: Path) -> None:
         async with await Spool.open(self.settings.spool.at(path)) as spool:
@@ -250,7 +263,7 @@ class Bridge:
                 )
             forwarder = Forwarder(
                 spool,
-                self.publisher.publish,
+                self._forward,
                 is_connected=lambda: self.publisher.is_ready,
                 poll_interval=_LEFT_BEHIND_POLL_SECONDS,
                 parked_retry_interval=self.settings.spool.parked_retry_interval,
@@ -362,6 +375,10 @@ class Bridge:
             await self._spool.close()
             self._spool = None
         log.info("bridge.stopped")
+
+    async def _forward(self, delivery: Delivery) -> None:
+        """Publish a spooled event: its confirm may take longer than a live delivery's."""
+        await self.publisher.publish(delivery, within=FORWARD_WITHIN)
 
     def _end_confirm_waits(self) -> None:
         if waiting := self.publisher.abandon_confirm_waits("the bridge is stopping"):

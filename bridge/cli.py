@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -16,7 +17,7 @@ import structlog
 
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
-from bridge.events import DeliveryRefused, MessageRefused
+from bridge.events import Delivery, DeliveryRefused, MessageRefused
 from bridge.konpro import (
     AuthenticationError,
     Endpoint,
@@ -258,10 +259,17 @@ async def _drain_for_good(
         for spool in spools:
             progress = tally.one_drain()
             _, refused = await drain_parked(
-                spool, publisher.publish, usable=usable, on_progress=progress
+                spool, _forwarding(publisher), usable=usable, on_progress=progress
             )
             still_refused += refused
     return tally.total, still_refused
+
+
+def _forwarding(publisher: Publisher) -> Callable[[Delivery], Awaitable[None]]:
+    """Publishing a spooled event: nobody waits for its answer (see ``FORWARD_WITHIN``)."""
+    from bridge.forwarder import FORWARD_WITHIN  # noqa: PLC0415
+
+    return functools.partial(publisher.publish, within=FORWARD_WITHIN)
 
 
 async def _drain_past_refusals(
@@ -275,7 +283,7 @@ async def _drain_past_refusals(
     while True:
         parked = spool.parked
         try:
-            await drain(spool, publisher.publish, alone=True, on_progress=tally.one_drain())
+            await drain(spool, _forwarding(publisher), alone=True, on_progress=tally.one_drain())
             return
         except MessageRefused:
             if spool.parked == parked:

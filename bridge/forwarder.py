@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from typing import Final
 
 import structlog
 
@@ -21,6 +22,12 @@ from bridge.spool import Spool, SpooledEvent, SpoolError
 from bridge.tasks import this_task_is_cancelled
 
 Publish = Callable[[Delivery], Awaitable[None]]
+
+FORWARD_WITHIN: Final = 60.0
+"""Seconds a spooled event's publish may wait for its confirm. Nobody waits for the answer, unlike
+a live delivery's (``amqp.publish_timeout``, kept under KonPro's 10 s): were a broker confirming
+more slowly than that to time every forward out, the spool would never drain, and the event at
+its head, stored each time all the same, would reach the bus once a retry."""
 
 _log = structlog.get_logger(__name__)
 
@@ -33,19 +40,21 @@ async def drain(
     alone: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Publish spooled events oldest first, removing each only after ``publish`` returned.
+    """Publish spooled events oldest first, removing each as soon as ``publish`` returned.
 
-    One at a time, so that the original order holds even across failures. Returns how many were
-    drained. If ``publish`` raises, the drain stops there: that event and all later ones stay in
-    the spool, and the exception propagates. An event the broker refuses (``MessageRefused``:
-    naming its size, or ``PARK_AFTER`` times; once, when nothing else publishes on the channel,
-    ``alone``) is parked first, so that the next drain goes on past it. Removals that failed
-    before (a full disk) are retried with each batch, and at the end. ``on_progress`` is called
-    with the running total after each batch of removals.
+    One at a time, so that the original order holds even across failures, and removed at once,
+    so that a process killed part-way publishes again only the event in flight. Returns how many
+    were drained. If ``publish`` raises, the drain stops there: that event and all later ones
+    stay in the spool, and the exception propagates. An event the broker refuses
+    (``MessageRefused``: naming its size, or ``PARK_AFTER`` times; once, when nothing else
+    publishes on the channel, ``alone``) is parked first, so that the next drain goes on past
+    it. A removal that fails (a full disk) does not stop the drain: the spool counts the event
+    as forwarded, and its removal is retried with the next, and at the end, where a failure
+    raises. ``on_progress`` is called with the running total after each batch.
     """
     drained = 0
     while entries := await spool.peek(batch):
-        published: list[int] = []
+        held: list[int] = []  # once a removal failed, the rest of the batch is removed at its end
         try:
             for entry in entries:
                 try:
@@ -53,15 +62,26 @@ async def drain(
                 except Exception as exc:
                     await _note_failure(spool, entry, exc, alone=alone)
                     raise
-                published.append(entry.id)
+                drained += 1
+                if held or not await _removed(spool, entry.id):
+                    held.append(entry.id)
         finally:
-            if published:
-                await spool.remove(published)
-                drained += len(published)
-                if on_progress is not None:
-                    on_progress(drained)
+            if held:
+                with suppress(SpoolError):  # counted as forwarded: retried below
+                    await spool.remove(held)
+            if on_progress is not None:
+                on_progress(drained)
     await spool.retry_removals()  # all published: only deletes that failed are left
     return drained
+
+
+async def _removed(spool: Spool, event_id: int) -> bool:
+    """Remove a forwarded event; whether that worked (if not, the spool counts it forwarded)."""
+    try:
+        await spool.remove([event_id])
+    except SpoolError:
+        return False
+    return True
 
 
 async def drain_parked(

@@ -172,6 +172,8 @@ class Publisher:
         self._outage: Outage | None = None
         self._abandoned_because: str | None = None
         self._confirms_missed = False  # since the last confirm
+        # Message ids with a publish in flight, each with the publishes waiting for it to end.
+        self._in_flight: dict[str, list[asyncio.Future[None]]] = {}
         self._first_attempt_over = asyncio.Event()
         self._became_ready = asyncio.Event()
         self.link_changed_at = time.time()
@@ -219,13 +221,19 @@ class Publisher:
             return None
         return self._last_error or "broker connection lost; reconnecting"
 
-    async def publish(self, delivery: Delivery) -> None:
-        """Publish and wait for the broker's confirm, all within ``publish_timeout``."""
+    async def publish(self, delivery: Delivery, within: float | None = None) -> None:
+        """Publish and wait for the broker's confirm, all within ``within`` seconds
+        (``amqp.publish_timeout`` unless given)."""
         channel = self._channel
         if channel is None or not self.is_ready:
             raise BrokerUnavailable(self.not_ready_reason() or "broker unavailable")
         exchange_name = self._router.exchange_for(delivery.event_type)
         started = time.perf_counter()
+        timeout = self._settings.publish_timeout if within is None else within
+        message_id = delivery.message_id
+        if message_id in self._in_flight:
+            timeout = await self._after_the_others_with(message_id, within=timeout)
+        self._in_flight[message_id] = []
         try:
             # The aiormq channel under the robust one: aio-pika's Message and Exchange layers
             # cost more per publish than the HTTP round trip's own Python work. aiormq's timeout
@@ -242,7 +250,7 @@ class Publisher:
                 routing_key=delivery.event_type,
                 properties=ContractProperties(delivery),
                 mandatory=True,
-                timeout=self._settings.publish_timeout,
+                timeout=timeout,
                 # Waiting for the socket write would hold the channel's lock until then and
                 # serialise the publishes; the confirm is what matters.
                 wait=False,
@@ -255,12 +263,34 @@ class Publisher:
             raise self._not_confirmed(None, exchange_name) from None
         except Exception as exc:  # noqa: BLE001 - not confirmed, whatever the reason: spooled
             raise self._not_confirmed(exc, exchange_name) from None
+        finally:
+            for waiting in self._in_flight.pop(message_id):
+                if not waiting.done():
+                    waiting.set_result(None)
         self._metrics.published(exchange_name, time.perf_counter() - started)
         if self._confirms_missed:
             # A broker silent for a while without disconnecting (a memory alarm, a stalled
             # disk) is back: no reconnect says so, and the forwarder may be backing off.
             self._confirms_missed = False
             self._notify_ready()
+
+    async def _after_the_others_with(self, message_id: str, *, within: float) -> float:
+        """Wait until no publish with ``message_id`` is in flight; what is left of ``within``.
+
+        aiormq tells a returned message's publish by its message id, the latest one with it:
+        were two in flight (two bodies under one KonPro event id), the return of the first
+        would fail the second, and the first's ack would then count as its confirm.
+        """
+        deadline = time.monotonic() + within
+        try:
+            async with asyncio.timeout(within):
+                while (waiting := self._in_flight.get(message_id)) is not None:
+                    turn = asyncio.get_running_loop().create_future()
+                    waiting.append(turn)
+                    await turn
+        except TimeoutError:
+            raise PublishFailed("broker did not confirm in time") from None
+        return max(0.0, deadline - time.monotonic())
 
     def _not_confirmed(self, exc: Exception | None, exchange_name: str) -> PublishFailed:
         """Why a publish got no confirm (``None``: its wait was cancelled under it)."""

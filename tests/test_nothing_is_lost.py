@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import hashlib
 import itertools
 import signal
 import time
@@ -18,9 +20,14 @@ import aio_pika
 import aiohttp
 import orjson
 import structlog
+from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
-from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from bridge.events import Delivery, PublishFailed
+from bridge.forwarder import Forwarder
+from bridge.publisher import Publisher
+from bridge.spool import Spool
+from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
@@ -279,3 +286,190 @@ async def test_a_broker_that_blocks_publishers_gets_bounded_answers_and_loses_no
     assert {status for _, status in answers} == {202}  # the alarm held every publish
     received = await message_ids(private_queue, at_least=len(answers))
     assert {event_id for event_id, _ in answers} <= set(received)
+
+
+def envelope(event_type: str, video_id: str) -> bytes:
+    return orjson.dumps({"event_type": event_type, "event_data": {"video_id": video_id}})
+
+
+async def post_body(
+    http: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, str | None]:
+    async with http.post(url, data=data, headers={**JSON, **(headers or {})}) as response:
+        answer = await response.json() if response.content_type == "application/json" else {}
+        return response.status, answer.get("outcome")
+
+
+async def test_a_returned_message_is_not_taken_for_confirmed_when_its_message_id_is_in_flight_twice(
+    start_proxied_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    channel: AbstractChannel,
+    exchange_name: str,
+) -> None:
+    """aiormq tells a returned message's publish by its message id (the latest publish with it),
+    and two deliveries may share a KonPro event id. Publishes with one message id go one at a
+    time: before, when the first of two in flight was returned (its ``.unrouted`` queue deleted),
+    the return failed the second, the first's ack counted as its confirm, and it was answered
+    200 ``published`` and dropped."""
+    success_queue = await bind_queue("avatar_video.success")
+    async with start_proxied_bridge() as bridge, aiohttp.ClientSession() as http:
+        await channel.queue_delete(f"{exchange_name}.unrouted")
+        # Slow confirms and returns: both publishes are in flight before the first return.
+        broker_proxy.delay = 0.3
+        shared_id = {"KonPro-Event-Id": f"evt-{uuid.uuid4().hex[:8]}"}
+        unroutable = envelope("avatar_video.fail", "v-fail")
+        routable = envelope("avatar_video.success", "v-ok")
+        first = asyncio.create_task(post_body(http, bridge.webhook_url, unroutable, shared_id))
+        await asyncio.sleep(0.1)  # published first: its return arrives first
+        second = asyncio.create_task(post_body(http, bridge.webhook_url, routable, shared_id))
+        answers = await asyncio.gather(first, second)
+        broker_proxy.delay = 0.0
+        assert all(status in (200, 202) for status, _ in answers), answers
+        await eventually(lambda: bridge.spool.depth == 0, within=20)
+        unrouted = await channel.get_queue(f"{exchange_name}.unrouted")
+        kept = [m.body for m in await drain(unrouted, expect=1, within=10)]
+        assert unroutable in kept, (
+            f"the returned event was answered {answers[0]} and dropped: unrouted queue holds {kept}"
+        )
+        assert routable in [m.body for m in await drain(success_queue, expect=1)]
+        assert answers[0][1] != "published", "a returned message was answered 'published'"
+
+
+async def test_a_left_behind_spool_still_locked_at_start_is_forwarded_once_it_is_released(
+    tmp_path: Path, exchange_name: str, bind_queue: QueueFactory, start_bridge: BridgeFactory
+) -> None:
+    """A worker's spool after ``server.workers`` was lowered may still be locked at start: its
+    old worker still stopping (a rolling update), or a ``spool drain``. It is tried again until
+    it is free; before, it was skipped once and its events waited for another restart."""
+    queue = await bind_queue("#")
+    left_behind = make_settings(tmp_path, exchange_name).spool.at(tmp_path / "spool" / "worker-1")
+    old_worker = await Spool.open(left_behind)  # the old worker 1, still stopping
+    try:
+        await old_worker.append(
+            Delivery("avatar_video.success", envelope("avatar_video.success", "stranded"), "evt-s")
+        )
+        async with start_bridge():
+            await asyncio.sleep(1.5)  # the bridge has started and looked at worker-1
+            await old_worker.close()  # the old worker is gone now
+            received = await drain(queue, expect=1, within=15)
+    finally:
+        await old_worker.close()
+    assert [m.message_id for m in received] == ["evt-s"], "the left-behind event was stranded"
+
+
+async def test_a_bridge_killed_while_its_spool_drains_publishes_again_only_what_was_in_flight(
+    tmp_path: Path,
+    exchange_name: str,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+) -> None:
+    """Each forwarded event is removed as soon as it is confirmed (without an fsync of its own:
+    a removal lost with the machine costs a duplicate). Before, removals came once per batch of
+    100, and a ``kill -9`` part-way published again the whole batch: 20 duplicates here."""
+    queue = await bind_queue("#")
+    sections: dict[str, dict[str, object]] = {
+        "amqp": {"url": proxied_amqp_url(broker_proxy), "exchange": exchange_name},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+    }
+    await broker_proxy.cut()
+    first = BridgeProcess(tmp_path, sections)
+    await first.start(wait_ready=False)
+    bodies = [envelope("avatar_video.success", f"drain-{n}") for n in range(60)]
+    async with aiohttp.ClientSession() as http:
+        answers = [await post_body(http, first.webhook_url, data) for data in bodies]
+    assert {status for status, _ in answers} == {202}
+    broker_proxy.delay = 0.03  # the drain takes seconds: one event at a time, each confirmed
+    await broker_proxy.restore()
+    received: list[str | None] = []
+
+    async def some_forwarded() -> bool:
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            received.append(message.message_id)
+        return len(received) >= 20
+
+    await eventually(some_forwarded, within=30)
+    first.send(signal.SIGKILL)
+    assert await first.wait() == -signal.SIGKILL
+    broker_proxy.delay = 0.0
+
+    async with BridgeProcess(tmp_path, sections):
+        received += [m.message_id for m in await drain(queue, expect=60 - len(received) + 3)]
+        await eventually(some_forwarded, within=15)
+        await asyncio.sleep(1.0)
+        await some_forwarded()
+    ids = [hashlib.sha256(data).hexdigest() for data in bodies]
+    assert set(received) == set(ids)  # nothing lost
+    again = len(received) - len(set(received))
+    assert again <= 3, f"{again} events confirmed before the kill were published again"
+
+
+async def test_a_spool_drains_once_the_broker_confirms_even_if_slower_than_the_publish_timeout(
+    start_bridge_cut_off: BridgeFactory, broker_proxy: TcpProxy, bind_queue: QueueFactory
+) -> None:
+    """A forward waits longer for its confirm (``FORWARD_WITHIN``) than a live delivery, whose
+    answer KonPro awaits. Before, with confirms slower than ``amqp.publish_timeout`` every
+    forward timed out: the spool never drained, and the event at its head, stored each time,
+    reached the bus once a retry."""
+    queue = await bind_queue("#")
+    async with start_bridge_cut_off(amqp={"publish_timeout": 0.5}) as bridge:
+        async with aiohttp.ClientSession() as http:
+            for n in range(3):
+                data = envelope("avatar_video.success", f"slow-{n}")
+                assert await post_body(http, bridge.webhook_url, data) == (202, "spooled")
+        broker_proxy.delay = 0.3  # each confirm comes 0.6 s after its publish: the broker is up
+        await broker_proxy.restore()
+        with contextlib.suppress(TimeoutError):
+            await eventually(lambda: bridge.spool.depth == 0, within=15)
+        depth = bridge.spool.depth
+        broker_proxy.delay = 0.0
+        received = [m.message_id for m in await drain(queue, expect=3, within=3)]
+    copies = max(collections.Counter(received).values())
+    assert (depth, copies <= 2) == (0, True), (
+        f"{depth} events still spooled after 15 s; one event reached the bus {copies} times"
+    )
+
+
+async def test_a_spooled_event_the_broker_returns_is_not_removed_from_the_spool_as_forwarded(
+    tmp_path: Path,
+    exchange_name: str,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    channel: AbstractChannel,
+) -> None:
+    """The forwarder's side of the message id shared by two publishes in flight: the spooled
+    event, returned, stays in the spool (and reaches ``.unrouted`` once the bridge has declared
+    it again); before, the live publish's return was taken for it, and the spooled event's ack
+    for its confirm, so it was removed: on no queue, after a 202."""
+    await bind_queue("avatar_video.success")
+    settings = make_settings(tmp_path, exchange_name, amqp={"url": proxied_amqp_url(broker_proxy)})
+    spooled = Delivery("avatar_video.fail", envelope("avatar_video.fail", "spooled"), "evt-shared")
+    live = Delivery("avatar_video.success", envelope("avatar_video.success", "live"), "evt-shared")
+    publisher = Publisher(settings.amqp)
+    async with await Spool.open(settings.spool) as spool:
+        await spool.append(spooled)  # answered 202 when it was spooled
+        forwarder = Forwarder(spool, publisher.publish, is_connected=lambda: publisher.is_ready)
+        await publisher.start()
+        await publisher.wait_ready()
+        await channel.queue_delete(f"{exchange_name}.unrouted")
+        broker_proxy.delay = 0.3  # slow confirms and returns: both publishes are in flight
+        try:
+            forwarder.start()  # publishes the spooled event at once
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(PublishFailed):  # the relay would spool it: not at issue
+                await publisher.publish(live)
+            broker_proxy.delay = 0.0
+            await asyncio.sleep(2.0)  # the forwarder's verdict on the spooled event
+            depth = spool.depth
+            await eventually(lambda: spool.depth == 0, within=20)
+            unrouted = await channel.get_queue(f"{exchange_name}.unrouted")
+            kept = [m.message_id for m in await drain(unrouted, expect=1, within=10)]
+        finally:
+            await forwarder.stop()
+            await publisher.close()
+    assert kept == ["evt-shared"], (
+        f"the spooled event was removed from the spool (depth {depth} after its forward) "
+        "although the broker returned it: it is on no queue"
+    )
