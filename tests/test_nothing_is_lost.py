@@ -149,6 +149,17 @@ async def test_a_connection_the_broker_closes_under_load_is_reopened_and_loses_n
     assert [line for line in lines if line["level"] == "error"] == []
 
 
+def proxied_process_sections(
+    tmp_path: Path, exchange_name: str, proxy: TcpProxy
+) -> dict[str, dict[str, object]]:
+    """A bridge process's settings, its broker reached through ``proxy``."""
+    return {
+        "amqp": {"url": proxied_amqp_url(proxy), "exchange": exchange_name},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+    }
+
+
 async def test_events_in_the_spool_survive_sigkill_and_are_delivered_after_restart(
     tmp_path: Path,
     exchange_name: str,
@@ -157,11 +168,7 @@ async def test_events_in_the_spool_survive_sigkill_and_are_delivered_after_resta
     http: aiohttp.ClientSession,
 ) -> None:
     queue = await bind_queue("#")
-    sections: dict[str, dict[str, object]] = {
-        "amqp": {"url": proxied_amqp_url(broker_proxy), "exchange": exchange_name},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-    }
+    sections = proxied_process_sections(tmp_path, exchange_name, broker_proxy)
     await broker_proxy.cut()
     first = BridgeProcess(tmp_path, sections)
     await first.start(wait_ready=False)
@@ -368,11 +375,7 @@ async def test_a_bridge_killed_while_its_spool_drains_publishes_again_only_what_
     a removal lost with the machine costs a duplicate). Before, removals came once per batch of
     100, and a ``kill -9`` part-way published again the whole batch: 20 duplicates here."""
     queue = await bind_queue("#")
-    sections: dict[str, dict[str, object]] = {
-        "amqp": {"url": proxied_amqp_url(broker_proxy), "exchange": exchange_name},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-    }
+    sections = proxied_process_sections(tmp_path, exchange_name, broker_proxy)
     await broker_proxy.cut()
     first = BridgeProcess(tmp_path, sections)
     await first.start(wait_ready=False)
