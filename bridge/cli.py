@@ -196,19 +196,25 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log.model_copy(update={"level": "warning"}), settings.secrets())
     from bridge.publisher import Publisher  # noqa: PLC0415
     from bridge.spool import Spool, SpoolLocked, SpoolUnusable  # noqa: PLC0415
-    from bridge.workers import spool_dirs  # noqa: PLC0415
+
+    publisher = Publisher(settings.amqp)
 
     async def drain_spools() -> tuple[int, int]:
+        paths = _spools_to_drain(settings.spool.path)
         async with contextlib.AsyncExitStack() as opened:
             spools = [
                 await opened.enter_async_context(await Spool.open(settings.spool.at(path)))
-                for path in spool_dirs(settings.spool.path)
+                for path in paths
             ]
-            publisher = Publisher(settings.amqp)
             opened.push_async_callback(publisher.close)
             await publisher.start()
-            async with asyncio.timeout(args.wait):
-                await publisher.wait_ready()
+            try:
+                async with asyncio.timeout(args.wait):
+                    await publisher.wait_ready()
+            except TimeoutError:
+                why = publisher.not_ready_reason() or "no answer"
+                message = f"no usable broker within {args.wait:g} s ({why}); nothing was drained"
+                raise _CannotDrain(message) from None
             return await _drain_for_good(spools, publisher, wait=args.wait)
 
     try:
@@ -216,11 +222,10 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     except SpoolLocked:
         message = "the spool is in use: the daemon is running and drains it itself; stop it first"
         return _fail(message, EXIT_FAILURE)
-    except SpoolUnusable as exc:
+    except (SpoolUnusable, _CannotDrain) as exc:
         return _fail(str(exc), EXIT_FAILURE)
-    except TimeoutError:
-        message = f"the broker did not answer within {args.wait:g} s; nothing was drained"
-        return _fail(message, EXIT_FAILURE)
+    except OSError as exc:  # say, the daemon's user's directory, mode 0700
+        return _fail(f"cannot open the spool at {settings.spool.path}: {exc}", EXIT_FAILURE)
     except DeliveryRefused as exc:
         return _fail(f"drain stopped: {exc.reason}; the rest stays in the spool", EXIT_FAILURE)
     print(f"drained {drained} events")
@@ -231,6 +236,23 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
         )
         return _fail(message, EXIT_FAILURE)
     return EXIT_OK
+
+
+class _CannotDrain(Exception):
+    """Why ``spool drain`` cannot begin, in words for the operator."""
+
+
+def _spools_to_drain(root: Path) -> list[Path]:
+    """Every worker's spool that exists. None at all is more likely a mistyped ``spool.path``
+    than a spool that never held anything (the daemon makes it when it starts): say so rather
+    than make an empty one and report 0 events drained."""
+    from bridge.spool import FILE_NAME  # noqa: PLC0415
+    from bridge.workers import spool_dirs  # noqa: PLC0415
+
+    paths = [path for path in spool_dirs(root) if (path / FILE_NAME).exists()]
+    if not paths:
+        raise _CannotDrain(f"no spool at {root}: nothing to drain (is spool.path right?)")
+    return paths
 
 
 async def _drain_for_good(

@@ -11,6 +11,8 @@ import aiohttp
 import orjson
 import pytest
 
+from bridge.config import SpoolSettings
+from bridge.spool import Spool
 from tests.conftest import AMQP_URL, QueueFactory, drain, proxied_amqp_url
 from tests.support.process import (
     CAN_SWITCH_USER,
@@ -130,9 +132,64 @@ async def test_drain_without_a_broker_fails_clearly_and_keeps_the_events(
     )
     code, _, err = await run_command("spool", "drain", "--wait", "1", "--config", str(config))
     assert code == 1
-    assert "did not answer" in err
+    assert "no usable broker within 1 s (cannot connect to the broker: " in err
     code, out, _ = await run_command("spool", "status", "--json", "--config", str(config))
     assert json.loads(out)["depth"] == 2
+
+
+async def test_drain_refused_by_the_broker_says_what_the_broker_said(tmp_path: Path) -> None:
+    """Not "the broker did not answer": it did, refusing the login (or the vhost)."""
+    wrong_password = AMQP_URL.replace("guest@", "not-the-password@")
+    settings = sections(tmp_path, "drain-refused", wrong_password)
+    config = write_toml(tmp_path / "bridge.toml", settings)
+    await (await Spool.open(SpoolSettings(path=tmp_path / "spool"))).close()  # an empty one
+
+    ran = await run_command("spool", "drain", "--wait", "3", "--config", config)
+
+    assert ran.code == 1
+    [line] = ran.stderr.strip().splitlines()[-1:]
+    assert line.startswith("konpro-bridge: no usable broker within 3 s ("), line
+    assert "ACCESS_REFUSED" in line, line
+
+
+@pytest.mark.parametrize("spool_path", ["mistyped", "a file"])
+async def test_drain_where_there_is_no_spool_says_so_and_makes_none(
+    tmp_path: Path, spool_path: str
+) -> None:
+    """Before, a mistyped ``spool.path`` got an empty spool made there, and "drained 0 events"."""
+    path = tmp_path / "spool"
+    if spool_path == "a file":
+        path.write_text("not a spool directory\n")
+    config = write_toml(tmp_path / "bridge.toml", sections(tmp_path, "no-spool", AMQP_URL))
+
+    ran = await run_command("spool", "drain", "--wait", "1", "--config", config)
+
+    assert (ran.code, ran.stdout) == (1, "")
+    assert ran.stderr == (
+        f"konpro-bridge: no spool at {path}: nothing to drain (is spool.path right?)\n"
+    )
+    assert spool_path == "a file" or not path.exists()
+
+
+@pytest.mark.skipif(not CAN_SWITCH_USER, reason="runs the command as nobody: root and setpriv")
+async def test_drain_of_a_spool_the_user_may_not_open_is_one_clear_line() -> None:
+    """As ``spool status`` says it: before, ``spool drain`` ended with a traceback."""
+    with tempfile.TemporaryDirectory() as workdir:  # pytest's own is for root alone
+        os.chmod(workdir, 0o755)  # noqa: S103 - nobody must reach the config inside
+        root = Path(workdir)
+        home = root / "konpro-bridge"  # /var/lib/konpro-bridge: the daemon's user's alone
+        home.mkdir(mode=0o700)
+        config = write_toml(root / "bridge.toml", {"spool": {"path": str(home / "spool")}})
+
+        ran = await run_command(
+            "spool", "drain", "--wait", "1", "--config", config, cwd=root, as_user=NOBODY
+        )
+
+    assert ran.code == 1
+    assert ran.stderr == (
+        f"konpro-bridge: cannot open the spool at {home / 'spool'}: "
+        f"[Errno 13] Permission denied: '{home / 'spool'}'\n"
+    )
 
 
 async def test_drain_says_it_waits_30_s_for_the_broker_unless_told_otherwise() -> None:
