@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
+from urllib.parse import unquote
 
 import aio_pika
 import aiormq
@@ -36,6 +37,7 @@ from aio_pika.abc import (
     AbstractRobustQueue,
     ExchangeType,
 )
+from yarl import URL
 
 from bridge.config import AmqpSettings, Route, masked_url
 from bridge.contract import APP_ID, ContractProperties
@@ -292,6 +294,9 @@ class Publisher:
             raise PublishFailed("broker did not confirm in time") from None
         return max(0.0, deadline - time.monotonic())
 
+    def _why_not_connected(self, exc: BaseException) -> str:
+        return _describe_connect_failure(exc, self._settings.url.get_secret_value())
+
     def _not_confirmed(self, exc: Exception | None, exchange_name: str) -> PublishFailed:
         """Why a publish got no confirm (``None``: its wait was cancelled under it)."""
         self._confirms_missed = True
@@ -351,11 +356,12 @@ class Publisher:
                 if isinstance(exc, asyncio.CancelledError) and this_task_is_cancelled():
                     raise
                 self._first_attempt_over.set()
-                self._last_error = f"cannot connect to the broker: {_describe(exc)}"
+                error = self._why_not_connected(exc)
+                self._last_error = f"cannot connect to the broker: {error}"
                 log.warning(
                     "amqp.connect_failed",
                     url=masked_url(self._settings.url.get_secret_value()),
-                    error=_describe(exc),
+                    error=error,
                     retry_in=round(delay, 2),
                 )
                 await self._discard_connection()
@@ -522,6 +528,19 @@ class Publisher:
 _LINK_GIVEN_UP = "no frames from the broker within the heartbeat timeout (connection given up)"
 _LINK_ENDED = "the connection ended"
 _TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size")  # RabbitMQ's
+
+
+def _describe_connect_failure(exc: BaseException, url: str) -> str:
+    """Why a connection could not be opened. aiormq reports a broker that closes the connection
+    while it is being opened (RabbitMQ's answer to a vhost it does not have, or one the user may
+    not use) as a frame it did not expect, and keeps the broker's words from it."""
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        vhost = unquote(URL(url).raw_path[1:]) or "/"
+        return (
+            f"the broker closed the connection as it was opened: most likely the vhost "
+            f"{vhost!r} (the path of amqp.url, / is %2F) does not exist, or the user may not use it"
+        )
+    return _describe(exc)
 
 
 def _describe(exc: BaseException) -> str:

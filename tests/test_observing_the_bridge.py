@@ -26,7 +26,7 @@ from bridge.logs import configure_logging
 from bridge.samples import sample_body
 from bridge.signatures import SignatureVerifier, sign
 from bridge.tools import send_test_event
-from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
 from tests.support.process import free_port
 from tests.support.tcp_proxy import TcpProxy
@@ -237,6 +237,31 @@ async def test_metrics_move_to_their_own_port_when_one_is_set(
 
     assert value(samples, "konpro_bridge_broker_connected") == 1
     assert on_main_port == 405  # the main port answers only OPTIONS there
+
+
+async def test_a_vhost_the_broker_does_not_have_is_named_in_the_reason(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    """aiormq reports RabbitMQ's answer to an unknown vhost as a frame it did not expect:
+    ``/readyz`` said ``Expected one of ['Connection.OpenOk'], got <Connection.Close object at
+    0x7f...>``, naming neither the vhost nor the cause."""
+    url = AMQP_URL.rstrip("/") + "/no-such-vhost%2Fhere"
+    async with start_bridge(wait_ready=False, amqp={"url": url}) as bridge:
+        reason = ""
+
+        async def first_attempt_failed() -> bool:
+            nonlocal reason
+            async with http.get(bridge.url + "/readyz") as response:
+                reason = str((await response.json())["reason"])
+            return reason != "connecting to the broker"
+
+        await eventually(first_attempt_failed)
+
+    assert reason == (
+        "cannot connect to the broker: the broker closed the connection as it was opened: most "
+        "likely the vhost 'no-such-vhost/here' (the path of amqp.url, / is %2F) does not exist, "
+        "or the user may not use it"
+    )
 
 
 async def test_status_follows_the_broker_link_and_the_spool(
