@@ -9,6 +9,9 @@ use its own handler.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import orjson
 import structlog
 from aiohttp import hdrs, web
@@ -19,26 +22,38 @@ log = structlog.get_logger(__name__)
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+Refusal = Callable[[web.Request, int, str, str], None]
+"""Says a request was refused before its body was sent: request, status, error, detail."""
 
-async def expect_continue(request: web.Request) -> web.Response | None:
+
+def _log_refusal(request: web.Request, status: int, error: str, detail: str) -> None:
+    log.warning(
+        "http.expect_refused", status=status, error=error, path=request.path, remote=request.remote
+    )
+
+
+async def expect_continue(
+    request: web.Request, refused: Refusal = _log_refusal
+) -> web.Response | None:
     """Let the client send its body (``None``), or answer now: 413 for a body over the limit,
     before it is sent; 417 for any expectation but ``100-continue``."""
     if request.version != HttpVersion11:
         return None  # HTTP/1.0 has no 100 Continue; aiohttp ignores the header there too
     if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-        return _refuse(request, 417, "expectation_failed", "only Expect: 100-continue is supported")
+        detail = "only Expect: 100-continue is supported"
+        return _refuse(request, refused, 417, "expectation_failed", detail)
     limit = request.client_max_size
     if request.content_length is not None and request.content_length > limit:
-        return _refuse(request, 413, "body_too_large", f"body exceeds {limit} bytes")
+        return _refuse(request, refused, 413, "body_too_large", f"body exceeds {limit} bytes")
     await request.writer.write(_CONTINUE)
     request.writer.output_size = 0  # as aiohttp's handler does: the answer has not begun
     return None
 
 
-def _refuse(request: web.Request, status: int, error: str, detail: str) -> web.Response:
-    log.warning(
-        "http.expect_refused", status=status, error=error, path=request.path, remote=request.remote
-    )
+def _refuse(
+    request: web.Request, refused: Refusal, status: int, error: str, detail: str
+) -> web.Response:
+    refused(request, status, error, detail)
     body = orjson.dumps({"error": error, "detail": detail})
     refusal = web.Response(body=body, status=status, content_type="application/json")
     # The body was not asked for. Kept open, the connection would wait for it (aiohttp lingers
@@ -48,13 +63,20 @@ def _refuse(request: web.Request, status: int, error: str, detail: str) -> web.R
     return refusal
 
 
-def add_route(app: web.Application, method: str, path: str, handler: Handler) -> None:
-    """How every route of the bridge is added: with ``expect_continue``, and a ``GET`` with
-    ``HEAD`` too, as aiohttp's ``add_get`` does."""
+def add_route(
+    app: web.Application,
+    method: str,
+    path: str,
+    handler: Handler,
+    refused: Refusal = _log_refusal,
+) -> None:
+    """How every route of the bridge is added: with ``expect_continue`` (whose refusals go to
+    ``refused``), and a ``GET`` with ``HEAD`` too, as aiohttp's ``add_get`` does."""
     resource = app.router.add_resource(path)
+    expect = partial(expect_continue, refused=refused)
     if method == hdrs.METH_GET:
-        resource.add_route(hdrs.METH_HEAD, handler, expect_handler=expect_continue)
-    resource.add_route(method, handler, expect_handler=expect_continue)
+        resource.add_route(hdrs.METH_HEAD, handler, expect_handler=expect)
+    resource.add_route(method, handler, expect_handler=expect)
 
 
 def add_fallback_routes(app: web.Application, options: Handler | None = None) -> None:

@@ -133,6 +133,12 @@ class WebhookHandler:
             status=202 if outcome is Outcome.SPOOLED else 200,
         )
 
+    def refused_early(self, request: web.Request, status: int, error: str, detail: str) -> None:
+        """A delivery refused before its body was sent (``Expect: 100-continue``) is counted
+        and logged as one refused after."""
+        self._metrics.delivery(None, "invalid")
+        self._log_rejection(request, status, error, detail, duration_ms=0.0)
+
     def _delivery(self, body: bytes, request: web.Request) -> Delivery:
         try:
             self._authenticator.verify(body, request.headers)
@@ -221,13 +227,25 @@ class WebhookHandler:
         )
 
     @staticmethod
-    def _reject(request: web.Request, rejected: _Rejected, started: float) -> web.Response:
+    def _log_rejection(
+        request: web.Request, status: int, error: str, detail: str, *, duration_ms: float
+    ) -> None:
         log.warning(
             "webhook.rejected",
-            status=rejected.status,
-            error=rejected.error,
-            detail=rejected.log_detail,
+            status=status,
+            error=error,
+            detail=detail,
             remote=request.remote,
+            duration_ms=duration_ms,
+        )
+
+    @classmethod
+    def _reject(cls, request: web.Request, rejected: _Rejected, started: float) -> web.Response:
+        cls._log_rejection(
+            request,
+            rejected.status,
+            rejected.error,
+            rejected.log_detail,
             duration_ms=_elapsed_ms(started),
         )
         answer = {"error": rejected.error}
@@ -255,7 +273,7 @@ def create_app(
         metrics or Metrics(),
         bodies or BodiesInFlight(settings.max_bytes_in_flight),
     )
-    add_route(app, "POST", settings.webhook_path, handler.handle)
+    add_route(app, "POST", settings.webhook_path, handler.handle, refused=handler.refused_early)
     add_route(app, "GET", "/healthz", _healthz)
     add_route(app, "GET", "/readyz", _readyz(readiness))
     return app

@@ -19,6 +19,7 @@ from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
 from tests.support import raw_http
 from tests.support.process import BridgeProcess
 from tests.support.waiting import eventually
+from tests.test_metrics_describe_the_bridge import scrape, value
 
 VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
 
@@ -294,11 +295,19 @@ SMALL_BODIES = {"max_body_bytes": 4096, "shutdown_timeout": 0.2}
 
 
 async def test_expect_100_continue_refuses_a_body_over_the_limit_before_it_is_sent(
-    start_bridge: BridgeFactory,
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:
+    """Counted and logged as a delivery refused 413 after its body was sent: before, only an
+    ``http.expect_refused`` line said so, and no metric."""
     async with start_bridge(server=SMALL_BODIES) as bridge:
-        head = await head_of_answer_to_expectation(bridge, b"100-continue", 5000)
+        with structlog.testing.capture_logs() as logs:
+            head = await head_of_answer_to_expectation(bridge, b"100-continue", 5000)
+        samples = await scrape(http, bridge.url + "/metrics")
     assert head.startswith(b"HTTP/1.1 413"), head  # not "100 Continue"
+    [line] = [entry for entry in logs if entry["event"] == "webhook.rejected"]
+    assert (line["status"], line["error"]) == (413, "body_too_large")
+    received = "konpro_bridge_events_received_total"
+    assert value(samples, received, event_type="other", outcome="invalid") == 1
 
 
 async def test_a_refused_expectation_closes_the_connection_instead_of_waiting_for_the_body(
