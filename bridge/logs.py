@@ -26,7 +26,6 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from bridge.config import MASK, LogSettings
 
-_MASK_BYTES = MASK.encode()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _CHATTY_LIBRARIES = ("aiormq", "aio_pika", "asyncio")
 _CLIENT_FAULTS = (BadHttpMessage, RequestPayloadError, zlib.error)
@@ -35,12 +34,18 @@ _ATOMIC_WRITE: Final = select.PIPE_BUF
 """The most bytes one ``write`` to a pipe puts there whole, never interleaved with another's."""
 
 
+SHORTEST_SECRET_MASKED_ANYWHERE: Final = 8
+"""A shorter secret (an AMQP password such as ``guest`` or ``konpro``) is masked where a URL
+carries it, ``:secret@``: masked anywhere, it would mask the bridge's own words that happen to
+be spelt the same (``***.api_key is not set``). KonPro's secrets and keys are far longer."""
+
+
 class Redactor:
     """Replaces every known secret in a rendered line; secrets can be added while running."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets: set[str] = set()
-        self._encoded: set[bytes] = set()
+        self._replacements: dict[str, str] = {}
+        self._encoded: dict[bytes, bytes] = {}
         for secret in secrets:
             self.add(secret)
 
@@ -48,19 +53,26 @@ class Redactor:
         if not secret:
             return
         escaped = orjson.dumps(secret).decode()[1:-1]  # as it appears inside a JSON string
-        self._secrets.update((secret, escaped))
-        self._encoded.update(form.encode() for form in (secret, escaped))
+        for form in {secret, escaped}:
+            if len(secret) >= SHORTEST_SECRET_MASKED_ANYWHERE:
+                self._replacements[form] = MASK
+            else:
+                self._replacements[f":{form}@"] = f":{MASK}@"
+        self._encoded = {
+            needle.encode(): replacement.encode()
+            for needle, replacement in self._replacements.items()
+        }
 
     def __call__(self, line: str) -> str:
-        for secret in self._secrets:
-            if secret in line:
-                line = line.replace(secret, MASK)
+        for needle, replacement in self._replacements.items():
+            if needle in line:
+                line = line.replace(needle, replacement)
         return line
 
     def redact_bytes(self, line: bytes) -> bytes:
-        for secret in self._encoded:
-            if secret in line:
-                line = line.replace(secret, _MASK_BYTES)
+        for needle, replacement in self._encoded.items():
+            if needle in line:
+                line = line.replace(needle, replacement)
         return line
 
 

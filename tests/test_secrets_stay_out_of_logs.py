@@ -171,13 +171,41 @@ async def test_a_secret_in_a_reason_is_masked_in_readyz_and_status_too(
 ) -> None:
     # A password that the broker's error text happens to contain: whatever a reason holds,
     # the HTTP answers pass the same redactor as the log lines.
-    amqp = {"url": f"amqp://guest:failed@127.0.0.1:{free_port()}/"}
+    amqp = {"url": f"amqp://guest:call%20failed@127.0.0.1:{free_port()}/"}
     async with start_bridge(wait_ready=False, amqp=amqp) as bridge:
         await eventually(lambda: "Connect call" in (bridge.publisher.not_ready_reason() or ""))
         for path in ("/readyz", "/status"):
             async with http.get(bridge.url + path) as response:
                 answer = await response.text()
-            assert "cannot connect to the broker: [Errno 111] Connect call ***" in answer, path
+            assert "cannot connect to the broker: [Errno 111] Connect ***" in answer, path
+
+
+async def test_a_short_password_is_masked_in_urls_and_leaves_the_bridges_words_whole(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    """The compose file's broker user is ``konpro``/``konpro``: masked anywhere, the password
+    masked the bridge's own words (``/status``: ``***.api_key is not set``; the log:
+    ``/webhooks/***``). Shorter than 8 characters, it is masked where a URL carries it."""
+    amqp = {"url": "amqp://konpro:konpro@127.0.0.1:9/"}
+    async with (
+        start_bridge(wait_ready=False, amqp=amqp, reconcile={"enabled": True}) as bridge,
+        http.get(bridge.url + "/status") as response,
+    ):
+        status = await response.json()
+    stream = io.StringIO()
+    configure_logging(LogSettings(format="json"), ["konpro"], stream=stream)
+    try:
+        structlog.get_logger("test").warning(
+            "konpro.retry", detail="set konpro.api_key", url="amqp://konpro:konpro@rabbitmq/"
+        )
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+
+    assert status["registration"]["reason"] == "konpro.api_key is not set"
+    line = orjson.loads(stream.getvalue())
+    assert (line["event"], line["detail"]) == ("konpro.retry", "set konpro.api_key")
+    assert line["url"] == "amqp://konpro:***@rabbitmq/"
 
 
 async def test_an_api_error_echoing_the_key_where_the_message_is_cut_shows_none_of_it(
