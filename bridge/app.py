@@ -10,6 +10,7 @@ confirmed or their event spooled before the AMQP connection and the spool close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 from pathlib import Path
@@ -487,9 +488,36 @@ async def run(settings: Settings, worker: int = 0, replays: ReplayLink | None = 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _request_stop, stop, signum)
-    async with Bridge(settings, worker, replays):
+    bridge = Bridge(settings, worker, replays)
+    if not await _started_unless_stopped(bridge, stop):
+        return
+    try:
         settle_memory()
         await stop.wait()
+    finally:
+        await bridge.stop()
+
+
+async def _started_unless_stopped(bridge: Bridge, stop: asyncio.Event) -> bool:
+    """Start ``bridge``, unless a stop is asked for first: start-up may wait seconds for the
+    broker, and a bridge told to stop meanwhile must not go on to listen (and take deliveries,
+    and register its URL) before it stops. Whether it started."""
+    starting = asyncio.create_task(bridge.start(), name="bridge-start")
+    stopping = asyncio.create_task(stop.wait(), name="bridge-stop-asked")
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        starting.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if not starting.done():
+        starting.cancel()  # start() stops what it has started before it ends
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        return False
+    starting.result()  # a StartupError, say
+    return True
 
 
 def settle_memory() -> None:

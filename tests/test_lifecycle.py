@@ -377,3 +377,46 @@ async def test_a_bridge_whose_task_is_cancelled_still_stops_completely(
     assert [entry["event"] for entry in logs][-1] == "bridge.stopped"
     async with await Spool.open(settings.spool):  # its lock was let go
         pass
+
+
+async def test_a_stop_asked_for_while_starting_does_not_start_serving_first(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    """Start-up may wait seconds for a broker that does not answer. A SIGTERM meanwhile (a
+    rollout, or the supervisor stopping the workers because another could not start) ends it
+    there: before, the bridge went on to listen, take deliveries and start reconciliation, and
+    only then stopped."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # takes the connection, never answers: a frozen broker
+
+    frozen_broker = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = frozen_broker.sockets[0].getsockname()[1]
+    bridge = BridgeProcess(
+        tmp_path,
+        {
+            "amqp": {"url": f"amqp://guest:guest@127.0.0.1:{port}/", "exchange": exchange_name},
+            "spool": {"path": str(tmp_path / "spool")},
+            "reconcile": {"enabled": False},
+            "log": {"format": "json"},
+        },
+    )
+    try:
+        await bridge.start(wait_listening=False)
+        # Started (its first line is written), not yet listening: the broker holds it 3 s.
+        await eventually(lambda: "bridge.signatures_off" in bridge.log(), within=15, every=0.02)
+        bridge.send(signal.SIGTERM)
+        started = asyncio.get_running_loop().time()
+        code = await bridge.wait()
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        await bridge.stop()
+        frozen_broker.close()
+        for writer in held:
+            writer.close()
+
+    after_the_signal = bridge.log().partition('"bridge.signal"')[2]
+    assert code == 0
+    assert '"bridge.listening"' not in after_the_signal, after_the_signal
+    assert took < 2.0
