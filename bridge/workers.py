@@ -46,6 +46,7 @@ from bridge.replay_mesh import ReplayLink, ReplayMesh
 log = structlog.get_logger(__name__)
 
 CANNOT_START: Final = 1  # a worker's exit code when it could not start
+CRASHED: Final = 70  # EX_SOFTWARE: an error nobody caught, which a restart may get past
 
 WorkerBody = Callable[[Settings, int, ReplayLink], int]
 """Runs worker ``index`` of the bridge until it is told to stop; returns its exit code. The link
@@ -247,9 +248,13 @@ def _worker_main(
     _stop_with(supervisor)
     structlog.contextvars.bind_contextvars(worker=index)
     try:
-        raise SystemExit(body(settings, index, replays))
+        code = body(settings, index, replays)
+    except Exception:  # multiprocessing would exit 1, which says "could not start": stop all
+        log.exception("workers.crashed", worker=index)
+        code = CRASHED
     finally:
         logging.shutdown()  # a forked process ends without atexit: its last lines are written here
+    raise SystemExit(code)
 
 
 _PR_SET_PDEATHSIG: Final = 1

@@ -440,3 +440,43 @@ def test_each_worker_has_its_own_back_off() -> None:
     backoff.started(0, 1.1)
 
     assert (backoff.delay(0, 1.2), backoff.delay(1, 1.2)) == (2.0, 1.0)
+
+
+def raises_once(settings: Settings, index: int, replays: ReplayLink) -> int:
+    starts = settings.spool.path.parent / f"worker-{index}-starts"
+    with starts.open("a") as record:
+        record.write("started\n")
+    if index == 0 and len(starts.read_text().split()) == 1:
+        raise RuntimeError("a bug met at run time")
+    time.sleep(60)
+    return 0
+
+
+def supervise_a_worker_that_raises(settings: Settings) -> None:
+    supervisor = Supervisor(settings, raises_once, backoff=RestartBackoff(0.25, 4.0))
+    raise SystemExit(supervisor.run())
+
+
+async def test_a_worker_that_dies_of_an_error_nobody_caught_is_started_again(
+    tmp_path: Path,
+) -> None:
+    """multiprocessing ends such a process with exit code 1, the code of a worker that could
+    not start at all: the supervisor stopped the whole bridge. Now it logs ``workers.crashed``
+    (with the traceback), exits 70, and is started again after its back-off."""
+    settings = make_settings(tmp_path, "unused", server={"workers": 2})
+    supervisor = multiprocessing.get_context("fork").Process(
+        target=supervise_a_worker_that_raises, args=(settings,)
+    )
+    supervisor.start()
+    starts = settings.spool.path.parent / "worker-0-starts"
+    try:
+        await eventually(
+            lambda: starts.exists() and len(starts.read_text().split()) == 2, within=20
+        )
+        assert supervisor.is_alive()
+    finally:
+        assert supervisor.pid is not None
+        os.kill(supervisor.pid, signal.SIGTERM)
+        await asyncio.to_thread(supervisor.join, 20)
+        supervisor.kill()
+    assert supervisor.exitcode == 0
