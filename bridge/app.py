@@ -70,7 +70,9 @@ class Bridge:
         self._watch_state()
         konpro = settings.konpro
         self.authenticator = Authenticator(
-            konpro.webhook_secrets, timestamp_tolerance=konpro.timestamp_tolerance
+            konpro.webhook_secrets,
+            timestamp_tolerance=konpro.timestamp_tolerance,
+            required=konpro.require_signature,
         )
         self.replays = ReplayGuard(
             konpro.replay_window,
@@ -288,10 +290,17 @@ class Bridge:
         if self.authenticator.enabled:
             return
         if self.settings.konpro.require_signature:
-            raise StartupError(
-                "konpro.require_signature is set but no webhook secret is known: "
-                "set konpro.webhook_secret (KONPRO_BRIDGE_KONPRO__WEBHOOK_SECRET)"
+            if not self._learns_secret():
+                raise StartupError(
+                    "konpro.require_signature is set but no webhook secret is known: "
+                    "set konpro.webhook_secret (KONPRO_BRIDGE_KONPRO__WEBHOOK_SECRET)"
+                )
+            log.warning(
+                "bridge.signatures_awaited",
+                detail="konpro.require_signature: every delivery is refused 401 until "
+                "registration learns the webhook secret",
             )
+            return
         log.warning(
             "bridge.signatures_off",
             detail="no webhook secret is configured: deliveries are accepted unsigned; "

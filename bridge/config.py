@@ -255,14 +255,23 @@ class Settings(BaseSettings):
 
     def doubts(self) -> list[str]:
         """Settings that are valid but work against the bridge, each said in a sentence."""
+        doubts = []
         publish_timeout = self.amqp.publish_timeout
-        if publish_timeout < KONPRO_ANSWER_DEADLINE:
-            return []
-        return [
-            f"amqp.publish_timeout ({publish_timeout:g} s) is not under the "
-            f"{KONPRO_ANSWER_DEADLINE:g} s KonPro waits for an answer: while the broker is "
-            "slow, deliveries are answered too late, and KonPro sends them again"
-        ]
+        if publish_timeout >= KONPRO_ANSWER_DEADLINE:
+            doubts.append(
+                f"amqp.publish_timeout ({publish_timeout:g} s) is not under the "
+                f"{KONPRO_ANSWER_DEADLINE:g} s KonPro waits for an answer: while the broker is "
+                "slow, deliveries are answered too late, and KonPro sends them again"
+            )
+        konpro = self.konpro
+        learns = self.reconcile.enabled and konpro.api_key.get_secret_value() and konpro.public_url
+        if konpro.require_signature and not konpro.webhook_secrets and not learns:
+            doubts.append(
+                "konpro.require_signature is set, but no konpro.webhook_secret, and "
+                "reconciliation cannot learn one: the bridge starts only with a secret that "
+                "`reconcile --once` stored in spool.path"
+            )
+        return doubts
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value in force, so that log output can be scrubbed of them."""

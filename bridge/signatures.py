@@ -84,17 +84,21 @@ class SignatureVerifier:
 
 
 class Authenticator:
-    """The signature policy in force: verify when a secret is known, else let deliveries in.
+    """The signature policy in force: verify when a secret is known, else let deliveries in,
+    or, when signatures are ``required``, keep every delivery out until one is.
 
     The configured secrets stay for the process's life. A secret learnt at run time (from
     ``endpoint.add``) is set with ``learn_secret``: from then on every delivery must be signed,
     and a later one replaces it, since a new registration revokes the old endpoint's secret.
     """
 
-    def __init__(self, secrets: Sequence[str], *, timestamp_tolerance: float) -> None:
+    def __init__(
+        self, secrets: Sequence[str], *, timestamp_tolerance: float, required: bool = False
+    ) -> None:
         self._configured = tuple(dict.fromkeys(secrets))
         self._learnt: str | None = None
         self._tolerance = timestamp_tolerance
+        self._required = required
         self._verifier = self._build()
 
     @property
@@ -107,9 +111,12 @@ class Authenticator:
             self._verifier = self._build()
 
     def verify(self, body: bytes, headers: Mapping[str, str]) -> None:
-        """Raise ``SignatureRejected`` unless the delivery is authentic (or no secret is known)."""
+        """Raise ``SignatureRejected`` unless the delivery is authentic (or no secret is known,
+        and none is required)."""
         if self._verifier is not None:
             self._verifier.verify(body, headers)
+        elif self._required:
+            raise SignatureRejected("no webhook secret known yet (konpro.require_signature)")
 
     def _build(self) -> SignatureVerifier | None:
         learnt = () if self._learnt is None else (self._learnt,)

@@ -353,6 +353,23 @@ def test_a_publish_timeout_longer_than_konpro_waits_is_valid_but_warned_about(
     assert (len(at_the_deadline.doubts()), just_under.doubts()) == (1, [])  # "10 s or more"
 
 
+def test_require_signature_with_no_way_to_a_secret_is_warned_about(tmp_path: Path) -> None:
+    """``run`` refuses to start so (unless ``reconcile --once`` stored a secret): check-config
+    said nothing."""
+    config = tmp_path / "bridge.toml"
+    config.write_text("[konpro]\nrequire_signature = true\n")
+    result = run_cli("check-config", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(
+        "warning: konpro.require_signature is set, but no konpro.webhook_secret, and "
+        "reconciliation cannot learn one"
+    )
+    learns = {"api_key": "key", "public_url": "https://hooks.example.com/webhooks/konpro"}
+    for konpro in ({"webhook_secret": "whsec_x"}, learns):
+        settings = Settings.model_validate({"konpro": {"require_signature": True, **konpro}})
+        assert settings.doubts() == []
+
+
 def test_the_example_file_documents_every_key_with_its_default() -> None:
     example = tomllib.loads((ROOT / "config.example.toml").read_text())
     assert flatten(example) == defaults(Settings)

@@ -18,9 +18,12 @@ from bridge.app import Bridge, StartupError
 from bridge.replay_mesh import ReplayMesh
 from bridge.signatures import sign
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, make_settings
-from tests.support.process import BridgeProcess
+from tests.fake_konpro import FakeKonPro
+from tests.support.process import BridgeProcess, free_port
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
+
+pytest_plugins = ("tests.fake_konpro",)
 
 SECRET = "whsec_current_3b9f"
 OLD_SECRET = "whsec_previous_77aa"
@@ -165,6 +168,35 @@ async def test_require_signature_without_a_secret_refuses_to_start(
     settings = make_settings(tmp_path, exchange_name, konpro={"require_signature": True})
     with pytest.raises(StartupError, match="webhook_secret"):
         await Bridge(settings).start()
+
+
+async def test_require_signature_with_a_secret_registration_will_learn_refuses_all_until_then(
+    start_bridge: BridgeFactory, fake_konpro: FakeKonPro, http: aiohttp.ClientSession
+) -> None:
+    """A bridge that registers itself learns its secret from ``endpoint.add``; before, with
+    ``require_signature`` it refused to start ("no webhook secret is known") and so could never
+    learn one: an operator had to choose between the two. Now it starts, refuses every delivery
+    401 until it knows the secret, and enforces the secret it learns."""
+    port = free_port()
+    konpro = {
+        "api_url": fake_konpro.url,
+        "api_key": fake_konpro.api_key,
+        "public_url": f"http://127.0.0.1:{port}/webhooks/konpro",
+        "require_signature": True,
+    }
+    fake_konpro.answer_next(1, 503)  # the first registration fails: no secret for a while
+    reconcile = {"enabled": True, "interval": 1.0, "max_backoff": 1.0}
+    unsigned = {"Content-Type": "application/json"}
+    with structlog.testing.capture_logs() as logs:
+        async with start_bridge(server={"port": port}, konpro=konpro, reconcile=reconcile) as b:
+            before, _ = await post(http, b, unsigned)
+            await eventually(lambda: b.authenticator.enabled)
+            after_unsigned, _ = await post(http, b, unsigned)
+            learnt = fake_konpro.issued_secrets[-1]
+            signed_with_it, _ = await post(http, b, signed(BODY, learnt))
+
+    assert (before, after_unsigned, signed_with_it) == (401, 401, 200)
+    assert "bridge.signatures_awaited" in [entry["event"] for entry in logs]
 
 
 async def test_a_copy_arriving_while_the_first_is_still_being_taken_is_not_taken_again(
