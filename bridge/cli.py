@@ -452,6 +452,17 @@ def _configure_command_logging(settings: Settings) -> None:
     configure_logging(settings.log.model_copy(update={"level": level}), settings.secrets())
 
 
+def _positive(text: str) -> int:
+    """An argument that must be a whole number above 0 (argparse names the option)."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, not {text!r}")
+    return number
+
+
 def _fail(message: str, code: int) -> int:
     print(f"konpro-bridge: {message}", file=sys.stderr)
     return code
@@ -559,7 +570,9 @@ def _add_operator_commands(
         help="routing key patterns to watch, e.g. '*.fail' (repeatable; default: '#')",
     )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
-    tail.add_argument("--max-events", type=int, metavar="N", help="stop after N events")
+    tail.add_argument(
+        "--max-events", type=_positive, metavar="N", help="stop after N events (N > 0)"
+    )
     tail.add_argument("--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     tail.set_defaults(command=_tail)
 

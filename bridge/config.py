@@ -264,6 +264,13 @@ class Settings(BaseSettings):
                 "slow, deliveries are answered too late, and KonPro sends them again"
             )
         konpro = self.konpro
+        public_path = URL(konpro.public_url).path if konpro.public_url else None
+        if public_path is not None and public_path != self.server.webhook_path:
+            doubts.append(
+                f"the path of konpro.public_url ({public_path}) is not server.webhook_path "
+                f"({self.server.webhook_path}): KonPro's deliveries get 404 unless a proxy "
+                "in front of the bridge rewrites the path"
+            )
         learns = self.reconcile.enabled and konpro.api_key.get_secret_value() and konpro.public_url
         if konpro.require_signature and not konpro.webhook_secrets and not learns:
             doubts.append(
@@ -291,6 +298,8 @@ def resolve_config_path(explicit: Path | None) -> Path | None:
     if explicit is None and (from_env := os.environ.get(CONFIG_ENV_VAR)):
         explicit = Path(from_env)
     if explicit is not None:
+        if explicit.is_dir():  # a Kubernetes ConfigMap mounted without subPath, say
+            raise ConfigError(f"config file {explicit} is a directory; name the file in it")
         if not explicit.is_file():
             raise ConfigError(f"config file not found: {explicit}")
         return explicit

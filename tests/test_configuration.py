@@ -370,6 +370,29 @@ def test_require_signature_with_no_way_to_a_secret_is_warned_about(tmp_path: Pat
         assert settings.doubts() == []
 
 
+def test_a_public_url_whose_path_the_bridge_does_not_serve_is_warned_about(tmp_path: Path) -> None:
+    """KonPro would deliver where the bridge answers 404 (or 405, with a trailing slash)."""
+    config = tmp_path / "bridge.toml"
+    config.write_text('[konpro]\npublic_url = "https://hooks.example.com/konpro"\n')
+    result = run_cli("check-config", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "warning: the path of konpro.public_url (/konpro) is not server.webhook_path "
+        "(/webhooks/konpro): KonPro's deliveries get 404 unless a proxy in front of the bridge "
+        "rewrites the path\n"
+    )
+    served = {"public_url": "https://hooks.example.com/webhooks/konpro"}
+    assert Settings.model_validate({"konpro": served}).doubts() == []
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path: Path) -> None:
+    """A ConfigMap mounted without ``subPath``: "not found" sent the operator looking for a file
+    that is there."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(tmp_path)
+    assert str(caught.value) == f"config file {tmp_path} is a directory; name the file in it"
+
+
 def test_the_example_file_documents_every_key_with_its_default() -> None:
     example = tomllib.loads((ROOT / "config.example.toml").read_text())
     assert flatten(example) == defaults(Settings)

@@ -142,6 +142,15 @@ async def test_healthcheck_follows_the_configured_port_and_says_why_it_fails(
     assert f"127.0.0.1:{port}/healthz: not answering".encode() in err
 
 
+@pytest.mark.parametrize("count", ["0", "-1", "x"])
+async def test_tail_refuses_a_count_of_events_it_could_never_reach(count: str) -> None:
+    """``--max-events 0`` ran until ``--duration`` ended, or for ever."""
+    tail = await start_command("tail", "--max-events", count)
+    _, err = await tail.communicate()
+    assert tail.returncode == 2
+    assert f"argument --max-events: must be a whole number above 0, not '{count}'" in err.decode()
+
+
 def can_listen_on_ipv6() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as sock:
