@@ -102,19 +102,17 @@ class WebhookHandler:
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         delivery: Delivery | None = None
-        headers = _header_bytes(request)
+        held = _header_bytes(request)  # up to 128 fields of max_header_bytes: a megabyte
         try:
-            self._bodies.take(headers)  # up to 128 fields of max_header_bytes: a megabyte
+            self._bodies.take(held)
             try:
                 self._check_content_type(request)
-                body = await self._read_body(request)
-                try:
-                    delivery = self._delivery(body, request)
-                    outcome = await self._sink.deliver(delivery)
-                finally:
-                    self._bodies.give_back(len(body))
+                body = await self._read_body(request)  # counted as it arrived
+                held += len(body)
+                delivery = self._delivery(body, request)
+                outcome = await self._sink.deliver(delivery)
             finally:
-                self._bodies.give_back(headers)
+                self._bodies.give_back(held)
         except _Rejected as rejected:
             self._metrics.delivery(None, _REJECTED_OUTCOMES.get(rejected.status, "invalid"))
             return self._reject(request, rejected, started)
