@@ -165,8 +165,9 @@ def body_digest(body: bytes) -> str:
 def _may_repeat_a_key(body: bytes) -> bool:
     """Whether the envelope could name ``event_type`` or ``event_data`` twice: a cheap look at
     the bytes, so that only such bodies pay for a second, exact parse. A key can hide behind a
-    ``\\u`` escape; with neither an escape nor a second occurrence, no key is repeated."""
-    return b"\\u" in body or body.count(b'"event_type"') > 1 or body.count(b'"event_data"') > 1
+    ``\\u`` escape; with no escape and no more than the two keys beginning ``"event_``, none is
+    repeated."""
+    return body.count(b'"event_') > 2 or (b"\\" in body and b"\\u" in body)
 
 
 def _repeated_top_level_keys(body: bytes) -> set[str]:

@@ -15,7 +15,7 @@ from typing import Final, Protocol
 
 import orjson
 import structlog
-from aiohttp import StreamReader, hdrs, web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from bridge.config import ServerSettings
@@ -102,13 +102,10 @@ class WebhookHandler:
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         delivery: Delivery | None = None
-        held = _header_bytes(request)  # up to 128 fields of max_header_bytes: a megabyte
         try:
-            self._bodies.take(held)
+            self._check_content_type(request)
+            body, held = await self._read_body(request)
             try:
-                self._check_content_type(request)
-                body = await self._read_body(request)  # counted as it arrived
-                held += len(body)
                 delivery = self._delivery(body, request)
                 outcome = await self._sink.deliver(delivery)
             finally:
@@ -138,6 +135,8 @@ class WebhookHandler:
         self._log_rejection(request, status, error, detail, duration_ms=0.0)
 
     def _delivery(self, body: bytes, request: web.Request) -> Delivery:
+        if not body:
+            raise _Rejected(400, "invalid_event", "body is empty")
         try:
             self._authenticator.verify(body, request.headers)
         except SignatureRejected as exc:
@@ -156,8 +155,8 @@ class WebhookHandler:
         if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
             raise _Rejected(415, "unsupported_media_type", "content type must be application/json")
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The body, counted in the bodies in flight: the caller gives it back."""
+    async def _read_body(self, request: web.Request) -> tuple[bytes, int]:
+        """The body, and what it holds of the bytes in flight, for the caller to give back."""
         limit = self._settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise _body_too_large(limit)
@@ -165,9 +164,9 @@ class WebhookHandler:
             if request.content.is_eof():  # it all came with the headers: nothing to wait for
                 body = await request.read()
                 self._bodies.take(len(body))
-            else:
-                async with asyncio.timeout(self._settings.body_timeout):
-                    body = await self._read_as_it_arrives(request.content, limit)
+                return body, len(body)
+            async with asyncio.timeout(self._settings.body_timeout):
+                return await self._read_as_it_arrives(request, limit)
         except web.HTTPRequestEntityTooLarge:
             raise _body_too_large(limit) from None
         except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip, and it is not
@@ -184,26 +183,28 @@ class WebhookHandler:
             raise _Rejected(
                 400, "client_disconnected", "the connection closed before the body was complete"
             ) from None
-        if not body:
-            raise _Rejected(400, "invalid_event", "body is empty")
-        return body
 
-    async def _read_as_it_arrives(self, content: StreamReader, limit: int) -> bytes:
+    async def _read_as_it_arrives(self, request: web.Request, limit: int) -> tuple[bytes, int]:
         """Counts each part as it arrives: a slow sender holds only what it has sent, and
-        cannot keep KonPro's deliveries out by announcing large bodies."""
+        cannot keep KonPro's deliveries out by announcing large bodies. The request's header
+        fields count too while it waits: up to 128 of ``max_header_bytes``, a megabyte, twice
+        that once parsed, held for as long as the sender takes."""
+        held = _header_bytes(request)
+        self._bodies.take(held)
         parts: list[bytes] = []
         size = 0
         try:
-            async for part in content.iter_any():
+            async for part in request.content.iter_any():
                 self._bodies.take(len(part))
+                held += len(part)
                 size += len(part)
                 if size > limit:
                     raise _body_too_large(limit)
                 parts.append(part)
         except BaseException:
-            self._bodies.give_back(size)
+            self._bodies.give_back(held)
             raise
-        return b"".join(parts)
+        return b"".join(parts), held
 
     def _refuse(
         self, delivery: Delivery | None, refused: DeliveryRefused, started: float
@@ -296,8 +297,7 @@ def _readyz(readiness: ReadinessProbe) -> Handler:
 
 
 def _header_bytes(request: web.Request) -> int:
-    """What the request's header fields take, as received: held with the request, and so
-    counted with its body."""
+    """What the request's header fields take, as received (names and values)."""
     return sum(len(name) + len(value) for name, value in request.raw_headers)
 
 
