@@ -499,6 +499,8 @@ async def _update_endpoint(
     elif not args.all_events:  # KonPro replaces the whole list: send the current one back
         events = (await _find_endpoint(client, args.endpoint_id)).events
     updated = await client.update_endpoint(args.endpoint_id, url=args.url, events=events)
+    if updated is None:  # KonPro's answer did not describe it: ask for it as it is now
+        updated = await _find_endpoint(client, args.endpoint_id)
     return _one_endpoint(updated)
 
 
@@ -517,7 +519,9 @@ async def _reconcile_once(
         raise _Unusable("konpro.public_url is not set: there is no URL to keep registered")
     mode = "verify" if args.dry_run else settings.reconcile.mode
     schedule = settings.reconcile.model_copy(update={"mode": mode})
-    reconciler = Reconciler(client, settings.konpro, schedule, settings.spool.path)
+    reconciler = Reconciler(
+        client, settings.konpro, schedule, settings.spool.path, preview=args.dry_run
+    )
     result = await reconciler.run_once()
     text = _describe_run(result, mode, settings.spool.path / SECRET_FILE_NAME)
     return _Output(text, {"mode": mode, **result.to_dict()}, error=result.error)

@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     SecretStr,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_serializer,
     field_validator,
 )
@@ -138,13 +139,22 @@ class Endpoint(BaseModel):
     username: str | None = None
     created_at: datetime | None = None
 
-    @field_validator("created_at")
+    @field_validator("created_at", mode="wrap")
     @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        # ISO text without an offset would make "oldest" comparisons with epoch times fail.
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+    def _aware_or_unknown(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler
+    ) -> datetime | None:
+        """A time in a form pydantic does not read (``20250302T094107Z``) is unknown, not an
+        error: it only ranks duplicates, and another service's endpoint would otherwise stop
+        every reconciliation run. ISO text without an offset is UTC: "oldest" compares it with
+        epoch times."""
+        try:
+            parsed: datetime | None = handler(value)
+        except ValidationError:
+            return None
+        if parsed is not None and parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed
 
     @field_serializer("secret", when_used="json")
     def _masked_secret(self, value: SecretStr | None) -> str | None:
@@ -252,13 +262,18 @@ class KonProClient:
         *,
         url: str | None = None,
         events: Sequence[str] | None,
-    ) -> Endpoint:
-        """Change an endpoint in place; ``events`` replaces the whole list (``None``: all)."""
+    ) -> Endpoint | None:
+        """Change an endpoint in place; ``events`` replaces the whole list (``None``: all).
+        The endpoint as KonPro answers it, or ``None`` when the answer does not describe it:
+        the notes only infer that it does, and the change is made either way."""
         body: dict[str, Any] = {"endpoint_id": endpoint_id, "events": _events(events)}
         if url is not None:
             body["url"] = url
         data = await self._call("PATCH", "endpoint.update", json=body)
-        return _endpoint(data, "endpoint.update")
+        try:
+            return Endpoint.model_validate(data)
+        except ValidationError:
+            return None
 
     async def delete_endpoint(self, endpoint_id: str) -> None:
         """Remove an endpoint; KonPro stops delivering to it.

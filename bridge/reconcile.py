@@ -303,13 +303,18 @@ class Reconciler:
         konpro: KonProSettings,
         reconcile: ReconcileSettings,
         secret_store_dir: Path,
+        *,
+        preview: bool = False,
     ) -> None:
+        """``preview``: a verify run that shows what repair would do (``--dry-run``), so a
+        secret repair would store does not count as one missing."""
         if not konpro.public_url:
             raise ValueError("konpro.public_url is not set: there is nothing to reconcile")
         self._client = client
         self._desired = Desired.from_settings(konpro)
         self._configured_secrets = frozenset(konpro.webhook_secrets)
         self._settings = reconcile
+        self._stores_known_secret = reconcile.mode == "repair" or preview
         self._secret_dir = secret_store_dir
         self._events_checked = False
         self._auth_failing = False  # the last run's key was refused: no back-off can help
@@ -389,23 +394,29 @@ class Reconciler:
         endpoints = await self._client.list_endpoints()
         actions = plan(endpoints, self._desired)
         keeper = select_keeper(endpoints, self._desired)
-        if self._settings.mode == "verify":
-            return self._verified(actions, keeper)
         secret = keeper.secret if keeper else None
-        for action in actions:
-            added = await self._apply(action)
-            done.append(action)
-            if added is not None:
-                keeper, secret = added, added.secret
+        if self._settings.mode == "verify":
+            kind, stored = self._verified(actions), False
+            done.extend(actions)  # what repair would do
+        else:
+            # Before the writes: a step that fails must not keep a known secret off the disk
+            # (an update keeps the endpoint's id and secret, and no step deletes the kept one).
+            stored = await self._sync_secret(keeper.endpoint_id if keeper else None, secret)
+            for action in actions:
+                added = await self._apply(action)
+                done.append(action)
+                if added is not None:
+                    keeper, secret = added, added.secret
+                    stored = await self._sync_secret(added.endpoint_id, secret) or stored
+            kind = _summary(actions)
         endpoint_id = keeper.endpoint_id if keeper else None
-        stored = await self._sync_secret(endpoint_id, secret)
         unverifiable = self._secret_not_configured(secret) or await self._secret_outdated(
-            endpoint_id, secret
+            endpoint_id, secret, stored_if_known=self._stores_known_secret
         )
         self._report_unverifiable(endpoint_id, unverifiable)
         self._secret_unverifiable = unverifiable is not None
         result = _result(
-            "error" if unverifiable else _summary(actions),
+            "error" if unverifiable else kind,
             endpoint_id=endpoint_id,
             error=unverifiable,
             actions=tuple(done),
@@ -428,21 +439,35 @@ class Reconciler:
         )
 
     async def _secret_outdated(
-        self, endpoint_id: str | None, secret: SecretStr | None
+        self, endpoint_id: str | None, secret: SecretStr | None, *, stored_if_known: bool
     ) -> str | None:
         """Why deliveries to the kept endpoint cannot be checked: KonPro does not tell its
         secret (``endpoint.list`` may answer ``null``), and the stored one belongs to another
         endpoint, since deleted (a duplicate of replicas that registered at once), or none is
         stored (the answer to the registration was lost). Re-registering to learn one could
         make replicas of one URL replace each other's endpoints for ever: an operator decides.
+        A secret KonPro tells was stored by this run, unless it is a verify run, which stores
+        nothing: then it is checked against the one stored.
 
         Read from the files, not remembered: an operator's ``reconcile --once`` may have stored
         a newer secret, and a restarted bridge still knows whose secret it holds.
         """
         if self._configured_secrets or endpoint_id is None:
             return None
-        if secret is not None and secret.get_secret_value():
-            return None  # known, and stored by _sync_secret
+        if secret is None or not secret.get_secret_value():
+            return await self._unknown_secret_outdated(endpoint_id)
+        if stored_if_known:
+            return None
+        stored = await asyncio.to_thread(load_stored_secret, self._secret_dir)
+        if stored == secret.get_secret_value():
+            return None
+        return (
+            "the endpoint's signing secret is not the one stored, and verify mode stores "
+            "nothing: signatures are not checked with it; set konpro.webhook_secret to it, "
+            "or let a repair run store it"
+        )
+
+    async def _unknown_secret_outdated(self, endpoint_id: str) -> str | None:
         stored_for = await asyncio.to_thread(load_stored_endpoint, self._secret_dir)
         if stored_for == endpoint_id:
             return None
@@ -515,26 +540,30 @@ class Reconciler:
         return None
 
     async def _delete_duplicate(self, action: Action) -> None:
-        assert action.endpoint_id is not None
+        endpoint_id = action.endpoint_id
+        assert endpoint_id is not None
         try:
-            await self._client.delete_endpoint(action.endpoint_id)
-        except NotFound:  # another replica deleted it first: the goal is met
-            log.info("reconcile.duplicate_already_gone", endpoint_id=action.endpoint_id)
+            await self._client.delete_endpoint(endpoint_id)
+        except (NotFound, ValidationFailed) as exc:
+            # Another replica deleted it first: the goal is met. KonPro's answer for an id it
+            # does not have is not documented (a 404, or the 400 of an invalid parameter), so
+            # a refusal is checked against the list.
+            if isinstance(exc, ValidationFailed) and await self._still_listed(endpoint_id):
+                raise
+            log.info("reconcile.duplicate_already_gone", endpoint_id=endpoint_id)
             return
         log.info("reconcile.duplicate_deleted", endpoint_id=action.endpoint_id, url=action.url)
 
-    def _verified(self, actions: list[Action], keeper: Endpoint | None) -> ReconcileResult:
-        """The verify-mode result: differences reported, nothing written."""
+    @staticmethod
+    def _verified(actions: list[Action]) -> ResultKind:
+        """The verify-mode verdict on the writes repair would make: reported, none made."""
         for action in actions:
             if action.kind is ActionKind.REPORT_DISABLED:
                 _report_disabled(action)
             else:
                 log.warning("reconcile.drift", would=str(action), mode="verify")
         kind: ResultKind = _summary(actions)
-        if kind not in {"ok", "disabled"}:
-            kind = "drift"
-        endpoint_id = keeper.endpoint_id if keeper else None
-        return _result(kind, endpoint_id=endpoint_id, actions=tuple(actions))
+        return kind if kind in {"ok", "disabled"} else "drift"
 
     async def _sync_secret(self, endpoint_id: str | None, secret: SecretStr | None) -> bool:
         """Keep the kept endpoint's signing secret on disk unless the operator configured one."""
@@ -558,6 +587,10 @@ class Reconciler:
             "this file. Set konpro.webhook_secret explicitly",
         )
         return True
+
+    async def _still_listed(self, endpoint_id: str) -> bool:
+        endpoints = await self._client.list_endpoints()
+        return any(endpoint.endpoint_id == endpoint_id for endpoint in endpoints)
 
     def _failed(self, exc: KonProError, done: list[Action]) -> ReconcileResult:
         # What the next run waits for follows this failure, not an earlier run's: after a

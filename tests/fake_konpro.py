@@ -115,6 +115,13 @@ class FakeKonPro:
         of KonPro had lost the answer: the caller cannot tell whether the call took effect."""
         self._faults.extend(Fault(status, served=True, only=call) for _ in range(count))
 
+    def serve_then_answer_next(
+        self, count: int, status: int, *, body: bytes, call: str | None = None
+    ) -> None:
+        """Carry out the next ``count`` calls, then answer ``status`` with ``body``: the notes
+        only infer some answers' shapes, and KonPro may answer otherwise."""
+        self._faults.extend(Fault(status, body=body, served=True, only=call) for _ in range(count))
+
     def hang_next(self, count: int, *, call: str | None = None) -> None:
         """Never answer the next ``count`` calls (until the fake closes)."""
         self._faults.extend(Fault(None, only=call) for _ in range(count))

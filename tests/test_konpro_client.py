@@ -155,6 +155,7 @@ async def test_update_endpoint_replaces_the_events_and_keeps_the_id(
         "endpoint_id": endpoint_id,
         "events": ["avatar_video.fail"],
     }
+    assert updated is not None
     assert updated.endpoint_id == endpoint_id
     assert updated.events == ["avatar_video.fail"]
     assert fake_konpro.endpoints[endpoint_id]["events"] == ["avatar_video.fail"]
@@ -168,6 +169,7 @@ async def test_update_endpoint_with_null_events_subscribes_to_all(
     updated = await client.update_endpoint(endpoint_id, events=None)
 
     assert fake_konpro.calls[-1].json == {"endpoint_id": endpoint_id, "events": None}
+    assert updated is not None
     assert updated.events is None
 
 

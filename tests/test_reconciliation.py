@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 import pytest
 from pydantic import SecretStr
 from structlog.testing import capture_logs
@@ -28,6 +29,7 @@ from bridge.reconcile import (
     plan,
     same_events,
     should_reconcile,
+    store_secret,
     why_not_reconcile,
 )
 from bridge.status import registration_ok
@@ -411,16 +413,19 @@ async def test_a_disabled_endpoint_is_reported_loudly_and_left_alone(
 async def test_verify_mode_reports_differences_and_never_writes(
     reconcilers: Reconcilers, fake_konpro: FakeKonPro, account: str
 ) -> None:
+    kept = None
     if account == "wrong events":
-        fake_konpro.add(ELSEWHERE, ["personalized_video"])
+        kept = fake_konpro.add(ELSEWHERE, ["personalized_video"])
     elif account == "duplicates":
-        fake_konpro.add(ELSEWHERE, list(EVENTS), created_at=1)
+        kept = fake_konpro.add(ELSEWHERE, list(EVENTS), created_at=1)
         fake_konpro.add(ELSEWHERE + "/", list(EVENTS), created_at=2)
     elif account == "disabled":
-        fake_konpro.add(ELSEWHERE, list(EVENTS), status="disabled")
+        kept = fake_konpro.add(ELSEWHERE, list(EVENTS), status="disabled")
+    # Configured, as a verify-mode bridge's secret must be: verify mode stores none.
+    secret = fake_konpro.endpoints[kept]["secret"] if kept else ""
 
     with capture_logs() as logs:
-        result = await reconcilers.make(ELSEWHERE, mode="verify").run_once()
+        result = await reconcilers.make(ELSEWHERE, mode="verify", webhook_secret=secret).run_once()
 
     assert result.result == ("disabled" if account == "disabled" else "drift")
     assert result.actions
@@ -461,10 +466,25 @@ async def test_verify_mode_on_a_matching_account_is_ok(
     reconcilers: Reconcilers, fake_konpro: FakeKonPro
 ) -> None:
     endpoint_id = fake_konpro.add(ELSEWHERE, list(EVENTS))
+    secret = fake_konpro.endpoints[endpoint_id]["secret"]
+
+    result = await reconcilers.make(ELSEWHERE, mode="verify", webhook_secret=secret).run_once()
+
+    assert (result.result, result.endpoint_id, result.actions) == ("ok", endpoint_id, ())
+
+
+async def test_verify_mode_reports_a_secret_it_stores_nowhere(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    """Verify mode writes nothing, the secret file included: a bridge that neither holds nor
+    stores the endpoint's secret checks no signature, and the run says so."""
+    fake_konpro.add(ELSEWHERE, list(EVENTS))
 
     result = await reconcilers.make(ELSEWHERE, mode="verify").run_once()
 
-    assert (result.result, result.endpoint_id, result.actions) == ("ok", endpoint_id, ())
+    assert result.result == "error"
+    assert result.error is not None
+    assert "verify mode stores nothing" in result.error
 
 
 async def test_a_refused_key_is_logged_once_and_retried_only_at_the_interval(
@@ -764,3 +784,121 @@ def test_a_result_renders_as_json_without_secrets() -> None:
         "actions": [f"update a ({ELSEWHERE}) events=all"],
         "secret_stored": False,
     }
+
+
+def konpro_envelope(code: int, data: object, message: str) -> bytes:
+    return orjson.dumps({"code": code, "data": data, "message": message})
+
+
+@pytest.mark.parametrize("data", [None, {}, True], ids=["null", "empty object", "true"])
+async def test_an_update_whose_answer_describes_no_endpoint_counts_as_done(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, data: object
+) -> None:
+    """The notes only infer that ``endpoint.update`` answers the endpoint object ("the client
+    must tolerate variations"). Before, any other answer to an update KonPro had made was a
+    retryable error: the PATCH went out three times and the run ended in ``error``."""
+    endpoint_id = fake_konpro.add(ELSEWHERE, ["personalized_video"])
+    success = konpro_envelope(100, data, "Success")
+    fake_konpro.serve_then_answer_next(5, 200, body=success, call="endpoint.update")
+
+    result = await reconcilers.make(ELSEWHERE).run_once()
+
+    assert fake_konpro.endpoints[endpoint_id]["events"] == list(EVENTS)
+    assert (result.result, result.error) == ("updated", None)
+    assert fake_konpro.count("endpoint.update") == 1
+
+
+async def test_verify_mode_reports_a_configured_secret_that_is_not_the_endpoints(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    """Verify mode writes nothing, but checks the secret as repair does: before, it answered
+    ``ok`` (``/status`` and the gauge said all was well) while every delivery got 401."""
+    fake_konpro.add(ELSEWHERE, list(EVENTS))
+
+    with capture_logs() as logs:
+        result = await reconcilers.make(
+            ELSEWHERE, mode="verify", webhook_secret="whsec_configured"
+        ).run_once()
+
+    assert result.result == "error"
+    assert registration_ok(result) is False
+    assert "reconcile.secret_mismatch" in {entry["event"] for entry in logs}
+    assert fake_konpro.writes == []
+
+
+@pytest.mark.parametrize("stored", ["another endpoint's", "none"])
+async def test_verify_mode_reports_a_secret_it_cannot_know(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, stored: str
+) -> None:
+    """Where ``endpoint.list`` hides secrets, as repair mode does."""
+    fake_konpro.list_secrets = False
+    fake_konpro.add(ELSEWHERE, list(EVENTS))
+    if stored != "none":
+        store_secret(reconcilers.spool, "whsec_of_a_deleted_duplicate", "0" * 32)
+
+    result = await reconcilers.make(ELSEWHERE, mode="verify").run_once()
+
+    assert result.result == "error"
+    assert registration_ok(result) is False
+
+
+async def test_a_duplicate_deleted_first_by_another_replica_is_done_whatever_konpro_answers(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    """What KonPro answers for an id it no longer has is not documented: the 400 of an invalid
+    parameter as well as a 404. A refused delete of an endpoint no longer listed is done;
+    before, only a 404 was, and the losing replica's run ended in ``error``."""
+    fake_konpro.add(ELSEWHERE, list(EVENTS), created_at=1)
+    duplicate = fake_konpro.add(ELSEWHERE + "/", list(EVENTS), created_at=2)
+    unknown_id = konpro_envelope(400175, None, "Invalid parameter: endpoint_id")
+    fake_konpro.serve_then_answer_next(1, 400, body=unknown_id, call="endpoint.delete")
+
+    result = await reconcilers.make(ELSEWHERE).run_once()
+
+    assert duplicate not in fake_konpro.endpoints
+    assert (result.result, result.error) == ("deduplicated", None)
+
+
+async def test_a_delete_refused_while_the_endpoint_is_still_listed_is_an_error(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    fake_konpro.add(ELSEWHERE, list(EVENTS), created_at=1)
+    duplicate = fake_konpro.add(ELSEWHERE + "/", list(EVENTS), created_at=2)
+    refused = konpro_envelope(400175, None, "Invalid parameter: endpoint_id")
+    fake_konpro.answer_next(1, 400, body=refused, call="endpoint.delete")
+
+    result = await reconcilers.make(ELSEWHERE).run_once()
+
+    assert duplicate in fake_konpro.endpoints
+    assert result.result == "error"
+
+
+async def test_an_unreadable_created_at_on_another_services_endpoint_stops_nothing(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    """ISO-8601's basic format (``20250302T094107Z``) is not read: ``created_at`` only ranks
+    duplicates, so it is unknown. Before, one such endpoint of another service made every
+    ``endpoint.list`` a retried error, and no run ever got to the bridge's own endpoint."""
+    fake_konpro.add(OTHER, None, created_at="20250302T094107Z")
+    fake_konpro.add(ELSEWHERE, list(EVENTS))
+
+    result = await reconcilers.make(ELSEWHERE).run_once()
+
+    assert (result.result, result.error) == ("ok", None)
+    assert fake_konpro.count("endpoint.list") == 1
+
+
+async def test_the_kept_endpoints_secret_is_kept_even_when_a_repair_step_fails(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    """Before, it was stored only once every step had succeeded: with an update KonPro kept
+    refusing, a bridge on a new volume never stored the secret KonPro signed with, and checked
+    no signature (or refused all, with ``require_signature``)."""
+    kept = fake_konpro.add(ELSEWHERE, ["personalized_video"])
+    refused = konpro_envelope(400175, None, "Invalid parameter: events")
+    fake_konpro.answer_next(10, 400, body=refused, call="endpoint.update")
+
+    results = [await reconcilers.make(ELSEWHERE).run_once() for _ in range(2)]
+
+    assert [result.result for result in results] == ["error", "error"]
+    assert load_stored_secret(reconcilers.spool) == fake_konpro.endpoints[kept]["secret"]
