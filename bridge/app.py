@@ -166,9 +166,10 @@ class Bridge:
             keepalive_timeout=self.settings.server.keepalive_timeout,
             max_field_size=self.settings.server.max_header_bytes,
             max_line_size=self.settings.server.max_header_bytes,
-            # A request refused before its body was read is not read on (for ten seconds, by
-            # default): its connection closes after the answer, and what it holds is freed.
-            lingering_time=0,
+            # A request refused before its body was read is read on (and discarded) for a
+            # second at most, not aiohttp's ten, so that what it holds is soon freed: a client
+            # still sending gets its answer rather than a reset, unless it is slow.
+            lingering_time=1.0,
         )
         await self._runner.setup()
         await self._wait_for_the_first_connect()

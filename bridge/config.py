@@ -56,10 +56,13 @@ class _Section(BaseModel):
 def _without_surrounding_whitespace(value: Any) -> Any:
     """A secret or URL as a file gives it has a newline at its end (``kubectl create secret
     --from-file``); no KonPro secret, API key or broker URL has whitespace around it. Kept, the
-    newline would key every signature check wrongly, or be refused in an HTTP header."""
+    newline would key every signature check wrongly, or be refused in an HTTP header. A value
+    of whitespace alone is refused: taken as empty, a blank secret would turn signatures off."""
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
     if isinstance(value, str):
+        if value and not value.strip():
+            raise ValueError("is blank: only whitespace (an empty file?)")
         return value.strip()
     if isinstance(value, list | tuple):
         return [_without_surrounding_whitespace(item) for item in value]

@@ -226,15 +226,16 @@ class Publisher:
     async def publish(self, delivery: Delivery, within: float | None = None) -> None:
         """Publish and wait for the broker's confirm, all within ``within`` seconds
         (``amqp.publish_timeout`` unless given)."""
-        channel = self._channel
-        if channel is None or not self.is_ready:
-            raise BrokerUnavailable(self.not_ready_reason() or "broker unavailable")
-        exchange_name = self._router.exchange_for(delivery.event_type)
         started = time.perf_counter()
         timeout = self._settings.publish_timeout if within is None else within
         message_id = delivery.message_id
         if message_id in self._in_flight:
-            timeout = await self._after_the_others_with(message_id, within=timeout)
+            timeout = await self._wait_for_same_id(message_id, within=timeout)
+        # After any wait: the link may have gone meanwhile, and a reconnect is never waited for.
+        channel = self._channel
+        if channel is None or not self.is_ready:
+            raise BrokerUnavailable(self.not_ready_reason() or "broker unavailable")
+        exchange_name = self._router.exchange_for(delivery.event_type)
         self._in_flight[message_id] = []
         try:
             # The aiormq channel under the robust one: aio-pika's Message and Exchange layers
@@ -276,7 +277,7 @@ class Publisher:
             self._confirms_missed = False
             self._notify_ready()
 
-    async def _after_the_others_with(self, message_id: str, *, within: float) -> float:
+    async def _wait_for_same_id(self, message_id: str, *, within: float) -> float:
         """Wait until no publish with ``message_id`` is in flight; what is left of ``within``.
 
         aiormq tells a returned message's publish by its message id, the latest one with it:

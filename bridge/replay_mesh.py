@@ -8,9 +8,13 @@ tell it.
 The supervisor makes one datagram socket pair per worker before it forks them, and keeps them
 all: worker ``i`` reads the inbox of pair ``i`` and writes to the others. A worker started again
 inherits the same sockets. Keys go out at the end of the event-loop turn they were taken in, many
-to a datagram. An inbox holds ten datagrams (Linux's ``net.unix.max_dgram_qlen``), ten loop
-turns of a sibling's: a worker that is not reading (stopped, being started again, or stalled)
-misses the keys sent meanwhile, which costs at most a duplicate, never an event or a wait.
+to a datagram. What an inbox holds unread is bounded by the sending socket's buffer (about
+200 KiB: some 3,000 keys): a worker that is not reading (stopped, being started again, or
+stalled) misses the keys sent past that, which costs at most a duplicate, never an event or a
+wait. A key is told once its delivery is taken (published or spooled), so a copy reaching
+another worker while the first is still being published is not a duplicate there yet: within
+one worker, such a copy waits for the first one's fate (``Relay``); across workers, it is
+published again, under the same message id.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ class ReplayMesh:
         self._pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(workers)]
 
     def link(self, worker: int) -> ReplayLink:
-        """Worker ``worker``'s end: its own inbox, and the others' to write to."""
+        """Worker ``worker``'s end: its own inbox, and the others' to write to. Made again for
+        a worker started again, on the same sockets (non-blocking, which the supervisor, which
+        never uses them, does not mind)."""
         others = [sender for index, (sender, _) in enumerate(self._pairs) if index != worker]
         return ReplayLink(inbox=self._pairs[worker][1], siblings=others)
 

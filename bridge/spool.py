@@ -166,16 +166,18 @@ class Spool:
         loop = asyncio.get_running_loop()
         lock_fd = None
         try:
+            # The lock first: a spool another process owns is not even opened.
+            if exclusive:
+                lock_fd = await loop.run_in_executor(executor, _lock, settings.path)
             # Whoever takes the lock will write: a file it may not write is an error now.
             opening = partial(_Database.open, settings.path, writing=exclusive)
             database = await loop.run_in_executor(executor, opening)
-            if exclusive:
-                lock_fd = _lock(settings.path / LOCK_NAME)
-        except sqlite3.DatabaseError as exc:
+        except BaseException as exc:
             executor.shutdown(wait=False)
-            raise _unusable(settings.path, exc) from exc
-        except BaseException:
-            executor.shutdown(wait=False)
+            if lock_fd is not None:
+                os.close(lock_fd)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise _unusable(settings.path, exc) from exc
             raise
         return cls(settings, database, executor, clock, lock_fd)
 
@@ -594,11 +596,13 @@ def _write_failed(error: Exception) -> Exception:
     return error
 
 
-def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def _lock(directory: Path) -> int:
+    """Take ``<directory>/spool.lock`` (making the directory if need be), or ``SpoolLocked``."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SpoolLocked(f"another process owns the spool at {path.parent}") from None
+        raise SpoolLocked(f"another process owns the spool at {directory}") from None
     return fd

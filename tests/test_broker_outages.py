@@ -7,17 +7,19 @@ never stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import structlog
 from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
-from bridge.events import Delivery
+from bridge.events import Delivery, PublishFailed
 from bridge.forwarder import Forwarder
 from bridge.publisher import Outage, Publisher
 from bridge.spool import Spool
@@ -381,3 +383,33 @@ async def test_the_first_confirm_after_a_silent_spell_ends_the_forwarders_back_o
             await publisher.close()
     # The timed-out publish may arrive as well as the forwarded copy: same message id.
     assert {m.message_id for m in await drain(queue, expect=2)} == {"evt-spooled", "evt-live"}
+
+
+def same_id_delivery(body: bytes, message_id: str) -> Delivery:
+    return Delivery("avatar_video.success", body, message_id)
+
+
+async def test_a_publish_waiting_behind_one_with_its_message_id_does_not_wait_for_a_reconnect(
+    start_proxied_bridge: BridgeFactory, broker_proxy: TcpProxy
+) -> None:
+    """A publish waiting behind another with its message id (aiormq tells returns apart by
+    it) looks at the link again once its turn comes: before, it went on to ask the robust
+    channel for its channel, which waits for a reconnect with no bound, and a live delivery
+    hung instead of being spooled."""
+    async with start_proxied_bridge(amqp={"publish_timeout": 2.0}) as bridge:
+        broker_proxy.mute()  # the first publish waits for a confirm that does not come
+        publish = bridge.publisher.publish
+        first = asyncio.create_task(publish(same_id_delivery(b'{"n": 1}', "same-id")))
+        await asyncio.sleep(0.3)
+        second = asyncio.create_task(publish(same_id_delivery(b'{"n": 2}', "same-id")))
+        await asyncio.sleep(0.3)
+        await broker_proxy.cut()  # and the broker stays away
+        try:
+            with pytest.raises(PublishFailed):
+                await asyncio.wait_for(first, 5)
+            with pytest.raises(PublishFailed):
+                await asyncio.wait_for(asyncio.shield(second), 5)
+        finally:
+            second.cancel()
+            with contextlib.suppress(BaseException):
+                await second

@@ -237,6 +237,23 @@ def test_secrets_and_urls_as_a_file_gives_them_lose_their_trailing_newline(
     assert settings.amqp.url.get_secret_value() == "amqp://u:p@broker:5672/"
 
 
+@pytest.mark.parametrize("variable", ["WEBHOOK_SECRET", "API_KEY"])
+def test_a_secret_given_as_whitespace_alone_is_an_error_not_no_secret(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """A file holding only its newline (an empty Secret key, a template that rendered
+    nothing): taken as empty, a blank webhook secret would turn signature checks off."""
+    monkeypatch.setenv(f"KONPRO_BRIDGE_KONPRO__{variable}", "\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    assert str(caught.value) == (
+        f"KONPRO_BRIDGE_KONPRO__{variable} (environment): konpro.{variable.lower()}: "
+        "Value error, is blank: only whitespace (an empty file?)"
+    )
+
+
 def test_a_bound_on_bytes_in_flight_without_room_for_the_largest_delivery_is_refused(
     tmp_path: Path,
 ) -> None:

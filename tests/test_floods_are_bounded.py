@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import re
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
+import pytest
 import structlog
 
 from bridge.app import Bridge
@@ -177,14 +179,14 @@ def stalled_request(fields: int) -> bytes:
     )
 
 
-async def test_header_fields_count_with_the_body_and_a_refused_request_is_not_read_on(
+async def test_header_fields_count_with_the_body_and_a_refused_request_is_soon_let_go(
     start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:
     """A request may carry 128 header fields of ``server.max_header_bytes``: a megabyte, twice
     that once parsed, held as long as its body takes. Before, they were counted nowhere, and a
     request refused before its body was read was still read on for ten seconds (aiohttp's
-    lingering), its header fields held: 60 such requests whose bodies never came held 114 MiB
-    of RSS while ``/status`` showed a few bytes in flight (12 MiB now)."""
+    lingering; one second now), its header fields held: 60 such requests whose bodies never
+    came held 114 MiB of RSS while ``/status`` showed a few bytes in flight."""
     async with start_bridge(server=BOUND) as bridge:
         held = []
         for _ in range(2):
@@ -198,7 +200,7 @@ async def test_header_fields_count_with_the_body_and_a_refused_request_is_not_re
         await eventually(both_held)
         reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
         writer.write(stalled_request(5))
-        async with asyncio.timeout(3):  # to the end: the connection closes after the answer
+        async with asyncio.timeout(3):  # to the end: closed a second after the answer
             refused = await reader.read()
         in_flight = await bytes_in_flight(http, bridge)
         for stalled in [*held, writer]:
@@ -206,3 +208,55 @@ async def test_header_fields_count_with_the_body_and_a_refused_request_is_not_re
 
     assert refused.startswith(b"HTTP/1.1 503")
     assert in_flight == 2 * (5 * 8_007 + 50 + 15)  # two requests' header fields, first bytes
+
+
+def _post_all_then_read(port: int, body: bytes) -> bytes:
+    """Its body is read on and discarded for a second before the connection closes: closed at
+    once with the body unread, the kernel reset it, and a client that sends its whole request
+    before reading (most simple ones) got ECONNRESET instead of the 503 ``Retry-After``."""
+    head = (
+        f"POST /webhooks/konpro HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + body)
+        return sock.recv(65536)
+
+
+async def test_a_delivery_refused_503_mid_body_gets_its_answer_while_still_sending(
+    start_bridge: BridgeFactory,
+) -> None:
+    """``lingering_time=0`` (app.py): a delivery refused while its body is still arriving
+    (``server.max_bytes_in_flight`` reached) is answered 503, and its connection is closed at
+    once with the rest of the body unread: the kernel resets it, and a client still sending
+    (any that sends its request before reading) gets ECONNRESET/EPIPE, never the 503
+    ``Retry-After`` the README promises. aiohttp's lingering read let it finish sending.
+    Expected: the client reads the 503."""
+    body_limit = 16 * 1024 * 1024
+    server = {
+        "max_body_bytes": body_limit,
+        "max_bytes_in_flight": body_limit + 16384,
+        "body_timeout": 30.0,
+    }
+    async with start_bridge(server=server) as bridge:
+        # A slow sender holds most of the room: 15 MiB of a 16 MiB body, then nothing.
+        holder = socket.create_connection(("127.0.0.1", bridge.port))
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                None,
+                holder.sendall,
+                b"POST /webhooks/konpro HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {body_limit}\r\n\r\n".encode()
+                + b" " * (15 * 1024 * 1024),
+            )
+            await asyncio.sleep(0.5)
+            try:
+                answer = await loop.run_in_executor(
+                    None, _post_all_then_read, bridge.port, b" " * (body_limit - 100)
+                )
+            except OSError as exc:
+                pytest.fail(f"the client lost the bridge's answer: {exc!r}")
+            assert answer.startswith(b"HTTP/1.1 503"), answer[:100]
+        finally:
+            holder.close()

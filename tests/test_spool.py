@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
+import gc
+import os
 import shutil
 import signal
 import sqlite3
@@ -21,9 +24,11 @@ from bridge.events import Delivery, DeliveryRefused
 from bridge.forwarder import Forwarder, drain
 from bridge.spool import (
     FILE_NAME,
+    LOCK_NAME,
     Spool,
     SpoolError,
     SpoolFull,
+    SpoolLocked,
     SpoolStatus,
     SpoolUnusable,
     _Database,
@@ -673,3 +678,27 @@ async def test_stopping_a_forwarder_not_running_is_harmless(spool: Spool) -> Non
     forwarder.start()
     await forwarder.stop()
     await forwarder.stop()
+
+
+async def test_a_spool_found_locked_leaves_no_descriptor_open(
+    tmp_path: Path,
+) -> None:
+    """A left-behind spool still locked is tried again every second, for as long as another
+    process holds it. ``Spool.open`` takes the lock before it opens the database: before, it
+    opened the database first and left it open when the lock was taken, three descriptors a
+    try."""
+    settings = SpoolSettings(path=tmp_path / "worker-1")
+    async with await Spool.open(settings):
+        pass  # a spool a worker left behind
+    holder = os.open(settings.path / LOCK_NAME, os.O_RDWR)  # as another process's worker would
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(30):  # half a minute of retries
+            with pytest.raises(SpoolLocked):
+                await Spool.open(settings)
+        gc.collect()
+        after = len(os.listdir("/proc/self/fd"))
+    finally:
+        os.close(holder)
+    assert after - before <= 2, f"{after - before} descriptors left by 30 failed opens"
