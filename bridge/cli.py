@@ -200,12 +200,15 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     publisher = Publisher(settings.amqp)
 
     async def drain_spools() -> tuple[int, int]:
-        paths = _spools_to_drain(settings.spool.path)
         async with contextlib.AsyncExitStack() as opened:
-            spools = [
-                await opened.enter_async_context(await Spool.open(settings.spool.at(path)))
-                for path in paths
-            ]
+            try:
+                spools = [
+                    await opened.enter_async_context(await Spool.open(settings.spool.at(path)))
+                    for path in _spools_to_drain(settings.spool.path)
+                ]
+            except OSError as exc:  # say, the daemon's user's directory, mode 0700
+                message = f"cannot open the spool at {settings.spool.path}: {exc}"
+                raise _CannotDrain(message) from None
             opened.push_async_callback(publisher.close)
             await publisher.start()
             try:
@@ -224,8 +227,6 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(message, EXIT_FAILURE)
     except (SpoolUnusable, _CannotDrain) as exc:
         return _fail(str(exc), EXIT_FAILURE)
-    except OSError as exc:  # say, the daemon's user's directory, mode 0700
-        return _fail(f"cannot open the spool at {settings.spool.path}: {exc}", EXIT_FAILURE)
     except DeliveryRefused as exc:
         return _fail(f"drain stopped: {exc.reason}; the rest stays in the spool", EXIT_FAILURE)
     print(f"drained {drained} events")

@@ -341,7 +341,7 @@ def describe_errors(error: ValidationError, source: Path | None) -> str:
             named = [
                 name
                 for name, section_key in _section_variables(parts[0])
-                if re.search(rf"\b{section_key}\b", item["msg"])
+                if re.search(rf"\b{re.escape(section_key)}\b", item["msg"])
             ]
             variable = ", ".join(named) or None
         origin = f"{variable} (environment)" if variable else str(source or "")
@@ -364,10 +364,12 @@ def _variables_with_one_underscore() -> list[str]:
     a variable over without a word, and the bridge would run on the default instead."""
     lines = []
     for name in sorted(os.environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
         rest = name.upper().removeprefix(ENV_PREFIX)
         for section in Settings.model_fields:
             head = section.upper() + "_"
-            if rest != name.upper() and rest.startswith(head) and not rest.startswith(head + "_"):
+            if rest.startswith(head) and not rest.startswith(head + "_"):
                 meant = f"{ENV_PREFIX}{head}_{rest[len(head) :]}"
                 lines.append(
                     f"{name} (environment): not a setting: the section and the key are joined "

@@ -54,7 +54,9 @@ async def drain(
     """
     drained = 0
     while entries := await spool.peek(batch):
-        held: list[int] = []  # once a removal failed, the rest of the batch is removed at its end
+        # Once a removal failed (a full disk), the rest of the batch is not tried one by one:
+        # it is removed, or counted as forwarded by the spool, at the batch's end.
+        held: list[int] = []
         try:
             for entry in entries:
                 try:
