@@ -291,7 +291,8 @@ class Bridge:
         if self.authenticator.enabled:
             return
         if self.settings.konpro.require_signature:
-            if not self._learns_secret():
+            # Only a repair run registers, and so learns a secret; verify mode stores none.
+            if not self._learns_secret() or self.settings.reconcile.mode != "repair":
                 raise StartupError(
                     "konpro.require_signature is set but no webhook secret is known: "
                     "set konpro.webhook_secret (KONPRO_BRIDGE_KONPRO__WEBHOOK_SECRET)"

@@ -274,7 +274,12 @@ class Settings(BaseSettings):
                 f"({self.server.webhook_path}): KonPro's deliveries get 404 unless a proxy "
                 "in front of the bridge rewrites the path"
             )
-        learns = self.reconcile.enabled and konpro.api_key.get_secret_value() and konpro.public_url
+        learns = (
+            self.reconcile.enabled
+            and self.reconcile.mode == "repair"
+            and konpro.api_key.get_secret_value()
+            and konpro.public_url
+        )
         if konpro.require_signature and not konpro.webhook_secrets and not learns:
             doubts.append(
                 "konpro.require_signature is set, but no konpro.webhook_secret, and "
@@ -306,6 +311,8 @@ def resolve_config_path(explicit: Path | None) -> Path | None:
         if not explicit.is_file():
             raise ConfigError(f"config file not found: {explicit}")
         return explicit
+    if DEFAULT_CONFIG_FILE.is_dir():
+        raise ConfigError(f"config file {DEFAULT_CONFIG_FILE} is a directory; name the file in it")
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
 
 

@@ -267,11 +267,15 @@ def store_secret(spool_dir: Path, secret: str, endpoint_id: str) -> Path:
 
 
 def load_stored_endpoint(spool_dir: Path) -> str | None:
-    """The endpoint whose secret is stored, if the reconciler that stored it said."""
+    """The endpoint whose secret is stored, if the reconciler that stored it said; ``OSError``
+    as ``load_stored_secret``."""
+    path = spool_dir / ENDPOINT_FILE_NAME
     try:
-        return (spool_dir / ENDPOINT_FILE_NAME).read_text(encoding="utf-8").strip() or None
+        return path.read_text(encoding="utf-8").strip() or None
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError as exc:
+        raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
 
 
 def _write_privately(directory: Path, name: str, text: str) -> Path:
@@ -321,6 +325,7 @@ class Reconciler:
         self._auth_reported = False  # said so, since the last run that got through
         self._reported_mismatch: str | None = None  # endpoint id
         self._secret_unverifiable = False
+        self._stored_this_run = False  # a new secret was written to the file in this run
         self._retry_after = 0.0
         self.last_result: ReconcileResult | None = None
 
@@ -335,6 +340,7 @@ class Reconciler:
     async def run_once(self) -> ReconcileResult:
         """One comparison (and, in repair mode, repair). KonPro's failures become the result."""
         done: list[Action] = []
+        self._stored_this_run = False
         try:
             result = await self._reconcile(done)
         except KonProError as exc:
@@ -342,7 +348,8 @@ class Reconciler:
         except OSError as exc:  # the secret file could not be written: KonPro answered
             log.error("reconcile.secret_store_failed", path=str(self._secret_dir), error=str(exc))
             error = f"storing the signing secret failed: {exc}"
-            result = _result("error", error=error, actions=tuple(done))
+            stored = self._stored_this_run
+            result = _result("error", error=error, actions=tuple(done), secret_stored=stored)
             self._answered()
         else:
             self._answered()
@@ -401,18 +408,29 @@ class Reconciler:
         else:
             # Before the writes: a step that fails must not keep a known secret off the disk
             # (an update keeps the endpoint's id and secret, and no step deletes the kept one).
-            stored = await self._sync_secret(keeper.endpoint_id if keeper else None, secret)
+            # A disk that refuses it must not keep the repairs from KonPro either: said after.
+            try:
+                await self._sync_secret(keeper.endpoint_id if keeper else None, secret)
+            except OSError as exc:
+                not_stored: OSError | None = exc
+            else:
+                not_stored = None
             for action in actions:
                 added = await self._apply(action)
                 done.append(action)
                 if added is not None:
                     keeper, secret = added, added.secret
-                    stored = await self._sync_secret(added.endpoint_id, secret) or stored
-            kind = _summary(actions)
+                    await self._sync_secret(added.endpoint_id, secret)
+            if not_stored is not None:
+                raise not_stored
+            kind, stored = _summary(actions), self._stored_this_run
         endpoint_id = keeper.endpoint_id if keeper else None
-        unverifiable = self._secret_not_configured(secret) or await self._secret_outdated(
-            endpoint_id, secret, stored_if_known=self._stores_known_secret
-        )
+        try:
+            unverifiable = self._secret_not_configured(secret) or await self._secret_outdated(
+                endpoint_id, secret, stored_if_known=self._stores_known_secret
+            )
+        except OSError as exc:  # a secret file this run did not write, and cannot read
+            unverifiable = f"the stored signing secret cannot be read: {exc}"
         self._report_unverifiable(endpoint_id, unverifiable)
         self._secret_unverifiable = unverifiable is not None
         result = _result(
@@ -580,6 +598,7 @@ class Reconciler:
                 await asyncio.to_thread(store_secret, self._secret_dir, value, endpoint_id)
             return False
         path = await asyncio.to_thread(store_secret, self._secret_dir, value, endpoint_id)
+        self._stored_this_run = True
         log.warning(
             "reconcile.secret_stored",
             path=str(path),
@@ -605,7 +624,9 @@ class Reconciler:
         self._auth_failing = refused_key
         if not refused_key:
             log.warning("reconcile.failed", error=error, error_type=type(exc).__name__)
-        return _result("error", error=error, actions=tuple(done))
+        return _result(
+            "error", error=error, actions=tuple(done), secret_stored=self._stored_this_run
+        )
 
 
 def _ours(endpoints: Sequence[Endpoint], desired: Desired) -> list[Endpoint]:

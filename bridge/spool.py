@@ -166,9 +166,10 @@ class Spool:
         loop = asyncio.get_running_loop()
         lock_fd = None
         try:
-            # The lock first: a spool another process owns is not even opened.
+            # The lock first, a spool another process owns is not even opened; and at once, on
+            # this thread: taken in the executor, a cancelled open would leave it held.
             if exclusive:
-                lock_fd = await loop.run_in_executor(executor, _lock, settings.path)
+                lock_fd = _lock(settings.path)
             # Whoever takes the lock will write: a file it may not write is an error now.
             opening = partial(_Database.open, settings.path, writing=exclusive)
             database = await loop.run_in_executor(executor, opening)

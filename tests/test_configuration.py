@@ -425,3 +425,25 @@ def test_the_readme_settings_table_lists_every_key_with_its_default() -> None:
 def test_the_example_file_is_a_valid_configuration() -> None:
     settings = load_settings(ROOT / "config.example.toml")
     assert settings == Settings.model_validate({})
+
+
+def test_require_signature_with_a_reconciler_in_verify_mode_is_warned_about() -> None:
+    """Verify mode stores no secret: such a bridge can never learn one."""
+    konpro = {
+        "api_key": "key",
+        "public_url": "https://hooks.example.com/webhooks/konpro",
+        "require_signature": True,
+    }
+    settings = Settings.model_validate({"konpro": konpro, "reconcile": {"mode": "verify"}})
+    assert any("require_signature" in doubt for doubt in settings.doubts())
+
+
+def test_a_default_config_toml_that_is_a_directory_is_an_error(tmp_path: Path) -> None:
+    """A ConfigMap mounted at ``./config.toml`` without ``subPath``: skipped, the bridge ran
+    on the defaults without a word."""
+    (tmp_path / "config.toml").mkdir()
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    assert str(caught.value) == "config file config.toml is a directory; name the file in it"

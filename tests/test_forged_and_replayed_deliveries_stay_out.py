@@ -359,3 +359,20 @@ async def test_workers_hear_each_others_keys_and_one_that_is_not_listening_holds
     assert heard[1] == keys
     assert heard[0] == []  # a worker is not told its own keys
     assert links[0].missed > 0
+
+
+async def test_require_signature_with_a_reconciler_in_verify_mode_refuses_to_start(
+    tmp_path: Path, exchange_name: str, fake_konpro: FakeKonPro
+) -> None:
+    """Verify mode stores no secret: the bridge could never learn one, and would refuse every
+    delivery for ever."""
+    konpro = {
+        "api_url": fake_konpro.url,
+        "api_key": fake_konpro.api_key,
+        "public_url": "https://hooks.example.com/webhooks/konpro",
+        "require_signature": True,
+    }
+    reconcile = {"enabled": True, "mode": "verify"}
+    settings = make_settings(tmp_path, exchange_name, konpro=konpro, reconcile=reconcile)
+    with pytest.raises(StartupError, match="webhook_secret"):
+        await Bridge(settings).start()

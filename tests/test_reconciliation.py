@@ -35,6 +35,7 @@ from bridge.reconcile import (
 from bridge.status import registration_ok
 from bridge.tasks import cancel_and_wait
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
+from tests.support.small_disk import fill_disk, small_disk
 
 pytest_plugins = ("tests.fake_konpro",)
 
@@ -902,3 +903,56 @@ async def test_the_kept_endpoints_secret_is_kept_even_when_a_repair_step_fails(
 
     assert [result.result for result in results] == ["error", "error"]
     assert load_stored_secret(reconcilers.spool) == fake_konpro.endpoints[kept]["secret"]
+
+
+async def test_a_run_that_stored_the_secret_and_then_failed_says_it_stored_it(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    """The secret is stored before the repair steps, so a run that fails after still stored
+    it: ``secret_stored`` says so, or ``reconcile --once`` would never tell."""
+    kept = fake_konpro.add(ELSEWHERE, list(EVENTS), created_at=1)
+    fake_konpro.add(ELSEWHERE + "/", list(EVENTS), created_at=2)  # a duplicate to delete
+    fake_konpro.answer_next(1, 503, call="endpoint.delete")
+
+    result = await reconcilers.make(ELSEWHERE, max_attempts=1).run_once()
+
+    assert result.result == "error"
+    assert load_stored_secret(reconcilers.spool) == fake_konpro.endpoints[kept]["secret"]
+    assert result.secret_stored is True
+
+
+async def test_a_secret_that_cannot_be_stored_does_not_hold_up_the_repairs(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro, tmp_path: Path
+) -> None:
+    """A full disk or a read-only volume: the registration is repaired all the same, and the
+    run ends in ``error`` for the secret it could not store."""
+    fake_konpro.add(ELSEWHERE, list(EVENTS), created_at=1)
+    duplicate = fake_konpro.add(ELSEWHERE + "/", list(EVENTS), created_at=2)
+    with small_disk(tmp_path / "disk", 2**20) as disk:
+        spool = disk / "spool"
+        spool.mkdir()
+        filler = fill_disk(disk)
+        try:
+            result = await reconcilers.make(ELSEWHERE, max_attempts=1, spool=spool).run_once()
+        finally:
+            filler.unlink()
+
+    assert result.result == "error"
+    assert result.error is not None
+    assert "storing the signing secret failed" in result.error
+    assert duplicate not in fake_konpro.endpoints
+
+
+async def test_a_verify_run_that_cannot_read_the_secret_file_says_so(
+    reconcilers: Reconcilers, fake_konpro: FakeKonPro
+) -> None:
+    """Not "storing failed": verify mode writes nothing."""
+    fake_konpro.add(ELSEWHERE, list(EVENTS))
+    reconcilers.spool.mkdir(parents=True)
+    (reconcilers.spool / "webhook_secret").write_bytes(b"\xff\xfe not text")
+
+    result = await reconcilers.make(ELSEWHERE, mode="verify").run_once()
+
+    assert result.result == "error"
+    assert result.error is not None
+    assert result.error.startswith("the stored signing secret cannot be read: ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import gc
@@ -12,6 +13,7 @@ import signal
 import sqlite3
 import stat
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 import structlog
 
+import bridge.spool as spool_module
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, DeliveryRefused
 from bridge.forwarder import Forwarder, drain
@@ -702,3 +705,29 @@ async def test_a_spool_found_locked_leaves_no_descriptor_open(
     finally:
         os.close(holder)
     assert after - before <= 2, f"{after - before} descriptors left by 30 failed opens"
+
+
+async def test_a_spool_open_cancelled_while_it_takes_the_lock_leaves_the_spool_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop during start-up cancels the open: the lock is taken at once, on the loop's
+    thread, so no executor thread can take it after the open is gone and hold it for ever."""
+    settings = SpoolSettings(path=tmp_path / "spool")
+    real_lock = spool_module._lock
+
+    def slow_lock(directory: Path) -> int:  # a slow volume (NFS, a busy disk)
+        fd = real_lock(directory)
+        time.sleep(0.3)
+        return fd
+
+    monkeypatch.setattr(spool_module, "_lock", slow_lock)
+    opening = asyncio.create_task(Spool.open(settings))
+    await asyncio.sleep(0.1)
+    opening.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await opening
+    await asyncio.sleep(0.6)
+    monkeypatch.setattr(spool_module, "_lock", real_lock)
+
+    async with await Spool.open(settings) as spool:
+        assert spool.depth == 0
