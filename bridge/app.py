@@ -330,10 +330,14 @@ class Bridge:
 
     @property
     def port(self) -> int:
-        """The port actually bound (``server.port = 0`` picks a free one)."""
+        """The port actually bound (``server.port = 0`` picks a free one). With ``host = ""``
+        there is a socket for each address family, each with its own free port: the IPv4
+        one's, which ``url`` reaches over 127.0.0.1."""
         if self._runner is None or not self._runner.addresses:
             raise RuntimeError("the bridge is not listening")
-        return int(self._runner.addresses[0][1])
+        addresses = self._runner.addresses
+        ipv4 = [address for address in addresses if len(address) == 2]  # IPv6: 4 fields
+        return int((ipv4 or addresses)[0][1])
 
     @property
     def url(self) -> str:
