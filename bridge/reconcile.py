@@ -401,36 +401,14 @@ class Reconciler:
         endpoints = await self._client.list_endpoints()
         actions = plan(endpoints, self._desired)
         keeper = select_keeper(endpoints, self._desired)
-        secret = keeper.secret if keeper else None
         if self._settings.mode == "verify":
-            kind, stored = self._verified(actions), False
+            kind = self._verified(actions)
             done.extend(actions)  # what repair would do
         else:
-            # Before the writes: a step that fails must not keep a known secret off the disk
-            # (an update keeps the endpoint's id and secret, and no step deletes the kept one).
-            # A disk that refuses it must not keep the repairs from KonPro either: said after.
-            try:
-                await self._sync_secret(keeper.endpoint_id if keeper else None, secret)
-            except OSError as exc:
-                not_stored: OSError | None = exc
-            else:
-                not_stored = None
-            for action in actions:
-                added = await self._apply(action)
-                done.append(action)
-                if added is not None:
-                    keeper, secret = added, added.secret
-                    await self._sync_secret(added.endpoint_id, secret)
-            if not_stored is not None:
-                raise not_stored
-            kind, stored = _summary(actions), self._stored_this_run
+            keeper = await self._repair(actions, keeper, done)
+            kind = _summary(actions)
         endpoint_id = keeper.endpoint_id if keeper else None
-        try:
-            unverifiable = self._secret_not_configured(secret) or await self._secret_outdated(
-                endpoint_id, secret, stored_if_known=self._stores_known_secret
-            )
-        except OSError as exc:  # a secret file this run did not write, and cannot read
-            unverifiable = f"the stored signing secret cannot be read: {exc}"
+        unverifiable = await self._unverifiable(endpoint_id, keeper.secret if keeper else None)
         self._report_unverifiable(endpoint_id, unverifiable)
         self._secret_unverifiable = unverifiable is not None
         result = _result(
@@ -438,11 +416,46 @@ class Reconciler:
             endpoint_id=endpoint_id,
             error=unverifiable,
             actions=tuple(done),
-            secret_stored=stored,
+            secret_stored=self._stored_this_run,
         )
         report = log.info if result.actions else log.debug
         report("reconcile.done", **_fields(result))
         return result
+
+    async def _repair(
+        self, actions: list[Action], keeper: Endpoint | None, done: list[Action]
+    ) -> Endpoint | None:
+        """Carry out the plan; the endpoint kept (one added, if there was none).
+
+        The kept endpoint's secret is stored before the writes: a step that fails must not keep
+        a known secret off the disk (an update keeps the endpoint's id and secret, and no step
+        deletes the kept one). A disk that refuses it must not keep the repairs from KonPro
+        either: the failure is raised once they are made.
+        """
+        try:
+            await self._sync_secret(keeper.endpoint_id if keeper else None, _secret_of(keeper))
+        except OSError as exc:
+            not_stored: OSError | None = exc
+        else:
+            not_stored = None
+        for action in actions:
+            added = await self._apply(action)
+            done.append(action)
+            if added is not None:
+                keeper = added
+                await self._sync_secret(added.endpoint_id, added.secret)
+        if not_stored is not None:
+            raise not_stored
+        return keeper
+
+    async def _unverifiable(self, endpoint_id: str | None, secret: SecretStr | None) -> str | None:
+        """Why deliveries to the kept endpoint cannot be checked, if they cannot."""
+        try:
+            return self._secret_not_configured(secret) or await self._secret_outdated(
+                endpoint_id, secret, stored_if_known=self._stores_known_secret
+            )
+        except OSError as exc:  # a secret file this run did not write, and cannot read
+            return f"the stored signing secret cannot be read: {exc}"
 
     def _secret_not_configured(self, secret: SecretStr | None) -> str | None:
         """Why deliveries to the kept endpoint will be refused: KonPro signs them with a secret
@@ -583,20 +596,16 @@ class Reconciler:
         kind: ResultKind = _summary(actions)
         return kind if kind in {"ok", "disabled"} else "drift"
 
-    async def _sync_secret(self, endpoint_id: str | None, secret: SecretStr | None) -> bool:
-        """Keep the kept endpoint's signing secret on disk unless the operator configured one."""
-        if self._configured_secrets:
-            return False
+    async def _sync_secret(self, endpoint_id: str | None, secret: SecretStr | None) -> None:
+        """Keep the kept endpoint's signing secret on disk unless the operator configured one
+        (or KonPro does not tell it: ``_secret_outdated`` says what that means)."""
         value = secret.get_secret_value() if secret is not None else ""
-        stored = await asyncio.to_thread(load_stored_secret, self._secret_dir)
-        if not value:
-            return False  # unknown: _secret_outdated says what that means
-        if endpoint_id is None:
-            return False
-        if stored == value:
+        if self._configured_secrets or not value or endpoint_id is None:
+            return
+        if await asyncio.to_thread(load_stored_secret, self._secret_dir) == value:
             if await asyncio.to_thread(load_stored_endpoint, self._secret_dir) != endpoint_id:
                 await asyncio.to_thread(store_secret, self._secret_dir, value, endpoint_id)
-            return False
+            return
         path = await asyncio.to_thread(store_secret, self._secret_dir, value, endpoint_id)
         self._stored_this_run = True
         log.warning(
@@ -605,7 +614,6 @@ class Reconciler:
             hint="konpro.webhook_secret is not set; the endpoint's signing secret was kept in "
             "this file. Set konpro.webhook_secret explicitly",
         )
-        return True
 
     async def _still_listed(self, endpoint_id: str) -> bool:
         endpoints = await self._client.list_endpoints()
@@ -627,6 +635,10 @@ class Reconciler:
         return _result(
             "error", error=error, actions=tuple(done), secret_stored=self._stored_this_run
         )
+
+
+def _secret_of(endpoint: Endpoint | None) -> SecretStr | None:
+    return endpoint.secret if endpoint is not None else None
 
 
 def _ours(endpoints: Sequence[Endpoint], desired: Desired) -> list[Endpoint]:
