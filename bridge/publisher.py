@@ -238,15 +238,9 @@ class Publisher:
         exchange_name = self._router.exchange_for(delivery.event_type)
         self._in_flight[message_id] = []
         try:
-            # The aiormq channel under the robust one: aio-pika's Message and Exchange layers
-            # cost more per publish than the HTTP round trip's own Python work. aiormq's timeout
-            # covers the whole publish, confirm included; a reconnect is never waited for,
-            # since publishing is refused above while the broker is not ready.
-            underlay = self._underlay
-            if underlay is None or underlay.is_closed:  # first publish, or after a reconnect
-                underlay = self._underlay = cast(
-                    aiormq.Channel, await channel.get_underlay_channel()
-                )
+            # aiormq's timeout covers the whole publish, confirm included; a reconnect is never
+            # waited for, since publishing is refused above while the broker is not ready.
+            underlay = await self._underlay_of(channel)
             await underlay.basic_publish(
                 delivery.body,
                 exchange=exchange_name,
@@ -276,6 +270,14 @@ class Publisher:
             # disk) is back: no reconnect says so, and the forwarder may be backing off.
             self._confirms_missed = False
             self._notify_ready()
+
+    async def _underlay_of(self, channel: AbstractRobustChannel) -> aiormq.Channel:
+        """The aiormq channel under the robust one, kept between publishes: aio-pika's Message
+        and Exchange layers cost more per publish than the HTTP round trip's own Python work."""
+        underlay = self._underlay
+        if underlay is None or underlay.is_closed:  # first publish, or after a reconnect
+            underlay = self._underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        return underlay
 
     async def _wait_for_same_id(self, message_id: str, *, within: float) -> float:
         """Wait until no publish with ``message_id`` is in flight; what is left of ``within``.
