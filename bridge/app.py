@@ -22,9 +22,8 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Settings
-from bridge.events import Delivery
 from bridge.expect import add_route
-from bridge.forwarder import FORWARD_WITHIN, Forwarder
+from bridge.forwarder import Forwarder, forwarding
 from bridge.konpro import KonProClient
 from bridge.logs import Redactor, redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
@@ -133,7 +132,7 @@ class Bridge:
         self._use_stored_secret()
         self._forwarder = Forwarder(
             self._spool,
-            self._forward,
+            forwarding(self.publisher.publish),
             is_connected=lambda: self.publisher.is_ready,
             parked_retry_interval=self.settings.spool.parked_retry_interval,
         )
@@ -267,7 +266,7 @@ class Bridge:
                 )
             forwarder = Forwarder(
                 spool,
-                self._forward,
+                forwarding(self.publisher.publish),
                 is_connected=lambda: self.publisher.is_ready,
                 poll_interval=_LEFT_BEHIND_POLL_SECONDS,
                 parked_retry_interval=self.settings.spool.parked_retry_interval,
@@ -391,10 +390,6 @@ class Bridge:
             await self._spool.close()
             self._spool = None
         log.info("bridge.stopped")
-
-    async def _forward(self, delivery: Delivery) -> None:
-        """Publish a spooled event: its confirm may take longer than a live delivery's."""
-        await self.publisher.publish(delivery, within=FORWARD_WITHIN)
 
     def _end_confirm_waits(self) -> None:
         if waiting := self.publisher.abandon_confirm_waits("the bridge is stopping"):

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -263,7 +262,7 @@ async def _drain_for_good(
     many were drained, and how many the broker still refuses."""
     from tqdm import tqdm  # noqa: PLC0415 - a megabyte the daemon does not need
 
-    from bridge.forwarder import drain_parked  # noqa: PLC0415
+    from bridge.forwarder import drain_parked, forwarding  # noqa: PLC0415
 
     async def usable() -> None:
         """Until the channel a refusal cost is back."""
@@ -275,28 +274,24 @@ async def _drain_for_good(
             raise DeliveryRefused(reason) from None
 
     still_refused = 0
+    forward = forwarding(publisher.publish)
     with tqdm(total=sum(s.depth for s in spools), unit="event", desc="draining") as bar:
         tally = _Tally(bar)
         for spool in spools:
-            await _drain_past_refusals(spool, publisher, usable=usable, tally=tally)
+            await _drain_past_refusals(spool, forward, usable=usable, tally=tally)
         for spool in spools:
             progress = tally.one_drain()
-            _, refused = await drain_parked(
-                spool, _forwarding(publisher), usable=usable, on_progress=progress
-            )
+            _, refused = await drain_parked(spool, forward, usable=usable, on_progress=progress)
             still_refused += refused
     return tally.total, still_refused
 
 
-def _forwarding(publisher: Publisher) -> Callable[[Delivery], Awaitable[None]]:
-    """Publishing a spooled event: nobody waits for its answer (see ``FORWARD_WITHIN``)."""
-    from bridge.forwarder import FORWARD_WITHIN  # noqa: PLC0415
-
-    return functools.partial(publisher.publish, within=FORWARD_WITHIN)
-
-
 async def _drain_past_refusals(
-    spool: Spool, publisher: Publisher, *, usable: Callable[[], Awaitable[None]], tally: _Tally
+    spool: Spool,
+    forward: Callable[[Delivery], Awaitable[None]],
+    *,
+    usable: Callable[[], Awaitable[None]],
+    tally: _Tally,
 ) -> None:
     """The spool's events; one the broker refuses is parked (this drain is the only publisher
     on the channel, so the refusal is that event's), and the drain goes on once the channel is
@@ -306,7 +301,7 @@ async def _drain_past_refusals(
     while True:
         parked = spool.parked
         try:
-            await drain(spool, _forwarding(publisher), alone=True, on_progress=tally.one_drain())
+            await drain(spool, forward, alone=True, on_progress=tally.one_drain())
             return
         except MessageRefused:
             if spool.parked == parked:

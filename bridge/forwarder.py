@@ -9,11 +9,12 @@ behind it go on; parked events are tried again now and then, the smallest first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 
@@ -23,6 +24,13 @@ from bridge.tasks import this_task_is_cancelled
 
 Publish = Callable[[Delivery], Awaitable[None]]
 
+
+class PublishWithin(Protocol):
+    """``Publisher.publish``: a delivery, and ``within`` seconds for its confirm."""
+
+    def __call__(self, delivery: Delivery, within: float | None = None) -> Awaitable[None]: ...
+
+
 FORWARD_WITHIN: Final = 60.0
 """Seconds a spooled event's publish may wait for its confirm. Nobody waits for the answer, unlike
 a live delivery's (``amqp.publish_timeout``, kept under KonPro's 10 s): were a broker confirming
@@ -30,6 +38,11 @@ more slowly than that to time every forward out, the spool would never drain, an
 its head, stored each time all the same, would reach the bus once a retry."""
 
 _log = structlog.get_logger(__name__)
+
+
+def forwarding(publish: PublishWithin) -> Publish:
+    """``publish`` as the forwarder and ``spool drain`` use it: with ``FORWARD_WITHIN``."""
+    return functools.partial(publish, within=FORWARD_WITHIN)
 
 
 async def drain(
