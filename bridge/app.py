@@ -21,14 +21,14 @@ import structlog
 from aiohttp import web
 
 from bridge import __version__
-from bridge.config import Settings
+from bridge.config import Settings, why_not_reconcile
 from bridge.expect import add_route
 from bridge.forwarder import Forwarder, forwarding
 from bridge.konpro import KonProClient
 from bridge.logs import Redactor, redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
 from bridge.publisher import Publisher
-from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret, why_not_reconcile
+from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret
 from bridge.relay import Relay
 from bridge.replay_mesh import ReplayLink
 from bridge.server import BodiesInFlight, create_app
@@ -290,8 +290,7 @@ class Bridge:
         if self.authenticator.enabled:
             return
         if self.settings.konpro.require_signature:
-            # Only a repair run registers, and so learns a secret; verify mode stores none.
-            if not self._learns_secret() or self.settings.reconcile.mode != "repair":
+            if not self.settings.learns_secret():
                 raise StartupError(
                     "konpro.require_signature is set but no webhook secret is known: "
                     "set konpro.webhook_secret (KONPRO_BRIDGE_KONPRO__WEBHOOK_SECRET)"
@@ -414,7 +413,7 @@ class Bridge:
         """Keep the registration right in the background; the site must already be listening."""
         if reason := self._why_not_reconcile():
             log.info("reconcile.off", reason=reason)
-            if self.worker and self._learns_secret():
+            if self.worker and self._reads_stored_secret():
                 self._reconciling = asyncio.create_task(
                     self._follow_stored_secret(), name="follow-secret"
                 )
@@ -434,8 +433,9 @@ class Bridge:
             await self._konpro.close()
             self._konpro = None
 
-    def _learns_secret(self) -> bool:
-        """Whether the signing secret may come from registration rather than the settings."""
+    def _reads_stored_secret(self) -> bool:
+        """Whether the signing secret may come from the file registration stores rather than
+        the settings (in verify mode too: an operator's ``reconcile --once`` may store it)."""
         configured = self.settings.konpro.webhook_secret.get_secret_value()
         return not configured and why_not_reconcile(self.settings) is None
 
@@ -453,7 +453,7 @@ class Bridge:
         """Count the run; check signatures with the secret the registration's file holds, which
         this reconciler or an operator's ``reconcile --once`` may have just written."""
         self.metrics.reconcile_run(result.result)
-        if self._learns_secret():
+        if self._reads_stored_secret():
             self._adopt_stored_secret_if_readable()
 
     def _adopt_stored_secret_if_readable(self) -> None:

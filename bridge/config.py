@@ -274,13 +274,7 @@ class Settings(BaseSettings):
                 f"({self.server.webhook_path}): KonPro's deliveries get 404 unless a proxy "
                 "in front of the bridge rewrites the path"
             )
-        learns = (
-            self.reconcile.enabled
-            and self.reconcile.mode == "repair"
-            and konpro.api_key.get_secret_value()
-            and konpro.public_url
-        )
-        if konpro.require_signature and not konpro.webhook_secrets and not learns:
+        if konpro.require_signature and not konpro.webhook_secrets and not self.learns_secret():
             doubts.append(
                 "konpro.require_signature is set, but no konpro.webhook_secret, and "
                 "reconciliation cannot learn one: the bridge starts only with a secret that "
@@ -288,11 +282,31 @@ class Settings(BaseSettings):
             )
         return doubts
 
+    def learns_secret(self) -> bool:
+        """Whether registration can give the bridge its signing secret: none is configured,
+        and reconciliation runs in repair mode (verify mode registers nothing, stores nothing)."""
+        return (
+            not self.konpro.webhook_secrets
+            and why_not_reconcile(self) is None
+            and self.reconcile.mode == "repair"
+        )
+
     def secrets(self) -> tuple[str, ...]:
         """Every secret value in force, so that log output can be scrubbed of them."""
         password = URL(self.amqp.url.get_secret_value()).password
         values = (password, self.konpro.api_key.get_secret_value(), *self.konpro.webhook_secrets)
         return tuple(value for value in values if value)
+
+
+def why_not_reconcile(settings: Settings) -> str | None:
+    """Why the daemon will not reconcile, in words for its start-up log; ``None`` if it will."""
+    if not settings.reconcile.enabled:
+        return "reconcile.enabled is false"
+    if not settings.konpro.api_key.get_secret_value():
+        return "konpro.api_key is not set"
+    if not settings.konpro.public_url:
+        return "konpro.public_url is not set"
+    return None
 
 
 def masked_url(url: str) -> str:

@@ -27,7 +27,7 @@ import structlog
 from pydantic import SecretStr
 from yarl import URL
 
-from bridge.config import KonProSettings, ReconcileSettings, Settings
+from bridge.config import KonProSettings, ReconcileSettings, Settings, why_not_reconcile
 from bridge.konpro import (
     AuthenticationError,
     Endpoint,
@@ -122,17 +122,6 @@ class ReconcileResult:
 def should_reconcile(settings: Settings) -> bool:
     """Whether the bridge has what reconciliation needs and is allowed to run it."""
     return why_not_reconcile(settings) is None
-
-
-def why_not_reconcile(settings: Settings) -> str | None:
-    """Why the daemon will not reconcile, in words for its start-up log; ``None`` if it will."""
-    if not settings.reconcile.enabled:
-        return "reconcile.enabled is false"
-    if not settings.konpro.api_key.get_secret_value():
-        return "konpro.api_key is not set"
-    if not settings.konpro.public_url:
-        return "konpro.public_url is not set"
-    return None
 
 
 def normalize_url(url: str) -> str:

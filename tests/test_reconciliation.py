@@ -14,7 +14,7 @@ import pytest
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from bridge.config import KonProSettings, ReconcileSettings, Settings
+from bridge.config import KonProSettings, ReconcileSettings, Settings, why_not_reconcile
 from bridge.konpro import Endpoint, KonProClient
 from bridge.reconcile import (
     Action,
@@ -30,7 +30,6 @@ from bridge.reconcile import (
     same_events,
     should_reconcile,
     store_secret,
-    why_not_reconcile,
 )
 from bridge.status import registration_ok
 from bridge.tasks import cancel_and_wait
