@@ -244,6 +244,7 @@ class Bridge:
         while True:
             try:
                 await self._forward_spool_at(path)
+                return
             except SpoolLocked as exc:
                 if not said:
                     log.info("spool.left_behind_locked", path=str(path), error=str(exc))
@@ -251,8 +252,6 @@ class Bridge:
                 await asyncio.sleep(_LEFT_BEHIND_POLL_SECONDS)
             except (OSError, RuntimeError) as exc:  # unusable: a restart will not fix it either
                 log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
-                return
-            else:
                 return
 
     async def _forward_spool_at(self, path: Path) -> None:

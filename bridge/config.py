@@ -319,15 +319,14 @@ def resolve_config_path(explicit: Path | None) -> Path | None:
     """``--config``, else ``$KONPRO_BRIDGE_CONFIG``, else ``./config.toml`` if present."""
     if explicit is None and (from_env := os.environ.get(CONFIG_ENV_VAR)):
         explicit = Path(from_env)
+    candidate = DEFAULT_CONFIG_FILE if explicit is None else explicit
+    if candidate.is_dir():  # a Kubernetes ConfigMap mounted without subPath, say
+        raise ConfigError(f"config file {candidate} is a directory; name the file in it")
+    if candidate.is_file():
+        return candidate
     if explicit is not None:
-        if explicit.is_dir():  # a Kubernetes ConfigMap mounted without subPath, say
-            raise ConfigError(f"config file {explicit} is a directory; name the file in it")
-        if not explicit.is_file():
-            raise ConfigError(f"config file not found: {explicit}")
-        return explicit
-    if DEFAULT_CONFIG_FILE.is_dir():
-        raise ConfigError(f"config file {DEFAULT_CONFIG_FILE} is a directory; name the file in it")
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+        raise ConfigError(f"config file not found: {explicit}")
+    return None
 
 
 def load_settings(path: Path | None = None) -> Settings:

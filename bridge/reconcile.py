@@ -397,7 +397,7 @@ class Reconciler:
             keeper = await self._repair(actions, keeper, done)
             kind = _summary(actions)
         endpoint_id = keeper.endpoint_id if keeper else None
-        unverifiable = await self._unverifiable(endpoint_id, keeper.secret if keeper else None)
+        unverifiable = await self._unverifiable(endpoint_id, _secret_of(keeper))
         self._report_unverifiable(endpoint_id, unverifiable)
         self._secret_unverifiable = unverifiable is not None
         result = _result(
@@ -572,7 +572,7 @@ class Reconciler:
                 raise
             log.info("reconcile.duplicate_already_gone", endpoint_id=endpoint_id)
             return
-        log.info("reconcile.duplicate_deleted", endpoint_id=action.endpoint_id, url=action.url)
+        log.info("reconcile.duplicate_deleted", endpoint_id=endpoint_id, url=action.url)
 
     @staticmethod
     def _verified(actions: list[Action]) -> ResultKind:

@@ -189,22 +189,21 @@ class WebhookHandler:
         cannot keep KonPro's deliveries out by announcing large bodies. The request's header
         fields count too while it waits: up to 128 of ``max_header_bytes``, a megabyte, twice
         that once parsed, held for as long as the sender takes."""
-        held = _header_bytes(request)
-        self._bodies.take(held)
+        fields = _header_bytes(request)
+        self._bodies.take(fields)
         parts: list[bytes] = []
         size = 0
         try:
             async for part in request.content.iter_any():
                 self._bodies.take(len(part))
-                held += len(part)
                 size += len(part)
                 if size > limit:
                     raise _body_too_large(limit)
                 parts.append(part)
         except BaseException:
-            self._bodies.give_back(held)
+            self._bodies.give_back(fields + size)
             raise
-        return b"".join(parts), held
+        return b"".join(parts), fields + size
 
     def _refuse(
         self, delivery: Delivery | None, refused: DeliveryRefused, started: float
