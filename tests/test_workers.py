@@ -8,6 +8,8 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +20,7 @@ from bridge.app import Bridge
 from bridge.config import Settings
 from bridge.reconcile import store_secret
 from bridge.replay_mesh import ReplayLink
-from bridge.workers import RestartBackoff, Supervisor
+from bridge.workers import RestartBackoff, Supervisor, WorkerBody
 from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
 from tests.support.process import BridgeProcess, free_port, run_command, write_toml
@@ -309,17 +311,47 @@ def one_cannot_start_while_the_other_is_still_starting(
     return 0
 
 
-def supervise(settings: Settings) -> None:
-    raise SystemExit(Supervisor(settings, one_cannot_start_while_the_other_is_still_starting).run())
+def supervise(settings: Settings, body: WorkerBody, backoff: RestartBackoff | None = None) -> None:
+    raise SystemExit(Supervisor(settings, body, backoff=backoff).run())
+
+
+def start_supervisor(
+    settings: Settings, body: WorkerBody, backoff: RestartBackoff | None = None
+) -> BaseProcess:
+    """The supervisor in a process of its own, so that its signal handlers stay out of the test
+    runner."""
+    process = multiprocessing.get_context("fork").Process(
+        target=supervise, args=(settings, body, backoff)
+    )
+    process.start()
+    return process
+
+
+async def stop_supervisor(process: BaseProcess) -> None:
+    assert process.pid is not None
+    os.kill(process.pid, signal.SIGTERM)
+    await asyncio.to_thread(process.join, 20)
+    process.kill()
+
+
+def record_start(settings: Settings, index: int) -> Path:
+    """Note that worker ``index`` started (a line with the time) in a file the test reads."""
+    starts = settings.spool.path.parent / f"worker-{index}-starts"
+    with starts.open("a") as record:
+        record.write(f"{time.time()}\n")
+    return starts
+
+
+def started_twice(settings: Settings, index: int) -> Callable[[], bool]:
+    starts = settings.spool.path.parent / f"worker-{index}-starts"
+    return lambda: starts.exists() and len(starts.read_text().split()) == 2
 
 
 def test_the_worker_that_cannot_start_decides_the_exit_code_not_the_ones_stopped_with_it(
     tmp_path: Path,
 ) -> None:
     settings = make_settings(tmp_path, "unused", server={"workers": 2})
-    # A process of its own, so that the supervisor's signal handlers stay out of the test runner.
-    supervisor = multiprocessing.get_context("fork").Process(target=supervise, args=(settings,))
-    supervisor.start()
+    supervisor = start_supervisor(settings, one_cannot_start_while_the_other_is_still_starting)
     supervisor.join(20)
     assert supervisor.exitcode == 1
 
@@ -335,19 +367,11 @@ def fails_at_once(settings: Settings, index: int, replays: ReplayLink) -> int:
     return 3  # not CANNOT_START: the supervisor starts it again, after its back-off
 
 
-def supervise_with_a_long_back_off(settings: Settings) -> None:
-    supervisor = Supervisor(settings, fails_at_once, backoff=RestartBackoff(60.0, 60.0))
-    raise SystemExit(supervisor.run())
-
-
 async def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: Path) -> None:
     """The back-off grows to 30 s; a platform's stop grace is often as short (Kubernetes: 30 s).
     Python resumes a sleep after a signal handler, so the supervisor must wake itself."""
     settings = make_settings(tmp_path, "unused", server={"workers": 2})
-    supervisor = multiprocessing.get_context("fork").Process(
-        target=supervise_with_a_long_back_off, args=(settings,)
-    )
-    supervisor.start()
+    supervisor = start_supervisor(settings, fails_at_once, RestartBackoff(60.0, 60.0))
     try:
         failed = [settings.spool.path.parent / f"worker-{i}-failed" for i in (0, 1)]
         await eventually(lambda: all(marker.exists() for marker in failed))
@@ -363,9 +387,7 @@ async def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: P
 def crash_loops_or_runs_a_while(settings: Settings, index: int, replays: ReplayLink) -> int:
     """Worker 0 dies at once, every time; worker 1 runs longer than the longest back-off, dies
     once, then runs on."""
-    starts = settings.spool.path.parent / f"worker-{index}-starts"
-    with starts.open("a") as record:
-        record.write(f"{time.time()}\n")
+    starts = record_start(settings, index)
     if index == 0:
         return 3
     if len(starts.read_text().split()) == 1:
@@ -376,34 +398,19 @@ def crash_loops_or_runs_a_while(settings: Settings, index: int, replays: ReplayL
     return 0
 
 
-def supervise_a_crash_loop_beside_a_healthy_worker(settings: Settings) -> None:
-    supervisor = Supervisor(
-        settings, crash_loops_or_runs_a_while, backoff=RestartBackoff(0.25, 4.0)
-    )
-    raise SystemExit(supervisor.run())
-
-
 async def test_a_worker_crash_looping_does_not_hold_up_the_restart_of_another(
     tmp_path: Path,
 ) -> None:
     # Worker 0's back-off has grown to 4 s when worker 1, healthy until then, dies: worker 1's
     # own back-off (0.25 s) applies, not what is left of worker 0's.
     settings = make_settings(tmp_path, "unused", server={"workers": 2})
-    supervisor = multiprocessing.get_context("fork").Process(
-        target=supervise_a_crash_loop_beside_a_healthy_worker, args=(settings,)
-    )
-    supervisor.start()
-    starts = settings.spool.path.parent / "worker-1-starts"
+    supervisor = start_supervisor(settings, crash_loops_or_runs_a_while, RestartBackoff(0.25, 4.0))
     try:
-        await eventually(
-            lambda: starts.exists() and len(starts.read_text().split()) == 2, within=20
-        )
+        await eventually(started_twice(settings, 1), within=20)
     finally:
-        assert supervisor.pid is not None
-        os.kill(supervisor.pid, signal.SIGTERM)
-        await asyncio.to_thread(supervisor.join, 20)
-        supervisor.kill()
+        await stop_supervisor(supervisor)
 
+    starts = settings.spool.path.parent / "worker-1-starts"
     ended = float((settings.spool.path.parent / "worker-1-ended").read_text())
     restarted = float(starts.read_text().split()[1])
     assert restarted - ended < 2.0  # worker 0 was then in a 4 s back-off
@@ -443,18 +450,11 @@ def test_each_worker_has_its_own_back_off() -> None:
 
 
 def raises_once(settings: Settings, index: int, replays: ReplayLink) -> int:
-    starts = settings.spool.path.parent / f"worker-{index}-starts"
-    with starts.open("a") as record:
-        record.write("started\n")
+    starts = record_start(settings, index)
     if index == 0 and len(starts.read_text().split()) == 1:
         raise RuntimeError("a bug met at run time")
     time.sleep(60)
     return 0
-
-
-def supervise_a_worker_that_raises(settings: Settings) -> None:
-    supervisor = Supervisor(settings, raises_once, backoff=RestartBackoff(0.25, 4.0))
-    raise SystemExit(supervisor.run())
 
 
 async def test_a_worker_that_dies_of_an_error_nobody_caught_is_started_again(
@@ -464,19 +464,10 @@ async def test_a_worker_that_dies_of_an_error_nobody_caught_is_started_again(
     not start at all: the supervisor stopped the whole bridge. Now it logs ``workers.crashed``
     (with the traceback), exits 70, and is started again after its back-off."""
     settings = make_settings(tmp_path, "unused", server={"workers": 2})
-    supervisor = multiprocessing.get_context("fork").Process(
-        target=supervise_a_worker_that_raises, args=(settings,)
-    )
-    supervisor.start()
-    starts = settings.spool.path.parent / "worker-0-starts"
+    supervisor = start_supervisor(settings, raises_once, RestartBackoff(0.25, 4.0))
     try:
-        await eventually(
-            lambda: starts.exists() and len(starts.read_text().split()) == 2, within=20
-        )
+        await eventually(started_twice(settings, 0), within=20)
         assert supervisor.is_alive()
     finally:
-        assert supervisor.pid is not None
-        os.kill(supervisor.pid, signal.SIGTERM)
-        await asyncio.to_thread(supervisor.join, 20)
-        supervisor.kill()
+        await stop_supervisor(supervisor)
     assert supervisor.exitcode == 0
