@@ -33,7 +33,7 @@ from bridge.relay import Relay
 from bridge.replay_mesh import ReplayLink
 from bridge.server import BodiesInFlight, create_app
 from bridge.signatures import Authenticator, ReplayGuard
-from bridge.spool import Spool, SpoolLocked, delete_spool_files
+from bridge.spool import Spool, SpoolLocked, SpoolOpenFailed, delete_spool_files
 from bridge.status import StatusReport, registration_ok
 from bridge.tasks import cancel_and_wait
 from bridge.workers import left_behind_spool_dirs, spool_dir
@@ -224,7 +224,7 @@ class Bridge:
         try:
             path = spool_dir(self.settings.spool.path, self.worker)
             return await Spool.open(self.settings.spool.at(path))
-        except (OSError, RuntimeError) as exc:
+        except (OSError, SpoolOpenFailed) as exc:
             raise StartupError(
                 f"cannot open the spool at {self.settings.spool.path}: {exc}"
             ) from exc
@@ -250,7 +250,7 @@ class Bridge:
                     log.info("spool.left_behind_locked", path=str(path), error=str(exc))
                     said = True
                 await asyncio.sleep(_LEFT_BEHIND_POLL_SECONDS)
-            except (OSError, RuntimeError) as exc:  # unusable: a restart will not fix it either
+            except (OSError, SpoolOpenFailed) as exc:  # unusable: a restart will not fix it
                 log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
                 return
 

@@ -22,18 +22,18 @@ log = structlog.get_logger(__name__)
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-Refusal = Callable[[web.Request, int, str, str], None]
-"""Says a request was refused before its body was sent: request, status, error, detail."""
+Rejection = Callable[[web.Request, int, str, str], None]
+"""Says a request was rejected before its body was sent: request, status, error, detail."""
 
 
-def _log_refusal(request: web.Request, status: int, error: str, detail: str) -> None:
+def _log_rejection(request: web.Request, status: int, error: str, detail: str) -> None:
     log.warning(
         "http.expect_refused", status=status, error=error, path=request.path, remote=request.remote
     )
 
 
 async def expect_continue(
-    request: web.Request, refused: Refusal = _log_refusal
+    request: web.Request, rejected: Rejection = _log_rejection
 ) -> web.Response | None:
     """Let the client send its body (``None``), or answer now: 413 for a body over the limit,
     before it is sent; 417 for any expectation but ``100-continue``."""
@@ -41,26 +41,26 @@ async def expect_continue(
         return None  # HTTP/1.0 has no 100 Continue; aiohttp ignores the header there too
     if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
         detail = "only Expect: 100-continue is supported"
-        return _refuse(request, refused, 417, "expectation_failed", detail)
+        return _reject(request, rejected, 417, "expectation_failed", detail)
     limit = request.client_max_size
     if request.content_length is not None and request.content_length > limit:
-        return _refuse(request, refused, 413, "body_too_large", f"body exceeds {limit} bytes")
+        return _reject(request, rejected, 413, "body_too_large", f"body exceeds {limit} bytes")
     await request.writer.write(_CONTINUE)
     request.writer.output_size = 0  # as aiohttp's handler does: the answer has not begun
     return None
 
 
-def _refuse(
-    request: web.Request, refused: Refusal, status: int, error: str, detail: str
+def _reject(
+    request: web.Request, rejected: Rejection, status: int, error: str, detail: str
 ) -> web.Response:
-    refused(request, status, error, detail)
+    rejected(request, status, error, detail)
     body = orjson.dumps({"error": error, "detail": detail})
-    refusal = web.Response(body=body, status=status, content_type="application/json")
+    rejection = web.Response(body=body, status=status, content_type="application/json")
     # The body was not asked for. Kept open, the connection would wait for it (aiohttp lingers
     # up to 10 s to drain an unread body), and whatever the client sent next would be read as
     # the rest of this request.
-    refusal.force_close()
-    return refusal
+    rejection.force_close()
+    return rejection
 
 
 def add_route(
@@ -68,12 +68,12 @@ def add_route(
     method: str,
     path: str,
     handler: Handler,
-    refused: Refusal = _log_refusal,
+    rejected: Rejection = _log_rejection,
 ) -> None:
-    """How every route of the bridge is added: with ``expect_continue`` (whose refusals go to
-    ``refused``), and a ``GET`` with ``HEAD`` too, as aiohttp's ``add_get`` does."""
+    """How every route of the bridge is added: with ``expect_continue`` (whose rejections go to
+    ``rejected``), and a ``GET`` with ``HEAD`` too, as aiohttp's ``add_get`` does."""
     resource = app.router.add_resource(path)
-    expect = partial(expect_continue, refused=refused)
+    expect = partial(expect_continue, rejected=rejected)
     if method == hdrs.METH_GET:
         resource.add_route(hdrs.METH_HEAD, handler, expect_handler=expect)
     resource.add_route(method, handler, expect_handler=expect)

@@ -32,12 +32,14 @@ from prometheus_client import (
     multiprocess,
 )
 
-from bridge.events import DOCUMENTED_EVENT_TYPES
+from bridge.events import DOCUMENTED_EVENT_TYPES, Outcome
 from bridge.expect import add_fallback_routes, add_route
-from bridge.reconcile import ResultKind
 
-OUTCOMES: Final = ("published", "spooled", "duplicate", "rejected_signature", "invalid", "refused")
-RECONCILE_RESULTS: Final[tuple[str, ...]] = get_args(ResultKind)
+NotAccepted = Literal["rejected_signature", "invalid", "refused"]
+"""What became of a delivery that was not accepted (an accepted one has an ``Outcome``)."""
+OUTCOMES: Final = (*(outcome.value for outcome in Outcome), *get_args(NotAccepted))
+# reconcile.ResultKind, spelt out: importing it would pull the KonPro client into the HTTP intake.
+RECONCILE_RESULTS: Final = ("ok", "added", "updated", "deduplicated", "disabled", "drift", "error")
 OTHER: Final = "other"
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 PUBLISH_BUCKETS: Final = (
@@ -113,7 +115,7 @@ class Metrics:
         self._published_children: dict[str, Counter] = {}
         self._initialise_series()
 
-    def delivery(self, event_type: str | None, outcome: str) -> None:
+    def delivery(self, event_type: str | None, outcome: Outcome | NotAccepted) -> None:
         """Count one delivery; ``event_type`` is ``None`` when the body named none."""
         label = event_type if event_type in self._event_types else OTHER
         child = self._children.get((label, outcome))  # every valid pair is made up front

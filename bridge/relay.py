@@ -38,7 +38,7 @@ class Relay:
         self._spool = spool
         self._forwarder = forwarder
         self._replays = replays
-        # Event ids being taken right now, each with the copies waiting for its outcome.
+        # Digests of the bodies being taken right now, each with the copies waiting for its outcome.
         self._taking: dict[str, list[asyncio.Future[bool]]] = {}
 
     async def deliver(self, delivery: Delivery) -> Outcome:

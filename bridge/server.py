@@ -30,14 +30,13 @@ from bridge.events import (
     parse_event_type,
 )
 from bridge.expect import add_fallback_routes, add_route
-from bridge.metrics import Metrics
+from bridge.metrics import Metrics, NotAccepted
 from bridge.signatures import Authenticator, SignatureRejected
 
 log = structlog.get_logger(__name__)
 
 _JSON_TYPES: Final = frozenset({"application/json", "application/octet-stream"})
 _ALLOW: Final = "POST, OPTIONS"
-_REJECTED_OUTCOMES: Final = {401: "rejected_signature"}  # every other rejection: "invalid"
 
 
 class EventSink(Protocol):
@@ -51,10 +50,19 @@ ReadinessProbe = Callable[[], str | None]
 
 
 class _Rejected(Exception):
-    def __init__(self, status: int, error: str, detail: str, *, log_detail: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        detail: str,
+        *,
+        log_detail: str = "",
+        outcome: NotAccepted = "invalid",
+    ) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
         self.log_detail = log_detail or detail
+        self.outcome = outcome
 
 
 class BodiesInFlight:
@@ -111,11 +119,11 @@ class WebhookHandler:
             finally:
                 self._bodies.give_back(held)
         except _Rejected as rejected:
-            self._metrics.delivery(None, _REJECTED_OUTCOMES.get(rejected.status, "invalid"))
+            self._metrics.delivery(None, rejected.outcome)
             return self._reject(request, rejected, started)
         except DeliveryRefused as refused:
             return self._refuse(delivery, refused, started)
-        self._metrics.delivery(delivery.event_type, outcome.value)
+        self._metrics.delivery(delivery.event_type, outcome)
         log.info(
             "webhook.accepted",
             event_type=delivery.event_type,
@@ -128,9 +136,9 @@ class WebhookHandler:
             status=202 if outcome is Outcome.SPOOLED else 200,
         )
 
-    def refused_early(self, request: web.Request, status: int, error: str, detail: str) -> None:
-        """A delivery refused before its body was sent (``Expect: 100-continue``) is counted
-        and logged as one refused after."""
+    def rejected_early(self, request: web.Request, status: int, error: str, detail: str) -> None:
+        """A delivery rejected before its body was sent (``Expect: 100-continue``) is counted
+        and logged as one rejected after."""
         self._metrics.delivery(None, "invalid")
         self._log_rejection(request, status, error, detail, duration_ms=0.0)
 
@@ -141,7 +149,9 @@ class WebhookHandler:
             self._authenticator.verify(body, request.headers)
         except SignatureRejected as exc:
             # The reason is for our log only: an attacker learns nothing from the answer.
-            raise _Rejected(401, "unauthorized", "", log_detail=exc.reason) from None
+            raise _Rejected(
+                401, "unauthorized", "", log_detail=exc.reason, outcome="rejected_signature"
+            ) from None
         try:
             event_type = parse_event_type(body)
             message_id = message_id_for(body, request.headers.get(EVENT_ID_HEADER))
@@ -271,7 +281,7 @@ def create_app(
         metrics or Metrics(),
         bodies or BodiesInFlight(settings.max_bytes_in_flight),
     )
-    add_route(app, "POST", settings.webhook_path, handler.handle, refused=handler.refused_early)
+    add_route(app, "POST", settings.webhook_path, handler.handle, rejected=handler.rejected_early)
     add_route(app, "GET", "/healthz", _healthz)
     add_route(app, "GET", "/readyz", _readyz(readiness))
     return app

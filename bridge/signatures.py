@@ -1,9 +1,10 @@
 """Is a delivery from KonPro, and is it new? Signature, timestamp and replay checks.
 
 KonPro signs the raw body only: ``hex(HMAC-SHA256(secret, body))``, keyed with the secret string
-exactly as given (``whsec_`` prefix included). ``KonPro-Timestamp`` is *not* signed, so the
-timestamp check only turns away naive replays of old captures; the replay guard, keyed by event
-id, is what stops a delivery from being published twice within its window.
+exactly as given (``whsec_`` prefix included). ``KonPro-Timestamp`` and ``KonPro-Event-Id`` are
+*not* signed, so the timestamp check only turns away naive replays of old captures; the replay
+guard, keyed by the body's digest (what the signature covers), is what stops a delivery from
+being published twice within its window.
 """
 
 from __future__ import annotations

@@ -75,13 +75,21 @@ class SpoolError(DeliveryRefused):
         super().__init__(reason, retry_after=RETRY_AFTER)
 
 
-class SpoolLocked(RuntimeError):
+class SpoolOpenFailed(RuntimeError):
+    """The spool cannot be opened by this process; the message says why."""
+
+
+class SpoolLocked(SpoolOpenFailed):
     """Another process owns the spool."""
 
 
-class SpoolUnusable(RuntimeError):
+class SpoolUnusable(SpoolOpenFailed):
     """The spool's file cannot be opened as a spool (corrupt, not a database, unreadable, or its
     disk cannot take a write); the message says which, and what to do."""
+
+
+class SpoolClosed(RuntimeError):
+    """The spool was used after ``close()``."""
 
 
 class SpoolFull(SpoolError):
@@ -322,7 +330,7 @@ class Spool:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("the spool is closed")
+            raise SpoolClosed("the spool is closed")
 
     def _reserve(self, size: int) -> None:
         if reason := self.why_full(size):
@@ -359,14 +367,14 @@ class Spool:
             if error is None:
                 committed.set_result(None)
             else:
-                committed.set_exception(_write_failed(error))
+                committed.set_exception(_as_spool_error(error))
 
     async def _remove(self, ids: list[int]) -> None:
         try:
             count, size, parked = await self._call(partial(self._db.delete, ids))
         except (sqlite3.Error, OSError) as exc:
             self._forwarded.update(ids)
-            raise _write_error(exc) from exc
+            raise _as_spool_error(exc) from exc
         self._forwarded.difference_update(ids)
         for event_id in ids:
             self._refusals.pop(event_id, None)
@@ -391,7 +399,7 @@ class Spool:
         try:
             return await self._call(function)
         except (sqlite3.Error, OSError) as exc:
-            raise _write_error(exc) from exc
+            raise _as_spool_error(exc) from exc
 
 
 class _Database:
@@ -585,13 +593,10 @@ def _unusable(directory: Path, error: sqlite3.DatabaseError) -> SpoolUnusable:
     return SpoolUnusable(f"cannot open the spool {path} ({error}); {advice}, then start again")
 
 
-def _write_error(error: sqlite3.Error | OSError) -> SpoolError:
-    return SpoolError(f"spool write failed: {error}")
-
-
-def _write_failed(error: Exception) -> Exception:
+def _as_spool_error(error: Exception) -> Exception:
+    """A failed write as the refusal it means for the delivery; any other error as it is."""
     if isinstance(error, sqlite3.Error | OSError):
-        wrapped = _write_error(error)
+        wrapped = SpoolError(f"spool write failed: {error}")
         wrapped.__cause__ = error
         return wrapped
     return error

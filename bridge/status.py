@@ -18,7 +18,7 @@ from bridge import __version__
 from bridge.publisher import Publisher
 from bridge.reconcile import ReconcileResult
 from bridge.server import BodiesInFlight
-from bridge.spool import Spool, SpoolStatus
+from bridge.spool import Spool, SpoolClosed, SpoolStatus
 
 RegistrationProbe = Callable[[], ReconcileResult | None]
 """The last registration check's result, ``None`` before the first one."""
@@ -81,7 +81,7 @@ class StatusReport:
         """This worker's spool, with those of workers no longer run that it is forwarding."""
         statuses = []
         for spool in self._spools():
-            with contextlib.suppress(RuntimeError):  # a left-behind spool closed meanwhile
+            with contextlib.suppress(SpoolClosed):  # a left-behind spool closed meanwhile
                 statuses.append(await spool.status())
         total = SpoolStatus.of_all(statuses)
         oldest = None if total.oldest_age is None else round(total.oldest_age, 3)

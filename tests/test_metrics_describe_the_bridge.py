@@ -10,14 +10,16 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import get_args
 
 import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.events import DOCUMENTED_EVENT_TYPES
-from bridge.metrics import OUTCOMES, Metrics, metrics_app
+from bridge.events import DOCUMENTED_EVENT_TYPES, Outcome
+from bridge.metrics import OUTCOMES, RECONCILE_RESULTS, Metrics, metrics_app
+from bridge.reconcile import ResultKind
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Serve = Callable[[Metrics], Awaitable[str]]
@@ -67,10 +69,10 @@ async def test_each_call_shows_up_under_its_name_and_labels(
     metrics = Metrics(event_types=["instant_avatar.success"], exchanges=["konpro.events"])
     url = await serve(metrics)
 
-    metrics.delivery("avatar_video.success", "published")
-    metrics.delivery("avatar_video.success", "published")
-    metrics.delivery("instant_avatar.success", "spooled")
-    metrics.delivery("batch.finished", "duplicate")
+    metrics.delivery("avatar_video.success", Outcome.PUBLISHED)
+    metrics.delivery("avatar_video.success", Outcome.PUBLISHED)
+    metrics.delivery("instant_avatar.success", Outcome.SPOOLED)
+    metrics.delivery("batch.finished", Outcome.DUPLICATE)
     metrics.delivery(None, "invalid")
     metrics.published("konpro.events", 0.003)
     metrics.published("konpro.events", 0.7)
@@ -156,12 +158,29 @@ def test_label_values_stay_bounded_whatever_event_types_arrive() -> None:
 
 def test_an_outcome_outside_the_documented_set_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown outcome"):
-        Metrics().delivery("avatar_video.success", "lost")
+        Metrics().delivery("avatar_video.success", "lost")  # type: ignore[arg-type]
+
+
+def test_the_reconciliation_results_are_the_ones_the_reconciler_reports() -> None:
+    assert get_args(ResultKind) == RECONCILE_RESULTS
+
+
+def test_the_http_intake_does_not_load_the_konpro_client() -> None:
+    """Data flows one way: HTTP, validate, publish. The intake has no use for the API client."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, bridge.server; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "'bridge.server'" in loaded
+    assert "'bridge.konpro'" not in loaded
+    assert "'bridge.reconcile'" not in loaded
 
 
 def test_two_bridges_in_one_process_keep_separate_counts() -> None:
     first, second = Metrics(), Metrics()
-    first.delivery("avatar_video.success", "published")
+    first.delivery("avatar_video.success", Outcome.PUBLISHED)
 
     assert b'outcome="published"} 1.0' in first.exposition()
     assert b'outcome="published"} 1.0' not in second.exposition()
