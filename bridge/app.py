@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import gc
 import signal
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -23,7 +22,7 @@ from aiohttp import web
 from bridge import __version__
 from bridge.config import Settings, why_not_reconcile
 from bridge.expect import add_route
-from bridge.forwarder import Forwarder, forwarding
+from bridge.forwarder import Forwarder, LeftBehindSpools, forwarding
 from bridge.konpro import KonProClient
 from bridge.logs import Redactor, redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
@@ -33,7 +32,7 @@ from bridge.relay import Relay
 from bridge.replay_mesh import ReplayLink
 from bridge.server import BodiesInFlight, create_app
 from bridge.signatures import Authenticator, ReplayGuard
-from bridge.spool import Spool, SpoolLocked, SpoolOpenFailed, delete_spool_files
+from bridge.spool import Spool, SpoolOpenFailed
 from bridge.status import StatusReport, registration_ok
 from bridge.tasks import cancel_and_wait
 from bridge.workers import left_behind_spool_dirs, spool_dir
@@ -42,7 +41,6 @@ log = structlog.get_logger(__name__)
 
 _SECRET_POLL_INTERVAL = 2.0
 _RECANCEL_SECONDS = 0.5  # aiohttp may swallow a cancellation that meets a request's timeout
-_LEFT_BEHIND_POLL_SECONDS = 1.0  # how soon a left-behind spool is forwarded once the broker is up
 _GAUGE_REFRESH_SECONDS = 1.0  # how fresh, with several workers, the live gauges are
 _FIRST_CONNECT_WAIT = 3.0  # seconds at most that listening waits for the first broker connect
 
@@ -55,28 +53,28 @@ class Bridge:
     """One running bridge: spool, publisher, relay and HTTP server, started and stopped together."""
 
     def __init__(
-        self, settings: Settings, worker: int = 0, replays: ReplayLink | None = None
+        self, settings: Settings, worker: int = 0, replay_link: ReplayLink | None = None
     ) -> None:
-        """``replays``: with several workers, how this one shares its replay memory."""
+        """``replay_link``: with several workers, how this one shares its replay memory."""
         self.settings = settings
         self.worker = worker
-        self._replay_link = replays
+        self._replay_link = replay_link
         self.metrics = Metrics(
             event_types=settings.konpro.events, exchanges=settings.amqp.exchanges
         )
         self.publisher = Publisher(settings.amqp, self.metrics)
         self._bodies_in_flight = BodiesInFlight(settings.server.max_bytes_in_flight)
-        self._watch_state()
+        self._watch_live_gauges()
         konpro = settings.konpro
         self.authenticator = Authenticator(
             konpro.webhook_secrets,
             timestamp_tolerance=konpro.timestamp_tolerance,
             required=konpro.require_signature,
         )
-        self.replays = ReplayGuard(
+        self.replay_guard = ReplayGuard(
             konpro.replay_window,
             konpro.replay_cache_size,
-            tell=replays.tell if replays is not None else None,
+            tell=replay_link.tell if replay_link is not None else None,
         )
         # For what the bridge says over HTTP (/readyz, /status): reasons quote error texts.
         self._answers = Redactor(settings.secrets())
@@ -89,22 +87,17 @@ class Bridge:
         self.reconciler: Reconciler | None = None
         self._reconciling: asyncio.Task[None] | None = None
         self._sharing_gauges: asyncio.Task[None] | None = None
-        self._forwarding_left_behind: asyncio.Task[None] | None = None
-        self._left_behind: dict[Spool, Forwarder] = {}  # spools of workers no longer run
+        self._left_behind: LeftBehindSpools | None = None  # spools of workers no longer run
 
-    def _watch_state(self) -> None:
+    def _watch_live_gauges(self) -> None:
         """The live gauges, read from the parts themselves. With several workers, the one that
         reconciles speaks for the registration; the others would only say "unknown"."""
-        speaks_for_registration = not (self.metrics.shared and self._why_not_reconcile())
+        silent = self.metrics.shared and self._why_not_reconcile() is not None
         self.metrics.watch(
             spool_depth=lambda: sum(spool.depth for spool in self.spools),
             spool_parked=lambda: sum(spool.parked for spool in self.spools),
             broker_connected=lambda: self.publisher.is_ready,
-            registration_ok=(
-                (lambda: registration_ok(self.last_registration()))
-                if speaks_for_registration
-                else None
-            ),
+            registration_ok=None if silent else lambda: registration_ok(self.last_registration()),
         )
 
     @property
@@ -116,7 +109,8 @@ class Bridge:
     @property
     def spools(self) -> list[Spool]:
         """This worker's spool, and those of workers no longer run that it is forwarding."""
-        return [self.spool, *self._left_behind]
+        left_behind = self._left_behind.spools if self._left_behind is not None else []
+        return [self.spool, *left_behind]
 
     async def start(self) -> None:
         try:
@@ -137,15 +131,19 @@ class Bridge:
             parked_retry_interval=self.settings.spool.parked_retry_interval,
         )
         self.publisher.on_ready(self._forwarder.retry_now)
-        relay = Relay(self.publisher, self._spool, self._forwarder, self.replays)
-        if self._replay_link is not None and self.replays.enabled:
-            self._replay_link.listen(self.replays.heard)
+        relay = Relay(self.publisher, self._spool, self._forwarder.notify, self.replay_guard)
+        if self._replay_link is not None and self.replay_guard.enabled:
+            self._replay_link.listen(self.replay_guard.heard)
         self._forwarder.start()
         await self.publisher.start()
         if self.worker == 0:
-            self._forwarding_left_behind = asyncio.create_task(
-                self._forward_left_behind(), name="forward-left-behind"
+            self._left_behind = LeftBehindSpools(
+                left_behind_spool_dirs(self.settings.spool.path, self.settings.server.workers),
+                self.settings.spool,
+                self.publisher.publish,
+                is_connected=lambda: self.publisher.is_ready,
             )
+            self._left_behind.start()
         app = create_app(
             self.settings.server,
             relay,
@@ -186,7 +184,7 @@ class Bridge:
         worker started again takes its share of its siblings' connections at once."""
         try:
             async with asyncio.timeout(_FIRST_CONNECT_WAIT):
-                await self.publisher.first_attempt()
+                await self.publisher.until_first_attempt()
         except TimeoutError:
             log.info("bridge.listening_before_broker", waited_s=_FIRST_CONNECT_WAIT)
 
@@ -228,57 +226,6 @@ class Bridge:
             raise StartupError(
                 f"cannot open the spool at {self.settings.spool.path}: {exc}"
             ) from exc
-
-    async def _forward_left_behind(self) -> None:
-        """Forward what workers that no longer run spooled (``server.workers`` was lowered),
-        then delete their spools: a 2xx promised those events too. All at once: one whose
-        parked events the broker still refuses must not hold up the others."""
-        root, workers = self.settings.spool.path, self.settings.server.workers
-        paths = left_behind_spool_dirs(root, workers)
-        await asyncio.gather(*(self._forward_left_behind_at(path) for path in paths))
-
-    async def _forward_left_behind_at(self, path: Path) -> None:
-        """A spool still locked (its old worker still stopping, or a ``spool drain``) is tried
-        again until it is free; one that cannot be used is left, with a warning."""
-        said = False
-        while True:
-            try:
-                await self._forward_spool_at(path)
-                return
-            except SpoolLocked as exc:
-                if not said:
-                    log.info("spool.left_behind_locked", path=str(path), error=str(exc))
-                    said = True
-                await asyncio.sleep(_LEFT_BEHIND_POLL_SECONDS)
-            except (OSError, SpoolOpenFailed) as exc:  # unusable: a restart will not fix it
-                log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
-                return
-
-    async def _forward_spool_at(self, path: Path) -> None:
-        async with await Spool.open(self.settings.spool.at(path)) as spool:
-            if spool.depth:
-                log.warning(
-                    "spool.left_behind",
-                    path=str(path),
-                    depth=spool.depth,
-                    detail="spooled by a worker that no longer runs; forwarding",
-                )
-            forwarder = Forwarder(
-                spool,
-                forwarding(self.publisher.publish),
-                is_connected=lambda: self.publisher.is_ready,
-                poll_interval=_LEFT_BEHIND_POLL_SECONDS,
-                parked_retry_interval=self.settings.spool.parked_retry_interval,
-            )
-            forwarder.start()
-            self._left_behind[spool] = forwarder  # for stop(), with what is left of the grace
-            try:
-                await forwarder.until_empty()
-            finally:
-                del self._left_behind[spool]
-                await forwarder.stop(grace=0.0)  # returns at once if stop() has stopped it
-        delete_spool_files(path)
-        log.info("spool.left_behind_forwarded", path=str(path))
 
     def _use_stored_secret(self) -> None:
         if not self.settings.konpro.webhook_secret.get_secret_value():
@@ -367,11 +314,11 @@ class Bridge:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
         # An event a forwarder was publishing when its grace ran out stays in its spool.
-        for forwarder in (self._forwarder, *self._left_behind.values()):
-            if forwarder is not None:
-                await forwarder.stop(grace=max(0.0, deadline - loop.time()))
-        await cancel_and_wait(self._forwarding_left_behind)
-        self._forwarding_left_behind = None
+        if self._forwarder is not None:
+            await self._forwarder.stop(grace=max(0.0, deadline - loop.time()))
+        if self._left_behind is not None:
+            await self._left_behind.stop(grace=max(0.0, deadline - loop.time()))
+            self._left_behind = None
         if self._replay_link is not None:
             self._replay_link.close()
         await self.publisher.close()
@@ -491,13 +438,13 @@ class Bridge:
         await self.stop()
 
 
-async def run(settings: Settings, worker: int = 0, replays: ReplayLink | None = None) -> None:
+async def run(settings: Settings, worker: int = 0, replay_link: ReplayLink | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _request_stop, stop, signum)
-    bridge = Bridge(settings, worker, replays)
+    bridge = Bridge(settings, worker, replay_link)
     if not await _started_unless_stopped(bridge, stop):
         return
     try:

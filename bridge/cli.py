@@ -109,14 +109,15 @@ def _load_worker_code() -> None:
         import uvloop  # noqa: F401, PLC0415
 
 
-def _run_worker(settings: Settings, worker: int, replays: ReplayLink | None = None) -> int:
+def _run_worker(settings: Settings, worker: int, replay_link: ReplayLink | None = None) -> int:
     from bridge.app import StartupError, run  # noqa: PLC0415 - keep the network stack lazy
+    from bridge.workers import CANNOT_START  # noqa: PLC0415
 
     try:
-        _run_async(run(settings, worker, replays))
+        _run_async(run(settings, worker, replay_link))
     except StartupError as exc:
         structlog.get_logger(__name__).error("bridge.cannot_start", error=str(exc))
-        return EXIT_FAILURE
+        return CANNOT_START  # the supervisor of several workers then stops them all
     return EXIT_OK
 
 
@@ -212,7 +213,7 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
             await publisher.start()
             try:
                 async with asyncio.timeout(args.wait):
-                    await publisher.wait_ready()
+                    await publisher.until_ready()
             except TimeoutError:
                 why = publisher.not_ready_reason() or "no answer"
                 message = f"no usable broker within {args.wait:g} s ({why}); nothing was drained"

@@ -34,7 +34,8 @@ DOCUMENTED_EVENT_TYPES: Final = (
 
 EVENT_ID_HEADER: Final = "KonPro-Event-Id"
 TIMESTAMP_HEADER: Final = "KonPro-Timestamp"
-SIGNATURE_HEADERS: Final = ("KonPro-Signature", "Signature")
+SIGNATURE_HEADER: Final = "KonPro-Signature"
+SIGNATURE_HEADERS: Final = (SIGNATURE_HEADER, "Signature")  # newer deliveries; older ones
 FORWARDED_HEADERS: Final = (EVENT_ID_HEADER, TIMESTAMP_HEADER, *SIGNATURE_HEADERS)
 """The delivery's headers each message carries (the README's message contract)."""
 MAX_EVENT_ID_BYTES: Final = 200  # in UTF-8; an AMQP message id holds 255
@@ -135,8 +136,7 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
         value = headers.get(name)
         if value is None:
             continue
-        # Printable first: a surrogate (undecodable bytes) cannot be encoded to count its bytes.
-        if not value.isprintable() or len(value.encode()) > MAX_FORWARDED_HEADER_BYTES:
+        if not _fits(value, MAX_FORWARDED_HEADER_BYTES):
             raise InvalidEvent(
                 f"{name} must be printable UTF-8 text of at most {MAX_FORWARDED_HEADER_BYTES} bytes"
             )
@@ -147,13 +147,18 @@ def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
 def message_id_for(body: bytes, event_id: str | None) -> str:
     """KonPro's event id when it sent one, else a digest of the body: stable across retries."""
     if event_id:
-        # Printable first: a surrogate (undecodable bytes) cannot be encoded to count its bytes.
-        if not event_id.isprintable() or len(event_id.encode()) > MAX_EVENT_ID_BYTES:
+        if not _fits(event_id, MAX_EVENT_ID_BYTES):
             raise InvalidEvent(
                 f"{EVENT_ID_HEADER} must be printable and at most {MAX_EVENT_ID_BYTES} bytes"
             )
         return event_id
     return body_digest(body)
+
+
+def _fits(value: str, max_bytes: int) -> bool:
+    """Printable, and at most ``max_bytes`` in UTF-8. Printable first: a surrogate (undecodable
+    bytes, as aiohttp hands them over) cannot be encoded to count its bytes."""
+    return value.isprintable() and len(value.encode()) <= max_bytes
 
 
 def body_digest(body: bytes) -> str:

@@ -12,15 +12,24 @@ import asyncio
 import functools
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
+from pathlib import Path
 from typing import Final, Protocol
 
 import structlog
 
+from bridge.config import SpoolSettings
 from bridge.events import Delivery, MessageRefused
-from bridge.spool import Spool, SpooledEvent, SpoolError
-from bridge.tasks import this_task_is_cancelled
+from bridge.spool import (
+    Spool,
+    SpooledEvent,
+    SpoolError,
+    SpoolLocked,
+    SpoolOpenFailed,
+    delete_spool_files,
+)
+from bridge.tasks import cancel_and_wait, this_task_is_cancelled
 
 Publish = Callable[[Delivery], Awaitable[None]]
 
@@ -36,6 +45,9 @@ FORWARD_WITHIN: Final = 60.0
 a live delivery's (``amqp.publish_timeout``, kept under KonPro's 10 s): were a broker confirming
 more slowly than that to time every forward out, the spool would never drain, and the event at
 its head, stored each time all the same, would reach the bus once a retry."""
+
+LEFT_BEHIND_POLL_SECONDS: Final = 1.0
+"""How soon a left-behind spool is forwarded once the broker is up, or tried again once free."""
 
 _log = structlog.get_logger(__name__)
 
@@ -364,6 +376,94 @@ class Forwarder:
             )
             return True
         return False
+
+
+class LeftBehindSpools:
+    """Forwards, then deletes, the spools of workers that no longer run (``server.workers`` was
+    lowered): a 2xx promised their events too.
+
+    All at once: one whose parked events the broker still refuses must not hold up the others.
+    A spool still locked (its old worker still stopping, or a ``spool drain``) is tried again
+    every ``LEFT_BEHIND_POLL_SECONDS`` until it is free; one that cannot be used is left, with a
+    warning: a restart would not fix it either.
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[Path],
+        settings: SpoolSettings,
+        publish: PublishWithin,
+        *,
+        is_connected: Callable[[], bool],
+    ) -> None:
+        self._paths = list(paths)
+        self._settings = settings
+        self._publish = forwarding(publish)
+        self._is_connected = is_connected
+        self._forwarders: dict[Spool, Forwarder] = {}  # the spools open now
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def spools(self) -> list[Spool]:
+        """The left-behind spools being forwarded now."""
+        return list(self._forwarders)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._forward_all(), name="forward-left-behind")
+
+    async def stop(self, grace: float) -> None:
+        """Let each forward finish within ``grace`` seconds in all; an event still being
+        published then stays in its spool, for the next start."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        for forwarder in list(self._forwarders.values()):
+            await forwarder.stop(grace=max(0.0, deadline - loop.time()))
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    async def _forward_all(self) -> None:
+        await asyncio.gather(*(self._forward_when_free(path) for path in self._paths))
+
+    async def _forward_when_free(self, path: Path) -> None:
+        said = False
+        while True:
+            try:
+                await self._forward(path)
+                return
+            except SpoolLocked as exc:
+                if not said:
+                    _log.info("spool.left_behind_locked", path=str(path), error=str(exc))
+                    said = True
+                await asyncio.sleep(LEFT_BEHIND_POLL_SECONDS)
+            except (OSError, SpoolOpenFailed) as exc:
+                _log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
+                return
+
+    async def _forward(self, path: Path) -> None:
+        async with await Spool.open(self._settings.at(path)) as spool:
+            if spool.depth:
+                _log.warning(
+                    "spool.left_behind",
+                    path=str(path),
+                    depth=spool.depth,
+                    detail="spooled by a worker that no longer runs; forwarding",
+                )
+            forwarder = Forwarder(
+                spool,
+                self._publish,
+                is_connected=self._is_connected,
+                poll_interval=LEFT_BEHIND_POLL_SECONDS,
+                parked_retry_interval=self._settings.parked_retry_interval,
+            )
+            forwarder.start()
+            self._forwarders[spool] = forwarder  # for stop(), with what is left of the grace
+            try:
+                await forwarder.until_empty()
+            finally:
+                del self._forwarders[spool]
+                await forwarder.stop(grace=0.0)  # returns at once if stop() has stopped it
+        delete_spool_files(path)
+        _log.info("spool.left_behind_forwarded", path=str(path))
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

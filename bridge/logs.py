@@ -26,7 +26,12 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from bridge.config import MASK, LogSettings
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 _CHATTY_LIBRARIES = ("aiormq", "aio_pika", "asyncio")
 _CLIENT_FAULTS = (BadHttpMessage, RequestPayloadError, zlib.error)
 """What aiohttp's server logs as errors although the client caused it."""
@@ -200,7 +205,7 @@ def configure_logging(
     stream = stream or sys.stderr
     for secret in secrets:
         redactor.add(secret)
-    level = _LEVELS.get(settings.level, logging.ERROR)
+    level = _LEVELS[settings.level]
     renderer = _RedactingRenderer(_renderer(settings, stream), redactor)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,

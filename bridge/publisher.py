@@ -163,7 +163,7 @@ class Publisher:
         self._channel: AbstractRobustChannel | None = None
         self._underlay: aiormq.Channel | None = None
         self._topology_declared = False
-        self._last_error: str | None = "connecting to the broker"
+        self._why_not_ready: str | None = "connecting to the broker"
         self._connect_task: asyncio.Task[None] | None = None
         self._restore_watch: asyncio.Task[None] | None = None
         self._channel_closed_at = 0.0  # monotonic: when the broker last closed the channel
@@ -190,11 +190,7 @@ class Publisher:
         """Begin connecting in the background: a broker that is down at start is not fatal."""
         self._connect_task = asyncio.create_task(self._connect_until_ready(), name="amqp-connect")
 
-    async def wait_ready(self) -> None:
-        if self._connect_task is not None:
-            await asyncio.shield(self._connect_task)
-
-    async def first_attempt(self) -> None:
+    async def until_first_attempt(self) -> None:
         """Until the first attempt to connect has succeeded or failed: from then on, whether a
         delivery can be published is known."""
         await self._first_attempt_over.wait()
@@ -221,7 +217,7 @@ class Publisher:
         """Why publishing cannot succeed now, or ``None`` when it can."""
         if self.is_ready:
             return None
-        return self._last_error or "broker connection lost; reconnecting"
+        return self._why_not_ready or "broker connection lost; reconnecting"
 
     async def publish(self, delivery: Delivery, within: float | None = None) -> None:
         """Publish and wait for the broker's confirm, all within ``within`` seconds
@@ -257,9 +253,9 @@ class Publisher:
                 raise
             # The confirm's future was cancelled, not this task: by aiormq when it gave the
             # connection up, or by abandon_confirm_waits.
-            raise self._not_confirmed(None, exchange_name) from None
+            raise self._confirm_missed(None, exchange_name) from None
         except Exception as exc:  # noqa: BLE001 - not confirmed, whatever the reason: spooled
-            raise self._not_confirmed(exc, exchange_name) from None
+            raise self._confirm_missed(exc, exchange_name) from None
         finally:
             for waiting in self._in_flight.pop(message_id):
                 if not waiting.done():
@@ -300,8 +296,10 @@ class Publisher:
     def _why_not_connected(self, exc: BaseException) -> str:
         return _describe_connect_failure(exc, self._settings.url.get_secret_value())
 
-    def _not_confirmed(self, exc: Exception | None, exchange_name: str) -> PublishFailed:
-        """Why a publish got no confirm (``None``: its wait was cancelled under it)."""
+    def _confirm_missed(self, exc: Exception | None, exchange_name: str) -> PublishFailed:
+        """Note that a publish got no confirm (the next confirm then wakes the forwarder; a
+        returned message has the topology declared again), and say why, as the error to raise.
+        ``exc`` is ``None`` when the wait for the confirm was cancelled under it."""
         self._confirms_missed = True
         if exc is None:
             return PublishFailed(self._abandoned_because or f"publish failed: {_LINK_GIVEN_UP}")
@@ -345,7 +343,7 @@ class Publisher:
             await cancel_and_wait(task)
         await self._discard_connection()
         self._topology_declared = False
-        self._last_error = "publisher closed"
+        self._why_not_ready = "publisher closed"
 
     async def _connect_until_ready(self) -> None:
         delay = _FIRST_RETRY_DELAY
@@ -360,7 +358,7 @@ class Publisher:
                     raise
                 self._first_attempt_over.set()
                 error = self._why_not_connected(exc)
-                self._last_error = f"cannot connect to the broker: {error}"
+                self._why_not_ready = f"cannot connect to the broker: {error}"
                 log.warning(
                     "amqp.connect_failed",
                     url=masked_url(self._settings.url.get_secret_value()),
@@ -432,7 +430,7 @@ class Publisher:
 
     def _link_changed(self, error: str | None) -> None:
         """The link came up (``None``) or went down for ``error``; ``/status`` shows since when."""
-        self._last_error = error
+        self._why_not_ready = error
         self.link_changed_at = time.time()
 
     def _notify_ready(self) -> None:
@@ -463,7 +461,7 @@ class Publisher:
                 "amqp.connection_lost", error=error, retry_every=self._settings.reconnect_interval
             )
             return
-        self._last_error = f"broker connection lost; reconnecting failed: {error}"
+        self._why_not_ready = f"broker connection lost; reconnecting failed: {error}"
         if outage.failed_attempt(now):
             log.warning(
                 "amqp.still_down",
@@ -511,7 +509,7 @@ class Publisher:
             break
         log.error(
             "amqp.channel_not_restored",
-            error=self._last_error,
+            error=self._why_not_ready,
             detail="reconnecting with a new connection",
         )
         await self._discard_connection()

@@ -27,7 +27,7 @@ import structlog
 from pydantic import SecretStr
 from yarl import URL
 
-from bridge.config import KonProSettings, ReconcileSettings, Settings, why_not_reconcile
+from bridge.config import KonProSettings, ReconcileSettings, Settings
 from bridge.konpro import (
     AuthenticationError,
     Endpoint,
@@ -35,8 +35,6 @@ from bridge.konpro import (
     KonProError,
     NotFound,
     RateLimited,
-    ServerError,
-    TransportError,
     ValidationFailed,
 )
 
@@ -67,10 +65,6 @@ class Action:
     endpoint_id: str | None = None
     events: tuple[str, ...] | None = None
     new_url: str | None = None  # UPDATE: the URL to deliver to instead
-
-    @property
-    def writes(self) -> bool:
-        return self.kind is not ActionKind.REPORT_DISABLED
 
     def __str__(self) -> str:
         target = f"{self.endpoint_id} ({self.url})" if self.endpoint_id else self.url
@@ -117,11 +111,6 @@ class ReconcileResult:
             "actions": [str(action) for action in self.actions],
             "secret_stored": self.secret_stored,
         }
-
-
-def should_reconcile(settings: Settings) -> bool:
-    """Whether the bridge has what reconciliation needs and is allowed to run it."""
-    return why_not_reconcile(settings) is None
 
 
 def normalize_url(url: str) -> str:
@@ -312,7 +301,7 @@ class Reconciler:
         self._events_checked = False
         self._auth_failing = False  # the last run's key was refused: no back-off can help
         self._auth_reported = False  # said so, since the last run that got through
-        self._reported_mismatch: str | None = None  # endpoint id
+        self._unverifiable_reported_for: str | None = None  # endpoint id
         self._secret_unverifiable = False
         self._stored_this_run = False  # a new secret was written to the file in this run
         self._retry_after = 0.0
@@ -321,10 +310,6 @@ class Reconciler:
     @classmethod
     def from_settings(cls, client: KonProClient, settings: Settings) -> Reconciler:
         return cls(client, settings.konpro, settings.reconcile, settings.spool.path)
-
-    @property
-    def desired(self) -> Desired:
-        return self._desired
 
     async def run_once(self) -> ReconcileResult:
         """One comparison (and, in repair mode, repair). KonPro's failures become the result."""
@@ -441,7 +426,7 @@ class Reconciler:
         """Why deliveries to the kept endpoint cannot be checked, if they cannot."""
         try:
             return self._secret_not_configured(secret) or await self._secret_outdated(
-                endpoint_id, secret, stored_if_known=self._stores_known_secret
+                endpoint_id, secret
             )
         except OSError as exc:  # a secret file this run did not write, and cannot read
             return f"the stored signing secret cannot be read: {exc}"
@@ -459,7 +444,7 @@ class Reconciler:
         )
 
     async def _secret_outdated(
-        self, endpoint_id: str | None, secret: SecretStr | None, *, stored_if_known: bool
+        self, endpoint_id: str | None, secret: SecretStr | None
     ) -> str | None:
         """Why deliveries to the kept endpoint cannot be checked: KonPro does not tell its
         secret (``endpoint.list`` may answer ``null``), and the stored one belongs to another
@@ -476,7 +461,7 @@ class Reconciler:
             return None
         if secret is None or not secret.get_secret_value():
             return await self._unknown_secret_outdated(endpoint_id)
-        if stored_if_known:
+        if self._stores_known_secret:
             return None
         stored = await asyncio.to_thread(load_stored_secret, self._secret_dir)
         if stored == secret.get_secret_value():
@@ -510,9 +495,9 @@ class Reconciler:
     def _report_unverifiable(self, endpoint_id: str | None, error: str | None) -> None:
         """One error line for each endpoint whose deliveries will be refused, not one per run."""
         if error is None:
-            self._reported_mismatch = None
-        elif self._reported_mismatch != endpoint_id:
-            self._reported_mismatch = endpoint_id
+            self._unverifiable_reported_for = None
+        elif self._unverifiable_reported_for != endpoint_id:
+            self._unverifiable_reported_for = endpoint_id
             log.error("reconcile.secret_mismatch", endpoint_id=endpoint_id, error=error)
 
     async def _check_event_names(self) -> None:
@@ -521,9 +506,10 @@ class Reconciler:
             return
         try:
             known = set(await self._client.list_event_types())
-        except (RateLimited, AuthenticationError, ServerError, TransportError):
-            raise  # KonPro is down, asks to wait or refuses the key: the run ends, as at any call
-        except KonProError as exc:  # refused, or an unknown shape: asking again will not help
+        except KonProError as exc:
+            if exc.retryable or isinstance(exc, AuthenticationError):
+                raise  # KonPro is down, asks to wait, or refuses the key: the run ends
+            # Refused, or an unknown shape: asking again will not help.
             log.warning("reconcile.event_types_unchecked", error=str(exc))
             self._events_checked = True
             return

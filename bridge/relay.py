@@ -11,11 +11,11 @@ within the replay window, or is being taken right now, is a duplicate and is not
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
 from bridge.events import Delivery, DeliveryRefused, Outcome, PublishFailed, body_digest
-from bridge.forwarder import Forwarder
 from bridge.publisher import Publisher
 from bridge.signatures import ReplayGuard
 from bridge.spool import Spool
@@ -31,12 +31,12 @@ class Relay:
         self,
         publisher: Publisher,
         spool: Spool,
-        forwarder: Forwarder,
+        on_spooled: Callable[[], None],
         replays: ReplayGuard,
     ) -> None:
         self._publisher = publisher
         self._spool = spool
-        self._forwarder = forwarder
+        self._on_spooled = on_spooled  # wakes the forwarder
         self._replays = replays
         # Digests of the bodies being taken right now, each with the copies waiting for its outcome.
         self._taking: dict[str, list[asyncio.Future[bool]]] = {}
@@ -81,7 +81,7 @@ class Relay:
             await self._publisher.publish(delivery)
         except PublishFailed as failure:
             await self._spool.append(delivery)  # SpoolFull / SpoolError propagate: 503
-            self._forwarder.notify()
+            self._on_spooled()
             log.debug("webhook.spooled", message_id=delivery.message_id, reason=failure.reason)
             return Outcome.SPOOLED
         return Outcome.PUBLISHED

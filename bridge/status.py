@@ -43,7 +43,7 @@ class StatusReport:
         *,
         registration: RegistrationProbe | None = None,
         registration_off: str = "reconciliation is not enabled",
-        redact: Callable[[bytes], bytes] = bytes,
+        redact: Callable[[bytes], bytes] = lambda text: text,
     ) -> None:
         self._publisher = publisher
         self._redact = redact

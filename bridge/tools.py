@@ -21,12 +21,11 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from bridge.config import Settings
-from bridge.events import EVENT_ID_HEADER, TIMESTAMP_HEADER
+from bridge.events import EVENT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 from bridge.publisher import unrouted_name
 from bridge.samples import sample_body
 from bridge.signatures import sign
 
-SIGNATURE_HEADER: Final = "KonPro-Signature"
 _MAX_DATA_CHARS: Final = 200
 _TAIL_QUEUE_LIMIT: Final = 10_000  # a slow terminal must not make the broker hoard messages
 

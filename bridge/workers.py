@@ -241,14 +241,14 @@ def _exit_status(exitcode: int | None) -> int:
 
 
 def _worker_main(
-    body: WorkerBody, settings: Settings, index: int, supervisor: int, replays: ReplayLink
+    body: WorkerBody, settings: Settings, index: int, supervisor: int, replay_link: ReplayLink
 ) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)  # the worker's event loop installs its own
     _stop_with(supervisor)
     structlog.contextvars.bind_contextvars(worker=index)
     try:
-        code = body(settings, index, replays)
+        code = body(settings, index, replay_link)
     except Exception:  # multiprocessing would exit 1, which says "could not start": stop all
         log.exception("workers.crashed", worker=index)
         code = CRASHED

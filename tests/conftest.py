@@ -132,7 +132,7 @@ def start_bridge(tmp_path: Path, exchange_name: str) -> BridgeFactory:
         await bridge.start()
         try:
             if wait_ready:
-                await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
+                await asyncio.wait_for(bridge.publisher.until_ready(), 10)
             yield bridge
         finally:
             await bridge.stop()

@@ -233,7 +233,7 @@ async def test_the_spool_still_drains_after_a_silent_link_is_given_up_in_mid_for
         await spool.append(Delivery("avatar_video.success", VALID, "evt-held"))
         forwarder = Forwarder(spool, publisher.publish, is_connected=lambda: publisher.is_ready)
         await publisher.start()
-        await publisher.wait_ready()
+        await publisher.until_ready()
         broker_proxy.hold()
         forwarder.start()  # it publishes the event and waits for a confirm that cannot come,
         # until aiormq gives the connection up (three missed heartbeats)
@@ -369,7 +369,7 @@ async def test_the_first_confirm_after_a_silent_spell_ends_the_forwarders_back_o
         )
         publisher.on_ready(forwarder.retry_now)  # as the bridge wires them
         await publisher.start()
-        await publisher.wait_ready()
+        await publisher.until_ready()
         broker_proxy.hold()
         with structlog.testing.capture_logs() as logs:
             forwarder.start()

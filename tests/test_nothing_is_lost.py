@@ -280,7 +280,7 @@ async def test_a_broker_that_blocks_publishers_gets_bounded_answers_and_loses_no
         tmp_path, exchange_name, amqp={"url": private_broker.url, "publish_timeout": 0.5}
     )
     async with Bridge(settings) as bridge:
-        await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
+        await asyncio.wait_for(bridge.publisher.until_ready(), 10)
         url = bridge.webhook_url
         private_broker.raise_memory_alarm()
         try:
@@ -455,7 +455,7 @@ async def test_a_spooled_event_the_broker_returns_is_not_removed_from_the_spool_
         await spool.append(spooled)  # answered 202 when it was spooled
         forwarder = Forwarder(spool, publisher.publish, is_connected=lambda: publisher.is_ready)
         await publisher.start()
-        await publisher.wait_ready()
+        await publisher.until_ready()
         await channel.queue_delete(f"{exchange_name}.unrouted")
         broker_proxy.delay = 0.3  # slow confirms and returns: both publishes are in flight
         try:

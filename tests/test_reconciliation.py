@@ -28,7 +28,6 @@ from bridge.reconcile import (
     normalize_url,
     plan,
     same_events,
-    should_reconcile,
     store_secret,
 )
 from bridge.status import registration_ok
@@ -198,10 +197,10 @@ def test_a_rate_limit_pause_is_respected_within_the_bound() -> None:
 def test_reconciliation_needs_to_be_enabled_with_a_key_and_a_public_url() -> None:
     ready = {"api_key": "k", "public_url": ELSEWHERE}
 
-    assert should_reconcile(Settings(konpro=KonProSettings.model_validate(ready)))
-    assert not should_reconcile(Settings(konpro=KonProSettings(public_url=ELSEWHERE)))
-    assert not should_reconcile(Settings(konpro=KonProSettings(api_key=SecretStr("k"))))
-    assert not should_reconcile(
+    assert why_not_reconcile(Settings(konpro=KonProSettings.model_validate(ready))) is None
+    assert why_not_reconcile(Settings(konpro=KonProSettings(public_url=ELSEWHERE)))
+    assert why_not_reconcile(Settings(konpro=KonProSettings(api_key=SecretStr("k"))))
+    assert why_not_reconcile(
         Settings(
             konpro=KonProSettings.model_validate(ready),
             reconcile=ReconcileSettings(enabled=False),

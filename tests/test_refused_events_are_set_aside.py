@@ -334,7 +334,7 @@ async def test_refusals_of_live_deliveries_beside_a_spooled_event_do_not_park_it
     with private_broker.max_message_size(BROKER_LIMIT):
         await publisher.start()
         try:
-            await asyncio.wait_for(publisher.wait_ready(), 10)
+            await asyncio.wait_for(publisher.until_ready(), 10)
             async with await Spool.open(settings.spool) as spool:
                 for n in range(2):
                     await spool.append(delivery(n))
@@ -758,7 +758,7 @@ async def test_spool_drain_goes_past_a_refusal_whose_text_names_no_size(
     with private_broker.max_message_size(BROKER_LIMIT):
         await publisher.start()
         try:
-            await asyncio.wait_for(publisher.wait_ready(), 10)
+            await asyncio.wait_for(publisher.until_ready(), 10)
             async with await Spool.open(settings.spool) as spool:
                 outcome = await _drain_for_good([spool], publisher, wait=10)
                 kept = (spool.depth, spool.parked)

@@ -118,7 +118,7 @@ async def test_a_learnt_signing_secret_is_kept_masked_and_enforced_at_once(
 ) -> None:
     settings = make_settings(tmp_path, exchange_name, **registration(fake_konpro))
     async with Bridge(settings) as bridge:
-        await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
+        await asyncio.wait_for(bridge.publisher.until_ready(), 10)
         await until(lambda: bridge.authenticator.enabled)
         [registered] = fake_konpro.endpoints.values()
         url = bridge.webhook_url
@@ -142,7 +142,7 @@ async def test_a_learnt_secret_replaced_by_a_new_registration_no_longer_passes(
     KonPro issues a new secret, and a delivery signed with the old one is forged."""
     settings = make_settings(tmp_path, exchange_name, **registration(fake_konpro))
     async with Bridge(settings) as bridge:
-        await asyncio.wait_for(bridge.publisher.wait_ready(), 10)
+        await asyncio.wait_for(bridge.publisher.until_ready(), 10)
         await until(lambda: bridge.authenticator.enabled)
         [(first_id, first)] = fake_konpro.endpoints.items()
         fake_konpro.delete(first_id)
