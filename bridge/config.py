@@ -49,6 +49,14 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message is fit to show an operator as it is."""
 
 
+def _parsed_url(value: str) -> URL:
+    """``value`` as a URL, or an error that does not quote it: a URL may carry a password."""
+    try:
+        return URL(value)
+    except ValueError:
+        raise ValueError("is not a valid URL (check the characters of each part)") from None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, frozen=True)
 
@@ -103,6 +111,15 @@ class ServerSettings(_Section):
         return self
 
     @model_validator(mode="after")
+    def _one_port_for_all_workers(self) -> ServerSettings:
+        # Port 0 is picked by each worker as it listens: each would get a port of its own.
+        if self.workers > 1 and self.port == 0:
+            raise ValueError(
+                f"port 0 (a free port) cannot be shared by {self.workers} workers: set a port"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _metrics_on_a_port_of_their_own(self) -> ServerSettings:
         # With workers sharing the port, the kernel would hand deliveries to the metrics site.
         if self.metrics_port and self.metrics_port == self.port:
@@ -142,7 +159,7 @@ class AmqpSettings(_Section):
     @field_validator("url")
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        url = URL(value.get_secret_value())
+        url = _parsed_url(value.get_secret_value())
         if url.scheme not in {"amqp", "amqps"} or not url.host:
             raise ValueError("must be an amqp:// or amqps:// URL with a host")
         return value
@@ -170,7 +187,7 @@ class KonProSettings(_Section):
     events: tuple[str, ...] = ("avatar_video.success", "avatar_video.fail")
     request_timeout: float = Field(default=10.0, gt=0)
 
-    _strip_secrets = field_validator(
+    _strip_surrounding_whitespace = field_validator(
         "api_key",
         "webhook_secret",
         "previous_webhook_secrets",
@@ -182,7 +199,7 @@ class KonProSettings(_Section):
     @field_validator("api_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        url = URL(value)
+        url = _parsed_url(value)
         if url.scheme not in {"http", "https"} or not url.host:
             raise ValueError("must be an http:// or https:// URL")
         return value
@@ -255,6 +272,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Earlier sources win: arguments, then the environment, then the TOML file.
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @model_validator(mode="after")
+    def _room_in_the_spool_for_one_body(self) -> Settings:
+        if self.spool.max_bytes < self.server.max_body_bytes:
+            raise ValueError(
+                f"spool.max_bytes ({self.spool.max_bytes}) must be at least "
+                f"server.max_body_bytes ({self.server.max_body_bytes}), or a delivery that size "
+                "can never be spooled while the broker is away"
+            )
+        return self
 
     def doubts(self) -> list[str]:
         """Settings that are valid but work against the bridge, each said in a sentence."""
@@ -332,7 +359,7 @@ def resolve_config_path(explicit: Path | None) -> Path | None:
 def load_settings(path: Path | None = None) -> Settings:
     """Load settings from the resolved TOML file and the environment, or raise ``ConfigError``."""
     toml_file = resolve_config_path(path)
-    if misspelt := _variables_with_one_underscore():
+    if misspelt := _misspelt_variables():
         raise ConfigError("\n".join(misspelt))
 
     class _FromFile(Settings):
@@ -346,6 +373,8 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(_describe_unparsable(exc)) from None
     except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
         raise ConfigError(f"{toml_file}: {exc}") from None
+    # A plain ``Settings``, not the class made here for this one file: it compares equal to
+    # settings built in code, and no temporary class shows in its repr or type checks.
     return Settings.model_validate(merged.model_dump())
 
 
@@ -355,17 +384,20 @@ def describe_errors(error: ValidationError, source: Path | None) -> str:
     lines = []
     for item in error.errors(include_input=False, include_url=False):
         parts = [str(part) for part in item["loc"]]
-        key = ".".join(parts) or "<root>"
-        variable = _environment_variable_setting(parts)
-        if variable is None and len(parts) == 1:  # a rule between keys: blame those it names
+        variable = _environment_variable_setting(parts) if parts else None
+        if variable is None and len(parts) <= 1:  # a rule between keys: blame those it names
+            sections = parts or list(Settings.model_fields)
             named = [
                 name
-                for name, section_key in _section_variables(parts[0])
+                for section in sections
+                for name, section_key in _section_variables(section)
                 if re.search(rf"\b{re.escape(section_key)}\b", item["msg"])
+                and (parts or f"{section}.{section_key}" in item["msg"])
             ]
             variable = ", ".join(named) or None
         origin = f"{variable} (environment)" if variable else str(source or "")
-        lines.append(f"{origin}: {key}: {item['msg']}" if origin else f"{key}: {item['msg']}")
+        where = [origin] if origin else []
+        lines.append(": ".join([*where, *([".".join(parts)] if parts else []), item["msg"]]))
     return "\n".join(lines)
 
 
@@ -379,16 +411,34 @@ def _section_variables(section: str) -> list[tuple[str, str]]:
     ]
 
 
-def _variables_with_one_underscore() -> list[str]:
-    """``KONPRO_BRIDGE_AMQP_URL`` for ``KONPRO_BRIDGE_AMQP__URL``: pydantic-settings passes such
-    a variable over without a word, and the bridge would run on the default instead."""
+_SERVICE_LINK = re.compile(
+    r"(_SERVICE_(HOST|PORT(_\w+)?)|_PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)$",
+    re.IGNORECASE,
+)
+"""The end of a variable Kubernetes sets for a Service (``<NAME>_SERVICE_HOST``, ``<NAME>_PORT``
+...): a Service named ``konpro-bridge-amqp`` gives every pod ``KONPRO_BRIDGE_AMQP_PORT``."""
+
+
+def _misspelt_variables() -> list[str]:
+    """Variables of the bridge's prefix that set nothing: pydantic-settings passes them over
+    without a word, and the bridge would run on the defaults instead. A single underscore
+    (``KONPRO_BRIDGE_AMQP_URL``) or a section that does not exist (``KONPRO_BRIDGE_AMPQ__URL``);
+    Kubernetes' service-link variables are left alone."""
     lines = []
+    sections = ", ".join(Settings.model_fields)
     for name in sorted(os.environ):
-        if not name.upper().startswith(ENV_PREFIX):
-            continue
         rest = name.upper().removeprefix(ENV_PREFIX)
-        for section in Settings.model_fields:
-            head = section.upper() + "_"
+        if rest == name.upper() or _is_service_link(rest, os.environ[name]):
+            continue
+        section, joined, _ = rest.partition("__")
+        if joined and section.lower() not in Settings.model_fields:
+            lines.append(
+                f"{name} (environment): not a setting: there is no section "
+                f"{section.lower()!r} (the sections: {sections})"
+            )
+            continue
+        for known in Settings.model_fields:
+            head = known.upper() + "_"
             if rest.startswith(head) and not rest.startswith(head + "_"):
                 meant = f"{ENV_PREFIX}{head}_{rest[len(head) :]}"
                 lines.append(
@@ -398,11 +448,26 @@ def _variables_with_one_underscore() -> list[str]:
     return lines
 
 
+def _is_service_link(rest: str, value: str) -> bool:
+    """Whether ``KONPRO_BRIDGE_<rest>`` is one Kubernetes set for a Service; a bare ``_PORT``
+    only with the value Kubernetes gives it (``tcp://10.0.0.1:5672``)."""
+    link = _SERVICE_LINK.search(rest)
+    if link is None:
+        return False
+    return link[0].upper() != "_PORT" or re.match(r"(tcp|udp|sctp)://", value) is not None
+
+
 def _describe_unparsable(error: SettingsError) -> str:
     """Name the variables whose value is not the JSON their key needs (a list, a table), where
     pydantic-settings names only the section."""
     section = re.search(r'field "(\w+)"', str(error))
     named = []
+    whole = f"{ENV_PREFIX}{section[1]}".upper() if section is not None else ""
+    if whole and whole in {name.upper() for name in os.environ}:
+        return (
+            f"{whole} (environment): sets the whole section, and must be a JSON table; "
+            f"to set one key, use {whole}__<KEY>"
+        )
     if section is not None and section[1] in Settings.model_fields:
         fields = type(Settings.model_fields[section[1]].default).model_fields  # a section's model
         for name, key in _section_variables(section[1]):
@@ -417,10 +482,12 @@ def _describe_unparsable(error: SettingsError) -> str:
 
 
 def _environment_variable_setting(key: list[str]) -> str | None:
-    """The variable that set ``key``, or the section holding it, if one is set."""
+    """The variable that set ``key``, or the section holding it, or parts of it (``..._0__MATCH``
+    for a list of tables, which is set as one JSON list), if one is set."""
     present = {name.upper() for name in os.environ}
     for depth in range(len(key), 0, -1):
         name = ENV_PREFIX.upper() + "__".join(key[:depth]).upper()
         if name in present:
             return name
-    return None
+    head = ENV_PREFIX.upper() + "__".join(key).upper() + "__"
+    return ", ".join(sorted(name for name in present if name.startswith(head))) or None

@@ -254,6 +254,109 @@ def test_a_secret_given_as_whitespace_alone_is_an_error_not_no_secret(
     )
 
 
+@pytest.mark.parametrize(
+    "variable",
+    ["KONPRO_BRIDGE_AMPQ__URL", "KONPRO_BRIDGE_WEBHOOK__SECRET", "KONPRO_BRIDGE_SEVRER__PORT"],
+)
+def test_a_variable_for_a_section_that_does_not_exist_is_an_error_not_ignored(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """The same mistake in the file (``[ampq]``) is refused; passed over, the bridge would run
+    against the default broker, or with signatures off."""
+    monkeypatch.setenv(variable, "whsec_0123456789abcdef")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    section = variable.removeprefix("KONPRO_BRIDGE_").partition("__")[0].lower()
+    assert str(caught.value) == (
+        f"{variable} (environment): not a setting: there is no section {section!r} "
+        "(the sections: server, amqp, konpro, reconcile, spool, log)"
+    )
+
+
+def test_the_variables_kubernetes_sets_for_a_service_are_not_taken_for_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Service named ``konpro-bridge`` or ``konpro-bridge-amqp`` gives every pod of its
+    namespace variables that start like the bridge's own; they must not stop it."""
+    for name, value in {
+        "KONPRO_BRIDGE_SERVICE_HOST": "10.0.0.1",
+        "KONPRO_BRIDGE_PORT": "tcp://10.0.0.1:8080",
+        "KONPRO_BRIDGE_AMQP_SERVICE_HOST": "10.0.0.2",
+        "KONPRO_BRIDGE_AMQP_SERVICE_PORT": "5672",
+        "KONPRO_BRIDGE_AMQP_SERVICE_PORT_AMQP": "5672",
+        "KONPRO_BRIDGE_AMQP_PORT": "tcp://10.0.0.2:5672",
+        "KONPRO_BRIDGE_AMQP_PORT_5672_TCP": "tcp://10.0.0.2:5672",
+        "KONPRO_BRIDGE_AMQP_PORT_5672_TCP_ADDR": "10.0.0.2",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    assert load_settings() == Settings()
+
+
+def test_a_variable_that_sets_a_whole_section_must_be_a_json_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KONPRO_BRIDGE_AMQP", "amqp://bridge:s3cret@rabbitmq.internal:5672/")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    assert str(caught.value) == (
+        "KONPRO_BRIDGE_AMQP (environment): sets the whole section, and must be a JSON table; "
+        "to set one key, use KONPRO_BRIDGE_AMQP__<KEY>"
+    )
+
+
+def test_a_route_set_key_by_key_in_the_environment_is_blamed_on_its_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Routes are a list of tables, set as one JSON list; the spelling that works for a table
+    must not leave an operator with an error that names no variable and no file."""
+    monkeypatch.setenv("KONPRO_BRIDGE_AMQP__ROUTES__0__MATCH", "video_translate.*")
+    monkeypatch.setenv("KONPRO_BRIDGE_AMQP__ROUTES__0__EXCHANGE", "konpro.translations")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    assert str(caught.value).startswith(
+        "KONPRO_BRIDGE_AMQP__ROUTES__0__EXCHANGE, KONPRO_BRIDGE_AMQP__ROUTES__0__MATCH "
+        "(environment): amqp.routes: "
+    )
+
+
+def test_a_broker_url_the_parser_refuses_is_refused_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full-width solidus in a generated password makes ``urllib`` refuse the URL with a
+    message that quotes it, password and all."""
+    monkeypatch.setenv("KONPRO_BRIDGE_AMQP__URL", "amqp://bridge:Zq7sKp0w\uff0fXv3@rabbitmq/")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+
+    assert str(caught.value) == (
+        "KONPRO_BRIDGE_AMQP__URL (environment): amqp.url: Value error, is not a valid URL "
+        "(check the characters of each part)"
+    )
+
+
+def test_a_spool_too_small_for_the_largest_delivery_is_refused(tmp_path: Path) -> None:
+    """While the broker is away, a delivery larger than the spool would get 503 however empty
+    the spool is, and KonPro would retry it for a day in vain."""
+    config = tmp_path / "spool.toml"
+    config.write_text("[server]\nmax_body_bytes = 1048576\n[spool]\nmax_bytes = 65536\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+
+    assert str(caught.value) == (
+        f"{config}: Value error, spool.max_bytes (65536) must be at least server.max_body_bytes "
+        "(1048576), or a delivery that size can never be spooled while the broker is away"
+    )
+
+
 def test_a_bound_on_bytes_in_flight_without_room_for_the_largest_delivery_is_refused(
     tmp_path: Path,
 ) -> None:
@@ -277,12 +380,16 @@ def test_a_bound_on_bytes_in_flight_without_room_for_the_largest_delivery_is_ref
             "server.max_body_bytes: Input should be less than or equal to 16777216",
         ),
         (
+            "port = 0\nworkers = 2",
+            "server: Value error, port 0 (a free port) cannot be shared by 2 workers: set a port",
+        ),
+        (
             "port = 9000\nmetrics_port = 9000",
             "server: Value error, metrics_port (9000) must differ from port; "
             "0 serves /metrics on the main port",
         ),
     ],
-    ids=["a body larger than RabbitMQ takes", "metrics on the webhook port"],
+    ids=["a body larger than RabbitMQ takes", "workers on port 0", "metrics on the webhook port"],
 )
 def test_server_settings_the_bridge_could_not_keep_are_refused(
     server: str, error: str, tmp_path: Path

@@ -350,7 +350,7 @@ def started_twice(settings: Settings, index: int) -> Callable[[], bool]:
 def test_the_worker_that_cannot_start_decides_the_exit_code_not_the_ones_stopped_with_it(
     tmp_path: Path,
 ) -> None:
-    settings = make_settings(tmp_path, "unused", server={"workers": 2})
+    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
     supervisor = start_supervisor(settings, one_cannot_start_while_the_other_is_still_starting)
     supervisor.join(20)
     assert supervisor.exitcode == 1
@@ -370,7 +370,7 @@ def fails_at_once(settings: Settings, index: int, replays: ReplayLink) -> int:
 async def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: Path) -> None:
     """The back-off grows to 30 s; a platform's stop grace is often as short (Kubernetes: 30 s).
     Python resumes a sleep after a signal handler, so the supervisor must wake itself."""
-    settings = make_settings(tmp_path, "unused", server={"workers": 2})
+    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
     supervisor = start_supervisor(settings, fails_at_once, RestartBackoff(60.0, 60.0))
     try:
         failed = [settings.spool.path.parent / f"worker-{i}-failed" for i in (0, 1)]
@@ -403,7 +403,7 @@ async def test_a_worker_crash_looping_does_not_hold_up_the_restart_of_another(
 ) -> None:
     # Worker 0's back-off has grown to 4 s when worker 1, healthy until then, dies: worker 1's
     # own back-off (0.25 s) applies, not what is left of worker 0's.
-    settings = make_settings(tmp_path, "unused", server={"workers": 2})
+    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
     supervisor = start_supervisor(settings, crash_loops_or_runs_a_while, RestartBackoff(0.25, 4.0))
     try:
         await eventually(started_twice(settings, 1), within=20)
@@ -463,7 +463,7 @@ async def test_a_worker_that_dies_of_an_error_nobody_caught_is_started_again(
     """multiprocessing ends such a process with exit code 1, the code of a worker that could
     not start at all: the supervisor stopped the whole bridge. Now it logs ``workers.crashed``
     (with the traceback), exits 70, and is started again after its back-off."""
-    settings = make_settings(tmp_path, "unused", server={"workers": 2})
+    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
     supervisor = start_supervisor(settings, raises_once, RestartBackoff(0.25, 4.0))
     try:
         await eventually(started_twice(settings, 0), within=20)
