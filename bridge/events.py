@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, NoReturn
 
 import orjson
 
@@ -105,7 +105,7 @@ def parse_event_type(body: bytes) -> str:
     try:
         envelope = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEvent(f"body is not valid JSON: {_first_line(exc)}") from None
+        envelope = _parsed_by_the_grammar(body, refused=exc)
     if not isinstance(envelope, dict):
         raise InvalidEvent("body must be a JSON object")
     if _may_repeat_a_key(body) and (repeated := _repeated_top_level_keys(body)):
@@ -167,6 +167,24 @@ def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def _parsed_by_the_grammar(body: bytes, *, refused: orjson.JSONDecodeError) -> Any:
+    """The body, parsed by the standard library's parser where orjson refused it.
+
+    orjson refuses two things the JSON grammar allows: an unpaired surrogate escape
+    (``"\\ud83d"``: a title cut in the middle of an emoji, as ``JSON.stringify`` writes it) and
+    a number beyond a double's range (``1e400``). The bridge forwards the body as it is, so such
+    an event is as good as any other; refused, KonPro would retry it for a day, then drop it.
+    What is not JSON (``NaN``, a byte-order mark, other encodings) stays refused."""
+    try:
+        return json.loads(body.decode(), parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidEvent(f"body is not valid JSON: {_first_line(refused)}") from None
+
+
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _may_repeat_a_key(body: bytes) -> bool:
     """Whether the envelope could name ``event_type`` or ``event_data`` twice: a cheap look at
     the bytes, so that only such bodies pay for a second, exact parse. A key can hide behind a
@@ -186,7 +204,7 @@ def _repeated_top_level_keys(body: bytes) -> set[str]:
         return dict(pairs)
 
     try:
-        json.loads(body, object_pairs_hook=keys)  # valid JSON: orjson parsed it
+        json.loads(body, object_pairs_hook=keys)  # valid JSON: parsed once already
     except RecursionError:  # orjson nests to 1024, the standard library's parser less deep
         raise InvalidEvent("body nests too deeply") from None
     top_level = objects[-1]  # the outermost object closes last
