@@ -10,7 +10,8 @@
   handled finish, and closes the connection (unacked prefetched messages go back to the queue).
 
 Run: ``python examples/consumer.py --queue video-service.konpro --bind 'avatar_video.*'``
-(or set ``AMQP_URL``, ``KONPRO_EXCHANGE``, ``CONSUMER_QUEUE``, ``CONSUMER_BINDINGS``).
+(or set ``AMQP_URL``, ``KONPRO_EXCHANGE``, ``CONSUMER_QUEUE``, ``CONSUMER_BINDINGS``,
+``CONSUMER_PREFETCH``, ``CONSUMER_DEDUP_SIZE``, ``CONSUMER_DELIVERY_LIMIT``).
 """
 
 from __future__ import annotations
@@ -176,6 +177,20 @@ def parse_args(argv: Sequence[str] | None = None) -> ConsumerConfig:
         " as a comma-separated list, else '#')",
     )
     parser.add_argument("--prefetch", type=int, default=int(env("CONSUMER_PREFETCH", "32")))
+    parser.add_argument(
+        "--dedup-size",
+        type=int,
+        default=int(env("CONSUMER_DEDUP_SIZE", str(ConsumerConfig.dedup_size))),
+        help="message ids remembered to drop duplicates (default: $CONSUMER_DEDUP_SIZE, else "
+        f"{ConsumerConfig.dedup_size})",
+    )
+    parser.add_argument(
+        "--delivery-limit",
+        type=int,
+        default=int(env("CONSUMER_DELIVERY_LIMIT", str(ConsumerConfig.delivery_limit))),
+        help="deliveries of one message before the quorum queue drops it (default: "
+        f"$CONSUMER_DELIVERY_LIMIT, else {ConsumerConfig.delivery_limit})",
+    )
     args = parser.parse_args(argv)
     bindings = args.bind or [p for p in env("CONSUMER_BINDINGS", "#").split(",") if p.strip()]
     return ConsumerConfig(
@@ -184,6 +199,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ConsumerConfig:
         queue=args.queue,
         bindings=tuple(p.strip() for p in bindings),
         prefetch=args.prefetch,
+        dedup_size=args.dedup_size,
+        delivery_limit=args.delivery_limit,
     )
 
 

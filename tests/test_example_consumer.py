@@ -150,3 +150,14 @@ def test_configuration_comes_from_arguments_then_the_environment(
 
     assert (from_env.queue, from_env.bindings) == ("from-env", ("avatar_video.*", "*.fail"))
     assert (from_args.queue, from_args.bindings) == ("q", ("video_translate.#",))
+
+
+def test_the_duplicate_memory_and_the_delivery_limit_can_be_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """How far back KonPro's retries are caught is the consumer's main knob."""
+    monkeypatch.setenv("CONSUMER_DELIVERY_LIMIT", "3")
+
+    config = parse_args(["--dedup-size", "50000"])
+
+    assert (config.dedup_size, config.delivery_limit) == (50_000, 3)
