@@ -561,7 +561,8 @@ def _add_operator_commands(
     tail = commands.add_parser(
         "tail", parents=[common], help="print events as the bridge publishes them"
     )
-    tail.add_argument(
+    watched = tail.add_mutually_exclusive_group()
+    watched.add_argument(
         "--bind",
         dest="patterns",
         nargs="+",
@@ -569,6 +570,12 @@ def _add_operator_commands(
         default=[],
         metavar="PATTERN",
         help="routing key patterns to watch, e.g. '*.fail' (repeatable; default: '#')",
+    )
+    watched.add_argument(
+        "--unrouted",
+        action="store_true",
+        help="watch the events no queue is bound for (taking nothing away from "
+        "<exchange>.unrouted) instead of the exchanges",
     )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.add_argument(
@@ -602,12 +609,22 @@ def _add_operator_commands(
 
 def _tail(args: argparse.Namespace, settings: Settings) -> int:
     from bridge import tools  # noqa: PLC0415 - keep check-config free of the network stack
+    from bridge.publisher import unrouted_name  # noqa: PLC0415
 
     patterns = args.patterns or ["#"]
 
     def announce() -> None:
+        if args.unrouted:
+            watched = ", ".join(unrouted_name(name) for name in settings.amqp.exchanges)
+            print(f"tailing {watched} (Ctrl-C to stop)", file=sys.stderr)
+            return
         exchanges = ", ".join(settings.amqp.exchanges)
         print(f"tailing {exchanges} for {' '.join(patterns)} (Ctrl-C to stop)", file=sys.stderr)
+        print(
+            "while tail runs, events no other queue is bound for come to tail alone, not to "
+            "<exchange>.unrouted; to watch those, use tail --unrouted",
+            file=sys.stderr,
+        )
 
     work = tools.tail(
         settings,
@@ -617,6 +634,7 @@ def _tail(args: argparse.Namespace, settings: Settings) -> int:
         max_events=args.max_events,
         duration=args.duration,
         on_ready=announce,
+        unrouted=args.unrouted,
     )
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how tail normally ends
         _run_tool(work, settings, "cannot tail the broker")

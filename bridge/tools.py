@@ -46,16 +46,27 @@ async def tail(
     max_events: int | None = None,
     duration: float | None = None,
     on_ready: Callable[[], object] | None = None,
+    unrouted: bool = False,
 ) -> int:
-    """Print events published to the bridge's exchanges whose routing key matches ``patterns``.
+    """Print events published to the bridge's exchanges whose routing key matches ``patterns``;
+    with ``unrouted``, those no queue is bound for instead (``patterns`` unused).
 
     Runs until cancelled, or until ``max_events`` were printed or ``duration`` seconds passed;
     returns how many were printed. ``on_ready`` is called once the queue is bound.
+
+    Watching the exchanges takes part in routing: while ``tail`` runs, an event no other queue
+    is bound for reaches its queue alone, not ``<exchange>.unrouted``, and is gone when it
+    exits. Watching the ``.unrouted`` exchanges takes nothing from anyone: they are fanouts, and
+    their queues get each event all the same.
     """
     connection = await aio_pika.connect(settings.amqp.url.get_secret_value())
     async with connection:
         channel = await connection.channel()
-        queue = await _bind_private_queue(channel, settings.amqp.exchanges, patterns or ["#"])
+        exchanges = settings.amqp.exchanges
+        if unrouted:
+            queue = await _bind_to_unrouted(channel, exchanges)
+        else:
+            queue = await _bind_private_queue(channel, exchanges, patterns or ["#"])
         if on_ready is not None:
             on_ready()
         printed = 0
@@ -73,14 +84,31 @@ async def tail(
         return printed
 
 
-async def _bind_private_queue(
-    channel: AbstractChannel, exchanges: Sequence[str], patterns: Sequence[str]
-) -> aio_pika.abc.AbstractQueue:
-    queue = await channel.declare_queue(
+async def _private_queue(channel: AbstractChannel) -> aio_pika.abc.AbstractQueue:
+    return await channel.declare_queue(
         exclusive=True,
         auto_delete=True,
         arguments={"x-max-length": _TAIL_QUEUE_LIMIT, "x-overflow": "drop-head"},
     )
+
+
+async def _bind_to_unrouted(
+    channel: AbstractChannel, exchanges: Sequence[str]
+) -> aio_pika.abc.AbstractQueue:
+    queue = await _private_queue(channel)
+    for name in exchanges:
+        # Declared as the bridge declares it, so that tail may be started before the bridge.
+        unrouted = await channel.declare_exchange(
+            unrouted_name(name), aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        await queue.bind(unrouted)
+    return queue
+
+
+async def _bind_private_queue(
+    channel: AbstractChannel, exchanges: Sequence[str], patterns: Sequence[str]
+) -> aio_pika.abc.AbstractQueue:
+    queue = await _private_queue(channel)
     for name in exchanges:
         # Declared as the bridge declares it, so that tail may be started before the bridge.
         exchange = await channel.declare_exchange(

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
+import aiohttp
 import orjson
 import pytest
 from aio_pika.abc import AbstractChannel
@@ -19,7 +22,8 @@ from bridge.events import DOCUMENTED_EVENT_TYPES, EVENT_ID_HEADER, parse_event_t
 from bridge.samples import sample_event
 from bridge.signatures import SignatureRejected, SignatureVerifier
 from bridge.tools import local_webhook_url, send_test_event, tail
-from tests.conftest import make_settings
+from tests.conftest import BridgeFactory, drain, make_settings
+from tests.support.private_broker import PrivateBroker
 
 SECRET = "whsec_test_tools_secret"
 
@@ -228,3 +232,54 @@ async def test_tail_leaves_no_queue_behind_on_the_broker(
     answer = await exchange.publish(_event("avatar_video.fail", "evt-after"), "avatar_video.fail")
     assert isinstance(answer, DeliveredMessage)  # returned unroutable, not acknowledged
     assert isinstance(answer.delivery, Basic.Return)
+
+
+async def test_tail_unrouted_shows_what_no_queue_is_bound_for_and_takes_none_of_it(
+    start_bridge: BridgeFactory,
+    channel: AbstractChannel,
+    http: aiohttp.ClientSession,
+    exchange_name: str,
+    tmp_path: Path,
+) -> None:
+    """Plain ``tail`` takes part in routing: an event no other queue is bound for reaches its
+    queue alone. ``--unrouted`` watches the ``.unrouted`` fanouts, whose queue gets each event
+    all the same: the way to look for events no consumer sees."""
+    body = orjson.dumps(sample_event("instant_avatar.success"))
+    out = io.StringIO()
+    ready = asyncio.Event()
+    settings = make_settings(tmp_path, exchange_name)
+    async with start_bridge() as bridge:
+        watching = asyncio.create_task(
+            tail(
+                settings,
+                [],
+                True,
+                out,
+                max_events=1,
+                duration=10,
+                on_ready=ready.set,
+                unrouted=True,
+            )
+        )
+        await asyncio.wait_for(ready.wait(), 10)
+        headers = {"Content-Type": "application/json"}
+        async with http.post(bridge.webhook_url, data=body, headers=headers) as response:
+            assert response.status == 200
+        assert await watching == 1
+
+    assert orjson.loads(out.getvalue())["routing_key"] == "instant_avatar.success"
+    unrouted = await channel.declare_queue(f"{exchange_name}.unrouted", passive=True)
+    assert [message.body for message in await drain(unrouted, expect=1)] == [body]
+
+
+async def test_tail_runs_as_the_bridges_broker_user_given_its_private_queues(
+    private_broker: PrivateBroker, exchange_name: str, tmp_path: Path
+) -> None:
+    """The README's broker user, with ``amq.gen-...`` added as it says for ``tail``."""
+    names = rf"^{re.escape(exchange_name)}(\.unrouted)?$|^amq\.gen-.*"
+    user = f"tail-{uuid.uuid4().hex[:6]}"
+    url = private_broker.add_user(user, "pw", configure=names, write=names, read=names)
+    settings = make_settings(tmp_path, exchange_name, amqp={"url": url})
+
+    for unrouted in (False, True):
+        assert await tail(settings, [], True, io.StringIO(), duration=0.3, unrouted=unrouted) == 0
