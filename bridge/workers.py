@@ -130,8 +130,9 @@ class Supervisor:
             self._share_with_workers()
             for index in range(count):
                 self._start(index)
-            failed = self._supervise()
-            stopped = self._stop_all()
+            restarting: set[int] = set()
+            failed = self._supervise(restarting)
+            stopped = self._stop_all(restarting)
         self._replays.close()
         return failed or stopped  # the cause of a stop matters more than how the others ended
 
@@ -152,7 +153,9 @@ class Supervisor:
         self._workers[index] = process
         self._backoff.started(index, time.monotonic())
 
-    def _supervise(self) -> int:
+    def _supervise(self, restarting: set[int]) -> int:
+        """Until a stop is asked for, or a worker cannot start; ``restarting`` is left holding
+        the workers that had died and were waiting to start again."""
         restarts: dict[int, float] = {}  # worker -> when to start it again (monotonic clock)
         while not self._stopping:
             self._start_those_due(restarts)
@@ -169,6 +172,7 @@ class Supervisor:
                 if process.exitcode == CANNOT_START:
                     return CANNOT_START
                 restarts[index] = ended + self._backoff.delay(index, ended)
+        restarting.update(restarts)
         return 0
 
     def _start_those_due(self, restarts: dict[int, float]) -> None:
@@ -180,14 +184,17 @@ class Supervisor:
                 del restarts[index]
                 self._start(index)
 
-    def _stop_all(self) -> int:
+    def _stop_all(self, restarting: set[int]) -> int:
+        """Stop the workers; the worst exit of those that were running. One that had died
+        before, already reported (``workers.exited``), does not make the stop a failure."""
         self._stopping = True
-        for process in self._workers.values():
+        running = {i: p for i, p in self._workers.items() if i not in restarting}
+        for process in running.values():
             if process.is_alive() and process.pid is not None:
                 process.terminate()  # SIGTERM: each worker shuts down gracefully
         deadline = time.monotonic() + self._settings.server.shutdown_timeout + 5.0
         worst = 0
-        for index, process in self._workers.items():
+        for index, process in running.items():
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 log.error("workers.kill", worker=index, detail="did not stop in time")

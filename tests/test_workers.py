@@ -384,6 +384,30 @@ async def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: P
         supervisor.kill()
 
 
+def worker_0_dies_at_once(settings: Settings, index: int, replays: ReplayLink) -> int:
+    if index == 0:
+        (settings.spool.path.parent / "worker-0-failed").touch()
+        return 70  # as a worker that crashed
+    time.sleep(60)
+    return 0
+
+
+async def test_a_stop_while_a_dead_worker_waits_to_restart_is_still_a_clean_stop(
+    tmp_path: Path,
+) -> None:
+    """The death was reported when it happened (``workers.exited``); only how the stop goes
+    decides the exit code. Else a rollout after an OOM kill reads as a failed stop (systemd:
+    ``failed``), and a restart-on-failure policy starts the bridge again."""
+    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
+    supervisor = start_supervisor(settings, worker_0_dies_at_once, RestartBackoff(60.0, 60.0))
+    try:
+        await eventually(lambda: (settings.spool.path.parent / "worker-0-failed").exists())
+        await asyncio.sleep(0.5)  # the supervisor has seen it end and is in its back-off
+    finally:
+        await stop_supervisor(supervisor)
+    assert supervisor.exitcode == 0
+
+
 def crash_loops_or_runs_a_while(settings: Settings, index: int, replays: ReplayLink) -> int:
     """Worker 0 dies at once, every time; worker 1 runs longer than the longest back-off, dies
     once, then runs on."""
