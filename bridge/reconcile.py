@@ -37,6 +37,7 @@ from bridge.konpro import (
     RateLimited,
     ValidationFailed,
 )
+from bridge.tasks import outlasting_cancellation
 
 log = structlog.get_logger(__name__)
 
@@ -296,6 +297,8 @@ class Reconciler:
         self._desired = Desired.from_settings(konpro)
         self._configured_secrets = frozenset(konpro.webhook_secrets)
         self._settings = reconcile
+        # How long a stop waits for a registration already sent: its answer holds the secret.
+        self._registration_allowance = konpro.request_timeout + 1.0
         self._stores_known_secret = reconcile.mode == "repair" or preview
         self._secret_dir = secret_store_dir
         self._events_checked = False
@@ -413,11 +416,13 @@ class Reconciler:
         else:
             not_stored = None
         for action in actions:
-            added = await self._apply(action)
-            done.append(action)
-            if added is not None:
-                keeper = added
-                await self._sync_secret(added.endpoint_id, added.secret)
+            if action.kind is ActionKind.ADD:
+                keeper = await outlasting_cancellation(
+                    self._register(action, done), within=self._registration_allowance
+                )
+            else:
+                await self._apply(action)
+                done.append(action)
         if not_stored is not None:
             raise not_stored
         return keeper
@@ -522,12 +527,17 @@ class Reconciler:
                 hint="check konpro.events; KonPro may refuse to register them",
             )
 
-    async def _apply(self, action: Action) -> Endpoint | None:
-        """Carry out one write; returns the endpoint when one was added."""
-        if action.kind is ActionKind.ADD:
-            added = await self._client.add_endpoint(action.url, action.events)
-            log.info("reconcile.endpoint_added", endpoint_id=added.endpoint_id, url=action.url)
-            return added
+    async def _register(self, action: Action, done: list[Action]) -> Endpoint:
+        """Add the endpoint, and keep its signing secret: this answer is the only time KonPro
+        tells it (``endpoint.list`` may answer ``null``), so a stop lets it finish."""
+        added = await self._client.add_endpoint(action.url, action.events)
+        log.info("reconcile.endpoint_added", endpoint_id=added.endpoint_id, url=action.url)
+        done.append(action)
+        await self._sync_secret(added.endpoint_id, added.secret)
+        return added
+
+    async def _apply(self, action: Action) -> None:
+        """Carry out one write other than a registration."""
         assert action.endpoint_id is not None  # only ADD has no endpoint yet
         if action.kind is ActionKind.UPDATE:
             await self._client.update_endpoint(
@@ -543,7 +553,6 @@ class Reconciler:
             await self._delete_duplicate(action)
         else:
             _report_disabled(action)
-        return None
 
     async def _delete_duplicate(self, action: Action) -> None:
         endpoint_id = action.endpoint_id

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import structlog
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
 
 
 async def cancel_and_wait(
@@ -48,3 +52,26 @@ def this_task_is_cancelled() -> bool:
     (aiormq cancels the confirms of a connection it gives up on)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+async def outlasting_cancellation(work: Coroutine[Any, Any, _T], *, within: float) -> _T:
+    """Await ``work``; if the caller is cancelled meanwhile, let ``work`` go on for up to
+    ``within`` seconds more (then cancel it), and raise the cancellation once it has ended.
+
+    For a call whose answer must not be thrown away once it is sent: KonPro tells an endpoint's
+    signing secret only in the answer that registers it. Cancellations repeated while waiting
+    (``cancel_and_wait(again_every=...)``) do not cut the wait short.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not task.done() and (remaining := deadline - loop.time()) > 0:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task}, timeout=remaining)
+        task.cancel()  # no-op if it ended
+        if task.done() and not task.cancelled():
+            task.exception()  # what became of it was logged where it happened
+        raise

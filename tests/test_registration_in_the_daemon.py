@@ -21,7 +21,7 @@ from bridge.app import Bridge
 from bridge.config import MASK
 from bridge.konpro import KonProClient
 from bridge.logs import redactor
-from bridge.reconcile import Reconciler, ReconcileResult
+from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret
 from bridge.signatures import sign
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
 from tests.fake_konpro import FakeKonPro
@@ -238,3 +238,31 @@ async def test_the_start_log_says_why_reconciliation_is_off(
 
     [off] = [entry for entry in logs if entry["event"] == "reconcile.off"]
     assert off["reason"] == "reconcile.enabled is false"
+
+
+async def test_a_stop_while_konpro_registers_the_url_keeps_the_secret_it_answers(
+    start_bridge: BridgeFactory,
+    fake_konpro: FakeKonPro,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop soon after start (a rollout aborted) can meet the first registration after
+    KonPro checked the URL. The answer is the only time KonPro tells the endpoint's secret
+    (``endpoint.list`` may answer ``null``), and KonPro keeps the endpoint: thrown away, nobody
+    could check signatures again. The stop waits for that answer, and stores the secret."""
+    fake_konpro.list_secrets = False
+    verify = FakeKonPro._verify
+
+    async def checked_then_slow_to_register(self: FakeKonPro, url: str) -> object:
+        problem = await verify(self, url)
+        await asyncio.sleep(1.0)  # KonPro writing the registration after its OPTIONS check
+        return problem
+
+    monkeypatch.setattr(FakeKonPro, "_verify", checked_then_slow_to_register)
+    async with start_bridge(**registration(fake_konpro)):
+        await until(lambda: fake_konpro.verified_urls)
+        await asyncio.sleep(0.2)  # the OPTIONS check has passed; the registration is in flight
+
+    assert fake_konpro.registered
+    endpoint = fake_konpro.endpoints[fake_konpro.registered[0]]
+    assert load_stored_secret(tmp_path / "spool") == endpoint["secret"]

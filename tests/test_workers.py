@@ -401,7 +401,7 @@ async def test_a_stop_while_a_dead_worker_waits_to_restart_is_still_a_clean_stop
     settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
     supervisor = start_supervisor(settings, worker_0_dies_at_once, RestartBackoff(60.0, 60.0))
     try:
-        await eventually(lambda: (settings.spool.path.parent / "worker-0-failed").exists())
+        await eventually((settings.spool.path.parent / "worker-0-failed").exists)
         await asyncio.sleep(0.5)  # the supervisor has seen it end and is in its back-off
     finally:
         await stop_supervisor(supervisor)
