@@ -33,7 +33,7 @@ def _kind(kind: str) -> dict[str, Any]:
 
 
 def _bridge_container() -> dict[str, Any]:
-    containers = _kind("Deployment")["spec"]["template"]["spec"]["containers"]
+    containers = _kind("StatefulSet")["spec"]["template"]["spec"]["containers"]
     [bridge] = [c for c in containers if c["name"] == "konpro-bridge"]
     return dict(bridge)
 
@@ -81,7 +81,7 @@ def test_the_sidecar_is_probed_locked_down_and_spools_to_a_volume() -> None:
     assert bridge["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert bridge["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert bridge["securityContext"]["readOnlyRootFilesystem"] is True
-    assert _kind("Deployment")["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
+    assert _kind("StatefulSet")["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"]
     assert "/var/lib/konpro-bridge/spool" in mounts
     assert mounts["/etc/konpro-bridge"]["readOnly"] is True
 
@@ -90,7 +90,7 @@ def test_the_sidecar_agrees_with_its_configuration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = _configmap_settings(tmp_path, monkeypatch).server
-    pod = _kind("Deployment")["spec"]["template"]
+    pod = _kind("StatefulSet")["spec"]["template"]
     bridge = _bridge_container()
     ports = {port["name"]: port["containerPort"] for port in bridge["ports"]}
 
@@ -103,6 +103,44 @@ def test_the_sidecar_agrees_with_its_configuration(
     assert bridge["securityContext"]["allowPrivilegeEscalation"] is False
     assert bridge["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert "/tmp" in {m["mountPath"] for m in bridge["volumeMounts"]}  # noqa: S108 - read-only root
+
+
+def test_each_replicas_spool_outlives_its_pod() -> None:
+    """A rollout, a scale-down or an eviction deletes the pod: with the spool in an emptyDir,
+    the events KonPro got a 2xx for during a broker outage would go with it."""
+    workload = _kind("StatefulSet")["spec"]
+    volumes = {volume["name"] for volume in workload["template"]["spec"]["volumes"]}
+    claims = {claim["metadata"]["name"] for claim in workload["volumeClaimTemplates"]}
+    spool = next(m for m in _bridge_container()["volumeMounts"] if "spool" in m["mountPath"])
+
+    assert spool["name"] in claims
+    assert spool["name"] not in volumes
+
+
+def _seconds(duration: str) -> float:
+    """A Compose duration such as ``30s`` or ``1m30s``."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(
+        float(n) * units[unit] for n, unit in re.findall(r"(\d+(?:\.\d+)?)([hms])", duration)
+    )
+
+
+def test_the_stop_gets_the_time_it_takes_before_the_platform_kills(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop takes ``server.shutdown_timeout`` plus about 2 s for the broker's close, and up
+    to ``konpro.request_timeout`` + 1 s more for a registration in flight. In Kubernetes the
+    bridge first sleeps through the moments in which the Service still sends to a terminating
+    pod; Compose's default (10 s) is too short."""
+    settings = _configmap_settings(tmp_path, monkeypatch)
+    stop = settings.server.shutdown_timeout + 2 + settings.konpro.request_timeout + 1
+    pod = _kind("StatefulSet")["spec"]["template"]["spec"]
+    [_, delay] = _bridge_container()["lifecycle"]["preStop"]["exec"]["command"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["bridge"]
+
+    assert int(delay) >= 3
+    assert pod["terminationGracePeriodSeconds"] >= int(delay) + stop
+    assert _seconds(compose["stop_grace_period"]) >= Settings().server.shutdown_timeout + 2 + 11
 
 
 def test_every_variable_the_deployments_set_names_a_real_setting() -> None:
