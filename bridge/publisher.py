@@ -231,6 +231,8 @@ class Publisher:
         channel = self._channel
         if channel is None or not self.is_ready:
             raise BrokerUnavailable(self.not_ready_reason() or "broker unavailable")
+        if self._abandoned_because is not None:  # the stop's grace is over: no new confirm waits
+            raise BrokerUnavailable(self._abandoned_because)
         exchange_name = self._router.exchange_for(delivery.event_type)
         self._in_flight[message_id] = []
         try:
@@ -329,6 +331,8 @@ class Publisher:
 
         For a shutdown whose grace period has run out: the deliveries behind them are then
         spooled and answered instead of cut off. A confirm that has arrived is not undone.
+        Publishes after this are refused (``BrokerUnavailable``), so spooled too: one that was
+        waiting its turn behind another with its message id must not wait on.
         """
         underlay = self._underlay
         confirmations = underlay.confirmations.values() if underlay is not None else ()
