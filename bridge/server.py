@@ -32,6 +32,7 @@ from bridge.events import (
 from bridge.expect import add_fallback_routes, add_route
 from bridge.metrics import Metrics, NotAccepted
 from bridge.signatures import Authenticator, SignatureRejected
+from bridge.tasks import this_task_is_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -192,6 +193,13 @@ class WebhookHandler:
         except ConnectionResetError:  # the client hung up: the answer only goes to the log
             raise _Rejected(
                 400, "client_disconnected", "the connection closed before the body was complete"
+            ) from None
+        except asyncio.CancelledError:
+            if this_task_is_cancelled():
+                raise
+            # aiohttp ends a body still coming when a stop's grace runs out: say so, and answer.
+            raise DeliveryRefused(
+                "the bridge is stopping: the body did not arrive in time"
             ) from None
 
     async def _read_as_it_arrives(self, request: web.Request, limit: int) -> tuple[bytes, int]:

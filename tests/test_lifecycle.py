@@ -172,6 +172,33 @@ async def test_a_delivery_waiting_behind_one_with_its_event_id_is_answered_when_
     assert {m.body for m in received} == set(bodies)
 
 
+async def test_a_delivery_whose_body_is_still_coming_when_the_grace_ends_is_answered_and_logged(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    """aiohttp ends the body read when the grace runs out: the delivery is answered 503,
+    as any the bridge cannot take now, and the log says so, instead of a silent close."""
+    sections = settings(tmp_path, exchange_name, "amqp://guest:guest@127.0.0.1:5672/")
+    sections["server"] = {"shutdown_timeout": 1.0}
+    bridge = BridgeProcess(tmp_path, sections)
+    await bridge.start()
+    body = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    head = (
+        b"POST /webhooks/konpro HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    writer.write(head + body[:10])  # the rest is on its way, slowly
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    bridge.send(signal.SIGTERM)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert await bridge.wait(within=1.0 + 5.0) == 0, bridge.log()
+    log = bridge.log()
+    assert answer.startswith(b"HTTP/1.1 503"), (answer, log)
+    assert '"webhook.refused"' in log, log
+
+
 async def test_a_bridge_started_while_the_broker_is_down_serves_health_and_stops_cleanly(
     tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, http: aiohttp.ClientSession
 ) -> None:
