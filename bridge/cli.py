@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -199,7 +200,10 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
 
     publisher = Publisher(settings.amqp)
 
+    stopped_by: list[signal.Signals] = []
+
     async def drain_spools() -> tuple[int, int]:
+        _stop_on_signals(stopped_by)
         async with contextlib.AsyncExitStack() as opened:
             try:
                 spools = [
@@ -229,6 +233,11 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(str(exc), EXIT_FAILURE)
     except DeliveryRefused as exc:
         return _fail(f"drain stopped: {exc.reason}; the rest stays in the spool", EXIT_FAILURE)
+    except (_Interrupted, asyncio.CancelledError) as exc:  # the latter: before any was sent
+        print(f"drained {exc.drained if isinstance(exc, _Interrupted) else 0} events")
+        [signum] = stopped_by[:1] or [signal.SIGINT]
+        message = f"stopped by {signum.name}: the rest stays in the spool"
+        return _fail(message, 128 + signum)
     print(f"drained {drained} events")
     if still_refused:
         message = (
@@ -241,6 +250,29 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
 
 class _CannotDrain(Exception):
     """Why ``spool drain`` cannot begin, in words for the operator."""
+
+
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the drain; ``drained`` events had been removed by then."""
+
+    def __init__(self, drained: int) -> None:
+        super().__init__(drained)
+        self.drained = drained
+
+
+def _stop_on_signals(stopped_by: list[signal.Signals]) -> None:
+    """Turn SIGINT and SIGTERM into a cancellation of the running task, noting which came: the
+    drain then says how far it got, where a ``KeyboardInterrupt`` would print tracebacks."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop(signum: signal.Signals) -> None:
+        stopped_by.append(signum)
+        task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop, signum)
 
 
 def _spools_to_drain(root: Path) -> list[Path]:
@@ -278,12 +310,15 @@ async def _drain_for_good(
     forward = forwarding(publisher.publish)
     with tqdm(total=sum(s.depth for s in spools), unit="event", desc="draining") as bar:
         tally = _Tally(bar)
-        for spool in spools:
-            await _drain_past_refusals(spool, forward, usable=usable, tally=tally)
-        for spool in spools:
-            progress = tally.one_drain()
-            _, refused = await drain_parked(spool, forward, usable=usable, on_progress=progress)
-            still_refused += refused
+        try:
+            for spool in spools:
+                await _drain_past_refusals(spool, forward, usable=usable, tally=tally)
+            for spool in spools:
+                progress = tally.one_drain()
+                _, refused = await drain_parked(spool, forward, usable=usable, on_progress=progress)
+                still_refused += refused
+        except asyncio.CancelledError:  # an event being forwarded stays: at worst a duplicate
+            raise _Interrupted(tally.total) from None
     return tally.total, still_refused
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
+import signal
 import tempfile
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from tests.support.process import (
     NOBODY,
     BridgeProcess,
     run_command,
+    start_command,
     write_toml,
 )
 from tests.support.tcp_proxy import TcpProxy
@@ -232,3 +236,40 @@ async def test_a_corrupt_spool_file_is_one_clear_line_for_the_commands_and_the_d
     assert await bridge.wait() == 1
     assert "is not a usable spool" in bridge.log()
     assert "Traceback" not in bridge.log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+async def test_a_drain_stopped_part_way_says_how_far_it_got_and_what_stays(
+    *,
+    signum: signal.Signals,
+    tmp_path: Path,
+    exchange_name: str,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Run by hand over a slow link, a drain may be stopped: no traceback, but the count of
+    what was drained, what happens to the rest, and an exit code that says it was stopped."""
+    queue = await bind_queue("#")
+    bodies = await spool_some_events(tmp_path, exchange_name, broker_proxy, http, count=30)
+    await broker_proxy.restore()
+    broker_proxy.delay = 0.05  # a slow link: the drain takes seconds
+    config = write_toml(
+        tmp_path / "proxied.toml",
+        sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy)),
+    )
+    command = await start_command("spool", "drain", "--config", str(config))
+    await asyncio.sleep(2.0)
+    command.send_signal(signum)
+    out, err = (part.decode() for part in await asyncio.wait_for(command.communicate(), 30))
+
+    assert "Traceback" not in out + err
+    assert command.returncode == 128 + signum
+    assert f"stopped by {signum.name}: the rest stays in the spool" in err
+    [drained] = [int(n) for n in re.findall(r"^drained (\d+) events$", out, re.MULTILINE)]
+    broker_proxy.delay = 0.0
+    code, _, stderr = await run_command("spool", "drain", "--config", str(config))
+    assert code == 0, stderr
+    received = {m.body for m in await drain(queue, expect=len(bodies), within=10)}
+    assert received == set(bodies)  # the event in flight when it stopped may come twice
+    assert drained < len(bodies)
