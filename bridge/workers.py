@@ -45,6 +45,7 @@ from bridge.replay_mesh import ReplayLink, ReplayMesh
 
 log = structlog.get_logger(__name__)
 
+_STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 CANNOT_START: Final = 1  # a worker's exit code when it could not start
 CRASHED: Final = 70  # EX_SOFTWARE: an error nobody caught, which a restart may get past
 
@@ -149,7 +150,13 @@ class Supervisor:
             args=(self._body, self._settings, index, os.getpid(), self._replays.link(index)),
             name=f"konpro-bridge-worker-{index}",
         )
-        process.start()
+        # Until the worker has put the default handlers back, a stop sent to it would meet the
+        # supervisor's handler, copied by fork, and be lost: held back, it arrives then.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self._workers[index] = process
         self._backoff.started(index, time.monotonic())
 
@@ -237,12 +244,13 @@ def _forget_live_gauges(process: BaseProcess) -> None:
 
 
 def _exit_status(exitcode: int | None) -> int:
-    """A worker's exit code as the supervisor reports it: ended by our SIGTERM is a clean stop.
+    """A worker's exit code as the supervisor reports it: ended by our SIGTERM (or a terminal's
+    SIGINT) is a clean stop.
 
     A worker still starting up has not installed its signal handlers yet, so the SIGTERM that
     stops it kills it (exit code -15) instead of starting its graceful shutdown.
     """
-    if exitcode is None or exitcode == -signal.SIGTERM:
+    if exitcode is None or -exitcode in _STOP_SIGNALS:
         return 0
     return abs(exitcode)
 
@@ -250,8 +258,9 @@ def _exit_status(exitcode: int | None) -> int:
 def _worker_main(
     body: WorkerBody, settings: Settings, index: int, supervisor: int, replay_link: ReplayLink
 ) -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)  # the worker's event loop installs its own
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held back since the fork
     _stop_with(supervisor)
     structlog.contextvars.bind_contextvars(worker=index)
     try:
