@@ -4,8 +4,10 @@
   relies on it (events published before the binding exists go to ``<exchange>.unrouted``).
 - Manual acks: a message is acked only after it was handled; a handler error returns it to the
   queue, and the quorum queue's delivery limit stops a poison message from looping for ever.
-- De-duplication by ``message_id``: KonPro retries deliveries, so the same event can arrive more
-  than once. The last ``--dedup-size`` ids are remembered (an LRU; bounded memory).
+- De-duplication by ``message_id`` and body: KonPro retries deliveries, so the same event can
+  arrive more than once, with the same id and body. The id (KonPro's event id) is not signed: a
+  replayed capture given another event's id must not make that event look like a repeat, so the
+  key is both. The last ``--dedup-size`` keys are remembered (an LRU; bounded memory).
 - ``prefetch`` messages in flight; SIGTERM or SIGINT stops consuming, lets the messages being
   handled finish, and closes the connection (unacked prefetched messages go back to the queue).
 
@@ -46,6 +48,11 @@ class ConsumerConfig:
     prefetch: int = 32
     dedup_size: int = 10_000
     delivery_limit: int = 5
+
+
+def repeat_key(message: AbstractIncomingMessage) -> str:
+    """What a repeat of ``message`` shares with it: its id and its body."""
+    return f"{message.message_id or ''}:{hashlib.sha256(message.body).hexdigest()}"
 
 
 class RecentIds:
@@ -102,7 +109,7 @@ class Consumer:
         return self.stats
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        message_id = message.message_id or hashlib.sha256(message.body).hexdigest()
+        message_id = repeat_key(message)
         if message_id in self._seen or message_id in self._in_flight:
             # A copy is done or under way; if that one fails, it is requeued, not lost.
             self.stats.duplicates += 1

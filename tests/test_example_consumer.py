@@ -30,11 +30,17 @@ async def config(channel: AbstractChannel, exchange_name: str) -> AsyncIterator[
 
 
 async def publish(
-    channel: AbstractChannel, exchange: str, event_type: str, message_id: str
-) -> None:
+    channel: AbstractChannel,
+    exchange: str,
+    event_type: str,
+    message_id: str,
+    body: bytes | None = None,
+) -> bytes:
+    """Publish an event (a fresh one unless ``body`` is given, as KonPro's retry repeats it)."""
     target = await channel.get_exchange(exchange)
-    body = orjson.dumps(sample_event(event_type))
+    body = body or orjson.dumps(sample_event(event_type))
     await target.publish(aio_pika.Message(body, message_id=message_id), event_type)
+    return body
 
 
 async def prepare(channel: AbstractChannel, config: ConsumerConfig) -> None:
@@ -53,15 +59,17 @@ async def test_each_event_is_handled_once_and_every_copy_is_acked(
     channel: AbstractChannel, config: ConsumerConfig
 ) -> None:
     await prepare(channel, config)
+    sent: dict[str, bytes] = {}
     for event_type, message_id in [
         ("avatar_video.success", "a"),
-        ("avatar_video.success", "a"),  # KonPro retried: same event id
+        ("avatar_video.success", "a"),  # KonPro retried: same event id, same body
         ("avatar_video.fail", "ignored"),  # not bound: never reaches this queue
         ("video_translate.success", "b"),
         ("avatar_video.success", "a"),
         ("personalized_video.success", "c"),
     ]:
-        await publish(channel, config.exchange, event_type, message_id)
+        body = sent.get(message_id)
+        sent[message_id] = await publish(channel, config.exchange, event_type, message_id, body)
     handled: list[tuple[str | None, str]] = []
 
     async def record(event: Event, message: AbstractIncomingMessage) -> None:
@@ -78,6 +86,27 @@ async def test_each_event_is_handled_once_and_every_copy_is_acked(
     ]
     assert stats.duplicates == 2
     assert await ready_messages(channel, config.queue) == 0
+
+
+async def test_another_body_under_a_known_id_is_not_taken_for_a_repeat(
+    channel: AbstractChannel, config: ConsumerConfig
+) -> None:
+    """KonPro's event id is not signed: a replayed capture may come under the id of an event
+    not yet delivered. Taken for a repeat, that event would be dropped."""
+    await prepare(channel, config)
+    await publish(channel, config.exchange, "avatar_video.success", "evt-2")  # the replay
+    genuine = await publish(channel, config.exchange, "avatar_video.success", "evt-2")
+    handled: list[bytes] = []
+
+    async def record(event: Event, message: AbstractIncomingMessage) -> None:
+        handled.append(message.body)
+
+    stats = await asyncio.wait_for(
+        Consumer(config, record).run(asyncio.Event(), max_messages=2), 15
+    )
+
+    assert genuine in handled
+    assert stats.duplicates == 0
 
 
 async def test_a_failed_event_is_requeued_and_handled_on_redelivery(
