@@ -301,6 +301,13 @@ class Settings(BaseSettings):
                 f"({self.server.webhook_path}): KonPro's deliveries get 404 unless a proxy "
                 "in front of the bridge rewrites the path"
             )
+        for route in self.amqp.routes:
+            if "#" in route.match:
+                doubts.append(
+                    f"amqp.routes match {route.match!r} holds '#', which a route's glob "
+                    "(*, ?, [...]) takes literally: it matches no event type; '*' matches "
+                    "any run of characters, dots included"
+                )
         if konpro.require_signature and not konpro.webhook_secrets and not self.learns_secret():
             doubts.append(
                 "konpro.require_signature is set, but no konpro.webhook_secret, and "

@@ -554,3 +554,14 @@ def test_a_default_config_toml_that_is_a_directory_is_an_error(tmp_path: Path) -
         load_settings()
 
     assert str(caught.value) == "config file config.toml is a directory; name the file in it"
+
+
+def test_a_route_written_as_an_amqp_pattern_is_warned_about() -> None:
+    """Routes match event types with shell-style globs; ``#`` is AMQP's, and matches nothing."""
+    routes = [{"match": "video_translate.#", "exchange": "translations"}]
+
+    [doubt] = Settings.model_validate({"amqp": {"routes": routes}}).doubts()
+
+    assert doubt.startswith("amqp.routes match 'video_translate.#' holds '#'")
+    glob = [{"match": "video_translate.*", "exchange": "translations"}]
+    assert Settings.model_validate({"amqp": {"routes": glob}}).doubts() == []
