@@ -533,11 +533,9 @@ async def test_a_stop_that_comes_as_the_workers_are_forked_stops_them(tmp_path: 
     try:
         await asyncio.sleep(0.25)  # the workers are forked, and in their first half second
         assert supervisor.pid is not None
-        started = time.monotonic()
         os.kill(supervisor.pid, signal.SIGTERM)
         await asyncio.to_thread(supervisor.join, 20)
-        took = time.monotonic() - started
     finally:
         supervisor.kill()
-    assert supervisor.exitcode == 0, f"took {took:.1f} s"
-    assert took < 3.0  # not the supervisor's shutdown_timeout + 5 s, then SIGKILL
+    # Not 9: a worker that lost its stop is killed once shutdown_timeout + 5 s are over.
+    assert supervisor.exitcode == 0
