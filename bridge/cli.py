@@ -17,7 +17,7 @@ import structlog
 
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
-from bridge.events import Delivery, DeliveryRefused, MessageRefused
+from bridge.events import DeliveryRefused
 from bridge.konpro import (
     AuthenticationError,
     Endpoint,
@@ -35,8 +35,6 @@ EXIT_CONFIG = 2
 _HEALTHCHECK_TIMEOUT = 2.0  # seconds; below the image's HEALTHCHECK --timeout
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
-
     from bridge.publisher import Publisher
     from bridge.replay_mesh import ReplayLink
     from bridge.spool import Spool
@@ -291,11 +289,10 @@ def _spools_to_drain(root: Path) -> list[Path]:
 async def _drain_for_good(
     spools: list[Spool], publisher: Publisher, *, wait: float
 ) -> tuple[int, int]:
-    """Every spool's events, then their parked ones (the broker refused those before): how
-    many were drained, and how many the broker still refuses."""
+    """``forwarder.drain_for_good``, with a progress bar; a stop part-way says how far it got."""
     from tqdm import tqdm  # noqa: PLC0415 - a megabyte the daemon does not need
 
-    from bridge.forwarder import drain_parked, forwarding  # noqa: PLC0415
+    from bridge.forwarder import drain_for_good, forwarding  # noqa: PLC0415
 
     async def usable() -> None:
         """Until the channel a refusal cost is back."""
@@ -306,60 +303,21 @@ async def _drain_for_good(
             reason = f"the broker's channel did not come back within {wait:g} s"
             raise DeliveryRefused(reason) from None
 
-    still_refused = 0
-    forward = forwarding(publisher.publish)
+    drained = 0
+
     with tqdm(total=sum(s.depth for s in spools), unit="event", desc="draining") as bar:
-        tally = _Tally(bar)
+
+        def progress(total: int) -> None:
+            nonlocal drained
+            bar.update(total - drained)
+            drained = total
+
         try:
-            for spool in spools:
-                await _drain_past_refusals(spool, forward, usable=usable, tally=tally)
-            for spool in spools:
-                progress = tally.one_drain()
-                _, refused = await drain_parked(spool, forward, usable=usable, on_progress=progress)
-                still_refused += refused
+            return await drain_for_good(
+                spools, forwarding(publisher.publish), usable=usable, on_progress=progress
+            )
         except asyncio.CancelledError:  # an event being forwarded stays: at worst a duplicate
-            raise _Interrupted(tally.total) from None
-    return tally.total, still_refused
-
-
-async def _drain_past_refusals(
-    spool: Spool,
-    forward: Callable[[Delivery], Awaitable[None]],
-    *,
-    usable: Callable[[], Awaitable[None]],
-    tally: _Tally,
-) -> None:
-    """The spool's events; one the broker refuses is parked (this drain is the only publisher
-    on the channel, so the refusal is that event's), and the drain goes on once the channel is
-    back."""
-    from bridge.forwarder import drain  # noqa: PLC0415
-
-    while True:
-        parked = spool.parked
-        try:
-            await drain(spool, forward, alone=True, on_progress=tally.one_drain())
-            return
-        except MessageRefused:
-            if spool.parked == parked:
-                raise  # the spool could not mark it parked (a full disk): stop here
-            await usable()
-
-
-class _Tally:
-    """One progress bar over several drains, each of which reports its own running total."""
-
-    def __init__(self, bar: tqdm[Any]) -> None:
-        self._bar = bar
-        self.total = 0
-
-    def one_drain(self) -> Callable[[int], None]:
-        start = self.total
-
-        def update(drained: int) -> None:
-            self._bar.update(start + drained - self.total)
-            self.total = start + drained
-
-        return update
+            raise _Interrupted(drained) from None
 
 
 def _run_async(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Final, Protocol
@@ -145,6 +145,65 @@ async def drain_parked(
             if on_progress is not None:
                 on_progress(drained)
     return drained, refused
+
+
+async def drain_for_good(
+    spools: Sequence[Spool],
+    publish: Publish,
+    *,
+    usable: Callable[[], Awaitable[None]],
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Empty ``spools``: every spool's events, then their parked ones (the broker refused those
+    before). For ``spool drain``, the only publisher on its channel: an event the broker
+    refuses is parked, and the drain goes on past it once ``usable()`` returns (the refusal cost
+    the channel). Returns how many were drained, and how many parked events the broker still
+    refuses; ``on_progress`` gets the running total over all the spools."""
+    tally = _Tally(on_progress)
+    for spool in spools:
+        await _drain_past_refusals(spool, publish, usable=usable, tally=tally)
+    still_refused = 0
+    for spool in spools:
+        progress = tally.one_drain()
+        _, refused = await drain_parked(spool, publish, usable=usable, on_progress=progress)
+        still_refused += refused
+    return tally.total, still_refused
+
+
+async def _drain_past_refusals(
+    spool: Spool,
+    publish: Publish,
+    *,
+    usable: Callable[[], Awaitable[None]],
+    tally: _Tally,
+) -> None:
+    while True:
+        parked = spool.parked
+        try:
+            await drain(spool, publish, alone=True, on_progress=tally.one_drain())
+            return
+        except MessageRefused:
+            if spool.parked == parked:
+                raise  # the spool could not mark it parked (a full disk): stop here
+            await usable()
+
+
+class _Tally:
+    """One running total over several drains, each of which reports its own from 0."""
+
+    def __init__(self, on_progress: Callable[[int], None] | None) -> None:
+        self._on_progress = on_progress
+        self.total = 0
+
+    def one_drain(self) -> Callable[[int], None]:
+        start = self.total
+
+        def update(drained: int) -> None:
+            self.total = start + drained
+            if self._on_progress is not None:
+                self._on_progress(self.total)
+
+        return update
 
 
 async def _note_failure(

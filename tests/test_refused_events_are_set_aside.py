@@ -29,10 +29,10 @@ import orjson
 import pytest
 import structlog
 
-from bridge.cli import _drain_for_good
+from bridge import forwarder
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, MessageRefused, PublishFailed
-from bridge.forwarder import Forwarder, drain_parked
+from bridge.forwarder import Forwarder, drain_for_good, drain_parked
 from bridge.publisher import Publisher
 from bridge.spool import (
     FILE_NAME,
@@ -760,7 +760,11 @@ async def test_spool_drain_goes_past_a_refusal_whose_text_names_no_size(
         try:
             await asyncio.wait_for(publisher.until_ready(), 10)
             async with await Spool.open(settings.spool) as spool:
-                outcome = await _drain_for_good([spool], publisher, wait=10)
+                outcome = await drain_for_good(
+                    [spool],
+                    forwarder.forwarding(publisher.publish),
+                    usable=publisher.until_ready,
+                )
                 kept = (spool.depth, spool.parked)
         finally:
             await publisher.close()
