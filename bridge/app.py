@@ -27,9 +27,10 @@ from bridge.konpro import KonProClient
 from bridge.logs import Redactor, redactor
 from bridge.metrics import Metrics, metrics_app, metrics_handler
 from bridge.publisher import Publisher
-from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret
+from bridge.reconcile import Reconciler, ReconcileResult
 from bridge.relay import Relay
 from bridge.replay_mesh import ReplayLink
+from bridge.secret_file import load_stored_secret
 from bridge.server import BodiesInFlight, create_app
 from bridge.signatures import Authenticator, ReplayGuard
 from bridge.spool import Spool, SpoolOpenFailed
@@ -86,6 +87,7 @@ class Bridge:
         self._konpro: KonProClient | None = None
         self.reconciler: Reconciler | None = None
         self._reconciling: asyncio.Task[None] | None = None
+        self._following_secret: asyncio.Task[None] | None = None  # workers other than 0
         self._sharing_gauges: asyncio.Task[None] | None = None
         self._left_behind: LeftBehindSpools | None = None  # spools of workers no longer run
 
@@ -359,8 +361,8 @@ class Bridge:
         """Keep the registration right in the background; the site must already be listening."""
         if reason := self._why_not_reconcile():
             log.info("reconcile.off", reason=reason)
-            if self.worker and self._reads_stored_secret():
-                self._reconciling = asyncio.create_task(
+            if self.worker and self.settings.may_use_stored_secret():
+                self._following_secret = asyncio.create_task(
                     self._follow_stored_secret(), name="follow-secret"
                 )
             return
@@ -375,15 +377,11 @@ class Bridge:
         """Cancel a run even mid-call: a hanging KonPro API must not hold up shutdown."""
         task, self._reconciling = self._reconciling, None
         await cancel_and_wait(task, again_every=_RECANCEL_SECONDS)
+        await cancel_and_wait(self._following_secret)
+        self._following_secret = None
         if self._konpro is not None:
             await self._konpro.close()
             self._konpro = None
-
-    def _reads_stored_secret(self) -> bool:
-        """Whether the signing secret may come from the file registration stores rather than
-        the settings (in verify mode too: an operator's ``reconcile --once`` may store it)."""
-        configured = self.settings.konpro.webhook_secret.get_secret_value()
-        return not configured and why_not_reconcile(self.settings) is None
 
     async def _follow_stored_secret(self) -> None:
         """Other workers pick up the secret worker 0's reconciler learns, within seconds."""
@@ -399,7 +397,7 @@ class Bridge:
         """Count the run; check signatures with the secret the registration's file holds, which
         this reconciler or an operator's ``reconcile --once`` may have just written."""
         self.metrics.reconcile_run(result.result)
-        if self._reads_stored_secret():
+        if self.settings.may_use_stored_secret():
             self._adopt_stored_secret_if_readable()
 
     def _adopt_stored_secret_if_readable(self) -> None:

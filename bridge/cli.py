@@ -27,7 +27,8 @@ from bridge.konpro import (
     format_endpoints,
 )
 from bridge.logs import configure_logging
-from bridge.reconcile import SECRET_FILE_NAME, Reconciler, ReconcileResult
+from bridge.reconcile import Reconciler, ReconcileResult
+from bridge.secret_file import SECRET_FILE_NAME
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -209,6 +209,17 @@ class KonProSettings(_Section):
     def _http_url_or_empty(cls, value: str) -> str:
         return cls._http_url(value) if value else value
 
+    @model_validator(mode="after")
+    def _rotation_has_a_new_secret(self) -> KonProSettings:
+        # Else the bridge would take a learnt secret beside them, while its reconciler, seeing
+        # secrets configured, stores none: one reading says configured, the other learnt.
+        if self.previous_webhook_secrets and not self.webhook_secret.get_secret_value():
+            raise ValueError(
+                "previous_webhook_secrets is set without webhook_secret: during a rotation the "
+                "new secret goes in webhook_secret, the old ones in previous_webhook_secrets"
+            )
+        return self
+
     @property
     def webhook_secrets(self) -> tuple[str, ...]:
         """All secrets a delivery may be signed with: the current one, then those being retired."""
@@ -315,6 +326,12 @@ class Settings(BaseSettings):
                 "`reconcile --once` stored in spool.path"
             )
         return doubts
+
+    def may_use_stored_secret(self) -> bool:
+        """Whether the signing secret may come from the file registration stores: none is
+        configured, and reconciliation runs (in verify mode too: an operator's
+        ``reconcile --once`` may store it). ``learns_secret`` asks the narrower question."""
+        return not self.konpro.webhook_secrets and why_not_reconcile(self) is None
 
     def learns_secret(self) -> bool:
         """Whether registration can give the bridge its signing secret: none is configured,

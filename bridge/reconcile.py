@@ -12,11 +12,8 @@ deletes the rest; a delete that loses the race to another replica is not an erro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
-import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,12 +34,11 @@ from bridge.konpro import (
     RateLimited,
     ValidationFailed,
 )
+from bridge.secret_file import load_stored_endpoint, load_stored_secret, store_secret
 from bridge.tasks import outlasting_cancellation
 
 log = structlog.get_logger(__name__)
 
-SECRET_FILE_NAME: Final = "webhook_secret"  # noqa: S105 - a file name, not a secret
-ENDPOINT_FILE_NAME: Final = "webhook_secret.endpoint"  # whose secret it is
 FIRST_RETRY: Final = 5.0  # seconds before the first retry after a failed run
 _MAX_DOUBLINGS: Final = 60  # past any max_backoff; 2**1024 seconds would overflow a float
 JITTER: Final = 0.1  # runs are spread by +/-10% so that replicas drift apart
@@ -217,60 +213,6 @@ def next_delay(
         return _jittered(interval)
     backoff = min(interval, FIRST_RETRY) * 2 ** min(failures - 1, _MAX_DOUBLINGS)
     return min(max_backoff, max(_jittered(min(backoff, max_backoff)), retry_after))
-
-
-def load_stored_secret(spool_dir: Path) -> str | None:
-    """The signing secret a reconciler stored under ``spool_dir``, if there is one.
-
-    A file that exists but cannot be read, or is not text, raises ``OSError``: better a failed
-    start than a bridge that silently cannot check signatures.
-    """
-    path = spool_dir / SECRET_FILE_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError as exc:  # damaged, or edited by hand: as unusable as unreadable
-        raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
-    return text.strip() or None
-
-
-def store_secret(spool_dir: Path, secret: str, endpoint_id: str) -> Path:
-    """Write the secret to ``<spool_dir>/webhook_secret`` and the id of its endpoint beside it
-    (``webhook_secret.endpoint``), each mode 0600, atomically."""
-    spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = _write_privately(spool_dir, SECRET_FILE_NAME, secret)
-    _write_privately(spool_dir, ENDPOINT_FILE_NAME, endpoint_id)
-    _fsync_directory(spool_dir)
-    return target
-
-
-def load_stored_endpoint(spool_dir: Path) -> str | None:
-    """The endpoint whose secret is stored, if the reconciler that stored it said; ``OSError``
-    as ``load_stored_secret``."""
-    path = spool_dir / ENDPOINT_FILE_NAME
-    try:
-        return path.read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError as exc:
-        raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
-
-
-def _write_privately(directory: Path, name: str, text: str) -> Path:
-    target = directory / name
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")  # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    return target
 
 
 class Reconciler:
@@ -704,12 +646,3 @@ def _describe_events(events: Sequence[str] | None) -> str:
 
 def _jittered(seconds: float) -> float:
     return seconds * random.uniform(1 - JITTER, 1 + JITTER)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable: without this a crash can leave the old file in place."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -342,6 +342,21 @@ def test_a_broker_url_the_parser_refuses_is_refused_without_its_password(
     )
 
 
+def test_previous_secrets_without_a_current_one_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "rotation.toml"
+    config.write_text('[konpro]\nprevious_webhook_secrets = ["whsec_old"]\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+
+    assert str(caught.value) == (
+        f"{config}: konpro: Value error, previous_webhook_secrets is set without "
+        "webhook_secret: during a rotation the new secret goes in webhook_secret, the old ones "
+        "in previous_webhook_secrets"
+    )
+    assert "whsec_old" not in str(caught.value)
+
+
 def test_a_spool_too_small_for_the_largest_delivery_is_refused(tmp_path: Path) -> None:
     """While the broker is away, a delivery larger than the spool would get 503 however empty
     the spool is, and KonPro would retry it for a day in vain."""

@@ -66,15 +66,17 @@ from yarl import URL
 from bridge.config import KonProSettings, ReconcileSettings, ServerSettings
 from bridge.konpro import KonProClient
 from bridge.reconcile import (
-    ENDPOINT_FILE_NAME,
     FIRST_RETRY,
-    SECRET_FILE_NAME,
     Reconciler,
     ReconcileResult,
-    load_stored_endpoint,
-    load_stored_secret,
     normalize_url,
     same_events,
+)
+from bridge.secret_file import (
+    ENDPOINT_FILE_NAME,
+    SECRET_FILE_NAME,
+    load_stored_endpoint,
+    load_stored_secret,
 )
 from bridge.server import create_app
 from bridge.signatures import Authenticator

@@ -23,13 +23,12 @@ from bridge.reconcile import (
     Reconciler,
     ReconcileResult,
     ResultKind,
-    load_stored_secret,
     next_delay,
     normalize_url,
     plan,
     same_events,
-    store_secret,
 )
+from bridge.secret_file import load_stored_secret, store_secret
 from bridge.status import registration_ok
 from bridge.tasks import cancel_and_wait
 from tests.fake_konpro import FakeKonPro, WebhookReceiver

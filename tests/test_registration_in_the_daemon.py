@@ -21,7 +21,8 @@ from bridge.app import Bridge
 from bridge.config import MASK
 from bridge.konpro import KonProClient
 from bridge.logs import redactor
-from bridge.reconcile import Reconciler, ReconcileResult, load_stored_secret
+from bridge.reconcile import Reconciler, ReconcileResult
+from bridge.secret_file import load_stored_secret
 from bridge.signatures import sign
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
 from tests.fake_konpro import FakeKonPro

@@ -19,8 +19,8 @@ from structlog.testing import capture_logs
 
 from bridge.app import Bridge
 from bridge.config import Settings
-from bridge.reconcile import store_secret
 from bridge.replay_mesh import ReplayLink
+from bridge.secret_file import store_secret
 from bridge.workers import RestartBackoff, Supervisor, WorkerBody
 from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro

@@ -1,0 +1,81 @@
+"""The signing secret registration learns, kept beside the spool: ``webhook_secret``, and the id
+of the endpoint it belongs to in ``webhook_secret.endpoint``.
+
+KonPro tells an endpoint's secret only when it registers it (``endpoint.list`` may answer
+``null``), so the reconciler keeps it on disk, and the bridge's workers read it from there. Each
+file is written atomically, mode 0600, and made durable before it counts as stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Final
+
+SECRET_FILE_NAME: Final = "webhook_secret"  # noqa: S105 - a file name, not a secret
+ENDPOINT_FILE_NAME: Final = "webhook_secret.endpoint"  # whose secret it is
+
+
+def load_stored_secret(spool_dir: Path) -> str | None:
+    """The signing secret a reconciler stored under ``spool_dir``, if there is one.
+
+    A file that exists but cannot be read, or is not text, raises ``OSError``: better a failed
+    start than a bridge that silently cannot check signatures.
+    """
+    path = spool_dir / SECRET_FILE_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:  # damaged, or edited by hand: as unusable as unreadable
+        raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    return text.strip() or None
+
+
+def store_secret(spool_dir: Path, secret: str, endpoint_id: str) -> Path:
+    """Write the secret to ``<spool_dir>/webhook_secret`` and the id of its endpoint beside it
+    (``webhook_secret.endpoint``), each mode 0600, atomically."""
+    spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = _write_privately(spool_dir, SECRET_FILE_NAME, secret)
+    _write_privately(spool_dir, ENDPOINT_FILE_NAME, endpoint_id)
+    _fsync_directory(spool_dir)
+    return target
+
+
+def load_stored_endpoint(spool_dir: Path) -> str | None:
+    """The endpoint whose secret is stored, if the reconciler that stored it said; ``OSError``
+    as ``load_stored_secret``."""
+    path = spool_dir / ENDPOINT_FILE_NAME
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
+
+
+def _write_privately(directory: Path, name: str, text: str) -> Path:
+    target = directory / name
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return target
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable: without this a crash can leave the old file in place."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
