@@ -17,9 +17,9 @@ from aio_pika.abc import AbstractChannel
 from bridge.app import Bridge
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
 from tests.support import raw_http
+from tests.support.observing import scrape, value
 from tests.support.process import BridgeProcess
 from tests.support.waiting import eventually
-from tests.test_metrics_describe_the_bridge import scrape, value
 
 VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
 

@@ -51,10 +51,10 @@ from bridge.publisher import Publisher
 from bridge.samples import sample_body
 from bridge.signatures import sign
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.support.observing import scrape, value
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
-from tests.test_metrics_describe_the_bridge import scrape, value
 
 SEED = int(os.environ.get("KONPRO_CHAOS_SEED", "12"))
 SECONDS = float(os.environ.get("KONPRO_CHAOS_SECONDS", "16"))

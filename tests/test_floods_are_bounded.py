@@ -17,10 +17,9 @@ import structlog
 
 from bridge.app import Bridge
 from tests.conftest import BridgeFactory, QueueFactory, drain
+from tests.support.observing import scrape, status, value
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
-from tests.test_metrics_describe_the_bridge import scrape, value
-from tests.test_observing_the_bridge import status
 
 BOUND = {"max_body_bytes": 50_000, "max_bytes_in_flight": 100_000}
 

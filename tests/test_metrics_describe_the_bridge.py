@@ -15,13 +15,12 @@ from typing import get_args
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.events import DOCUMENTED_EVENT_TYPES, Outcome
 from bridge.metrics import OUTCOMES, RECONCILE_RESULTS, Metrics, metrics_app
 from bridge.reconcile import ResultKind
+from tests.support.observing import Samples, samples_of, scrape, value
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Serve = Callable[[Metrics], Awaitable[str]]
 
 
@@ -42,25 +41,6 @@ async def serve() -> AsyncIterator[Serve]:
     yield start
     for runner in runners:
         await runner.cleanup()
-
-
-async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
-    async with http.get(url) as response:
-        assert response.status == 200
-        assert response.content_type == "text/plain"
-        return samples_of(await response.text())
-
-
-def samples_of(text: str) -> Samples:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
 
 
 async def test_each_call_shows_up_under_its_name_and_labels(

@@ -28,11 +28,11 @@ from bridge.forwarder import Forwarder
 from bridge.publisher import Publisher
 from bridge.spool import Spool
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
+from tests.support.observing import scrape, value
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
-from tests.test_metrics_describe_the_bridge import scrape, value
 
 JSON = {"Content-Type": "application/json"}
 

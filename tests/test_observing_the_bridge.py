@@ -13,7 +13,7 @@ import math
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Literal, TextIO
 
 import aiohttp
 import orjson
@@ -28,10 +28,10 @@ from bridge.signatures import SignatureVerifier, sign
 from bridge.tools import send_test_event
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
+from tests.support.observing import Samples, scrape, status, value
 from tests.support.process import free_port
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
-from tests.test_metrics_describe_the_bridge import Samples, scrape, value
 
 pytest_plugins = ("tests.fake_konpro",)
 
@@ -135,13 +135,6 @@ def test_the_libraries_own_account_of_a_broker_outage_is_kept_for_the_debug_leve
     ]
     expected = [echoes[0], others[0], echoes[1], others[1]] if level == "debug" else others
     assert [(r["level"], r["event"]) for r in records] == expected
-
-
-async def status(http: aiohttp.ClientSession, bridge: Bridge) -> dict[str, Any]:
-    async with http.get(bridge.url + "/status") as response:
-        assert response.status == 200
-        answer: dict[str, Any] = await response.json()
-        return answer
 
 
 async def test_metrics_count_real_deliveries_by_event_type_and_outcome(

@@ -49,12 +49,12 @@ from tests.conftest import (
     make_settings,
     proxied_amqp_url,
 )
+from tests.support.deliveries import delivery
+from tests.support.observing import scrape, value
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
-from tests.test_metrics_describe_the_bridge import scrape, value
-from tests.test_spool import delivery
 
 JSON = {"Content-Type": "application/json"}
 BROKER_LIMIT = 4096

@@ -36,19 +36,8 @@ from bridge.spool import (
     SpoolUnusable,
     _Database,
 )
+from tests.support.deliveries import RECEIVED_AT, delivery
 from tests.support.small_disk import fill_disk, small_disk
-
-RECEIVED_AT = 1_700_000_000.0
-
-
-def delivery(n: int, *, size: int = 16, received_at: float = RECEIVED_AT) -> Delivery:
-    return Delivery(
-        event_type="avatar_video.success",
-        body=f"{n:0{size}d}".encode(),
-        message_id=f"evt_{n}",
-        headers={"KonPro-Event-Id": f"evt_{n}"},
-        received_at=received_at,
-    )
 
 
 def settings(tmp_path: Path, **limits: Any) -> SpoolSettings:
