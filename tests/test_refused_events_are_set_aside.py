@@ -282,7 +282,8 @@ async def test_a_channel_refused_again_and_again_is_not_taken_for_one_that_stays
     """Each refusal closes the channel, and the forwarder's next refused event closes it again
     as soon as it is back: the channel is down most of the time, yet restored every time, and
     no reason to start over with a new connection (``amqp.channel_not_restored``)."""
-    monkeypatch.setattr("bridge.publisher._CHANNEL_RESTORE_GRACE", 1.0)
+    # Three times what a restore takes here, so that a loaded machine does not make one late.
+    monkeypatch.setattr("bridge.publisher._CHANNEL_RESTORE_GRACE", 2.0)
     data = [{"padding": "x" * (TOO_LARGE + n)} for n in range(8)]
     bodies = [orjson.dumps({"event_type": "avatar_video.fail", "event_data": d}) for d in data]
     with private_broker.max_message_size(BROKER_LIMIT), structlog.testing.capture_logs() as logs:
