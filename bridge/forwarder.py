@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -269,10 +270,7 @@ class Forwarder:
         self._retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
         self._poll_interval = poll_interval
-        self._parked_retry_interval = parked_retry_interval
-        self._parked_retry_at = 0.0  # monotonic; parked events left by the last run: at once
-        self._parked_tried: tuple[int, int] | None = None  # (size, id) of the last one refused
-        self._parked_taken = False  # the broker took a parked event; the others wait for line
+        self._parked_retry = _ParkedRetry(parked_retry_interval)
         self._wake = asyncio.Event()
         self._cut_short = asyncio.Event()  # ends a back-off: a stop, or the broker back
         self._early_retry_spent = False
@@ -359,13 +357,13 @@ class Forwarder:
             return False
         self._early_retry_spent = False
         if not before:
-            self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+            self._parked_retry.postpone()
         return True
 
     def _next_look_in(self) -> float:
         """The poll interval, or less when a retry of parked events falls due sooner. One that
         is overdue waits for the link: the broker's return wakes the forwarder."""
-        parked_retry_in = self._parked_retry_at - time.monotonic()
+        parked_retry_in = self._parked_retry.due_in()
         if self._spool.parked and parked_retry_in > 0:
             return min(self._poll_interval, parked_retry_in)
         return self._poll_interval
@@ -380,8 +378,9 @@ class Forwarder:
             # and so with no removal pending (see Spool.peek).
             drained = await drain(self._spool, self._publish, batch=self._batch)
             try:
-                retry_due = self._spool.parked and time.monotonic() >= self._parked_retry_at
-                if self._parked_taken or retry_due:
+                if self._parked_retry.taken or (
+                    self._spool.parked and self._parked_retry.due_in() <= 0
+                ):
                     if await self._retry_parked_refused():
                         return True  # the channel is gone: its return wakes the forwarder
                     drained += await drain(self._spool, self._publish, batch=self._batch)
@@ -400,17 +399,18 @@ class Forwarder:
         The next try falls due only after the broker's answer, so a failure of another kind
         (the link, a full disk) is tried again after the usual back-off, not an interval later.
         """
-        if not self._parked_taken:
-            event = await self._spool.next_parked(self._parked_tried)
+        retry = self._parked_retry
+        if not retry.taken:
+            event = await self._spool.next_parked(retry.tried)
             if event is None:
                 return False
             if await self._still_refused(event):
                 return True
-            self._parked_taken = True
+            retry.taken = True
             await self._spool.remove([event.id])
         released = await self._spool.unpark_all()
-        self._parked_taken, self._parked_tried = False, None
-        self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+        retry.taken, retry.tried = False, None
+        retry.postpone()
         _log.info("spool.parked_released", back_in_line=released)
         return False
 
@@ -424,17 +424,35 @@ class Forwarder:
             # Refused by size: every larger one would be too, so the smallest again next time;
             # after a refusal that names none, the next one in turn.
             named = exc.size is not None
-            self._parked_tried = None if named else (len(event.delivery.body), event.id)
-            self._parked_retry_at = time.monotonic() + self._parked_retry_interval
+            retry = self._parked_retry
+            retry.tried = None if named else (len(event.delivery.body), event.id)
+            retry.postpone()
             _log.warning(
                 "spool.parked_still_refused",
                 parked=self._spool.parked,
                 message_id=event.delivery.message_id,
                 error=exc.reason,
-                retry_in=self._parked_retry_interval,
+                retry_in=retry.interval,
             )
             return True
         return False
+
+
+@dataclass(slots=True)
+class _ParkedRetry:
+    """When a parked event is tried again, and which: the broker's answer to the last try
+    decides the next."""
+
+    interval: float  # spool.parked_retry_interval
+    at: float = 0.0  # monotonic; parked events left by the last run: at once
+    tried: tuple[int, int] | None = None  # (size, id) of the last one refused, naming no size
+    taken: bool = False  # the broker took a parked event; the others wait to be put back in line
+
+    def due_in(self) -> float:
+        return self.at - time.monotonic()
+
+    def postpone(self) -> None:
+        self.at = time.monotonic() + self.interval
 
 
 class LeftBehindSpools:
