@@ -396,7 +396,7 @@ class Bridge:
     def _on_reconcile_result(self, result: ReconcileResult) -> None:
         """Count the run; check signatures with the secret the registration's file holds, which
         this reconciler or an operator's ``reconcile --once`` may have just written."""
-        self.metrics.reconcile_run(result.result)
+        self.metrics.reconcile_run(result.kind)
         if self.settings.may_use_stored_secret():
             self._adopt_stored_secret_if_readable()
 

@@ -536,7 +536,7 @@ def _as_json(endpoint: Endpoint) -> Any:
 def _describe_run(result: ReconcileResult, mode: str, secret_file: Path) -> str:
     verify = mode == "verify"
     lines = [
-        f"result: {result.result}" + (" (verify mode: nothing was changed)" if verify else ""),
+        f"result: {result.kind}" + (" (verify mode: nothing was changed)" if verify else ""),
         f"endpoint: {result.endpoint_id or '-'}",
         ("planned actions:" if verify else "actions taken:") + ("" if result.actions else " none"),
         *(f"  {action}" for action in result.actions),

@@ -92,7 +92,7 @@ class ReconcileResult:
     """
 
     time: datetime
-    result: ResultKind
+    kind: ResultKind
     endpoint_id: str | None = None
     error: str | None = None
     actions: tuple[Action, ...] = ()
@@ -102,7 +102,7 @@ class ReconcileResult:
         """A JSON-ready rendering; it holds no secret."""
         return {
             "time": self.time.isoformat(),
-            "result": self.result,
+            "result": self.kind,
             "endpoint_id": self.endpoint_id,
             "error": self.error,
             "actions": [str(action) for action in self.actions],
@@ -290,7 +290,7 @@ class Reconciler:
         failures = 0
         while True:
             result = await self._run_guarded()
-            failures = failures + 1 if result.result == "error" else 0
+            failures = failures + 1 if result.kind == "error" else 0
             if on_result is not None:
                 _notify(on_result, result)
             delay = self.next_run_in(failures)
@@ -627,7 +627,7 @@ def _result(
 
 def _fields(result: ReconcileResult) -> dict[str, Any]:
     return {
-        "result": result.result,
+        "result": result.kind,
         "endpoint_id": result.endpoint_id,
         "actions": [str(action) for action in result.actions],
     }

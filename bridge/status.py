@@ -29,7 +29,7 @@ REGISTERED: Final = frozenset({"ok", "added", "updated", "deduplicated"})
 
 def registration_ok(result: ReconcileResult | None) -> bool | None:
     """Whether the last check left the registration right; ``None`` if there was none yet."""
-    return None if result is None else result.result in REGISTERED
+    return None if result is None else result.kind in REGISTERED
 
 
 class StatusReport:
@@ -100,7 +100,7 @@ class StatusReport:
             "enabled": True,
             "ok": registration_ok(result),
             "checked_at": None if result is None else result.time.isoformat(),
-            "result": None if result is None else result.result,
+            "result": None if result is None else result.kind,
             "endpoint_id": None if result is None else result.endpoint_id,
             "error": None if result is None else result.error,
         }

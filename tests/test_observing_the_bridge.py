@@ -362,4 +362,4 @@ async def test_status_says_why_registration_is_not_checked(
 
 def _result(bridge: Bridge) -> str | None:
     result = bridge.last_registration()
-    return None if result is None else result.result
+    return None if result is None else result.kind

@@ -633,9 +633,7 @@ def secret_problems(chaos: Chaos, logs: Sequence[Mapping[str, Any]]) -> list[str
     stored = load_stored_secret(chaos.spool)
     stored_for = load_stored_endpoint(chaos.spool)
     learnt = stored_for == kept["endpoint_id"] and stored == kept["secret"]
-    reported = (
-        last is not None and last.result == "error" and "webhook_secret" in (last.error or "")
-    )
+    reported = last is not None and last.kind == "error" and "webhook_secret" in (last.error or "")
     if not learnt and not chaos.fake.list_secrets:
         # Lists say "secret": null: only the answer to an add tells the secret, and the endpoint
         # was registered by hand, or that answer was lost. README: the runs say so.
@@ -654,7 +652,7 @@ def secret_problems(chaos: Chaos, logs: Sequence[Mapping[str, Any]]) -> list[str
             problems.append(f"{name} has mode {stat.S_IMODE(path.stat().st_mode):o}")
     if chaos.spool.exists() and (strays := [p.name for p in chaos.spool.glob(".*")]):
         problems.append(f"temporary files left in the spool: {strays}")
-    if last is not None and last.result == "error":
+    if last is not None and last.kind == "error":
         problems.append(f"the last run failed: {last.error}")
     return problems
 
@@ -732,7 +730,7 @@ def pace_problems(chaos: Chaos) -> list[str]:
             failures, previous_generation = 0, outcome.generation
         # Failed runs in a row, counting only those a retry can help (README: back-off);
         # the others (a refused key, an unknowable secret) are retried at the interval.
-        transient = outcome.result.result == "error" and not _cannot_help(outcome.result)
+        transient = outcome.result.kind == "error" and not _cannot_help(outcome.result)
         failures = failures + 1 if transient else 0
         floor = (1 - 0.1) * min(MAX_BACKOFF, expected_pause(failures))
         nxt = next((call.at for call in chaos.fake.calls if call.at > outcome.at), None)
@@ -741,7 +739,7 @@ def pace_problems(chaos: Chaos) -> list[str]:
         if nxt - outcome.at < floor - SLACK:
             problems.append(
                 f"the run after {failures} failure(s) came {nxt - outcome.at:.2f}s after "
-                f"the last ({outcome.result.result}: {outcome.result.error}), not "
+                f"the last ({outcome.result.kind}: {outcome.result.error}), not "
                 f"{floor:.2f}s"
             )
     return problems
@@ -833,7 +831,7 @@ async def test_a_secret_lost_with_the_answer_to_a_registration_is_reported_not_o
     reconciler = reconciler_for(fake_konpro, webhook_receiver.url, spool)
     closing.append(reconciler)
     if before == "registered again":
-        assert (await reconciler.run_once()).result == "added"
+        assert (await reconciler.run_once()).kind == "added"
         fake_konpro.endpoints.clear()  # deleted in the dashboard
     fake_konpro.serve_then_fail_next(1, 502, call="endpoint.add")
 
@@ -841,8 +839,8 @@ async def test_a_secret_lost_with_the_answer_to_a_registration_is_reported_not_o
         lost = await reconciler.run_once()
         results = [await reconciler.run_once() for _ in range(3)]
 
-    assert lost.result == "error"
-    assert {result.result for result in results} == {"error"}
+    assert lost.kind == "error"
+    assert {result.kind for result in results} == {"error"}
     assert all("konpro.webhook_secret" in (result.error or "") for result in results)
     [report] = [entry for entry in logs if entry["event"] == "reconcile.secret_mismatch"]
     assert report["log_level"] == "error"  # once, not once per run
@@ -873,7 +871,7 @@ async def test_after_a_refused_key_or_an_unknowable_secret_a_failure_still_backs
     )
     closing.append(reconciler)
     first = await reconciler.run_once()
-    assert first.result == "error"
+    assert first.kind == "error"
     if fault == "429":
         fake_konpro.answer_next(1, 429, retry_after="2")
         failures = 2
@@ -881,7 +879,7 @@ async def test_after_a_refused_key_or_an_unknowable_secret_a_failure_still_backs
         fake_konpro.answer_next(2, 503)
         await reconciler.run_once()
         failures = 3
-    assert (await reconciler.run_once()).result == "error"
+    assert (await reconciler.run_once()).kind == "error"
 
     delays = [reconciler.next_run_in(failures) for _ in range(20)]
 
@@ -924,7 +922,7 @@ async def test_an_endpoint_registered_with_a_trailing_slash_is_moved_to_the_serv
             delivered = response.status
     finally:
         await runner.cleanup()
-    assert (result.result, registered, delivered) != ("ok", public_url + "/", 405), (
+    assert (result.kind, registered, delivered) != ("ok", public_url + "/", 405), (
         "the run says ok while KonPro delivers to a URL the bridge answers 405"
     )
     assert registered == public_url
@@ -956,6 +954,6 @@ async def test_an_ipv6_url_on_the_account_is_compared_like_any_other(
 
     assert [e["event"] for e in logs if e["log_level"] == "error"] == []
     assert reconciler.last_result is not None
-    assert reconciler.last_result.result == "added"
+    assert reconciler.last_result.kind == "added"
     assert set(fake_konpro.endpoints) == {other, reconciler.last_result.endpoint_id}
     assert normalize_url("HTTP://[2001:DB8::5]:8080/konpro/") == "http://[2001:db8::5]:8080/konpro"

@@ -306,9 +306,9 @@ async def test_a_fresh_account_gets_the_public_url_registered_once(
     [registered] = fake_konpro.endpoints.values()
     assert (registered["url"], registered["events"]) == (webhook_receiver.url, list(EVENTS))
     assert webhook_receiver.options_seen == 1
-    assert (first.result, first.endpoint_id) == ("added", registered["endpoint_id"])
+    assert (first.kind, first.endpoint_id) == ("added", registered["endpoint_id"])
     assert [a.kind for a in first.actions] == [ActionKind.ADD]
-    assert (second.result, second.actions) == ("ok", ())
+    assert (second.kind, second.actions) == ("ok", ())
     assert reconciler.last_result is second
     assert [call.name for call in fake_konpro.writes] == ["endpoint.add"]
 
@@ -321,7 +321,7 @@ async def test_a_url_that_does_not_answer_options_is_a_clear_error(
 
     result = await reconciler.run_once()
 
-    assert result.result == "error"
+    assert result.kind == "error"
     assert result.error is not None
     assert webhook_receiver.url in result.error
     assert "could not be verified" in result.error
@@ -339,7 +339,7 @@ async def test_an_endpoint_deleted_elsewhere_is_added_again_by_the_next_run(
 
     again = await reconciler.run_once()
 
-    assert again.result == "added"
+    assert again.kind == "added"
     assert list(fake_konpro.endpoints) == [again.endpoint_id]
     assert again.endpoint_id != first.endpoint_id
 
@@ -351,7 +351,7 @@ async def test_events_edited_elsewhere_are_updated_on_the_same_endpoint(
 
     result = await reconcilers.make(ELSEWHERE).run_once()
 
-    assert (result.result, result.endpoint_id) == ("updated", endpoint_id)
+    assert (result.kind, result.endpoint_id) == ("updated", endpoint_id)
     assert list(fake_konpro.endpoints) == [endpoint_id]
     assert fake_konpro.endpoints[endpoint_id]["events"] == list(EVENTS)
     assert [call.name for call in fake_konpro.writes] == ["endpoint.update"]
@@ -383,8 +383,8 @@ async def test_duplicates_are_deleted_leaving_the_oldest_and_other_urls_untouche
     first = await reconcilers.make(ELSEWHERE).run_once()
     second = await reconcilers.make(ELSEWHERE).run_once()
 
-    assert (first.result, first.endpoint_id) == ("deduplicated", oldest)
-    assert second.result == "ok"
+    assert (first.kind, first.endpoint_id) == ("deduplicated", oldest)
+    assert second.kind == "ok"
     assert set(fake_konpro.endpoints) == {oldest, other, disabled_other}
     assert {key: fake_konpro.endpoints[key] for key in untouched} == untouched
     touched = {call.json and call.json.get("endpoint_id") for call in fake_konpro.writes}
@@ -400,7 +400,7 @@ async def test_a_disabled_endpoint_is_reported_loudly_and_left_alone(
     with capture_logs() as logs:
         result = await reconcilers.make(ELSEWHERE).run_once()
 
-    assert (result.result, result.endpoint_id) == ("disabled", endpoint_id)
+    assert (result.kind, result.endpoint_id) == ("disabled", endpoint_id)
     [report] = [entry for entry in logs if entry["event"] == "reconcile.endpoint_disabled"]
     assert report["log_level"] == "error"
     assert report["endpoint_id"] == endpoint_id
@@ -425,7 +425,7 @@ async def test_verify_mode_reports_differences_and_never_writes(
     with capture_logs() as logs:
         result = await reconcilers.make(ELSEWHERE, mode="verify", webhook_secret=secret).run_once()
 
-    assert result.result == ("disabled" if account == "disabled" else "drift")
+    assert result.kind == ("disabled" if account == "disabled" else "drift")
     assert result.actions
     assert fake_konpro.writes == []
     expected = "reconcile.endpoint_disabled" if account == "disabled" else "reconcile.drift"
@@ -455,7 +455,7 @@ async def test_a_rate_limit_pause_holds_back_the_next_run(
     fake_konpro.answer_next(1, 429, retry_after="1")
     reconciler = reconcilers.make(ELSEWHERE, max_attempts=1)  # interval 0.1 s, back-off 0.3 s
 
-    assert (await reconciler.run_once()).result == "error"
+    assert (await reconciler.run_once()).kind == "error"
 
     assert reconciler.next_run_in(failures=1) >= 0.3  # KonPro's 1 s, within max_backoff
 
@@ -468,7 +468,7 @@ async def test_verify_mode_on_a_matching_account_is_ok(
 
     result = await reconcilers.make(ELSEWHERE, mode="verify", webhook_secret=secret).run_once()
 
-    assert (result.result, result.endpoint_id, result.actions) == ("ok", endpoint_id, ())
+    assert (result.kind, result.endpoint_id, result.actions) == ("ok", endpoint_id, ())
 
 
 async def test_verify_mode_reports_a_secret_it_stores_nowhere(
@@ -480,7 +480,7 @@ async def test_verify_mode_reports_a_secret_it_stores_nowhere(
 
     result = await reconcilers.make(ELSEWHERE, mode="verify").run_once()
 
-    assert result.result == "error"
+    assert result.kind == "error"
     assert result.error is not None
     assert "verify mode stores nothing" in result.error
 
@@ -496,7 +496,7 @@ async def test_a_refused_key_is_logged_once_and_retried_only_at_the_interval(
     # interval 0.1 +/- 10%: at most 7 runs fit in 0.55 s, each one call (never retried).
     assert 2 <= len(fake_konpro.calls) <= 7
     assert len(results) == len(fake_konpro.calls)
-    assert {result.result for result in results} == {"error"}
+    assert {result.kind for result in results} == {"error"}
     [error] = [entry for entry in logs if entry["log_level"] == "error"]
     assert error["event"] == "reconcile.authentication_failed"
     assert "API key" in error["error"]
@@ -510,7 +510,7 @@ async def test_a_refused_key_is_one_line_until_a_run_gets_through_whatever_comes
     with capture_logs() as logs:
         for status in (401, 503, 401):
             fake_konpro.answer_next(1, status)
-            assert (await reconciler.run_once()).result == "error"
+            assert (await reconciler.run_once()).kind == "error"
 
     refused = [entry for entry in logs if entry["event"] == "reconcile.authentication_failed"]
     assert len(refused) == 1
@@ -527,7 +527,7 @@ async def test_rate_limits_and_server_errors_back_off_then_succeed(
 
     def on_result(result: ReconcileResult) -> None:
         results.append(result)
-        if result.result != "error":
+        if result.kind != "error":
             settled.set()
 
     results: list[ReconcileResult] = []
@@ -537,7 +537,7 @@ async def test_rate_limits_and_server_errors_back_off_then_succeed(
             await settled.wait()
         await cancel_and_wait(task)
 
-    assert [result.result for result in results] == ["error", "error", "updated"]
+    assert [result.kind for result in results] == ["error", "error", "updated"]
     sleeps = [entry["failures"] for entry in logs if entry["event"] == "reconcile.sleeping"]
     assert sleeps[:3] == [1, 2, 0]
 
@@ -551,7 +551,7 @@ async def test_an_unknown_configured_event_type_is_a_warning_not_fatal(
     with capture_logs() as logs:
         result = await reconcilers.make(ELSEWHERE, events=events).run_once()
 
-    assert result.result == "ok"
+    assert result.kind == "ok"
     [warning] = [entry for entry in logs if entry["event"] == "reconcile.unknown_event_types"]
     assert warning["unknown"] == ["instant_avatar.success"]
     assert fake_konpro.count("webhook.list") == 1
@@ -577,7 +577,7 @@ async def test_an_event_type_list_that_fails_does_not_hold_up_the_registration(
         first = await reconciler.run_once()
         second = await reconciler.run_once()
 
-    assert (first.result, second.result) == ("updated", "ok")
+    assert (first.kind, second.kind) == ("updated", "ok")
     [warning] = [entry for entry in logs if entry["event"] == "reconcile.event_types_unchecked"]
     assert warning["error"].startswith("webhook.list: ")
     assert fake_konpro.count("webhook.list") == 1
@@ -606,13 +606,13 @@ async def test_three_replicas_at_once_converge_on_one_registration(
     replicas = racing_replicas(reconcilers, webhook_receiver, tmp_path, 3)
 
     racing = await run_each(replicas)
-    assert [result.result for result in racing] == ["added"] * 3
+    assert [result.kind for result in racing] == ["added"] * 3
     assert len(fake_konpro.endpoints) == 3
     await run_each(replicas)
     settled = await run_each(replicas)
 
     [survivor] = fake_konpro.endpoints.values()
-    assert {(result.result, result.endpoint_id) for result in settled} == {
+    assert {(result.kind, result.endpoint_id) for result in settled} == {
         ("ok", survivor["endpoint_id"])
     }
     stored = {load_stored_secret(tmp_path / f"replica{n}") for n in range(3)}
@@ -640,12 +640,12 @@ async def test_replicas_that_cannot_learn_the_kept_endpoints_secret_say_so(
 
     [survivor] = fake_konpro.endpoints.values()
     outcomes = {
-        added[replica] == survivor["secret"]: r.result
+        added[replica] == survivor["secret"]: r.kind
         for replica, r in zip(replicas, settled, strict=True)
     }
-    assert sorted(r.result for r in settled) == ["error", "error", "ok"]
+    assert sorted(r.kind for r in settled) == ["error", "error", "ok"]
     assert outcomes == {True: "ok", False: "error"}
-    errors = [r.error or "" for r in settled if r.result == "error"]
+    errors = [r.error or "" for r in settled if r.kind == "error"]
     assert all("konpro.webhook_secret" in error for error in errors)
     # Whose secret is stored, and whose is needed: the kept endpoint may only have moved.
     assert all(f"not the kept endpoint {survivor['endpoint_id']}'s" in error for error in errors)
@@ -669,7 +669,7 @@ async def test_a_restarted_replica_still_knows_whose_secret_it_holds(
         for n in range(2)
     ]
 
-    assert sorted(result.result for result in restarted) == ["error", "ok"]
+    assert sorted(result.kind for result in restarted) == ["error", "ok"]
 
 
 async def test_a_secret_another_run_stored_meanwhile_is_not_called_outdated(
@@ -681,12 +681,12 @@ async def test_a_secret_another_run_stored_meanwhile_is_not_called_outdated(
     daemon = reconcilers.make(webhook_receiver.url)
     await daemon.run_once()
     fake_konpro.endpoints.clear()
-    assert (await reconcilers.make(webhook_receiver.url).run_once()).result == "added"
+    assert (await reconcilers.make(webhook_receiver.url).run_once()).kind == "added"
 
     with capture_logs() as logs:
         result = await daemon.run_once()
 
-    assert (result.result, result.error) == ("ok", None)
+    assert (result.kind, result.error) == ("ok", None)
     assert not [entry for entry in logs if entry["event"] == "reconcile.secret_mismatch"]
 
 
@@ -727,7 +727,7 @@ async def test_an_endpoint_still_signing_with_the_previous_secret_is_verifiable(
 
     result = await reconciler.run_once()
 
-    assert (result.result, result.error) == ("ok", None)
+    assert (result.kind, result.error) == ("ok", None)
 
 
 async def test_a_configured_secret_means_nothing_is_stored(
@@ -739,7 +739,7 @@ async def test_a_configured_secret_means_nothing_is_stored(
 
     result = await reconciler.run_once()
 
-    assert (result.result, result.secret_stored) == ("ok", False)
+    assert (result.kind, result.secret_stored) == ("ok", False)
     assert load_stored_secret(reconcilers.spool) is None
 
 
@@ -753,9 +753,7 @@ async def test_an_endpoint_registered_again_under_a_configured_secret_is_reporte
         results = [await reconciler.run_once() for _ in range(2)]
 
     [registered] = fake_konpro.endpoints.values()
-    assert [(r.result, r.endpoint_id) for r in results] == [
-        ("error", registered["endpoint_id"])
-    ] * 2
+    assert [(r.kind, r.endpoint_id) for r in results] == [("error", registered["endpoint_id"])] * 2
     assert "401" in (results[0].error or "")
     assert not registration_ok(results[-1])
     # An operator has to act: asked again every interval, not at a failure's back-off.
@@ -769,7 +767,7 @@ async def test_an_endpoint_registered_again_under_a_configured_secret_is_reporte
 def test_a_result_renders_as_json_without_secrets() -> None:
     result = ReconcileResult(
         time=datetime(2024, 1, 1, tzinfo=UTC),
-        result="updated",
+        kind="updated",
         endpoint_id="a",
         actions=(Action(ActionKind.UPDATE, ELSEWHERE, "a", events=None),),
     )
@@ -802,7 +800,7 @@ async def test_an_update_whose_answer_describes_no_endpoint_counts_as_done(
     result = await reconcilers.make(ELSEWHERE).run_once()
 
     assert fake_konpro.endpoints[endpoint_id]["events"] == list(EVENTS)
-    assert (result.result, result.error) == ("updated", None)
+    assert (result.kind, result.error) == ("updated", None)
     assert fake_konpro.count("endpoint.update") == 1
 
 
@@ -818,7 +816,7 @@ async def test_verify_mode_reports_a_configured_secret_that_is_not_the_endpoints
             ELSEWHERE, mode="verify", webhook_secret="whsec_configured"
         ).run_once()
 
-    assert result.result == "error"
+    assert result.kind == "error"
     assert registration_ok(result) is False
     assert "reconcile.secret_mismatch" in {entry["event"] for entry in logs}
     assert fake_konpro.writes == []
@@ -836,7 +834,7 @@ async def test_verify_mode_reports_a_secret_it_cannot_know(
 
     result = await reconcilers.make(ELSEWHERE, mode="verify").run_once()
 
-    assert result.result == "error"
+    assert result.kind == "error"
     assert registration_ok(result) is False
 
 
@@ -854,7 +852,7 @@ async def test_a_duplicate_deleted_first_by_another_replica_is_done_whatever_kon
     result = await reconcilers.make(ELSEWHERE).run_once()
 
     assert duplicate not in fake_konpro.endpoints
-    assert (result.result, result.error) == ("deduplicated", None)
+    assert (result.kind, result.error) == ("deduplicated", None)
 
 
 async def test_a_delete_refused_while_the_endpoint_is_still_listed_is_an_error(
@@ -868,7 +866,7 @@ async def test_a_delete_refused_while_the_endpoint_is_still_listed_is_an_error(
     result = await reconcilers.make(ELSEWHERE).run_once()
 
     assert duplicate in fake_konpro.endpoints
-    assert result.result == "error"
+    assert result.kind == "error"
 
 
 async def test_an_unreadable_created_at_on_another_services_endpoint_stops_nothing(
@@ -882,7 +880,7 @@ async def test_an_unreadable_created_at_on_another_services_endpoint_stops_nothi
 
     result = await reconcilers.make(ELSEWHERE).run_once()
 
-    assert (result.result, result.error) == ("ok", None)
+    assert (result.kind, result.error) == ("ok", None)
     assert fake_konpro.count("endpoint.list") == 1
 
 
@@ -898,7 +896,7 @@ async def test_the_kept_endpoints_secret_is_kept_even_when_a_repair_step_fails(
 
     results = [await reconcilers.make(ELSEWHERE).run_once() for _ in range(2)]
 
-    assert [result.result for result in results] == ["error", "error"]
+    assert [result.kind for result in results] == ["error", "error"]
     assert load_stored_secret(reconcilers.spool) == fake_konpro.endpoints[kept]["secret"]
 
 
@@ -913,7 +911,7 @@ async def test_a_run_that_stored_the_secret_and_then_failed_says_it_stored_it(
 
     result = await reconcilers.make(ELSEWHERE, max_attempts=1).run_once()
 
-    assert result.result == "error"
+    assert result.kind == "error"
     assert load_stored_secret(reconcilers.spool) == fake_konpro.endpoints[kept]["secret"]
     assert result.secret_stored is True
 
@@ -934,7 +932,7 @@ async def test_a_secret_that_cannot_be_stored_does_not_hold_up_the_repairs(
         finally:
             filler.unlink()
 
-    assert result.result == "error"
+    assert result.kind == "error"
     assert result.error is not None
     assert "storing the signing secret failed" in result.error
     assert duplicate not in fake_konpro.endpoints
@@ -950,6 +948,6 @@ async def test_a_verify_run_that_cannot_read_the_secret_file_says_so(
 
     result = await reconcilers.make(ELSEWHERE, mode="verify").run_once()
 
-    assert result.result == "error"
+    assert result.kind == "error"
     assert result.error is not None
     assert result.error.startswith("the stored signing secret cannot be read: ")

@@ -88,14 +88,14 @@ async def test_a_started_bridge_registers_its_url_once_after_it_listens(
         await until(lambda: result_of(bridge) is not first)  # a second run has seen it
 
         assert first is not None
-        assert first.result == "added"
+        assert first.kind == "added"
         assert fake_konpro.verified_urls == [public_url]  # the first OPTIONS check passed
         [registered] = fake_konpro.endpoints.values()
         assert (registered["url"], registered["endpoint_id"]) == (public_url, first.endpoint_id)
         assert [call.name for call in fake_konpro.writes] == ["endpoint.add"]
         latest = result_of(bridge)
         assert latest is not None
-        assert (latest.result, latest.endpoint_id) == ("ok", first.endpoint_id)
+        assert (latest.kind, latest.endpoint_id) == ("ok", first.endpoint_id)
 
 
 async def test_an_endpoint_deleted_elsewhere_is_registered_again(
@@ -175,7 +175,7 @@ async def test_a_secret_an_operator_registered_meanwhile_is_enforced_at_the_next
         # what `konpro-bridge reconcile --once` does, beside the running daemon:
         async with KonProClient(fake_konpro.url, settings.konpro.api_key) as client:
             operators_run = await Reconciler.from_settings(client, settings).run_once()
-        assert (operators_run.result, operators_run.secret_stored) == ("added", True)
+        assert (operators_run.kind, operators_run.secret_stored) == ("added", True)
         [registered] = fake_konpro.endpoints.values()
         ran = result_of(bridge)
         await until(lambda: result_of(bridge) is not ran)
