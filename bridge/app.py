@@ -296,16 +296,18 @@ class Bridge:
         return self.url + self.settings.server.webhook_path
 
     async def stop(self) -> None:
-        """Stop listening, let in-flight deliveries and a drain of the spool finish within one
-        grace period (``server.shutdown_timeout``), then close the connection and the spool."""
+        """Let a registration in flight finish (its answer holds the signing secret), then stop
+        listening, let in-flight deliveries and a drain of the spool finish within one grace
+        period (``server.shutdown_timeout``), and close the connection and the spool."""
         loop = asyncio.get_running_loop()
         grace = self.settings.server.shutdown_timeout
-        deadline = loop.time() + grace
+        if self._runner is not None:
+            log.info("bridge.stopping", grace_seconds=grace)
         await self._stop_reconciling()
+        deadline = loop.time() + grace  # the deliveries' grace starts once the site closes
         await cancel_and_wait(self._sharing_gauges)
         self._sharing_gauges = None
         if self._runner is not None:
-            log.info("bridge.stopping", grace_seconds=grace)
             # aiohttp waits ``grace`` for the handlers, then cancels them: a delivery still
             # waiting for the broker's confirm by then is spooled and answered instead.
             grace_over = loop.call_at(deadline, self._end_confirm_waits)

@@ -199,10 +199,10 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
 
     publisher = Publisher(settings.amqp)
 
-    stopped_by: list[signal.Signals] = []
+    run = _DrainRun()
 
     async def drain_spools() -> tuple[int, int]:
-        _stop_on_signals(stopped_by)
+        _stop_on_signals(run)
         async with contextlib.AsyncExitStack() as opened:
             try:
                 spools = [
@@ -221,7 +221,7 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
                 why = publisher.not_ready_reason() or "no answer"
                 message = f"no usable broker within {args.wait:g} s ({why}); nothing was drained"
                 raise _CannotDrain(message) from None
-            return await _drain_for_good(spools, publisher, wait=args.wait)
+            return await _drain_for_good(spools, publisher, wait=args.wait, run=run)
 
     try:
         drained, still_refused = _run_async(drain_spools())
@@ -232,9 +232,9 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(str(exc), EXIT_FAILURE)
     except DeliveryRefused as exc:
         return _fail(f"drain stopped: {exc.reason}; the rest stays in the spool", EXIT_FAILURE)
-    except (_Interrupted, asyncio.CancelledError) as exc:  # the latter: before any was sent
-        print(f"drained {exc.drained if isinstance(exc, _Interrupted) else 0} events")
-        [signum] = stopped_by[:1] or [signal.SIGINT]
+    except asyncio.CancelledError:  # a signal stopped it; an event being forwarded stays too
+        print(f"drained {run.drained} events")
+        signum = run.stopped_by or signal.SIGINT
         message = f"stopped by {signum.name}: the rest stays in the spool"
         return _fail(message, 128 + signum)
     print(f"drained {drained} events")
@@ -251,24 +251,26 @@ class _CannotDrain(Exception):
     """Why ``spool drain`` cannot begin, in words for the operator."""
 
 
-class _Interrupted(Exception):
-    """Ctrl-C or SIGTERM stopped the drain; ``drained`` events had been removed by then."""
+@dataclasses.dataclass
+class _DrainRun:
+    """How far a drain got, and the signal that stopped it part-way, if one did."""
 
-    def __init__(self, drained: int) -> None:
-        super().__init__(drained)
-        self.drained = drained
+    drained: int = 0
+    stopped_by: signal.Signals | None = None
 
 
-def _stop_on_signals(stopped_by: list[signal.Signals]) -> None:
-    """Turn SIGINT and SIGTERM into a cancellation of the running task, noting which came: the
-    drain then says how far it got, where a ``KeyboardInterrupt`` would print tracebacks."""
+def _stop_on_signals(run: _DrainRun) -> None:
+    """Turn the first SIGINT or SIGTERM into a cancellation of the running task: the drain then
+    says how far it got, where a ``KeyboardInterrupt`` would print tracebacks. Later ones are
+    let pass: the connection and the spools are being closed."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
 
     def stop(signum: signal.Signals) -> None:
-        stopped_by.append(signum)
-        task.cancel()
+        if run.stopped_by is None:
+            run.stopped_by = signum
+            task.cancel()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop, signum)
@@ -288,9 +290,9 @@ def _spools_to_drain(root: Path) -> list[Path]:
 
 
 async def _drain_for_good(
-    spools: list[Spool], publisher: Publisher, *, wait: float
+    spools: list[Spool], publisher: Publisher, *, wait: float, run: _DrainRun
 ) -> tuple[int, int]:
-    """``forwarder.drain_for_good``, with a progress bar; a stop part-way says how far it got."""
+    """``forwarder.drain_for_good``, with a progress bar, counting in ``run``."""
     from tqdm import tqdm  # noqa: PLC0415 - a megabyte the daemon does not need
 
     from bridge.forwarder import drain_for_good, forwarding  # noqa: PLC0415
@@ -304,21 +306,15 @@ async def _drain_for_good(
             reason = f"the broker's channel did not come back within {wait:g} s"
             raise DeliveryRefused(reason) from None
 
-    drained = 0
-
     with tqdm(total=sum(s.depth for s in spools), unit="event", desc="draining") as bar:
 
         def progress(total: int) -> None:
-            nonlocal drained
-            bar.update(total - drained)
-            drained = total
+            bar.update(total - run.drained)
+            run.drained = total
 
-        try:
-            return await drain_for_good(
-                spools, forwarding(publisher.publish), usable=usable, on_progress=progress
-            )
-        except asyncio.CancelledError:  # an event being forwarded stays: at worst a duplicate
-            raise _Interrupted(drained) from None
+        return await drain_for_good(
+            spools, forwarding(publisher.publish), usable=usable, on_progress=progress
+        )
 
 
 def _run_async(coroutine: Coroutine[Any, Any, T]) -> T:

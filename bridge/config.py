@@ -221,6 +221,12 @@ class KonProSettings(_Section):
         return self
 
     @property
+    def registration_allowance(self) -> float:
+        """Seconds a stop waits for a registration already sent: its answer is the only time
+        KonPro tells the endpoint's signing secret."""
+        return self.request_timeout + 1.0
+
+    @property
     def webhook_secrets(self) -> tuple[str, ...]:
         """All secrets a delivery may be signed with: the current one, then those being retired."""
         secrets = (self.webhook_secret, *self.previous_webhook_secrets)
@@ -408,21 +414,29 @@ def describe_errors(error: ValidationError, source: Path | None) -> str:
     lines = []
     for item in error.errors(include_input=False, include_url=False):
         parts = [str(part) for part in item["loc"]]
-        variable = _environment_variable_setting(parts) if parts else None
-        if variable is None and len(parts) <= 1:  # a rule between keys: blame those it names
-            sections = parts or list(Settings.model_fields)
-            named = [
-                name
-                for section in sections
-                for name, section_key in _section_variables(section)
-                if re.search(rf"\b{re.escape(section_key)}\b", item["msg"])
-                and (parts or f"{section}.{section_key}" in item["msg"])
-            ]
-            variable = ", ".join(named) or None
-        origin = f"{variable} (environment)" if variable else str(source or "")
-        where = [origin] if origin else []
-        lines.append(": ".join([*where, *([".".join(parts)] if parts else []), item["msg"]]))
+        variables = _blamed_variables(parts, item["msg"])
+        line = [f"{variables} (environment)" if variables else str(source or "")]
+        if parts:
+            line.append(".".join(parts))
+        line.append(item["msg"])
+        lines.append(": ".join(part for part in line if part))
     return "\n".join(lines)
+
+
+def _blamed_variables(key: list[str], message: str) -> str | None:
+    """The variables that set ``key``, as one text; for a rule between keys (``key`` is a
+    section, or none for a rule between sections), those of the keys its message names."""
+    if len(key) > 1 or (key and key[0] not in Settings.model_fields):
+        return _environment_variable_setting(key)
+    sections = key or list(Settings.model_fields)
+    named = [
+        name
+        for section in sections
+        for name, section_key in _section_variables(section)
+        if re.search(rf"\b{re.escape(section_key)}\b", message)
+        and (key or f"{section}.{section_key}" in message)
+    ]
+    return ", ".join(named) or (_environment_variable_setting(key) if key else None)
 
 
 def _section_variables(section: str) -> list[tuple[str, str]]:
@@ -513,5 +527,7 @@ def _environment_variable_setting(key: list[str]) -> str | None:
         name = ENV_PREFIX.upper() + "__".join(key[:depth]).upper()
         if name in present:
             return name
+    if len(key) < 2:  # a section's variables are not all to blame for one of its keys
+        return None
     head = ENV_PREFIX.upper() + "__".join(key).upper() + "__"
     return ", ".join(sorted(name for name in present if name.startswith(head))) or None

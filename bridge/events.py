@@ -176,9 +176,14 @@ def _parsed_by_the_grammar(body: bytes, *, refused: orjson.JSONDecodeError) -> A
     an event is as good as any other; refused, KonPro would retry it for a day, then drop it.
     What is not JSON (``NaN``, a byte-order mark, other encodings) stays refused."""
     try:
-        return json.loads(body.decode(), parse_constant=_not_json)
+        return json.loads(body.decode(), **_NUMBERS_AS_TEXT, parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise InvalidEvent(f"body is not valid JSON: {_first_line(refused)}") from None
+
+
+# The bridge never reads a number of the body: left as text, none is too large to convert
+# (Python refuses integers of more than 4,300 digits).
+_NUMBERS_AS_TEXT: Final[dict[str, Any]] = {"parse_int": str, "parse_float": str}
 
 
 def _not_json(constant: str) -> NoReturn:
@@ -204,7 +209,7 @@ def _repeated_top_level_keys(body: bytes) -> set[str]:
         return dict(pairs)
 
     try:
-        json.loads(body, object_pairs_hook=keys)  # valid JSON: parsed once already
+        json.loads(body, object_pairs_hook=keys, **_NUMBERS_AS_TEXT)  # valid: parsed once already
     except RecursionError:  # orjson nests to 1024, the standard library's parser less deep
         raise InvalidEvent("body nests too deeply") from None
     top_level = objects[-1]  # the outermost object closes last

@@ -239,8 +239,7 @@ class Reconciler:
         self._desired = Desired.from_settings(konpro)
         self._configured_secrets = frozenset(konpro.webhook_secrets)
         self._settings = reconcile
-        # How long a stop waits for a registration already sent: its answer holds the secret.
-        self._registration_allowance = konpro.request_timeout + 1.0
+        self._registration_allowance = konpro.registration_allowance
         self._stores_known_secret = reconcile.mode == "repair" or preview
         self._secret_dir = secret_store_dir
         self._events_checked = False
@@ -360,7 +359,9 @@ class Reconciler:
         for action in actions:
             if action.kind is ActionKind.ADD:
                 keeper = await outlasting_cancellation(
-                    self._register(action, done), within=self._registration_allowance
+                    self._register(action, done),
+                    within=self._registration_allowance,
+                    on_failure=self._registration_failed_at_stop,
                 )
             else:
                 await self._apply(action)
@@ -477,6 +478,13 @@ class Reconciler:
         done.append(action)
         await self._sync_secret(added.endpoint_id, added.secret)
         return added
+
+    def _registration_failed_at_stop(self, exc: Exception) -> None:
+        """A registration let finish during a stop failed: said as ``run_once`` would say it."""
+        if isinstance(exc, OSError):
+            log.error("reconcile.secret_store_failed", path=str(self._secret_dir), error=str(exc))
+        else:
+            log.warning("reconcile.failed", error=str(exc), error_type=type(exc).__name__)
 
     async def _apply(self, action: Action) -> None:
         """Carry out one write other than a registration."""

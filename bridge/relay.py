@@ -32,22 +32,22 @@ class Relay:
         publisher: Publisher,
         spool: Spool,
         on_spooled: Callable[[], None],
-        replays: ReplayGuard,
+        replay_guard: ReplayGuard,
     ) -> None:
         self._publisher = publisher
         self._spool = spool
         self._on_spooled = on_spooled  # wakes the forwarder
-        self._replays = replays
+        self._replay_guard = replay_guard
         # Digests of the bodies being taken right now, each with the copies waiting for its outcome.
         self._taking: dict[str, list[asyncio.Future[bool]]] = {}
 
     async def deliver(self, delivery: Delivery) -> Outcome:
-        if not self._replays.enabled:
+        if not self._replay_guard.enabled:
             return await self._publish_or_spool(delivery)
         # By the body, which the signature covers: KonPro-Event-Id and KonPro-Timestamp are not
         # signed, so a replayed capture may carry fresh ones. KonPro's retries repeat the body.
         key = body_digest(delivery.body)
-        if self._replays.seen(key):
+        if self._replay_guard.seen(key):
             return Outcome.DUPLICATE
         if (waiting := self._taking.get(key)) is not None:
             return await self._after_the_first_copy(waiting)
@@ -58,7 +58,7 @@ class Relay:
         taken = False
         try:
             outcome = await self._publish_or_spool(delivery)
-            self._replays.remember(key)
+            self._replay_guard.remember(key)
             taken = True
             return outcome
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import structlog
@@ -54,13 +54,19 @@ def this_task_is_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-async def outlasting_cancellation(work: Coroutine[Any, Any, _T], *, within: float) -> _T:
+async def outlasting_cancellation(
+    work: Coroutine[Any, Any, _T],
+    *,
+    within: float,
+    on_failure: Callable[[Exception], None],
+) -> _T:
     """Await ``work``; if the caller is cancelled meanwhile, let ``work`` go on for up to
     ``within`` seconds more (then cancel it), and raise the cancellation once it has ended.
 
-    For a call whose answer must not be thrown away once it is sent: KonPro tells an endpoint's
-    signing secret only in the answer that registers it. Cancellations repeated while waiting
-    (``cancel_and_wait(again_every=...)``) do not cut the wait short.
+    For a call whose answer must not be thrown away: KonPro tells an endpoint's signing secret
+    only in the answer that registers it. Cancellations repeated while waiting
+    (``cancel_and_wait(again_every=...)``) do not cut the wait short. An error ``work`` ends
+    with after the cancellation has nobody to go to but ``on_failure``, which reports it.
     """
     task = asyncio.ensure_future(work)
     try:
@@ -71,7 +77,11 @@ async def outlasting_cancellation(work: Coroutine[Any, Any, _T], *, within: floa
         while not task.done() and (remaining := deadline - loop.time()) > 0:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait({task}, timeout=remaining)
-        task.cancel()  # no-op if it ended
-        if task.done() and not task.cancelled():
-            task.exception()  # what became of it was logged where it happened
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task}, timeout=1.0)  # its cleanup, not left to a closed loop
+        error = task.exception() if task.done() and not task.cancelled() else None
+        if isinstance(error, Exception):
+            on_failure(error)
         raise

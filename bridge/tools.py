@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -126,7 +127,7 @@ def format_line(message: AbstractIncomingMessage) -> str:
     """``time exchange routing_key message_id event_data``, with the data compact and clipped."""
     body = _parse(message.body)
     data = body.get("event_data", body) if isinstance(body, dict) else body
-    text = data if isinstance(data, str) else orjson.dumps(data).decode()
+    text = data if isinstance(data, str) else _dumps(data)
     if len(text) > _MAX_DATA_CHARS:
         text = text[: _MAX_DATA_CHARS - 1] + "…"
     when = _timestamp(message) or "-"
@@ -143,14 +144,28 @@ def format_json(message: AbstractIncomingMessage) -> str:
         "timestamp": _timestamp(message),
         "body": _parse(message.body),
     }
-    return orjson.dumps(record, default=_jsonable).decode()
+    return _dumps(record)
 
 
 def _parse(body: bytes) -> Any:
+    """The body as the bridge read it: by orjson, else by the standard library's parser (what
+    the JSON grammar allows and orjson refuses, see ``events``); else as text."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return body.decode(errors="replace")
+
+
+def _dumps(value: Any) -> str:
+    """Compact JSON; what orjson cannot write (an unpaired surrogate) written escaped."""
+    try:
+        return orjson.dumps(value, default=_jsonable).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, default=_jsonable, separators=(",", ":"))
 
 
 def _timestamp(message: AbstractIncomingMessage) -> str | None:

@@ -40,7 +40,7 @@ from typing import Final
 
 import structlog
 
-from bridge.config import Settings
+from bridge.config import Settings, why_not_reconcile
 from bridge.replay_mesh import ReplayLink, ReplayMesh
 
 log = structlog.get_logger(__name__)
@@ -131,8 +131,7 @@ class Supervisor:
             self._share_with_workers()
             for index in range(count):
                 self._start(index)
-            restarting: set[int] = set()
-            failed = self._supervise(restarting)
+            failed, restarting = self._supervise()
             stopped = self._stop_all(restarting)
         self._replays.close()
         return failed or stopped  # the cause of a stop matters more than how the others ended
@@ -160,9 +159,9 @@ class Supervisor:
         self._workers[index] = process
         self._backoff.started(index, time.monotonic())
 
-    def _supervise(self, restarting: set[int]) -> int:
-        """Until a stop is asked for, or a worker cannot start; ``restarting`` is left holding
-        the workers that had died and were waiting to start again."""
+    def _supervise(self) -> tuple[int, set[int]]:
+        """Until a stop is asked for, or a worker cannot start: the exit code that calls for,
+        and the workers that had died and were waiting to start again."""
         restarts: dict[int, float] = {}  # worker -> when to start it again (monotonic clock)
         while not self._stopping:
             self._start_those_due(restarts)
@@ -177,10 +176,9 @@ class Supervisor:
                 log.error("workers.exited", worker=index, exit_code=process.exitcode)
                 _forget_live_gauges(process)
                 if process.exitcode == CANNOT_START:
-                    return CANNOT_START
+                    return CANNOT_START, set(restarts)
                 restarts[index] = ended + self._backoff.delay(index, ended)
-        restarting.update(restarts)
-        return 0
+        return 0, set(restarts)
 
     def _start_those_due(self, restarts: dict[int, float]) -> None:
         """Start again each worker whose back-off is over; each waits out its own, while the
@@ -199,7 +197,7 @@ class Supervisor:
         for process in running.values():
             if process.is_alive() and process.pid is not None:
                 process.terminate()  # SIGTERM: each worker shuts down gracefully
-        deadline = time.monotonic() + self._settings.server.shutdown_timeout + 5.0
+        deadline = time.monotonic() + _stop_allowance(self._settings)
         worst = 0
         for index, process in running.items():
             process.join(max(0.0, deadline - time.monotonic()))
@@ -241,6 +239,15 @@ def _forget_live_gauges(process: BaseProcess) -> None:
 
     if process.pid is not None:
         multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+
+
+def _stop_allowance(settings: Settings) -> float:
+    """How long a worker's graceful stop may take before it is killed: the grace, about 2 s for
+    the broker's close, and a registration in flight that worker 0 lets finish."""
+    allowance = settings.server.shutdown_timeout + 5.0
+    if why_not_reconcile(settings) is None:
+        allowance += settings.konpro.registration_allowance
+    return allowance
 
 
 def _exit_status(exitcode: int | None) -> int:

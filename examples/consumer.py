@@ -55,21 +55,21 @@ def repeat_key(message: AbstractIncomingMessage) -> str:
     return f"{message.message_id or ''}:{hashlib.sha256(message.body).hexdigest()}"
 
 
-class RecentIds:
-    """The last ``size`` message ids seen, oldest forgotten first."""
+class RecentKeys:
+    """The last ``size`` repeat keys seen, oldest forgotten first."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._keys: OrderedDict[str, None] = OrderedDict()
 
-    def __contains__(self, message_id: object) -> bool:
-        return message_id in self._ids
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
 
-    def add(self, message_id: str) -> None:
-        self._ids[message_id] = None
-        self._ids.move_to_end(message_id)
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
+    def add(self, key: str) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        if len(self._keys) > self._size:
+            self._keys.popitem(last=False)
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Consumer:
         self.config = config
         self.stats = Stats()
         self._handler = handler
-        self._seen = RecentIds(config.dedup_size)
+        self._seen = RecentKeys(config.dedup_size)
         self._in_flight: set[str] = set()
         self._idle = asyncio.Event()  # set while no message is being handled
         self._idle.set()
@@ -109,26 +109,26 @@ class Consumer:
         return self.stats
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        message_id = repeat_key(message)
-        if message_id in self._seen or message_id in self._in_flight:
+        key = repeat_key(message)
+        if key in self._seen or key in self._in_flight:
             # A copy is done or under way; if that one fails, it is requeued, not lost.
             self.stats.duplicates += 1
             await message.ack()
             return
-        self._in_flight.add(message_id)
+        self._in_flight.add(key)
         self._idle.clear()
         try:
             await self._handler(json.loads(message.body), message)
         except Exception:
             self.stats.failed += 1
-            log.exception("handler failed; requeueing", extra={"message_id": message_id})
+            log.exception("handler failed; requeueing", extra={"message_id": message.message_id})
             await message.nack(requeue=True)
         else:
             await message.ack()
-            self._seen.add(message_id)
+            self._seen.add(key)
             self._count_handled()
         finally:
-            self._in_flight.discard(message_id)
+            self._in_flight.discard(key)
             if not self._in_flight:
                 self._idle.set()
 
@@ -188,7 +188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ConsumerConfig:
         "--dedup-size",
         type=int,
         default=int(env("CONSUMER_DEDUP_SIZE", str(ConsumerConfig.dedup_size))),
-        help="message ids remembered to drop duplicates (default: $CONSUMER_DEDUP_SIZE, else "
+        help="events remembered to drop repeats (default: $CONSUMER_DEDUP_SIZE, else "
         f"{ConsumerConfig.dedup_size})",
     )
     parser.add_argument(

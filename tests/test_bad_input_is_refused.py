@@ -15,6 +15,7 @@ import structlog
 from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
+from bridge.events import parse_event_type
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
 from tests.support import raw_http
 from tests.support.observing import scrape, value
@@ -477,3 +478,13 @@ async def test_a_client_that_hangs_up_mid_body_is_one_warning_line_not_an_error(
     assert (gone["event"], gone["level"]) == ("webhook.rejected", "warning")
     assert not [entry for entry in lines if entry["level"] in {"error", "critical"}]
     assert not [entry for entry in lines if "exception" in entry]
+
+
+def test_an_integer_of_more_than_4300_digits_is_taken_as_the_json_grammar_allows() -> None:
+    """An integer of 5,000 digits is a JSON number: orjson refuses it, and Python will not
+    convert more than 4,300 digits. The bridge never reads a number of the body."""
+    body = (
+        b'{"event_type": "avatar_video.success", "event_data": {"checksum": 1' + b"0" * 5000 + b"}}"
+    )
+
+    assert parse_event_type(body) == "avatar_video.success"

@@ -580,3 +580,20 @@ def test_a_route_written_as_an_amqp_pattern_is_warned_about() -> None:
     assert doubt.startswith("amqp.routes match 'video_translate.#' holds '#'")
     glob = [{"match": "video_translate.*", "exchange": "translations"}]
     assert Settings.model_validate({"amqp": {"routes": glob}}).doubts() == []
+
+
+def test_a_rule_between_keys_broken_in_the_file_is_not_blamed_on_other_variables_of_its_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A section's variables are not all to blame for a rule between its keys broken in the
+    file (``server.host`` set in a Kubernetes manifest, say): the file is named."""
+    config = tmp_path / "bridge.toml"
+    config.write_text("[server]\nmax_bytes_in_flight = 2048\n")
+    monkeypatch.setenv("KONPRO_BRIDGE_SERVER__HOST", "127.0.0.1")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+
+    assert str(caught.value).startswith(
+        f"{config}: server: Value error, max_bytes_in_flight (2048) must be at least"
+    ), str(caught.value)

@@ -133,14 +133,19 @@ def test_the_stop_gets_the_time_it_takes_before_the_platform_kills(
     bridge first sleeps through the moments in which the Service still sends to a terminating
     pod; Compose's default (10 s) is too short."""
     settings = _configmap_settings(tmp_path, monkeypatch)
-    stop = settings.server.shutdown_timeout + 2 + settings.konpro.request_timeout + 1
+    stop = settings.server.shutdown_timeout + 2 + settings.konpro.registration_allowance
     pod = _kind("StatefulSet")["spec"]["template"]["spec"]
     [_, delay] = _bridge_container()["lifecycle"]["preStop"]["exec"]["command"]
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["bridge"]
 
     assert int(delay) >= 3
     assert pod["terminationGracePeriodSeconds"] >= int(delay) + stop
-    assert _seconds(compose["stop_grace_period"]) >= Settings().server.shutdown_timeout + 2 + 11
+    defaults = Settings()
+    registration = defaults.konpro.registration_allowance
+    assert (
+        _seconds(compose["stop_grace_period"])
+        >= defaults.server.shutdown_timeout + 2 + registration
+    )
 
 
 def test_every_variable_the_deployments_set_names_a_real_setting() -> None:

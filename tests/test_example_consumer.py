@@ -11,7 +11,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from bridge.samples import sample_event
-from examples.consumer import Consumer, ConsumerConfig, Event, RecentIds, declare, parse_args
+from examples.consumer import Consumer, ConsumerConfig, Event, RecentKeys, declare, parse_args
 from tests.conftest import AMQP_URL
 
 
@@ -159,7 +159,7 @@ async def _eventually_ready(channel: AbstractChannel, queue: str) -> int:
 
 
 def test_recent_ids_forget_the_oldest_first() -> None:
-    seen = RecentIds(size=2)
+    seen = RecentKeys(size=2)
     for message_id in ("a", "b", "a", "c"):
         seen.add(message_id)
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -21,7 +25,7 @@ from pamqp.commands import Basic
 from bridge.events import DOCUMENTED_EVENT_TYPES, EVENT_ID_HEADER, parse_event_type
 from bridge.samples import sample_event
 from bridge.signatures import SignatureRejected, SignatureVerifier
-from bridge.tools import local_webhook_url, send_test_event, tail
+from bridge.tools import format_json, format_line, local_webhook_url, send_test_event, tail
 from tests.conftest import BridgeFactory, drain, make_settings
 from tests.support.private_broker import PrivateBroker
 
@@ -283,3 +287,38 @@ async def test_tail_runs_as_the_bridges_broker_user_given_its_private_queues(
 
     for unrouted in (False, True):
         assert await tail(settings, [], True, io.StringIO(), duration=0.3, unrouted=unrouted) == 0
+
+
+@dataclass
+class _Message:
+    """What ``tail`` reads of an incoming message."""
+
+    body: bytes
+    exchange: str = "konpro.events"
+    routing_key: str = "avatar_video.fail"
+    message_id: str | None = "evt-1"
+    headers: dict[str, Any] = field(default_factory=dict)
+    timestamp: dt.datetime | None = None
+
+
+_CUT_IN_AN_EMOJI = (
+    b'{"event_type": "avatar_video.fail", '
+    b'"event_data": {"video_id": "v1", "msg": "Failed: \\u201cMy \\ud83d\\u201d"}}'
+)
+
+
+def test_tail_json_shows_an_event_the_bridge_took_by_the_json_grammar_as_json() -> None:
+    """``tail`` reads bodies as the bridge does: one orjson refuses but the JSON grammar
+    allows (a title cut in an emoji) is still an object for ``jq``."""
+    record = json.loads(format_json(_Message(_CUT_IN_AN_EMOJI)))  # type: ignore[arg-type]
+
+    assert isinstance(record["body"], dict), record["body"]
+    assert record["body"]["event_data"]["video_id"] == "v1"
+
+
+def test_tail_shows_the_event_data_of_an_event_taken_by_the_json_grammar() -> None:
+    """The line shows ``event_data`` for such an event too, not the raw envelope."""
+    line = format_line(_Message(_CUT_IN_AN_EMOJI))  # type: ignore[arg-type]
+
+    assert '"event_type"' not in line, line
+    assert '"video_id"' in line, line

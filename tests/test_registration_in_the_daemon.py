@@ -24,14 +24,16 @@ from bridge.logs import redactor
 from bridge.reconcile import Reconciler, ReconcileResult
 from bridge.secret_file import load_stored_secret
 from bridge.signatures import sign
-from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
+from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
 from tests.support.process import free_port
+from tests.support.tcp_proxy import TcpProxy
 
 pytest_plugins = ("tests.fake_konpro",)
 
 INTERVAL = 1.0  # the shortest interval the settings allow
 Starter = Callable[..., AbstractAsyncContextManager[Bridge]]
+JSON = {"Content-Type": "application/json"}
 EVENT = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
 
 
@@ -267,3 +269,80 @@ async def test_a_stop_while_konpro_registers_the_url_keeps_the_secret_it_answers
     assert fake_konpro.registered
     endpoint = fake_konpro.endpoints[fake_konpro.registered[0]]
     assert load_stored_secret(tmp_path / "spool") == endpoint["secret"]
+
+
+async def test_a_registration_let_finish_at_a_stop_leaves_the_deliveries_their_grace(
+    *,
+    tmp_path: Path,
+    exchange_name: str,
+    bind_queue: QueueFactory,
+    broker_proxy: TcpProxy,
+    fake_konpro: FakeKonPro,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stop first waits for a registration in flight; the deliveries' grace starts only
+    when the site closes, so one whose confirm is a second or two away is still published."""
+    queue = await bind_queue("#")
+    verify = FakeKonPro._verify
+
+    async def checked_then_slow_to_register(self: FakeKonPro, url: str) -> object:
+        problem = await verify(self, url)
+        await asyncio.sleep(4.5)  # KonPro writing the registration after its OPTIONS check
+        return problem
+
+    monkeypatch.setattr(FakeKonPro, "_verify", checked_then_slow_to_register)
+    sections = registration(fake_konpro)
+    sections["server"]["shutdown_timeout"] = 3.0
+    sections["amqp"] = {"url": proxied_amqp_url(broker_proxy)}
+    bridge = Bridge(make_settings(tmp_path, exchange_name, **sections))
+    await bridge.start()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        await asyncio.wait_for(bridge.publisher.until_ready(), 10)
+        await until(lambda: fake_konpro.verified_urls)
+        await asyncio.sleep(0.2)  # the registration is in flight for 4.3 s more
+        url = bridge.webhook_url
+        with capture_logs() as logs:
+            stopping = asyncio.create_task(bridge.stop())
+            await asyncio.sleep(3.5)  # past the grace: the stop still waits for KonPro
+            broker_proxy.delay = 1.0  # this delivery's confirm comes some 2 s after it
+            body = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "late"}}'
+            async with http.post(url, data=body, headers=JSON) as response:
+                status = response.status
+            await asyncio.wait_for(stopping, 20)
+    finally:
+        if stopping is None:
+            await bridge.stop()
+        broker_proxy.delay = 0.0
+
+    abandoned = [entry for entry in logs if entry["event"] == "bridge.confirms_abandoned"]
+    assert (status, abandoned) == (200, [])
+    assert [m.body for m in await drain(queue, expect=1)] == [body]
+
+
+async def test_a_secret_answered_during_a_stop_that_cannot_be_stored_is_logged(
+    start_bridge: BridgeFactory, fake_konpro: FakeKonPro, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the stop waited for fails (a full disk): said as any run says it, not dropped."""
+    fake_konpro.list_secrets = False
+    verify = FakeKonPro._verify
+
+    async def checked_then_slow_to_register(self: FakeKonPro, url: str) -> object:
+        problem = await verify(self, url)
+        await asyncio.sleep(1.0)  # KonPro writing the registration after its OPTIONS check
+        return problem
+
+    def disk_full(*_: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FakeKonPro, "_verify", checked_then_slow_to_register)
+    monkeypatch.setattr("bridge.reconcile.store_secret", disk_full)
+    with capture_logs() as logs:
+        async with start_bridge(**registration(fake_konpro)):
+            await until(lambda: fake_konpro.verified_urls)
+            await asyncio.sleep(0.2)  # the registration is in flight: the stop begins
+
+    assert fake_konpro.registered  # KonPro answered, with the secret
+    events = [entry["event"] for entry in logs]
+    assert "reconcile.secret_store_failed" in events, events

@@ -259,7 +259,9 @@ async def test_a_drain_stopped_part_way_says_how_far_it_got_and_what_stays(
         sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy)),
     )
     command = await start_command("spool", "drain", "--config", str(config))
-    await asyncio.sleep(2.0)
+    async with asyncio.timeout(30):  # until a few were drained
+        while ((await queue.declare()).message_count or 0) < 3:  # noqa: ASYNC110 - broker's
+            await asyncio.sleep(0.05)
     command.send_signal(signum)
     out, err = (part.decode() for part in await asyncio.wait_for(command.communicate(), 30))
 
@@ -273,3 +275,39 @@ async def test_a_drain_stopped_part_way_says_how_far_it_got_and_what_stays(
     received = {m.body for m in await drain(queue, expect=len(bodies), within=10)}
     assert received == set(bodies)  # the event in flight when it stopped may come twice
     assert drained < len(bodies)
+
+
+async def test_a_second_ctrl_c_while_the_drain_closes_still_reports_what_was_drained(
+    tmp_path: Path,
+    exchange_name: str,
+    broker_proxy: TcpProxy,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A second Ctrl-C, the usual answer to a command that does not stop at once, must not
+    cut the cleanup short nor lose the count: what was drained plus what the next drain
+    takes is the whole spool."""
+    queue = await bind_queue("#")
+    bodies = await spool_some_events(tmp_path, exchange_name, broker_proxy, http, count=30)
+    await broker_proxy.restore()
+    broker_proxy.delay = 0.2  # a slow link: each event, and the close, take a while
+    config = write_toml(
+        tmp_path / "proxied.toml",
+        sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy)),
+    )
+    command = await start_command("spool", "drain", "--config", str(config))
+    async with asyncio.timeout(30):  # until a few were drained
+        while ((await queue.declare()).message_count or 0) < 3:  # noqa: ASYNC110 - broker's
+            await asyncio.sleep(0.05)
+    command.send_signal(signal.SIGINT)
+    await asyncio.sleep(0.15)  # the drain has stopped forwarding and is closing the link
+    command.send_signal(signal.SIGINT)
+    out, err = (part.decode() for part in await asyncio.wait_for(command.communicate(), 30))
+    broker_proxy.delay = 0.0
+    [first] = [int(n) for n in re.findall(r"^drained (\d+) events$", out, re.MULTILINE)]
+    code, rest, stderr = await run_command("spool", "drain", "--config", str(config))
+    assert code == 0, stderr
+    [second] = [int(n) for n in re.findall(r"^drained (\d+) events$", rest, re.MULTILINE)]
+
+    assert "Traceback" not in out + err
+    assert first + second == len(bodies), (first, second, err)

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from structlog.testing import capture_logs
 
 from bridge.app import Bridge
 from bridge.config import Settings
 from bridge.replay_mesh import ReplayLink
-from bridge.secret_file import store_secret
+from bridge.secret_file import load_stored_secret, store_secret
 from bridge.workers import RestartBackoff, Supervisor, WorkerBody
 from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
@@ -539,3 +540,49 @@ async def test_a_stop_that_comes_as_the_workers_are_forked_stops_them(tmp_path: 
         supervisor.kill()
     # Not 9: a worker that lost its stop is killed once shutdown_timeout + 5 s are over.
     assert supervisor.exitcode == 0
+
+
+async def test_with_several_workers_the_supervisor_lets_the_registration_finish_too(
+    tmp_path: Path, exchange_name: str, fake_konpro: FakeKonPro, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor's patience with a stopping worker includes the registration allowance
+    (``konpro.request_timeout`` + 1 s): else worker 0 is killed waiting for KonPro's answer,
+    and the secret in it is lost."""
+    fake_konpro.list_secrets = False
+    verify = FakeKonPro._verify
+
+    async def checked_then_slow_to_register(self: FakeKonPro, url: str) -> object:
+        problem = await verify(self, url)
+        await asyncio.sleep(8.0)  # KonPro slow to write the registration, within the timeout
+        return problem
+
+    monkeypatch.setattr(FakeKonPro, "_verify", checked_then_slow_to_register)
+    port = free_port()
+    sections: dict[str, dict[str, object]] = {
+        "server": {"port": port, "workers": 2, "shutdown_timeout": 1.0},
+        "konpro": {
+            "api_url": fake_konpro.url,
+            "api_key": fake_konpro.api_key,
+            "public_url": f"http://127.0.0.1:{port}/webhooks/konpro",
+            "request_timeout": 10.0,
+        },
+        "reconcile": {"enabled": True},
+    }
+    sections["amqp"] = {"url": "amqp://guest:guest@127.0.0.1:5672/", "exchange": exchange_name}
+    sections["spool"] = {"path": str(tmp_path / "spool")}
+    sections["log"] = {"format": "json"}
+    bridge = BridgeProcess(tmp_path, sections)
+    await bridge.start()
+    try:
+        await eventually(lambda: bool(fake_konpro.verified_urls), within=15)
+        await asyncio.sleep(0.2)  # the registration is in flight: the stop begins
+        bridge.send(signal.SIGTERM)
+        code = await bridge.wait(within=30)
+    finally:
+        await bridge.stop()
+
+    await eventually(lambda: bool(fake_konpro.registered))  # KonPro registers it, whatever the bridge did
+    endpoint = fake_konpro.endpoints[fake_konpro.registered[0]]
+    assert '"workers.kill"' not in bridge.log()
+    assert code == 0
+    assert load_stored_secret(tmp_path / "spool") == endpoint["secret"]
