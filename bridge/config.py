@@ -315,7 +315,7 @@ class Settings(BaseSettings):
         if public_path is not None and public_path != self.server.webhook_path:
             doubts.append(
                 f"the path of konpro.public_url ({public_path}) is not server.webhook_path "
-                f"({self.server.webhook_path}): KonPro's deliveries get 404 unless a proxy "
+                f"({self.server.webhook_path}): KonPro's deliveries get 405 unless a proxy "
                 "in front of the bridge rewrites the path"
             )
         for route in self.amqp.routes:

@@ -155,6 +155,14 @@ def message_id_for(body: bytes, event_id: str | None) -> str:
     return body_digest(body)
 
 
+def claimed_event_id(headers: Mapping[str, str]) -> str | None:
+    """The ``KonPro-Event-Id`` a delivery came with, for the log line of one that was refused
+    (it is not signed: a claim, which matches a refusal with KonPro's list of failed
+    deliveries); ``None`` if absent or not one the bridge would take."""
+    event_id = headers.get(EVENT_ID_HEADER)
+    return event_id if event_id and _fits(event_id, MAX_EVENT_ID_BYTES) else None
+
+
 def _fits(value: str, max_bytes: int) -> bool:
     """Printable, and at most ``max_bytes`` in UTF-8. Printable first: a surrogate (undecodable
     bytes, as aiohttp hands them over) cannot be encoded to count its bytes."""

@@ -21,7 +21,7 @@ from typing import Final, Protocol
 import structlog
 
 from bridge.config import SpoolSettings
-from bridge.events import Delivery, MessageRefused
+from bridge.events import Delivery, DeliveryRefused, MessageRefused
 from bridge.spool import (
     Spool,
     SpooledEvent,
@@ -271,6 +271,8 @@ class Forwarder:
         self._max_retry_delay = max_retry_delay
         self._poll_interval = poll_interval
         self._parked_retry = _ParkedRetry(parked_retry_interval)
+        self._head: Delivery | None = None  # the event being published, named if it fails
+        self._failures_told = 0  # spool.forward_failed lines since forwarding last went through
         self._wake = asyncio.Event()
         self._cut_short = asyncio.Event()  # ends a back-off: a stop, or the broker back
         self._early_retry_spent = False
@@ -338,7 +340,7 @@ class Forwarder:
                 if self._parked_meanwhile(before=parked):
                     delay = self._retry_delay  # the event at fault is out of the way now
                 else:
-                    _log.warning("spool.forward_failed", error=repr(exc), retry_in=delay)
+                    self._log_failure(exc, retry_in=delay)
                 await _wait(self._cut_short, delay)
                 self._early_retry_spent = self._early_retry_spent or self._cut_short.is_set()
                 delay = min(2 * delay, self._max_retry_delay)
@@ -346,7 +348,36 @@ class Forwarder:
                 if tried:  # a look that found the link down does not end a run of failures
                     delay = self._retry_delay
                     self._early_retry_spent = False
+                    self._tell_recovered()
                 await _wait(self._wake, self._next_look_in())
+
+    def _log_failure(self, exc: BaseException, *, retry_in: float) -> None:
+        """``spool.forward_failed``, naming the event that failed when a publish did: its type
+        is the routing key, which leads to the queue that refuses it, if one does."""
+        head = self._head
+        self._failures_told += 1
+        _log.warning(
+            "spool.forward_failed",
+            error=exc.reason if isinstance(exc, DeliveryRefused) else repr(exc),
+            retry_in=retry_in,
+            **({"message_id": head.message_id, "event_type": head.event_type} if head else {}),
+        )
+
+    def _tell_recovered(self) -> None:
+        """End a run of ``spool.forward_failed`` lines with one saying forwarding goes through
+        again, at their level: a log read at warning then tells the end of what it told."""
+        if self._failures_told:
+            _log.warning(
+                "spool.forward_recovered",
+                failed_attempts=self._failures_told,
+                depth=self._spool.depth,
+            )
+            self._failures_told = 0
+
+    async def _publish_head(self, delivery: Delivery) -> None:
+        self._head = delivery
+        await self._publish(delivery)
+        self._head = None
 
     def _parked_meanwhile(self, *, before: int) -> bool:
         """Whether the failure parked an event (``spool.event_parked`` says so). If it did, the
@@ -376,14 +407,15 @@ class Forwarder:
                 return False
             # The others first: a parked event is tried once the line behind it is through,
             # and so with no removal pending (see Spool.peek).
-            drained = await drain(self._spool, self._publish, batch=self._batch)
+            self._head = None
+            drained = await drain(self._spool, self._publish_head, batch=self._batch)
             try:
                 if self._parked_retry.taken or (
                     self._spool.parked and self._parked_retry.due_in() <= 0
                 ):
                     if await self._retry_parked_refused():
                         return True  # the channel is gone: its return wakes the forwarder
-                    drained += await drain(self._spool, self._publish, batch=self._batch)
+                    drained += await drain(self._spool, self._publish_head, batch=self._batch)
             finally:
                 if drained:
                     _log.info("spool.drained", count=drained, depth=self._spool.depth)

@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import cast
 from urllib.parse import unquote
 
@@ -174,6 +175,7 @@ class Publisher:
         self._outage: Outage | None = None
         self._abandoned_because: str | None = None
         self._confirms_missed = False  # since the last confirm
+        self._confirms_late_since: float | None = None  # wall clock; a publish timed out since
         # Message ids with a publish in flight, each with the publishes waiting for it to end.
         self._in_flight: dict[str, list[asyncio.Future[None]]] = {}
         self._first_attempt_over = asyncio.Event()
@@ -267,6 +269,7 @@ class Publisher:
             # A broker silent for a while without disconnecting (a memory alarm, a stalled
             # disk) is back: no reconnect says so, and the forwarder may be backing off.
             self._confirms_missed = False
+            self._confirms_resumed()
             self._notify_ready()
 
     async def _underlay_of(self, channel: AbstractRobustChannel) -> aiormq.Channel:
@@ -295,6 +298,30 @@ class Publisher:
             raise PublishFailed("broker did not confirm in time") from None
         return max(0.0, deadline - time.monotonic())
 
+    @property
+    def confirms_late_reason(self) -> str | None:
+        """Why publishes do not succeed although the link is up, while that lasts: a broker
+        that blocks publishers (a memory or disk alarm) keeps the connection and says nothing
+        the bridge can see but its silence."""
+        if self._confirms_late_since is None:
+            return None
+        return (
+            "the broker has not confirmed publishes in time since "
+            f"{_iso_utc(self._confirms_late_since)}: it may block publishers (a memory or disk "
+            "alarm; see its log) or be overloaded; deliveries are spooled meanwhile"
+        )
+
+    def _confirms_late(self) -> None:
+        if self._confirms_late_since is None:
+            self._confirms_late_since = time.time()
+            log.warning("amqp.confirms_late", detail=self.confirms_late_reason)
+
+    def _confirms_resumed(self) -> None:
+        if self._confirms_late_since is not None:
+            late_for = time.time() - self._confirms_late_since
+            self._confirms_late_since = None
+            log.warning("amqp.confirms_resumed", late_for_s=round(late_for, 3))
+
     def _why_not_connected(self, exc: BaseException) -> str:
         return _describe_connect_failure(exc, self._settings.url.get_secret_value())
 
@@ -306,6 +333,7 @@ class Publisher:
         if exc is None:
             return PublishFailed(self._abandoned_because or f"publish failed: {_LINK_GIVEN_UP}")
         if isinstance(exc, TimeoutError):
+            self._confirms_late()
             return PublishFailed("broker did not confirm in time")
         if isinstance(exc, aiormq.exceptions.PublishError):
             # Returned: unroutable although every exchange has an alternate exchange, so part
@@ -527,7 +555,8 @@ class Publisher:
             log.info("amqp.reconnected")
         else:
             down_for = outage.lasted(time.monotonic())
-            log.info("amqp.reconnected", down_for_s=down_for, failed_attempts=outage.attempts)
+            # At the level the loss was told at: a log read at warning tells its end too.
+            log.warning("amqp.reconnected", down_for_s=down_for, failed_attempts=outage.attempts)
 
 
 _LINK_GIVEN_UP = "no frames from the broker within the heartbeat timeout (connection given up)"
@@ -545,6 +574,12 @@ def _describe_connect_failure(exc: BaseException, url: str) -> str:
             f"the broker closed the connection as it was opened: most likely the vhost "
             f"{vhost!r} (the path of amqp.url, / is %2F) does not exist, or the user may not use it"
         )
+    if isinstance(exc, TimeoutError):
+        return (
+            f"no answer from the broker within {_CONNECT_TIMEOUT:g} s: no TCP connection, or "
+            "no AMQP handshake on it (a broker starting up or frozen, a firewall or proxy that "
+            "holds the connection)"
+        )
     return _describe(exc)
 
 
@@ -556,3 +591,7 @@ def _describe(exc: BaseException) -> str:
         return _LINK_GIVEN_UP
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def _iso_utc(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")

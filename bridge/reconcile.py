@@ -289,6 +289,9 @@ class Reconciler:
         failures = 0
         while True:
             result = await self._run_guarded()
+            if result.kind != "error" and failures:
+                # At the level the failures were told at: a log read at warning tells both.
+                log.warning("reconcile.recovered", result=result.kind, failed_runs=failures)
             failures = failures + 1 if result.kind == "error" else 0
             if on_result is not None:
                 _notify(on_result, result)

@@ -25,6 +25,7 @@ from bridge.events import (
     DeliveryRefused,
     InvalidEvent,
     Outcome,
+    claimed_event_id,
     forwarded_headers,
     message_id_for,
     parse_event_type,
@@ -251,6 +252,7 @@ class WebhookHandler:
             status=status,
             error=error,
             detail=detail,
+            event_id=claimed_event_id(request.headers),
             remote=request.remote,
             duration_ms=duration_ms,
         )

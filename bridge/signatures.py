@@ -78,10 +78,11 @@ class SignatureVerifier:
         if not math.isfinite(sent_at):  # float() accepts "nan", which compares false to all
             raise SignatureRejected("malformed timestamp")
         skew = self._clock() - sent_at
+        tolerance = f"konpro.timestamp_tolerance is {self._tolerance:g} s"
         if skew > self._tolerance:
-            raise SignatureRejected("stale timestamp")
+            raise SignatureRejected(f"stale timestamp: sent {skew:.0f} s ago, {tolerance}")
         if skew < -self._tolerance:
-            raise SignatureRejected("future timestamp")
+            raise SignatureRejected(f"future timestamp: {-skew:.0f} s ahead, {tolerance}")
 
 
 class Authenticator:

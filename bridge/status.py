@@ -71,16 +71,18 @@ class StatusReport:
 
     def _broker(self) -> dict[str, Any]:
         reason = self._publisher.not_ready_reason()
+        late = self._publisher.confirms_late_reason if reason is None else None
         return {
             "connected": reason is None,
             "since": _iso(self._publisher.link_changed_at),
-            "reason": reason,
+            "reason": reason or late,
         }
 
     async def _spool_status(self) -> dict[str, Any]:
         """This worker's spool, with those of workers no longer run that it is forwarding."""
         statuses = []
-        for spool in self._spools():
+        spools = list(self._spools())
+        for spool in spools:
             with contextlib.suppress(SpoolClosed):  # a left-behind spool closed meanwhile
                 statuses.append(await spool.status())
         total = SpoolStatus.of_all(statuses)
@@ -90,6 +92,8 @@ class StatusReport:
             "parked": total.parked,
             "bytes": total.bytes,
             "oldest_age": oldest,
+            # This worker's own spool: the one deliveries go to.
+            "refusing": spools[0].why_full() if spools else None,
         }
 
     def _registration_status(self) -> dict[str, Any]:

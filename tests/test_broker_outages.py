@@ -12,11 +12,13 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import orjson
 import pytest
 import structlog
 from aio_pika.abc import AbstractChannel
+from structlog.testing import capture_logs
 
 from bridge.app import Bridge
 from bridge.events import Delivery, PublishFailed
@@ -24,6 +26,9 @@ from bridge.forwarder import Forwarder
 from bridge.publisher import Outage, Publisher
 from bridge.spool import Spool
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
+from tests.support.deliveries import envelope, post_status
+from tests.support.observing import seen
+from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -413,3 +418,89 @@ async def test_a_publish_waiting_behind_one_with_its_message_id_does_not_wait_fo
             second.cancel()
             with contextlib.suppress(BaseException):
                 await second
+
+
+async def test_status_tells_a_broker_that_blocks_publishing(
+    tmp_path: Path,
+    exchange_name: str,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A memory alarm: the broker keeps the connection and blocks publishers. Deliveries are
+    spooled, and ``/status`` says why, although the link is up."""
+    settings = make_settings(
+        tmp_path, exchange_name, amqp={"url": private_broker.url, "publish_timeout": 0.5}
+    )
+    async with Bridge(settings) as bridge:
+        await asyncio.wait_for(bridge.publisher.until_ready(), 10)
+        private_broker.raise_memory_alarm()
+        try:
+            await asyncio.sleep(1.0)  # the broker has told the connection it is blocked
+            answers = [
+                await post_status(http, bridge.webhook_url, envelope(f"alarm-{n}"))
+                for n in range(3)
+            ]
+            async with http.get(bridge.url + "/status") as response:
+                broker = (await response.json())["broker"]
+        finally:
+            private_broker.clear_memory_alarm()
+        await eventually(lambda: bridge.spool.depth == 0, within=90)
+    assert answers == [202, 202, 202]  # nothing could be published
+    assert broker["reason"] is not None, f"/status during a memory alarm: {broker}"
+    assert "memory" in broker["reason"] or "block" in broker["reason"]
+
+
+async def test_a_broker_that_takes_the_connection_but_never_answers_is_named_in_the_reason(
+    start_bridge: BridgeFactory, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    """A broker starting up or frozen, or a proxy that holds the connection: the reason says
+    what timed out and after how long, not an exception's class name."""
+    broker_proxy.hold()  # connections are taken, and nothing comes back
+    with capture_logs() as logs:
+        async with start_bridge(
+            wait_ready=False, amqp={"url": proxied_amqp_url(broker_proxy)}
+        ) as bridge:
+            await eventually(lambda: bool(seen(logs, "amqp.connect_failed")), within=20)
+            async with http.get(bridge.url + "/readyz") as response:
+                reason = (await response.json())["reason"]
+    (failed, *_) = seen(logs, "amqp.connect_failed")
+    assert "bridge.listening_before_broker" in [entry["event"] for entry in logs]
+    assert reason == f"cannot connect to the broker: {failed['error']}"
+    assert failed["error"] != "TimeoutError", (
+        "the line that should name the error names an exception class"
+    )
+    assert any(word in failed["error"] for word in ("handshake", "within", "answer"))
+
+
+async def test_at_log_level_warning_the_end_of_an_outage_is_still_told(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy, http: aiohttp.ClientSession
+) -> None:
+    """Every delivery logs an info line, so a busy deployment may run at ``warning``: the
+    line that ends an outage shows wherever the one that began it did."""
+    sections: dict[str, dict[str, object]] = {
+        "amqp": {
+            "url": proxied_amqp_url(broker_proxy),
+            "exchange": exchange_name,
+            "reconnect_interval": 0.1,
+        },
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json", "level": "warning"},
+    }
+    async with BridgeProcess(tmp_path, sections) as bridge:
+        await broker_proxy.cut()
+        await eventually(lambda: "amqp.still_down" in bridge.log())
+        assert await post_status(http, bridge.webhook_url, envelope("during")) == 202
+        await broker_proxy.restore()
+
+        async def ready() -> bool:
+            async with http.get(bridge.url + "/readyz") as response:
+                return response.status == 200
+
+        await eventually(ready)
+        async with http.get(bridge.url + "/status") as response:
+            assert (await response.json())["spool"]["depth"] == 0
+    events = [orjson.loads(line)["event"] for line in bridge.log().splitlines()]
+    assert "amqp.connection_lost" in events
+    assert "amqp.reconnected" in events, f"the log at level warning: {events}"

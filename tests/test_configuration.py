@@ -10,10 +10,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from pydantic import BaseModel, SecretStr
+from structlog.testing import capture_logs
 
 from bridge.config import ConfigError, Settings, load_settings
+from tests.conftest import BridgeFactory
+from tests.support.deliveries import envelope, post_status
+from tests.support.observing import seen
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -517,7 +522,7 @@ def test_a_public_url_whose_path_the_bridge_does_not_serve_is_warned_about(tmp_p
     assert result.returncode == 0, result.stderr
     assert result.stderr == (
         "warning: the path of konpro.public_url (/konpro) is not server.webhook_path "
-        "(/webhooks/konpro): KonPro's deliveries get 404 unless a proxy in front of the bridge "
+        "(/webhooks/konpro): KonPro's deliveries get 405 unless a proxy in front of the bridge "
         "rewrites the path\n"
     )
     served = {"public_url": "https://hooks.example.com/webhooks/konpro"}
@@ -597,3 +602,17 @@ def test_a_rule_between_keys_broken_in_the_file_is_not_blamed_on_other_variables
     assert str(caught.value).startswith(
         f"{config}: server: Value error, max_bytes_in_flight (2048) must be at least"
     ), str(caught.value)
+
+
+async def test_the_warning_about_a_public_url_path_names_the_answer_deliveries_really_get(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    """Every path answers OPTIONS (KonPro's check), so a delivery to another path gets 405:
+    the warning names what the bridge really answers."""
+    public_url = "https://hooks.example.com/konpro"
+    with capture_logs() as logs:
+        async with start_bridge(konpro={"public_url": public_url}) as bridge:
+            answered = await post_status(http, bridge.url + "/konpro", envelope("astray"))
+    (doubt,) = [entry["detail"] for entry in seen(logs, "bridge.setting_doubtful")]
+    assert "public_url" in doubt
+    assert f"get {answered}" in doubt, f"deliveries get {answered}; the warning says: {doubt}"

@@ -15,10 +15,13 @@ import uuid
 from pathlib import Path
 from typing import Literal, TextIO
 
+import aio_pika
 import aiohttp
 import orjson
 import pytest
 import structlog
+from aio_pika.abc import AbstractChannel
+from structlog.testing import capture_logs
 
 from bridge.app import Bridge
 from bridge.config import LogSettings
@@ -28,7 +31,8 @@ from bridge.signatures import SignatureVerifier, sign
 from bridge.tools import send_test_event
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
-from tests.support.observing import Samples, scrape, status, value
+from tests.support.deliveries import envelope, post_status
+from tests.support.observing import Samples, scrape, seen, status, value
 from tests.support.process import free_port
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -277,7 +281,13 @@ async def test_status_follows_the_broker_link_and_the_spool(
 
     assert up["broker"]["connected"] is True
     assert up["broker"]["reason"] is None
-    assert up["spool"] == {"depth": 0, "parked": 0, "bytes": 0, "oldest_age": None}
+    assert up["spool"] == {
+        "depth": 0,
+        "parked": 0,
+        "bytes": 0,
+        "oldest_age": None,
+        "refusing": None,
+    }
     assert up["registration"]["enabled"] is False
     assert up["version"]
 
@@ -363,3 +373,56 @@ async def test_status_says_why_registration_is_not_checked(
 def _result(bridge: Bridge) -> str | None:
     result = bridge.last_registration()
     return None if result is None else result.kind
+
+
+async def test_a_spooled_event_the_broker_keeps_refusing_is_named_in_the_forwarders_log_line(
+    start_bridge: BridgeFactory,
+    channel: AbstractChannel,
+    exchange_name: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """One consumer's queue is full and refuses publishes (``x-overflow: reject-publish``):
+    the forwarder's failure line names the event and its type, the routing key that leads to
+    that queue, and the broker's reason rather than an exception's repr."""
+    exchange = await channel.declare_exchange(
+        exchange_name,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": f"{exchange_name}.unrouted"},
+    )
+    full = await channel.declare_queue(
+        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    await full.bind(exchange, "avatar_video.fail")
+    with capture_logs() as logs:
+        async with start_bridge() as bridge:
+            assert (
+                await post_status(http, bridge.webhook_url, envelope("fills", "avatar_video.fail"))
+                == 200
+            )
+            refused = envelope("refused", "avatar_video.fail")
+            assert await post_status(http, bridge.webhook_url, refused) == 202
+            await eventually(lambda: bool(seen(logs, "spool.forward_failed")), within=10)
+            assert bridge.spool.depth == 1
+            (accepted,) = (
+                entry for entry in seen(logs, "webhook.accepted") if entry["outcome"] == "spooled"
+            )
+    (failure, *_) = seen(logs, "spool.forward_failed")
+    assert failure.get("message_id") == accepted["message_id"]
+    assert failure.get("event_type") == "avatar_video.fail"
+
+
+async def test_status_says_why_the_spool_refuses_deliveries(
+    start_bridge_cut_off: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    """The broker is away and the spool's disk nearly full: every delivery gets 503, and
+    ``/status``, the page an operator looks at first, says why."""
+    spool = {"min_free_bytes": 2**60}  # more than any disk has free: "nearly full" at once
+    async with start_bridge_cut_off(spool=spool) as bridge:
+        assert await post_status(http, bridge.webhook_url, envelope("no-room")) == 503
+        async with http.get(bridge.url + "/status") as response:
+            status = await response.json()
+    assert status["broker"]["connected"] is False
+    assert "disk nearly full" in orjson.dumps(status).decode(), (
+        f"/status gives no hint why deliveries are refused: {status['spool']}"
+    )

@@ -26,8 +26,10 @@ from bridge.secret_file import load_stored_secret
 from bridge.signatures import sign
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
+from tests.support.observing import seen, shown
 from tests.support.process import free_port
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 pytest_plugins = ("tests.fake_konpro",)
 
@@ -346,3 +348,55 @@ async def test_a_secret_answered_during_a_stop_that_cannot_be_stored_is_logged(
     assert fake_konpro.registered  # KonPro answered, with the secret
     events = [entry["event"] for entry in logs]
     assert "reconcile.secret_store_failed" in events, events
+
+
+@pytest.mark.parametrize("status", [503, 401])
+async def test_a_registration_check_that_works_again_after_failures_says_so(
+    start_bridge: BridgeFactory, fake_konpro: FakeKonPro, status: int
+) -> None:
+    """After failed checks (a 503 at each call, or a refused key) the run that finds the
+    registration right again says so, at the level the failures were told at: else the log
+    ends on the failure, and nothing tells that it is over."""
+    port = free_port()
+    public_url = f"http://127.0.0.1:{port}/webhooks/konpro"
+    endpoint_id = fake_konpro.add(public_url, ["avatar_video.success", "avatar_video.fail"])
+    secret = fake_konpro.endpoints[endpoint_id]["secret"]
+    sections: dict[str, Any] = {
+        "server": {"port": port},
+        "konpro": {
+            "api_url": fake_konpro.url,
+            "api_key": fake_konpro.api_key,
+            "public_url": public_url,
+            "webhook_secret": secret,
+            "request_timeout": 5.0,
+        },
+        "reconcile": {"enabled": True, "interval": 1.0, "max_backoff": 1.0},
+    }
+    results: list[ReconcileResult] = []
+    with capture_logs() as logs:
+        # a few runs' worth, with the client's own retries (a refused key is not retried)
+        fake_konpro.answer_next(12 if status == 503 else 2, status)
+        async with start_bridge(**sections) as bridge:
+            assert bridge.reconciler is not None
+
+            def ok_after_failing() -> bool:
+                result = bridge.reconciler.last_result if bridge.reconciler else None
+                if result is not None and (not results or results[-1] is not result):
+                    results.append(result)
+                return bool(results) and results[-1].kind == "ok"
+
+            await eventually(ok_after_failing, within=30)
+    assert "error" in [result.kind for result in results]  # it did fail first
+    failure_line = {503: "reconcile.failed", 401: "reconcile.authentication_failed"}[status]
+    failed = seen(logs, failure_line)
+    assert failed
+    assert all(shown(entry) for entry in failed)
+    last_failure = max(i for i, entry in enumerate(logs) if entry["event"] == failure_line)
+    after = logs[last_failure + 1 :]
+    announced = [
+        entry for entry in after if entry["event"].startswith("reconcile.") and shown(entry)
+    ]
+    logged = [(e["event"], e["log_level"]) for e in after if e["event"].startswith("reconcile")]
+    assert announced, (
+        f"after {failure_line}, the run that found the registration right again logged {logged}"
+    )

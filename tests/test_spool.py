@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 import bridge.spool as spool_module
 from bridge.config import SpoolSettings
@@ -36,7 +37,9 @@ from bridge.spool import (
     SpoolUnusable,
     _Database,
 )
-from tests.support.deliveries import RECEIVED_AT, delivery
+from tests.support import waiting
+from tests.support.deliveries import RECEIVED_AT, delivery, envelope
+from tests.support.observing import seen, shown
 from tests.support.small_disk import fill_disk, small_disk
 
 
@@ -720,3 +723,42 @@ async def test_a_spool_open_cancelled_while_it_takes_the_lock_leaves_the_spool_u
 
     async with await Spool.open(settings) as spool:
         assert spool.depth == 0
+
+
+async def test_a_spool_whose_removals_failed_on_a_full_disk_says_when_they_went_through(
+    tmp_path: Path,
+) -> None:
+    """Events published while the disk is full cannot be removed; once it has room, a line
+    says forwarding goes through again, ending the run of failure lines."""
+    published: list[str] = []
+
+    async def publish(delivery: Delivery) -> None:
+        published.append(delivery.message_id)
+
+    with small_disk(tmp_path / "disk", 2 * 2**20) as disk:
+        settings = SpoolSettings(path=disk / "spool", min_free_bytes=0)
+        async with await Spool.open(settings) as spool:
+            for n in range(6):
+                await spool.append(
+                    Delivery("avatar_video.success", envelope(f"v{n}"), f"hunt-obs-{n}")
+                )
+            filler = fill_disk(disk)
+            forwarder = Forwarder(
+                spool, publish, is_connected=lambda: True, retry_delay=0.05, max_retry_delay=0.2
+            )
+            with capture_logs() as logs:
+                forwarder.start()
+                try:
+                    await waiting.eventually(lambda: len(seen(logs, "spool.forward_failed")) >= 2)
+                    assert spool.depth == 6
+                    filler.unlink()
+                    await waiting.eventually(lambda: spool.depth == 0)
+                    await asyncio.sleep(0.3)
+                finally:
+                    await forwarder.stop()
+    assert sorted(published) == [f"hunt-obs-{n}" for n in range(6)]
+    last_failure = max(
+        i for i, entry in enumerate(logs) if entry["event"] == "spool.forward_failed"
+    )
+    after = [entry for entry in logs[last_failure + 1 :] if shown(entry)]
+    assert after, "the spool emptied after disk-full failures without a line saying so"

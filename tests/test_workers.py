@@ -581,7 +581,9 @@ async def test_with_several_workers_the_supervisor_lets_the_registration_finish_
     finally:
         await bridge.stop()
 
-    await eventually(lambda: bool(fake_konpro.registered))  # KonPro registers it, whatever the bridge did
+    await eventually(
+        lambda: bool(fake_konpro.registered)
+    )  # KonPro registers it, whatever the bridge did
     endpoint = fake_konpro.endpoints[fake_konpro.registered[0]]
     assert '"workers.kill"' not in bridge.log()
     assert code == 0

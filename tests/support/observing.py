@@ -1,7 +1,8 @@
-"""What an operator reads off a running bridge: ``/metrics`` samples and ``/status``."""
+"""What an operator reads off a running bridge: ``/metrics`` samples, ``/status``, log lines."""
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import aiohttp
@@ -10,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.app import Bridge
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+LogLine = MutableMapping[str, Any]  # as structlog.testing.capture_logs gives them
 
 
 async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
@@ -36,3 +38,13 @@ async def status(http: aiohttp.ClientSession, bridge: Bridge) -> dict[str, Any]:
         assert response.status == 200
         answer: dict[str, Any] = await response.json()
         return answer
+
+
+def seen(logs: list[LogLine], name: str) -> list[LogLine]:
+    """The lines of one event."""
+    return [entry for entry in logs if entry["event"] == name]
+
+
+def shown(entry: LogLine) -> bool:
+    """Whether the line reaches the log at the default level (info)."""
+    return bool(entry["log_level"] != "debug")
