@@ -31,7 +31,7 @@ from bridge.reconcile import Reconciler, ReconcileResult
 from bridge.relay import Relay
 from bridge.replay_mesh import ReplayLink
 from bridge.secret_file import load_stored_secret
-from bridge.server import BodiesInFlight, create_app
+from bridge.server import BodiesInFlight, create_app, drop_stalled_readers, drop_unsent
 from bridge.signatures import Authenticator, ReplayGuard
 from bridge.spool import Spool, SpoolOpenFailed
 from bridge.status import StatusReport, registration_ok
@@ -84,6 +84,7 @@ class Bridge:
         self._secret_unreadable = ""  # the last error reading the stored secret, said once
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
+        self._dropping_stalled: list[asyncio.Task[None]] = []  # a task for each site
         self._konpro: KonProClient | None = None
         self.reconciler: Reconciler | None = None
         self._reconciling: asyncio.Task[None] | None = None
@@ -157,19 +158,7 @@ class Bridge:
         await self._add_operator_endpoints(app)
         if self.metrics.shared:
             self._sharing_gauges = asyncio.create_task(self._share_gauges(), name="share-gauges")
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,  # one line per delivery is logged by the handler itself
-            handle_signals=False,
-            shutdown_timeout=self.settings.server.shutdown_timeout,
-            keepalive_timeout=self.settings.server.keepalive_timeout,
-            max_field_size=self.settings.server.max_header_bytes,
-            max_line_size=self.settings.server.max_header_bytes,
-            # A request refused before its body was read is read on (and discarded) for a
-            # second at most, not aiohttp's ten, so that what it holds is soon freed: a client
-            # still sending gets its answer rather than a reset, unless it is slow.
-            lingering_time=1.0,
-        )
+        self._runner = self._runner_for(app)
         await self._runner.setup()
         await self._wait_for_the_first_connect()
         await self._listen(self._runner, self.settings.server.port, "server.port")
@@ -206,9 +195,27 @@ class Bridge:
         if not port:
             add_route(app, "GET", "/metrics", metrics_handler(self.metrics))
             return
-        self._metrics_runner = web.AppRunner(metrics_app(self.metrics), access_log=None)
+        self._metrics_runner = self._runner_for(metrics_app(self.metrics))
         await self._metrics_runner.setup()
         await self._listen(self._metrics_runner, port, "server.metrics_port")
+
+    def _runner_for(self, app: web.Application) -> web.AppRunner:
+        """How both sites serve: the webhook one, and the metrics one, whose connections take
+        the same file descriptors and whose stop is part of the same grace."""
+        server = self.settings.server
+        return web.AppRunner(
+            app,
+            access_log=None,  # one line per delivery is logged by the handler itself
+            handle_signals=False,
+            shutdown_timeout=server.shutdown_timeout,
+            keepalive_timeout=server.keepalive_timeout,
+            max_field_size=server.max_header_bytes,
+            max_line_size=server.max_header_bytes,
+            # A request refused before its body was read is read on (and discarded) for a
+            # second at most, not aiohttp's ten, so that what it holds is soon freed: a client
+            # still sending gets its answer rather than a reset, unless it is slow.
+            lingering_time=1.0,
+        )
 
     async def _listen(self, runner: web.AppRunner, port: int, setting: str) -> None:
         server = self.settings.server
@@ -219,6 +226,9 @@ class Bridge:
         except OSError as exc:
             where = f"{server.host}:{port} ({setting})"
             raise StartupError(f"cannot listen on {where}: {exc}") from exc
+        if runner.server is not None:
+            dropping = drop_stalled_readers(runner.server, after=server.keepalive_timeout)
+            self._dropping_stalled.append(asyncio.create_task(dropping, name="drop-stalled"))
 
     async def _open_spool(self) -> Spool:
         try:
@@ -307,16 +317,16 @@ class Bridge:
         deadline = loop.time() + grace  # the deliveries' grace starts once the site closes
         await cancel_and_wait(self._sharing_gauges)
         self._sharing_gauges = None
-        if self._runner is not None:
+        runners = [runner for runner in (self._runner, self._metrics_runner) if runner]
+        if runners:
             # aiohttp waits ``grace`` for the handlers, then cancels them: a delivery still
             # waiting for the broker's confirm by then is spooled and answered instead.
-            grace_over = loop.call_at(deadline, self._end_confirm_waits)
-            await self._runner.cleanup()
+            grace_over = loop.call_at(deadline, self._grace_over, runners)
+            await asyncio.gather(*(runner.cleanup() for runner in runners))
             grace_over.cancel()
-            self._runner = None
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
-            self._metrics_runner = None
+            self._runner = self._metrics_runner = None
+        while self._dropping_stalled:  # on until the sites are closed: a stop waits for them
+            await cancel_and_wait(self._dropping_stalled.pop())
         # An event a forwarder was publishing when its grace ran out stays in its spool.
         if self._forwarder is not None:
             await self._forwarder.stop(grace=max(0.0, deadline - loop.time()))
@@ -339,6 +349,14 @@ class Bridge:
             await self._spool.close()
             self._spool = None
         log.info("bridge.stopped")
+
+    def _grace_over(self, runners: list[web.AppRunner]) -> None:
+        """End what would make aiohttp wait a second grace period after cancelling the
+        handlers: the waits for confirms, and answers a client has not taken."""
+        self._end_confirm_waits()
+        for runner in runners:
+            if runner.server is not None:
+                drop_unsent(runner.server)
 
     def _end_confirm_waits(self) -> None:
         if waiting := self.publisher.abandon_confirm_waits("the bridge is stopping"):

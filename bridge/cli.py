@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -94,11 +95,25 @@ def _config_option(*, default: Any) -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log, settings.secrets())
+    _allow_all_open_files()
     if settings.server.workers > 1:
         from bridge.workers import Supervisor  # noqa: PLC0415
 
         return Supervisor(settings, _run_worker, preload=_load_worker_code).run()
     return _run_worker(settings, 0)
+
+
+def _allow_all_open_files() -> None:
+    """Raise the soft limit on open files to the hard one. Containers start programs at 1,024
+    (Docker 25+, containerd 2), expecting those that need more to raise it themselves: at the
+    limit, every new connection (KonPro's deliveries, its OPTIONS check, the probes) would be
+    accepted and closed at once, with nothing said."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    structlog.get_logger(__name__).info("bridge.open_files_limit", limit=soft)
 
 
 def _load_worker_code() -> None:

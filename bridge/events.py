@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NoReturn
 
-import orjson
+import msgspec
 
 EVENT_TYPE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 EVENT_TYPE_MAX_LENGTH: Final = 255
@@ -101,16 +101,18 @@ class Delivery:
 
 
 def parse_event_type(body: bytes) -> str:
-    """The envelope's ``event_type``, after checking the envelope; raises ``InvalidEvent``."""
-    try:
-        envelope = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        envelope = _parsed_by_the_grammar(body, refused=exc)
-    if not isinstance(envelope, dict):
-        raise InvalidEvent("body must be a JSON object")
-    if _may_repeat_a_key(body) and (repeated := _repeated_top_level_keys(body)):
-        raise InvalidEvent(f"the envelope names {', '.join(sorted(repeated))} more than once")
-    event_type = envelope.get("event_type")
+    """The envelope's ``event_type``, after checking the envelope; raises ``InvalidEvent``.
+
+    Only the envelope is read: ``event_data`` is checked to be a JSON object and left as bytes,
+    so that a body is checked in one pass that builds nothing of it, whatever it holds (a body
+    of many tiny objects would otherwise cost tens of times its size, and block the loop).
+    """
+    envelope = _read_quickly(body)
+    if envelope is None or _may_repeat_a_key(body):
+        envelope = _read_by_the_grammar(body)
+    if envelope.repeated:
+        raise InvalidEvent(f"the envelope names {', '.join(envelope.repeated)} more than once")
+    event_type = envelope.event_type
     if not isinstance(event_type, str):
         raise InvalidEvent("event_type must be a string")
     if not 0 < len(event_type) <= EVENT_TYPE_MAX_LENGTH or not EVENT_TYPE_PATTERN.fullmatch(
@@ -119,7 +121,7 @@ def parse_event_type(body: bytes) -> str:
         raise InvalidEvent(
             "event_type must be 1-255 characters: words of [A-Za-z0-9_-] joined by single dots"
         )
-    if not isinstance(envelope.get("event_data"), dict):
+    if not envelope.data_is_object:
         raise InvalidEvent("event_data must be a JSON object")
     return event_type
 
@@ -175,23 +177,78 @@ def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def _parsed_by_the_grammar(body: bytes, *, refused: orjson.JSONDecodeError) -> Any:
-    """The body, parsed by the standard library's parser where orjson refused it.
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    """What the bridge reads of a body: it is a JSON object, with these."""
 
-    orjson refuses two things the JSON grammar allows: an unpaired surrogate escape
-    (``"\\ud83d"``: a title cut in the middle of an emoji, as ``JSON.stringify`` writes it) and
-    a number beyond a double's range (``1e400``). The bridge forwards the body as it is, so such
-    an event is as good as any other; refused, KonPro would retry it for a day, then drop it.
-    What is not JSON (``NaN``, a byte-order mark, other encodings) stays refused."""
+    event_type: Any
+    data_is_object: bool
+    repeated: tuple[str, ...] = ()  # envelope keys named more than once
+
+
+class _Keys(msgspec.Struct):
+    """The envelope's two keys; ``event_data`` as its bytes, checked to be JSON, not built."""
+
+    event_type: Any = None
+    event_data: msgspec.Raw = msgspec.Raw()
+
+
+_KEYS_DECODER: Final = msgspec.json.Decoder(_Keys)
+
+
+def _read_quickly(body: bytes) -> _Envelope | None:
+    """The envelope, read by msgspec; ``None`` when it refuses the body, which the standard
+    library's parser then reads (see ``_read_by_the_grammar``)."""
     try:
-        return json.loads(body.decode(), **_NUMBERS_AS_TEXT, parse_constant=_not_json)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidEvent(f"body is not valid JSON: {_first_line(refused)}") from None
+        keys = _KEYS_DECODER.decode(body)
+        body.decode()  # msgspec does not look inside what it leaves as bytes: UTF-8 throughout
+    except msgspec.ValidationError:  # valid JSON, but not an object
+        raise InvalidEvent("body must be a JSON object") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return _Envelope(keys.event_type, bytes(keys.event_data).lstrip()[:1] == b"{")
 
 
-# The bridge never reads a number of the body: left as text, none is too large to convert
-# (Python refuses integers of more than 4,300 digits).
-_NUMBERS_AS_TEXT: Final[dict[str, Any]] = {"parse_int": str, "parse_float": str}
+def _read_by_the_grammar(body: bytes) -> _Envelope:
+    """The envelope, read by the standard library's parser, which also tells the keys the
+    envelope names more than once, and takes what the JSON grammar allows but msgspec refuses:
+    an unpaired surrogate escape (``"\\ud83d"``: a title cut in the middle of an emoji, as
+    ``JSON.stringify`` writes it). Refused, KonPro would retry such an event for a day, then drop
+    it. What is not JSON (``NaN``, a byte-order mark, other encodings) stays refused.
+
+    Each object is read as a mark, not built, and only the outermost one's keys are kept: the
+    parse costs what the body's text does, whatever it holds.
+    """
+    outermost: list[tuple[str, Any]] = []
+
+    def mark(pairs: list[tuple[str, Any]]) -> object:
+        outermost[:] = pairs  # the outermost object closes last
+        return _OBJECT
+
+    try:
+        top = json.loads(
+            body.decode(),
+            object_pairs_hook=mark,
+            parse_int=str,  # never read: as text, none is too large to convert
+            parse_float=str,
+            parse_constant=_not_json,
+        )
+    except RecursionError:
+        raise InvalidEvent("body nests too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidEvent(f"body is not valid JSON: {_first_line(exc)}") from None
+    if top is not _OBJECT:
+        raise InvalidEvent("body must be a JSON object")
+    keys = [key for key, _ in outermost]
+    pairs = dict(outermost)  # the last of repeated keys, as msgspec and orjson read them
+    return _Envelope(
+        event_type=pairs.get("event_type"),
+        data_is_object=pairs.get("event_data") is _OBJECT,
+        repeated=tuple(k for k in ("event_type", "event_data") if keys.count(k) > 1),
+    )
+
+
+_OBJECT: Final = object()  # what an object is read as by _read_by_the_grammar
 
 
 def _not_json(constant: str) -> NoReturn:
@@ -200,28 +257,28 @@ def _not_json(constant: str) -> NoReturn:
 
 def _may_repeat_a_key(body: bytes) -> bool:
     """Whether the envelope could name ``event_type`` or ``event_data`` twice: a cheap look at
-    the bytes, so that only such bodies pay for a second, exact parse. A key can hide behind a
-    ``\\u`` escape; with no escape and no more than the two keys beginning ``"event_``, none is
-    repeated."""
-    return body.count(b'"event_') > 2 or (b"\\" in body and b"\\u" in body)
+    the bytes, so that only such bodies pay for the exact reading. With no more than the two
+    keys beginning ``"event_``, only a key spelt with a ``\\u`` escape could be one more; an
+    escape elsewhere (an accent in a title) is no reason."""
+    if body.count(b'"event_') > 2:
+        return True
+    return b"\\u" in body and any(
+        _unescaped(token) in _ENVELOPE_KEYS for token in _ESCAPED_SHORT_STRING.findall(body)
+    )
 
 
-def _repeated_top_level_keys(body: bytes) -> set[str]:
-    """The envelope keys the bridge reads that appear more than once. The bridge routes by
-    the last one (orjson's reading) and forwards the raw body, whose consumers may read the
-    first: such an envelope says two things at once."""
-    objects: list[list[str]] = []
+_ENVELOPE_KEYS: Final = frozenset({"event_type", "event_data"})
+# A string token of at most 10 characters, one of them at least escaped: a key of the envelope
+# could be spelt so.
+_ESCAPED_SHORT_STRING: Final = re.compile(rb'"(?=[^"]*\\u)(?:[^"\\]|\\u[0-9a-fA-F]{4}|\\.){1,10}"')
 
-    def keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        objects.append([key for key, _ in pairs])
-        return dict(pairs)
 
+def _unescaped(token: bytes) -> str | None:
     try:
-        json.loads(body, object_pairs_hook=keys, **_NUMBERS_AS_TEXT)  # valid: parsed once already
-    except RecursionError:  # orjson nests to 1024, the standard library's parser less deep
-        raise InvalidEvent("body nests too deeply") from None
-    top_level = objects[-1]  # the outermost object closes last
-    return {key for key in ("event_type", "event_data") if top_level.count(key) > 1}
+        text = json.loads(token)
+    except ValueError:
+        return None
+    return text if isinstance(text, str) else None
 
 
 def _first_line(exc: Exception) -> str:

@@ -47,6 +47,10 @@ a live delivery's (``amqp.publish_timeout``, kept under KonPro's 10 s): were a b
 more slowly than that to time every forward out, the spool would never drain, and the event at
 its head, stored each time all the same, would reach the bus once a retry."""
 
+BATCH_BYTES: Final = 4 * 2**20
+"""The most body bytes of the spool read into memory at once to be forwarded (or one event, if
+it is larger): a hundred events of 16 MiB would be more than a container has."""
+
 LEFT_BEHIND_POLL_SECONDS: Final = 1.0
 """How soon a left-behind spool is forwarded once the broker is up, or tried again once free."""
 
@@ -79,7 +83,7 @@ async def drain(
     raises. ``on_progress`` is called with the running total after each batch.
     """
     drained = 0
-    while entries := await spool.peek(batch):
+    while entries := await spool.peek(batch, max_bytes=BATCH_BYTES):
         # Once a removal failed (a full disk), the rest of the batch is not tried one by one:
         # it is removed, or counted as forwarded by the spool, at the batch's end.
         held: list[int] = []

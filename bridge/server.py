@@ -17,6 +17,7 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
 
 from bridge.config import ServerSettings
 from bridge.events import (
@@ -210,7 +211,9 @@ class WebhookHandler:
         that once parsed, held for as long as the sender takes."""
         fields = _header_bytes(request)
         self._bodies.take(fields)
-        parts: list[bytes] = []
+        # One buffer, not a part each: a body sent a byte at a time would otherwise hold some
+        # forty bytes of objects for each byte it counts.
+        body = bytearray()
         size = 0
         try:
             async for part in request.content.iter_any():
@@ -218,11 +221,11 @@ class WebhookHandler:
                 size += len(part)
                 if size > limit:
                     raise _body_too_large(limit)
-                parts.append(part)
+                body += part
         except BaseException:
             self._bodies.give_back(fields + size)
             raise
-        return b"".join(parts), fields + size
+        return bytes(body), fields + size
 
     def _refuse(
         self, delivery: Delivery | None, refused: DeliveryRefused, started: float
@@ -270,6 +273,43 @@ class WebhookHandler:
         if rejected.detail:
             answer["detail"] = rejected.detail
         return _json(answer, status=rejected.status)
+
+
+async def drop_stalled_readers(server: web.Server, *, after: float) -> None:
+    """Abort the connections whose client has taken nothing of an answer for ``after`` seconds
+    (a client that pipelines requests and reads none of the answers). aiohttp waits to write
+    for as long as such a client likes, and the keep-alive timer spares a connection that is
+    writing: each would hold a file descriptor, what aiohttp parsed ahead, and a stop, which
+    waits for its handlers. Aborted, not closed: a close would wait for the same unsent data."""
+    waiting: dict[RequestHandler, tuple[int, float]] = {}  # unsent bytes, and since when
+    while True:
+        await asyncio.sleep(after / 2)
+        now = time.monotonic()
+        still: dict[RequestHandler, tuple[int, float]] = {}
+        for handler in server.connections:
+            transport = handler.transport
+            unsent = transport.get_write_buffer_size() if transport is not None else 0
+            if not unsent:
+                continue
+            before = waiting.get(handler)
+            if before is None or before[0] != unsent:  # new, or the client took some
+                still[handler] = (unsent, now)
+            elif now - before[1] < after:
+                still[handler] = before
+            elif transport is not None:
+                log.info("http.stalled_reader_dropped", unsent_bytes=unsent, waited_s=after)
+                transport.abort()
+        waiting = still
+
+
+def drop_unsent(server: web.Server) -> None:
+    """Abort every connection with an answer its client has not taken: at the end of a stop's
+    grace, aiohttp would otherwise wait for it a second time."""
+    for handler in server.connections:
+        transport = handler.transport
+        if transport is not None and transport.get_write_buffer_size():
+            log.info("http.stalled_reader_dropped", unsent_bytes=transport.get_write_buffer_size())
+            transport.abort()
 
 
 def create_app(

@@ -237,15 +237,16 @@ class Spool:
             self._committer = asyncio.create_task(self._commit_queue(), name="spool-commit")
         await committed
 
-    async def peek(self, limit: int) -> list[SpooledEvent]:
+    async def peek(self, limit: int, max_bytes: int | None = None) -> list[SpooledEvent]:
         """Up to ``limit`` events, oldest first, left in place (those already forwarded whose
-        removal failed, and parked ones, are left out)."""
+        removal failed, and parked ones, are left out); no more than ``max_bytes`` of bodies,
+        or the first event alone if it is larger."""
         self._check_open()
         # Forwarded events are always the oldest ones not parked: drain() publishes in order and
         # parks only the event at its head, and parked events are put back in line only once
         # every removal has gone through.
         after = max(self._forwarded, default=0)
-        return await self._call(partial(self._db.oldest, limit, after))
+        return await self._call(partial(self._db.oldest, limit, after, max_bytes=max_bytes))
 
     async def remove(self, ids: Sequence[int]) -> None:
         """Delete these events durably; ids no longer present are ignored.
@@ -455,13 +456,23 @@ class _Database:
                 rows,
             )
 
-    def oldest(self, limit: int, after: int = 0, *, parked: bool = False) -> list[SpooledEvent]:
+    def oldest(
+        self, limit: int, after: int = 0, *, parked: bool = False, max_bytes: int | None = None
+    ) -> list[SpooledEvent]:
         which = "parked IS NOT NULL" if parked else "parked IS NULL"
         rows = self._db.execute(
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE id > ? AND {which} ORDER BY id LIMIT ?",  # noqa: S608
             (after, limit),
         )
-        return [_spooled_event(row) for row in rows]
+        events: list[SpooledEvent] = []
+        size = 0
+        for row in rows:  # read row by row: past the budget, no more bodies are loaded
+            event = _spooled_event(row)
+            size += len(event.delivery.body)
+            if events and max_bytes is not None and size > max_bytes:
+                break
+            events.append(event)
+        return events
 
     def next_parked(self, after: tuple[int, int] | None) -> SpooledEvent | None:
         by_size = f"SELECT {_EVENT_COLUMNS} FROM events WHERE parked IS NOT NULL"  # noqa: S608
