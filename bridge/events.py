@@ -107,12 +107,14 @@ def parse_event_type(body: bytes) -> str:
     so that a body is checked in one pass that builds nothing of it, whatever it holds (a body
     of many tiny objects would otherwise cost tens of times its size, and block the loop).
     """
-    envelope = _read_quickly(body)
-    if envelope is None or _may_repeat_a_key(body):
+    quick = _read_quickly(body)
+    if quick is None or _may_repeat_a_key(body):
         envelope = _read_by_the_grammar(body)
-    if envelope.repeated:
-        raise InvalidEvent(f"the envelope names {', '.join(envelope.repeated)} more than once")
-    event_type = envelope.event_type
+        if envelope.repeated:
+            raise InvalidEvent(f"the envelope names {', '.join(envelope.repeated)} more than once")
+        event_type, data_is_object = envelope.event_type, envelope.data_is_object
+    else:
+        event_type, data_is_object = quick
     if not isinstance(event_type, str):
         raise InvalidEvent("event_type must be a string")
     if not 0 < len(event_type) <= EVENT_TYPE_MAX_LENGTH or not EVENT_TYPE_PATTERN.fullmatch(
@@ -121,7 +123,7 @@ def parse_event_type(body: bytes) -> str:
         raise InvalidEvent(
             "event_type must be 1-255 characters: words of [A-Za-z0-9_-] joined by single dots"
         )
-    if not envelope.data_is_object:
+    if not data_is_object:
         raise InvalidEvent("event_data must be a JSON object")
     return event_type
 
@@ -196,9 +198,10 @@ class _Keys(msgspec.Struct):
 _KEYS_DECODER: Final = msgspec.json.Decoder(_Keys)
 
 
-def _read_quickly(body: bytes) -> _Envelope | None:
-    """The envelope, read by msgspec; ``None`` when it refuses the body, which the standard
-    library's parser then reads (see ``_read_by_the_grammar``)."""
+def _read_quickly(body: bytes) -> tuple[Any, bool] | None:
+    """The envelope's ``event_type``, and whether its ``event_data`` is an object, read by
+    msgspec; ``None`` when it refuses the body, which the standard library's parser then reads
+    (see ``_read_by_the_grammar``)."""
     try:
         keys = _KEYS_DECODER.decode(body)
         body.decode()  # msgspec does not look inside what it leaves as bytes: UTF-8 throughout
@@ -206,7 +209,7 @@ def _read_quickly(body: bytes) -> _Envelope | None:
         raise InvalidEvent("body must be a JSON object") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
-    return _Envelope(keys.event_type, bytes(keys.event_data).lstrip()[:1] == b"{")
+    return keys.event_type, bytes(keys.event_data)[:1] == b"{"  # msgspec starts it at the value
 
 
 def _read_by_the_grammar(body: bytes) -> _Envelope:
