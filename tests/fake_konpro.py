@@ -78,6 +78,7 @@ class FakeKonPro:
     validation_timeout: float = 1.0  # KonPro's OPTIONS check allows one second
     list_shape: str = "array"  # or "object": {"endpoints": [...]}
     list_secrets: bool = True  # False: endpoint.list answers with "secret": null
+    registration_delay: float = 0.0  # seconds endpoint.add takes after its OPTIONS check
     list_created_at_text: bool = False  # True: endpoint.list gives epoch created_at as ISO text
     username: str = "tester@example.com"
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -267,6 +268,7 @@ class FakeKonPro:
             return _error(400, 40001, "Missing required parameter: url")
         if problem := _bad_events(body.get("events")) or await self._verify(url):
             return problem
+        await asyncio.sleep(self.registration_delay)  # KonPro writing the registration
         endpoint_id = self.add(url, body.get("events"))
         self.registered.append(endpoint_id)
         return _ok(self.endpoints[endpoint_id])

@@ -256,14 +256,7 @@ async def test_a_stop_while_konpro_registers_the_url_keeps_the_secret_it_answers
     (``endpoint.list`` may answer ``null``), and KonPro keeps the endpoint: thrown away, nobody
     could check signatures again. The stop waits for that answer, and stores the secret."""
     fake_konpro.list_secrets = False
-    verify = FakeKonPro._verify
-
-    async def checked_then_slow_to_register(self: FakeKonPro, url: str) -> object:
-        problem = await verify(self, url)
-        await asyncio.sleep(1.0)  # KonPro writing the registration after its OPTIONS check
-        return problem
-
-    monkeypatch.setattr(FakeKonPro, "_verify", checked_then_slow_to_register)
+    fake_konpro.registration_delay = 1.0  # KonPro writing it, after the check
     async with start_bridge(**registration(fake_konpro)):
         await until(lambda: fake_konpro.verified_urls)
         await asyncio.sleep(0.2)  # the OPTIONS check has passed; the registration is in flight
@@ -286,14 +279,7 @@ async def test_a_registration_let_finish_at_a_stop_leaves_the_deliveries_their_g
     """The stop first waits for a registration in flight; the deliveries' grace starts only
     when the site closes, so one whose confirm is a second or two away is still published."""
     queue = await bind_queue("#")
-    verify = FakeKonPro._verify
-
-    async def checked_then_slow_to_register(self: FakeKonPro, url: str) -> object:
-        problem = await verify(self, url)
-        await asyncio.sleep(4.5)  # KonPro writing the registration after its OPTIONS check
-        return problem
-
-    monkeypatch.setattr(FakeKonPro, "_verify", checked_then_slow_to_register)
+    fake_konpro.registration_delay = 4.5  # KonPro writing it, after the check
     sections = registration(fake_konpro)
     sections["server"]["shutdown_timeout"] = 3.0
     sections["amqp"] = {"url": proxied_amqp_url(broker_proxy)}
@@ -328,17 +314,11 @@ async def test_a_secret_answered_during_a_stop_that_cannot_be_stored_is_logged(
 ) -> None:
     """What the stop waited for fails (a full disk): said as any run says it, not dropped."""
     fake_konpro.list_secrets = False
-    verify = FakeKonPro._verify
-
-    async def checked_then_slow_to_register(self: FakeKonPro, url: str) -> object:
-        problem = await verify(self, url)
-        await asyncio.sleep(1.0)  # KonPro writing the registration after its OPTIONS check
-        return problem
+    fake_konpro.registration_delay = 1.0  # KonPro writing it, after the check
 
     def disk_full(*_: object) -> Path:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(FakeKonPro, "_verify", checked_then_slow_to_register)
     monkeypatch.setattr("bridge.reconcile.store_secret", disk_full)
     with capture_logs() as logs:
         async with start_bridge(**registration(fake_konpro)):

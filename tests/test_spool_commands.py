@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+from aio_pika.abc import AbstractQueue
 
 from bridge.config import SpoolSettings
 from bridge.spool import Spool
@@ -238,6 +239,23 @@ async def test_a_corrupt_spool_file_is_one_clear_line_for_the_commands_and_the_d
     assert "Traceback" not in bridge.log()
 
 
+async def drain_over_a_slow_link(
+    tmp_path: Path, exchange: str, proxy: TcpProxy, queue: AbstractQueue
+) -> tuple[asyncio.subprocess.Process, Path]:
+    """Starts ``spool drain`` through ``proxy`` (its link slow: 50 ms a chunk unless already
+    set), and returns once a few events reached ``queue``; the command, and its config file."""
+    await proxy.restore()
+    proxy.delay = proxy.delay or 0.05
+    config = write_toml(
+        tmp_path / "proxied.toml", sections(tmp_path, exchange, proxied_amqp_url(proxy))
+    )
+    command = await start_command("spool", "drain", "--config", str(config))
+    async with asyncio.timeout(30):
+        while ((await queue.declare()).message_count or 0) < 3:  # noqa: ASYNC110 - broker's
+            await asyncio.sleep(0.05)
+    return command, config
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
 async def test_a_drain_stopped_part_way_says_how_far_it_got_and_what_stays(
     *,
@@ -252,16 +270,7 @@ async def test_a_drain_stopped_part_way_says_how_far_it_got_and_what_stays(
     what was drained, what happens to the rest, and an exit code that says it was stopped."""
     queue = await bind_queue("#")
     bodies = await spool_some_events(tmp_path, exchange_name, broker_proxy, http, count=30)
-    await broker_proxy.restore()
-    broker_proxy.delay = 0.05  # a slow link: the drain takes seconds
-    config = write_toml(
-        tmp_path / "proxied.toml",
-        sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy)),
-    )
-    command = await start_command("spool", "drain", "--config", str(config))
-    async with asyncio.timeout(30):  # until a few were drained
-        while ((await queue.declare()).message_count or 0) < 3:  # noqa: ASYNC110 - broker's
-            await asyncio.sleep(0.05)
+    command, config = await drain_over_a_slow_link(tmp_path, exchange_name, broker_proxy, queue)
     command.send_signal(signum)
     out, err = (part.decode() for part in await asyncio.wait_for(command.communicate(), 30))
 
@@ -289,16 +298,8 @@ async def test_a_second_ctrl_c_while_the_drain_closes_still_reports_what_was_dra
     takes is the whole spool."""
     queue = await bind_queue("#")
     bodies = await spool_some_events(tmp_path, exchange_name, broker_proxy, http, count=30)
-    await broker_proxy.restore()
-    broker_proxy.delay = 0.2  # a slow link: each event, and the close, take a while
-    config = write_toml(
-        tmp_path / "proxied.toml",
-        sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy)),
-    )
-    command = await start_command("spool", "drain", "--config", str(config))
-    async with asyncio.timeout(30):  # until a few were drained
-        while ((await queue.declare()).message_count or 0) < 3:  # noqa: ASYNC110 - broker's
-            await asyncio.sleep(0.05)
+    broker_proxy.delay = 0.2  # slower still: the close takes a while too
+    command, config = await drain_over_a_slow_link(tmp_path, exchange_name, broker_proxy, queue)
     command.send_signal(signal.SIGINT)
     await asyncio.sleep(0.15)  # the drain has stopped forwarding and is closing the link
     command.send_signal(signal.SIGINT)

@@ -549,14 +549,7 @@ async def test_with_several_workers_the_supervisor_lets_the_registration_finish_
     (``konpro.request_timeout`` + 1 s): else worker 0 is killed waiting for KonPro's answer,
     and the secret in it is lost."""
     fake_konpro.list_secrets = False
-    verify = FakeKonPro._verify
-
-    async def checked_then_slow_to_register(self: FakeKonPro, url: str) -> object:
-        problem = await verify(self, url)
-        await asyncio.sleep(8.0)  # KonPro slow to write the registration, within the timeout
-        return problem
-
-    monkeypatch.setattr(FakeKonPro, "_verify", checked_then_slow_to_register)
+    fake_konpro.registration_delay = 8.0  # KonPro writing it, after the check
     port = free_port()
     sections: dict[str, dict[str, object]] = {
         "server": {"port": port, "workers": 2, "shutdown_timeout": 1.0},
