@@ -271,7 +271,7 @@ def _may_repeat_a_key(body: bytes) -> bool:
 
 
 _ENVELOPE_KEYS: Final = frozenset({"event_type", "event_data"})
-# A string token of at most 10 characters, one of them at least escaped: a key of the envelope
+# A string token of at most 10 characters, at least one of them escaped: a key of the envelope
 # could be spelt so.
 _ESCAPED_SHORT_STRING: Final = re.compile(rb'"(?=[^"]*\\u)(?:[^"\\]|\\u[0-9a-fA-F]{4}|\\.){1,10}"')
 
