@@ -148,8 +148,9 @@ def format_json(message: AbstractIncomingMessage) -> str:
 
 
 def _parse(body: bytes) -> Any:
-    """The body as the bridge read it: by orjson, else by the standard library's parser (what
-    the JSON grammar allows and orjson refuses, see ``events``); else as text."""
+    """The body, parsed as leniently as the bridge accepts it: by orjson, else by the standard
+    library's parser (an unpaired surrogate escape, which the JSON grammar allows); else as
+    text."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

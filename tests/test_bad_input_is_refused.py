@@ -15,9 +15,10 @@ import structlog
 from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
-from bridge.events import parse_event_type
+from bridge.events import InvalidEvent, parse_event_type
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
 from tests.support import raw_http
+from tests.support.deliveries import JSON
 from tests.support.observing import scrape, value
 from tests.support.process import BridgeProcess
 from tests.support.waiting import eventually
@@ -488,3 +489,55 @@ def test_an_integer_of_more_than_4300_digits_is_taken_as_the_json_grammar_allows
     )
 
     assert parse_event_type(body) == "avatar_video.success"
+
+
+# A number where the event type should be, in bodies that take the exact reading.
+NUMERIC_TYPE_BODIES = {
+    # three '"event_' in the body: a key of event_data named like an envelope key
+    "a nested event_type key": b'{"event_type": 7, "event_data": {"event_type": "x"}}',
+    # msgspec refuses the unpaired surrogate, so the standard library's parser reads it
+    "an unpaired surrogate": b'{"event_type": 7, "event_data": {"title": "\\ud83d"}}',
+    # a number that even matches the event type pattern, as text
+    "a float, and a surrogate": b'{"event_type": -1.5e3, "event_data": {"t": "\\udc00"}}',
+}
+
+
+@pytest.mark.parametrize("body", NUMERIC_TYPE_BODIES.values(), ids=NUMERIC_TYPE_BODIES.keys())
+def test_a_numeric_event_type_is_refused_whichever_reading_the_body_takes(body: bytes) -> None:
+    """A number is no event type, whatever else the body holds: the exact reading (for a body
+    that may name a key twice, or that msgspec refuses) must tell a number from a string too."""
+    with pytest.raises(InvalidEvent, match="event_type must be a string"):
+        parse_event_type(body)
+
+
+async def test_a_numeric_event_type_is_answered_400_and_never_published_under_a_number(
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    channel: AbstractChannel,
+    http: aiohttp.ClientSession,
+    exchange_name: str,
+) -> None:
+    """End to end: answered 400, and nothing reaches the bus under a routing key made of a
+    number."""
+    queue = await bind_queue("#")
+    body = NUMERIC_TYPE_BODIES["an unpaired surrogate"]
+    async with (
+        start_bridge() as bridge,
+        http.post(bridge.webhook_url, data=body, headers=JSON) as response,
+    ):
+        status, answer = response.status, await response.json()
+    published = await drain(queue, expect=0)
+    unrouted = await channel.declare_queue(f"{exchange_name}.unrouted", passive=True)
+    stray = await drain(unrouted, expect=0)
+    assert [m.routing_key for m in published + stray] == []
+    assert (status, answer.get("error")) == (400, "invalid_event")
+
+
+def test_an_event_type_beyond_a_doubles_range_is_not_said_to_be_a_body_that_is_no_object() -> None:
+    """The detail names the problem: the event type, not the body."""
+    body = b'{"event_type": 1e400, "event_data": {"video_id": "v1"}}'
+
+    with pytest.raises(InvalidEvent) as refused:
+        parse_event_type(body)
+
+    assert str(refused.value) == "event_type must be a string"
