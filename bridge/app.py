@@ -33,10 +33,10 @@ from bridge.replay_mesh import ReplayLink
 from bridge.secret_file import load_stored_secret
 from bridge.server import BodiesInFlight, create_app, drop_stalled_readers, drop_unsent
 from bridge.signatures import Authenticator, ReplayGuard
-from bridge.spool import Spool, SpoolOpenFailed
+from bridge.spool import Spool, SpoolLocked, SpoolOpenFailed
 from bridge.status import StatusReport, registration_ok
 from bridge.tasks import cancel_and_wait
-from bridge.workers import left_behind_spool_dirs, spool_dir
+from bridge.workers import left_behind_spool_dirs, spool_dir, stop_allowance
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +44,7 @@ _SECRET_POLL_INTERVAL = 2.0
 _RECANCEL_SECONDS = 0.5  # aiohttp may swallow a cancellation that meets a request's timeout
 _GAUGE_REFRESH_SECONDS = 1.0  # how fresh, with several workers, the live gauges are
 _FIRST_CONNECT_WAIT = 3.0  # seconds at most that listening waits for the first broker connect
+_LOCKED_SPOOL_POLL_SECONDS = 0.5
 
 
 class StartupError(Exception):
@@ -231,13 +232,26 @@ class Bridge:
             self._dropping_stalled.append(asyncio.create_task(dropping, name="drop-stalled"))
 
     async def _open_spool(self) -> Spool:
-        try:
-            path = spool_dir(self.settings.spool.path, self.worker)
-            return await Spool.open(self.settings.spool.at(path))
-        except (OSError, SpoolOpenFailed) as exc:
-            raise StartupError(
-                f"cannot open the spool at {self.settings.spool.path}: {exc}"
-            ) from exc
+        """This worker's spool. One still locked is waited for as long as a stop may take: the
+        workers of a supervisor killed outright stop gracefully, holding theirs meanwhile, and
+        a process manager starts the bridge again at once."""
+        path = spool_dir(self.settings.spool.path, self.worker)
+        deadline = asyncio.get_running_loop().time() + stop_allowance(self.settings)
+        said = False
+        while True:
+            try:
+                return await Spool.open(self.settings.spool.at(path))
+            except SpoolLocked as exc:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise StartupError(f"cannot open the spool at {path}: {exc}") from exc
+                if not said:
+                    log.warning("spool.locked_at_start", path=str(path), error=str(exc))
+                    said = True
+                await asyncio.sleep(_LOCKED_SPOOL_POLL_SECONDS)
+            except (OSError, SpoolOpenFailed) as exc:
+                raise StartupError(
+                    f"cannot open the spool at {self.settings.spool.path}: {exc}"
+                ) from exc
 
     def _use_stored_secret(self) -> None:
         if not self.settings.konpro.webhook_secret.get_secret_value():

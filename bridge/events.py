@@ -159,6 +159,26 @@ def message_id_for(body: bytes, event_id: str | None) -> str:
     return body_digest(body)
 
 
+MAX_MESSAGE_ID_BYTES: Final = 255  # an AMQP short string
+
+
+def unpublishable(delivery: Delivery) -> str | None:
+    """Why ``delivery`` cannot be published as it is, or ``None``. Live deliveries are checked
+    as they come; a spooled one may come from an older version, which allowed longer event ids
+    and larger headers than AMQP's properties hold: published, it would fail every time, and
+    hold up the events behind it."""
+    try:
+        id_bytes = len(delivery.message_id.encode())
+    except UnicodeEncodeError:
+        return "its message id is not UTF-8 text"
+    if id_bytes > MAX_MESSAGE_ID_BYTES:
+        return f"its message id is {id_bytes} bytes; AMQP's holds {MAX_MESSAGE_ID_BYTES}"
+    for name, value in delivery.headers.items():
+        if not isinstance(value, str) or not _fits(value, MAX_FORWARDED_HEADER_BYTES):
+            return f"its {name} header is not text of at most {MAX_FORWARDED_HEADER_BYTES} bytes"
+    return None
+
+
 def claimed_event_id(headers: Mapping[str, str]) -> str | None:
     """The ``KonPro-Event-Id`` a delivery came with, for the log line of one that was refused
     (it is not signed: a claim, which matches a refusal with KonPro's list of failed

@@ -9,7 +9,6 @@ behind it go on; parked events are tried again now and then, the smallest first.
 from __future__ import annotations
 
 import asyncio
-import functools
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -21,7 +20,7 @@ from typing import Final, Protocol
 import structlog
 
 from bridge.config import SpoolSettings
-from bridge.events import Delivery, DeliveryRefused, MessageRefused
+from bridge.events import Delivery, DeliveryRefused, MessageRefused, unpublishable
 from bridge.spool import (
     Spool,
     SpooledEvent,
@@ -58,8 +57,16 @@ _log = structlog.get_logger(__name__)
 
 
 def forwarding(publish: PublishWithin) -> Publish:
-    """``publish`` as the forwarder and ``spool drain`` use it: with ``FORWARD_WITHIN``."""
-    return functools.partial(publish, within=FORWARD_WITHIN)
+    """``publish`` as the forwarder and ``spool drain`` use it: with ``FORWARD_WITHIN``, and an
+    event that cannot be published as it is (spooled by an older version) refused as the broker
+    refuses one, so that it is parked, naming why, rather than hold up the events behind it."""
+
+    async def forward(delivery: Delivery) -> None:
+        if (problem := unpublishable(delivery)) is not None:
+            raise MessageRefused(f"cannot be published: {problem}", size=len(delivery.body))
+        await publish(delivery, within=FORWARD_WITHIN)
+
+    return forward
 
 
 async def drain(

@@ -424,12 +424,11 @@ class Reconciler:
         )
 
     async def _unknown_secret_outdated(self, endpoint_id: str) -> str | None:
+        stored = await asyncio.to_thread(load_stored_secret, self._secret_dir)
         stored_for = await asyncio.to_thread(load_stored_endpoint, self._secret_dir)
-        if stored_for == endpoint_id:
-            return None
-        if stored_for is None:
-            if await asyncio.to_thread(load_stored_secret, self._secret_dir) is not None:
-                return None  # stored by a version that did not note whose secret it is
+        if stored is not None and stored_for in {endpoint_id, None}:
+            return None  # its secret; or stored by a version that did not note whose it is
+        if stored is None or stored_for is None:
             return (
                 "KonPro does not return the signing secret of the endpoint kept, and none is "
                 "stored (the answer to its registration was lost, or the volume that kept it): "

@@ -9,6 +9,7 @@ file is written atomically, mode 0600, and made durable before it counts as stor
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -36,24 +37,36 @@ def load_stored_secret(spool_dir: Path) -> str | None:
 
 def store_secret(spool_dir: Path, secret: str, endpoint_id: str) -> Path:
     """Write the secret to ``<spool_dir>/webhook_secret`` and the id of its endpoint beside it
-    (``webhook_secret.endpoint``), each mode 0600, atomically."""
+    (``webhook_secret.endpoint``), each mode 0600, atomically. The id goes with a digest of the
+    secret it belongs to: written second, it could be the previous secret's, were the second
+    write lost (a full disk, a kill between the two)."""
     spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     target = _write_privately(spool_dir, SECRET_FILE_NAME, secret)
-    _write_privately(spool_dir, ENDPOINT_FILE_NAME, endpoint_id)
+    _write_privately(spool_dir, ENDPOINT_FILE_NAME, f"{endpoint_id} {_digest(secret)}")
     _fsync_directory(spool_dir)
     return target
 
 
 def load_stored_endpoint(spool_dir: Path) -> str | None:
-    """The endpoint whose secret is stored, if the reconciler that stored it said; ``OSError``
-    as ``load_stored_secret``."""
+    """The endpoint whose secret is stored, if the reconciler that stored it said (and the id
+    is that secret's, not a previous one's); ``OSError`` as ``load_stored_secret``."""
     path = spool_dir / ENDPOINT_FILE_NAME
     try:
-        return path.read_text(encoding="utf-8").strip() or None
+        endpoint_id, _, digest = path.read_text(encoding="utf-8").strip().partition(" ")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as exc:
         raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    if digest:  # older versions wrote the id alone
+        secret = load_stored_secret(spool_dir)
+        if secret is None or _digest(secret) != digest:
+            return None  # the id of the secret before: whose this one is, is not known
+    return endpoint_id or None
+
+
+def _digest(secret: str) -> str:
+    """Enough of the secret's SHA-256 to tell it from another; nothing to learn it from."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
 
 def _write_privately(directory: Path, name: str, text: str) -> Path:

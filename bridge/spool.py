@@ -583,8 +583,29 @@ _EVENT_COLUMNS: Final = "id, event_type, message_id, body, headers, received_at,
 
 def _spooled_event(row: _Row) -> SpooledEvent:
     row_id, event_type, message_id, body, headers, received_at, attempts = row
-    delivery = Delivery(event_type, body, message_id, orjson.loads(headers), received_at)
+    delivery = Delivery(event_type, body, message_id, _headers(headers, message_id), received_at)
     return SpooledEvent(row_id, delivery, attempts)
+
+
+def _headers(stored: bytes | str, message_id: str) -> dict[str, str]:
+    """A row's KonPro headers. Ones that cannot be read (a damaged page, a row recovered from a
+    corrupt file) are left out, and said: the event goes on without them, rather than stop
+    every event behind it."""
+    try:
+        headers = orjson.loads(stored)
+    except orjson.JSONDecodeError as exc:
+        problem = str(exc)
+    else:
+        if isinstance(headers, dict) and all(isinstance(v, str) for v in headers.values()):
+            return headers
+        problem = "not a table of texts"
+    _log.warning(
+        "spool.headers_unreadable",
+        message_id=message_id,
+        error=problem,
+        detail="forwarded without its KonPro headers",
+    )
+    return {}
 
 
 def _unusable(directory: Path, error: sqlite3.DatabaseError) -> SpoolUnusable:

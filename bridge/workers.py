@@ -197,7 +197,7 @@ class Supervisor:
         for process in running.values():
             if process.is_alive() and process.pid is not None:
                 process.terminate()  # SIGTERM: each worker shuts down gracefully
-        deadline = time.monotonic() + _stop_allowance(self._settings)
+        deadline = time.monotonic() + stop_allowance(self._settings)
         worst = 0
         for index, process in running.items():
             process.join(max(0.0, deadline - time.monotonic()))
@@ -241,7 +241,7 @@ def _forget_live_gauges(process: BaseProcess) -> None:
         multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
 
 
-def _stop_allowance(settings: Settings) -> float:
+def stop_allowance(settings: Settings) -> float:
     """How long a worker's graceful stop may take before it is killed: the grace, about 2 s for
     the broker's close, and a registration in flight that worker 0 lets finish."""
     allowance = settings.server.shutdown_timeout + 5.0

@@ -28,7 +28,7 @@ from bridge.reconcile import (
     plan,
     same_events,
 )
-from bridge.secret_file import load_stored_secret, store_secret
+from bridge.secret_file import load_stored_endpoint, load_stored_secret, store_secret
 from bridge.status import registration_ok
 from bridge.tasks import cancel_and_wait
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
@@ -708,7 +708,8 @@ async def test_the_secret_of_an_added_endpoint_is_stored_0600_when_none_is_confi
         "webhook_secret.endpoint",  # whose secret it is
     ]
     endpoint_file = reconcilers.spool / "webhook_secret.endpoint"
-    assert endpoint_file.read_text().strip() == registered["endpoint_id"]
+    assert endpoint_file.read_text().split()[0] == registered["endpoint_id"]
+    assert load_stored_endpoint(reconcilers.spool) == registered["endpoint_id"]
     assert stat.S_IMODE(endpoint_file.stat().st_mode) == 0o600
     [warning] = [entry for entry in logs if entry["event"] == "reconcile.secret_stored"]
     assert "konpro.webhook_secret" in warning["hint"]

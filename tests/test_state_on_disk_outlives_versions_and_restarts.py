@@ -1,0 +1,269 @@
+"""The spool and the stored secret outlive versions, restarts and operators' mishaps: what an
+older version wrote is forwarded, a damaged row or a half-written secret is told for what it is,
+and a start right after a kill waits for the spools its predecessors still hold."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from bridge.config import KonProSettings, ReconcileSettings, SpoolSettings
+from bridge.events import Delivery
+from bridge.konpro import KonProClient
+from bridge.reconcile import Reconciler
+from bridge.secret_file import ENDPOINT_FILE_NAME, SECRET_FILE_NAME
+from bridge.spool import FILE_NAME, Spool
+from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.fake_konpro import FakeKonPro, WebhookReceiver
+from tests.support.deliveries import envelope, post_status
+from tests.support.process import BridgeProcess, run_command, write_toml
+from tests.support.tcp_proxy import TcpProxy
+
+pytest_plugins = ("tests.fake_konpro",)
+
+
+def _old_spool(directory: Path, rows: list[tuple[str, str, bytes, dict[str, str], float]]) -> None:
+    """A spool as the bridge's first versions wrote it: no ``parked`` column."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(directory / FILE_NAME)) as old:
+        old.execute("PRAGMA journal_mode=WAL")
+        old.execute(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, event_type TEXT NOT NULL,"
+            " message_id TEXT NOT NULL, body BLOB NOT NULL, headers TEXT NOT NULL,"
+            " received_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)"
+        )
+        old.executemany(
+            "INSERT INTO events (event_type, message_id, body, headers, received_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(t, m, b, orjson.dumps(h).decode(), r) for t, m, b, h, r in rows],
+        )
+        old.commit()
+
+
+async def test_an_event_id_older_versions_spooled_holds_up_no_event_behind_it(
+    tmp_path: Path, start_bridge: BridgeFactory, bind_queue: QueueFactory
+) -> None:
+    """Older versions took event ids of up to 200 characters, which may be more than the 255
+    bytes of an AMQP message id: such a spooled event is parked, naming why, and the events
+    behind it go on."""
+    long_id = "é" * 200  # 400 bytes in UTF-8, accepted before 86d2d31
+    _old_spool(
+        tmp_path / "spool",
+        [
+            ("avatar_video.success", long_id, envelope("v1"), {"KonPro-Event-Id": long_id}, 1.7e9),
+            ("avatar_video.success", "evt_2", envelope("v2"), {"KonPro-Event-Id": "evt_2"}, 1.7e9),
+        ],
+    )
+    queue = await bind_queue()
+    async with start_bridge() as bridge:
+        messages = await drain(queue, expect=2, within=8.0)
+        assert "evt_2" in [m.message_id for m in messages], (bridge.spool.depth, messages)
+
+
+@contextlib.asynccontextmanager
+async def _reconciler(fake: FakeKonPro, url: str, spool: Path):  # type: ignore[no-untyped-def]
+    """The daemon's reconciler (repair mode, no secret configured) with test-sized timings."""
+    client = KonProClient(
+        fake.url, SecretStr(fake.api_key), timeout=2.0, max_attempts=2, backoff_base=0.01
+    )
+    konpro = KonProSettings(api_url=fake.url, api_key=SecretStr(fake.api_key), public_url=url)
+    schedule = ReconcileSettings.model_construct(interval=0.1, max_backoff=0.3, mode="repair")
+    try:
+        yield Reconciler(client, konpro, schedule, spool)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "blank"])
+async def test_a_stored_endpoint_id_without_its_secret_is_not_reported_ok(
+    damage: str,
+    fake_konpro: FakeKonPro,
+    webhook_receiver: WebhookReceiver,
+    tmp_path: Path,
+) -> None:
+    """The endpoint file alone (a backup that left out the secret, an operator who removed a
+    leaked one) is no stored secret: not ``ok`` while signatures go unchecked."""
+    fake_konpro.list_secrets = False
+    spool = tmp_path / "spool"
+    async with _reconciler(fake_konpro, webhook_receiver.url, spool) as reconciler:
+        assert (await reconciler.run_once()).kind == "added"
+    assert (spool / ENDPOINT_FILE_NAME).exists()
+    if damage == "deleted":
+        (spool / SECRET_FILE_NAME).unlink()
+    else:
+        (spool / SECRET_FILE_NAME).write_text("\r\n")
+
+    async with _reconciler(fake_konpro, webhook_receiver.url, spool) as restarted:
+        result = await restarted.run_once()
+
+    assert result.kind == "error", (result.kind, result.error)
+    assert "konpro.webhook_secret" in (result.error or "")
+
+
+async def test_a_secret_stored_without_its_endpoint_id_is_not_called_another_endpoints(
+    fake_konpro: FakeKonPro,
+    webhook_receiver: WebhookReceiver,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A secret whose endpoint id was not written after it (a full disk, a kill between the
+    two writes) is not called another endpoint's, run after run, while it is the right one."""
+    from bridge import secret_file  # noqa: PLC0415
+
+    fake_konpro.list_secrets = False
+    spool = tmp_path / "spool"
+    async with _reconciler(fake_konpro, webhook_receiver.url, spool) as reconciler:
+        assert (await reconciler.run_once()).kind == "added"
+        fake_konpro.endpoints.clear()  # deleted in the dashboard: the next run adds it again
+
+        real_write = secret_file._write_privately
+
+        def endpoint_write_fails(directory: Path, name: str, text: str) -> Path:
+            if name == ENDPOINT_FILE_NAME:
+                raise OSError(28, "No space left on device")
+            return real_write(directory, name, text)
+
+        monkeypatch.setattr(secret_file, "_write_privately", endpoint_write_fails)
+        assert (await reconciler.run_once()).kind == "error"  # storing the secret failed
+        monkeypatch.setattr(secret_file, "_write_privately", real_write)  # room again
+
+        [kept] = fake_konpro.endpoints.values()
+        assert secret_file.load_stored_secret(spool) == kept["secret"]
+        result = await reconciler.run_once()
+
+    assert (result.kind, result.error) == ("ok", None)
+
+
+NOW = 1_800_000_000.0
+
+
+async def _fill_with_a_damaged_row(directory: Path) -> None:
+    async with await Spool.open(SpoolSettings(path=directory)) as spool:
+        for n in range(3):
+            event_id = f"evt_{n}"
+            await spool.append(
+                Delivery(
+                    "avatar_video.success",
+                    envelope(f"v{n}"),
+                    event_id,
+                    {"KonPro-Event-Id": event_id},
+                )
+            )
+    with contextlib.closing(sqlite3.connect(directory / FILE_NAME)) as db:
+        db.execute(
+            "UPDATE events SET headers = ? WHERE message_id = 'evt_1'",
+            ('{"KonPro-Event-Id": "evt_1',),
+        )
+        db.commit()
+
+
+async def test_one_unreadable_row_does_not_hold_up_every_other_event_in_the_spool(
+    tmp_path: Path, start_bridge: BridgeFactory, bind_queue: QueueFactory
+) -> None:
+    """One row whose headers cannot be read (a damaged page, a row recovered from a corrupt
+    file) holds up nothing: it is forwarded without them, and that is said."""
+    await _fill_with_a_damaged_row(tmp_path / "spool")
+    queue = await bind_queue()
+    with capture_logs() as logs:
+        async with start_bridge():
+            messages = await drain(queue, expect=3, within=6.0)
+    assert sorted(m.message_id for m in messages) == ["evt_0", "evt_1", "evt_2"]
+    [unreadable] = [line for line in logs if line["event"] == "spool.headers_unreadable"]
+    assert unreadable["message_id"] == "evt_1"
+
+
+async def test_spool_drain_of_a_spool_with_an_unreadable_row_ends_without_a_traceback(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    """``spool drain`` over the same spool drains every event, and says which headers it could
+    not read."""
+    await _fill_with_a_damaged_row(tmp_path / "spool")
+    config = write_toml(
+        tmp_path / "c.toml",
+        {
+            "amqp": {"url": "amqp://guest:guest@127.0.0.1:5672/", "exchange": exchange_name},
+            "spool": {"path": str(tmp_path / "spool")},
+            "reconcile": {"enabled": False},
+        },
+    )
+
+    ran = await run_command("spool", "drain", "--wait", "5", "--config", config)
+
+    assert "Traceback" not in ran.stderr, ran.stderr[-800:]
+    assert "drained 3 events" in ran.stdout, (ran.code, ran.stdout, ran.stderr[-400:])
+    assert "spool.headers_unreadable" in ran.stderr
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in {"Z", "X"}
+
+
+async def test_a_start_right_after_the_supervisor_was_killed_waits_for_its_workers_spools(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy
+) -> None:
+    """A supervisor killed outright takes its workers with it, but they stop gracefully, holding
+    their spools meanwhile: a start made at once (a process manager's) waits for them."""
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"workers": 2, "shutdown_timeout": 4.0},
+        "amqp": {
+            "url": proxied_amqp_url(broker_proxy),
+            "exchange": exchange_name,
+            "reconnect_interval": 0.2,
+            "publish_timeout": 8.0,
+        },
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+    old = BridgeProcess(tmp_path, sections)
+    await old.start()
+    assert old.process is not None
+    workers = _children(old.process.pid)
+    posting: list[asyncio.Task[int]] = []
+    try:
+        broker_proxy.hold()  # publishes wait in the proxy: their confirms are due
+        async with aiohttp.ClientSession() as http:
+            posting = [
+                asyncio.create_task(post_status(http, old.webhook_url, envelope(f"v{n}")))
+                for n in range(4)  # on one connection or several: some worker holds one
+            ]
+            await asyncio.sleep(0.5)
+            old.send(signal.SIGKILL)
+            await old.wait()
+            (tmp_path / "again").mkdir()
+            new = BridgeProcess(tmp_path / "again", {**sections, "server": {
+                **sections["server"], "port": old.port}})  # fmt: skip
+            await new.start(wait_ready=False, wait_listening=False)
+            assert new.process is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(new.process.wait()), 8.0)
+            broker_proxy.release()
+            code = new.process.returncode
+            log = new.log()
+            await new.stop()
+            await asyncio.gather(*posting, return_exceptions=True)
+    finally:
+        broker_proxy.release()
+        for pid in filter(_alive, workers):  # the orphans this test made, by their ids
+            os.kill(pid, signal.SIGKILL)
+
+    assert code is None, (code, [line for line in log.splitlines() if "spool" in line][-3:])
