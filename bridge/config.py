@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Any, Final, Literal, get_origin
 
 from pydantic import (
     BaseModel,
@@ -39,6 +39,15 @@ CONFIG_ENV_VAR = f"{ENV_PREFIX}CONFIG"
 DEFAULT_CONFIG_FILE = Path("config.toml")
 MASK = "***"
 
+
+AMQP_URL_PARAMETERS: Final = frozenset(
+    {
+        "cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl",  # TLS (aiormq)
+        "heartbeat", "timeout", "name", "auth",  # aiormq
+        "reconnect_interval", "fail_fast", "interleave", "happy_eyeballs_delay",  # aio-pika
+    }
+)  # fmt: skip
+"""The query parameters of ``amqp.url`` that aiormq and aio-pika read; any other is ignored."""
 
 HEADER_FIELDS_ALLOWANCE = 16_384
 """Room beside the largest body in ``server.max_bytes_in_flight`` for a delivery's header fields,
@@ -162,6 +171,10 @@ class AmqpSettings(_Section):
         url = _parsed_url(value.get_secret_value())
         if url.scheme not in {"amqp", "amqps"} or not url.host:
             raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        # aiormq checks the certificate only when this is absent or "0": "false" would turn
+        # the check off, which nobody who writes it means.
+        if url.query.get("no_verify_ssl", "0") not in {"0", "1"}:
+            raise ValueError("no_verify_ssl must be 0 or 1 (1 turns the certificate check off)")
         return value
 
     @field_serializer("url", when_used="json")
@@ -317,6 +330,17 @@ class Settings(BaseSettings):
                 f"the path of konpro.public_url ({public_path}) is not server.webhook_path "
                 f"({self.server.webhook_path}): KonPro's deliveries get 405 unless a proxy "
                 "in front of the bridge rewrites the path"
+            )
+        amqp_url = URL(self.amqp.url.get_secret_value())
+        if unread := sorted(set(amqp_url.query) - AMQP_URL_PARAMETERS):
+            doubts.append(
+                f"amqp.url names {', '.join(unread)}, which nothing reads (TLS takes cafile, "
+                "certfile, keyfile; see the README): it is passed over"
+            )
+        if amqp_url.query.get("no_verify_ssl") == "1":
+            doubts.append(
+                "amqp.url has no_verify_ssl=1: the broker's certificate is not checked, and "
+                "anyone on the path can pose as the broker"
             )
         for route in self.amqp.routes:
             if "#" in route.match:

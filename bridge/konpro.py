@@ -286,7 +286,8 @@ class KonProClient:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            # trust_env: HTTPS_PROXY, HTTP_PROXY and NO_PROXY, where egress goes through a proxy.
+            self._session = aiohttp.ClientSession(timeout=self._timeout, trust_env=True)
         return self._session
 
     async def _call(

@@ -51,7 +51,7 @@ log = structlog.get_logger(__name__)
 UNROUTED_SUFFIX = ".unrouted"
 _FIRST_RETRY_DELAY = 0.5
 _MAX_CONNECT_DELAY = 30.0
-_CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
 _CHANNEL_RESTORE_GRACE = 5.0  # seconds a channel the broker closed may take to come back
 _REDECLARE_INTERVAL = 5.0  # seconds at least between declaring the topology again after a return
 _STILL_DOWN_AT_LEAST_EVERY = 600.0  # seconds at most between reports of a broker link still down
@@ -413,7 +413,7 @@ class Publisher:
             reconnect_interval=self._settings.reconnect_interval,
         )
         self._connection = connection
-        await connection.connect(timeout=_CONNECT_TIMEOUT)
+        await connection.connect(timeout=CONNECT_TIMEOUT)
         connection.close_callbacks.add(self._connection_lost)
         connection.reconnect_callbacks.add(self._reconnected)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -576,11 +576,32 @@ def _describe_connect_failure(exc: BaseException, url: str) -> str:
         )
     if isinstance(exc, TimeoutError):
         return (
-            f"no answer from the broker within {_CONNECT_TIMEOUT:g} s: no TCP connection, or "
+            f"no answer from the broker within {CONNECT_TIMEOUT:g} s: no TCP connection, or "
             "no AMQP handshake on it (a broker starting up or frozen, a firewall or proxy that "
             "holds the connection)"
         )
-    return _describe(exc)
+    parsed = URL(url)
+    if isinstance(exc, OSError) and (unreadable := _unreadable_tls_file(parsed)):
+        return unreadable
+    text = _describe(exc)
+    if "WRONG_VERSION_NUMBER" in text:  # OpenSSL, for a peer that answered without TLS
+        return f"{text}: the port answers without TLS (use amqp://, or the broker's TLS port)"
+    if parsed.scheme == "amqp" and "reset" in text.lower():
+        return f"{text} (if the port expects TLS, use amqps://; its usual port is 5671)"
+    return text
+
+
+def _unreadable_tls_file(url: URL) -> str | None:
+    """The TLS file ``amqp.url`` names that cannot be read, if one cannot: ``ssl`` says only
+    ``No such file or directory``, naming no file."""
+    for parameter in ("cafile", "certfile", "keyfile"):
+        if path := url.query.get(parameter):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                return f"amqp.url {parameter}={path} cannot be read: {exc.strerror or exc}"
+    return None
 
 
 def _describe(exc: BaseException) -> str:

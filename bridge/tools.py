@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from bridge.config import Settings
 from bridge.events import EVENT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
-from bridge.publisher import unrouted_name
+from bridge.publisher import CONNECT_TIMEOUT, unrouted_name
 from bridge.samples import sample_body
 from bridge.signatures import sign
 
@@ -60,7 +60,10 @@ async def tail(
     exits. Watching the ``.unrouted`` exchanges takes nothing from anyone: they are fanouts, and
     their queues get each event all the same.
     """
-    connection = await aio_pika.connect(settings.amqp.url.get_secret_value())
+    # As the daemon does: a link that takes the connection and answers nothing ends, and says so.
+    connection = await aio_pika.connect(
+        settings.amqp.url.get_secret_value(), timeout=CONNECT_TIMEOUT
+    )
     async with connection:
         channel = await connection.channel()
         exchanges = settings.amqp.exchanges
@@ -204,8 +207,10 @@ async def send_test_event(
     if key:
         headers[SIGNATURE_HEADER] = sign(body, key)
     timeout = aiohttp.ClientTimeout(total=settings.konpro.request_timeout)
+    # Another host is reached as every tool reaches it (HTTPS_PROXY...); this host's bridge,
+    # directly.
     async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
+        aiohttp.ClientSession(timeout=timeout, trust_env=url is not None) as session,
         session.post(url or local_webhook_url(settings), data=body, headers=headers) as response,
     ):
         return Answer(response.status, await response.text())
