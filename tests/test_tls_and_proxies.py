@@ -72,35 +72,17 @@ class TlsBroker(PrivateBroker):
         self.tls_port = free_port()
         self.ca = self.base / "ca.pem"
 
-    def start(self) -> None:
+    def config(self) -> str:
         ca = make_ca(self.base)
         cert, key = make_signed(self.base, "server", ca, "DNS:localhost,IP:127.0.0.1")
-        config = (
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+        return super().config() + (
             f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
-            "loopback_users = none\n"
             f"ssl_options.cacertfile = {ca[0]}\n"
             f"ssl_options.certfile = {cert}\n"
             f"ssl_options.keyfile = {key}\n"
             "ssl_options.verify = verify_none\n"
             "ssl_options.fail_if_no_peer_cert = false\n"
         )
-        (self.base / "rabbitmq.conf").write_text(config)
-        (self.base / "enabled_plugins").write_text("[].\n")
-        for path in (self.base, *self.base.iterdir()):
-            shutil.chown(path, "rabbitmq", "rabbitmq")
-        env = {
-            **os.environ,
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_DIST_PORT": str(free_port()),
-            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.base / "log"),
-            "RABBITMQ_PID_FILE": str(self.base / "pid"),
-        }
-        subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, timeout=60)
-        self._await_startup(within=90)
 
     def tls_url(self, host: str = "localhost", **query: str) -> str:
         params = "&".join(f"{key}={value}" for key, value in {"cafile": self.ca, **query}.items())

@@ -26,10 +26,12 @@ class PrivateBroker:
         self.base = Path(tempfile.mkdtemp(prefix="konpro-bridge-rabbit-"))
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
+    def config(self) -> str:
+        """The node's ``rabbitmq.conf``."""
+        return f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+
     def start(self) -> None:
-        (self.base / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
-        )
+        (self.base / "rabbitmq.conf").write_text(self.config())
         (self.base / "enabled_plugins").write_text("[].\n")
         shutil.chown(self.base, "rabbitmq", "rabbitmq")
         for child in self.base.iterdir():
