@@ -283,7 +283,7 @@ async def drop_stalled_readers(server: web.Server, *, after: float) -> None:
     waits for its handlers. Aborted, not closed: a close would wait for the same unsent data."""
     waiting: dict[RequestHandler, tuple[int, float]] = {}  # unsent bytes, and since when
     while True:
-        await asyncio.sleep(after / 2)
+        await asyncio.sleep(max(after / 2, 0.5))  # whatever keepalive_timeout: no busy sweep
         now = time.monotonic()
         still: dict[RequestHandler, tuple[int, float]] = {}
         for handler in server.connections:

@@ -486,8 +486,10 @@ class _Database:
         return None if row is None else _spooled_event(row)
 
     def oldest_received_at(self) -> float | None:
-        row = self._db.execute("SELECT received_at FROM events ORDER BY id LIMIT 1").fetchone()
-        return None if row is None else float(row[0])
+        # The earliest time, not the first row's: a row stamped while the clock ran ahead would
+        # hide older ones from an alert on the age.
+        row = self._db.execute("SELECT min(received_at) FROM events").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def delete(self, ids: Sequence[int]) -> tuple[int, int, int]:
         """Delete rows; return how many, how many body bytes, and how many parked ones were

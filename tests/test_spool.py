@@ -762,3 +762,16 @@ async def test_a_spool_whose_removals_failed_on_a_full_disk_says_when_they_went_
     )
     after = [entry for entry in logs[last_failure + 1 :] if shown(entry)]
     assert after, "the spool emptied after disk-full failures without a line saying so"
+
+
+async def test_the_oldest_age_is_the_earliest_stamp_not_the_first_rows(tmp_path: Path) -> None:
+    """A clock that ran an hour ahead, then was stepped back: the event at the head is stamped
+    in the future, those behind it by the right clock. An alert on the age must still see the
+    ten minutes the oldest of those has waited."""
+    now = RECEIVED_AT
+    async with await Spool.open(settings(tmp_path), clock=lambda: now) as spool:
+        for n, received_at in enumerate((now + 3600.0, now - 600.0, now - 300.0)):
+            await spool.append(delivery(n, received_at=received_at))
+        status = await spool.status()
+
+    assert status.oldest_age == 600.0
