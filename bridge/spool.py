@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS events (
 )
 """
 _ADD_PARKED: Final = "ALTER TABLE events ADD COLUMN parked TEXT"  # spools of versions before
+SCHEMA_VERSION: Final = 1
+"""The spool's schema (SQLite's ``user_version``): 1 has ``parked``. A spool of an older schema is
+brought up to date when opened to write; one of a newer schema is refused, not misread."""
 PARK_AFTER: Final = 3
 """Refusals (``MessageRefused``) of one event before it is parked, when the broker's text does not
 name the size it refused: each refusal closes the channel and fails every publish in flight on
@@ -428,14 +431,20 @@ class _Database:
             if mode != "wal":
                 raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode!r})")
             connection.execute("PRAGMA synchronous=FULL")
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise SpoolUnusable(
+                    f"the spool {directory / FILE_NAME} was written by a newer version of the "
+                    f"bridge (spool schema {version}; this one knows {SCHEMA_VERSION}): drain it "
+                    "with that version (spool drain), or run that version"
+                )
             connection.execute(_SCHEMA)
             if writing:
-                # SQLite opens a file it may not write read-only, without a word: a write that
-                # changes nothing finds out now rather than at the first event to spool.
-                (version,) = connection.execute("PRAGMA user_version").fetchone()
-                connection.execute(f"PRAGMA user_version = {int(version)}")
                 if not _has_parked_column(connection):
                     connection.execute(_ADD_PARKED)
+                # Also the write that tells, now rather than at the first event to spool, a
+                # file SQLite opened read-only without a word (one this user may not write).
+                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return cls(connection)
         except BaseException:
             connection.close()

@@ -23,7 +23,7 @@ from bridge.events import Delivery
 from bridge.konpro import KonProClient
 from bridge.reconcile import Reconciler
 from bridge.secret_file import ENDPOINT_FILE_NAME, SECRET_FILE_NAME
-from bridge.spool import FILE_NAME, Spool
+from bridge.spool import FILE_NAME, SCHEMA_VERSION, Spool, SpoolUnusable
 from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
 from tests.support.deliveries import envelope, post_status
@@ -267,3 +267,27 @@ async def test_a_start_right_after_the_supervisor_was_killed_waits_for_its_worke
             os.kill(pid, signal.SIGKILL)
 
     assert code is None, (code, [line for line in log.splitlines() if "spool" in line][-3:])
+
+
+async def test_a_spool_written_by_a_newer_version_is_refused_not_misread(tmp_path: Path) -> None:
+    """A downgrade: the spool's schema says a newer version wrote it. Opened anyway, its rows
+    could be misread, or every event appended to it fail: it is refused, saying what to do."""
+    spool_dir = tmp_path / "spool"
+    async with await Spool.open(SpoolSettings(path=spool_dir)):
+        pass
+    with contextlib.closing(sqlite3.connect(spool_dir / FILE_NAME)) as db:
+        db.execute("PRAGMA user_version = 99")
+
+    for exclusive in (True, False):  # the daemon and spool drain; spool status
+        with pytest.raises(SpoolUnusable, match="written by a newer version of the bridge"):
+            await Spool.open(SpoolSettings(path=spool_dir), exclusive=exclusive)
+
+
+async def test_a_spool_of_an_older_schema_is_brought_up_to_date(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    _old_spool(spool_dir, [("avatar_video.success", "evt_1", b"{}", {}, 1.0)])
+
+    async with await Spool.open(SpoolSettings(path=spool_dir)) as spool:
+        assert spool.depth == 1
+    with contextlib.closing(sqlite3.connect(spool_dir / FILE_NAME)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
