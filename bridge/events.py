@@ -13,7 +13,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, NoReturn
 
 import msgspec
@@ -162,21 +162,28 @@ def message_id_for(body: bytes, event_id: str | None) -> str:
 MAX_MESSAGE_ID_BYTES: Final = 255  # an AMQP short string
 
 
-def unpublishable(delivery: Delivery) -> str | None:
-    """Why ``delivery`` cannot be published as it is, or ``None``. Live deliveries are checked
-    as they come; a spooled one may come from an older version, which allowed longer event ids
-    and larger headers than AMQP's properties hold: published, it would fail every time, and
-    hold up the events behind it."""
-    try:
-        id_bytes = len(delivery.message_id.encode())
-    except UnicodeEncodeError:
-        return "its message id is not UTF-8 text"
-    if id_bytes > MAX_MESSAGE_ID_BYTES:
-        return f"its message id is {id_bytes} bytes; AMQP's holds {MAX_MESSAGE_ID_BYTES}"
-    for name, value in delivery.headers.items():
-        if not isinstance(value, str) or not _fits(value, MAX_FORWARDED_HEADER_BYTES):
-            return f"its {name} header is not text of at most {MAX_FORWARDED_HEADER_BYTES} bytes"
-    return None
+def publishable(delivery: Delivery) -> tuple[Delivery, list[str]]:
+    """``delivery`` as it can be published, and what had to change. Live deliveries are checked
+    as they come; a spooled one may come from an older version, which took longer event ids
+    and larger headers than AMQP's properties hold: published as it is, it would fail every
+    time, and hold up the events behind it. Its message id becomes the body's digest (what the
+    bridge uses when KonPro sends no event id), and a header too large is left out."""
+    changes = []
+    message_id = delivery.message_id
+    if not _fits(message_id, MAX_MESSAGE_ID_BYTES):
+        message_id = body_digest(delivery.body)
+        changes.append("message id longer than AMQP's 255 bytes: the body's digest instead")
+    headers = {
+        name: value
+        for name, value in delivery.headers.items()
+        if isinstance(value, str) and _fits(value, MAX_FORWARDED_HEADER_BYTES)
+    }
+    if len(headers) < len(delivery.headers):
+        dropped = ", ".join(sorted(set(delivery.headers) - set(headers)))
+        changes.append(f"header {dropped} over {MAX_FORWARDED_HEADER_BYTES} bytes: left out")
+    if not changes:
+        return delivery, changes
+    return replace(delivery, message_id=message_id, headers=headers), changes
 
 
 def claimed_event_id(headers: Mapping[str, str]) -> str | None:

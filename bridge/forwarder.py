@@ -20,7 +20,7 @@ from typing import Final, Protocol
 import structlog
 
 from bridge.config import SpoolSettings
-from bridge.events import Delivery, DeliveryRefused, MessageRefused, unpublishable
+from bridge.events import Delivery, DeliveryRefused, MessageRefused, publishable
 from bridge.spool import (
     Spool,
     SpooledEvent,
@@ -58,12 +58,13 @@ _log = structlog.get_logger(__name__)
 
 def forwarding(publish: PublishWithin) -> Publish:
     """``publish`` as the forwarder and ``spool drain`` use it: with ``FORWARD_WITHIN``, and an
-    event that cannot be published as it is (spooled by an older version) refused as the broker
-    refuses one, so that it is parked, naming why, rather than hold up the events behind it."""
+    event spooled by an older version made publishable first (see ``events.publishable``),
+    rather than fail every time and hold up the events behind it."""
 
     async def forward(delivery: Delivery) -> None:
-        if (problem := unpublishable(delivery)) is not None:
-            raise MessageRefused(f"cannot be published: {problem}", size=len(delivery.body))
+        delivery, changes = publishable(delivery)
+        if changes:
+            _log.warning("spool.event_adjusted", message_id=delivery.message_id, changes=changes)
         await publish(delivery, within=FORWARD_WITHIN)
 
     return forward

@@ -581,7 +581,8 @@ def _describe_connect_failure(exc: BaseException, url: str) -> str:
             "holds the connection)"
         )
     parsed = URL(url)
-    if isinstance(exc, OSError) and (unreadable := _unreadable_tls_file(parsed)):
+    tls = parsed.scheme == "amqps"  # aiormq reads the TLS files for amqps:// only
+    if tls and isinstance(exc, OSError) and (unreadable := _unreadable_tls_file(parsed)):
         return unreadable
     text = _describe(exc)
     if "WRONG_VERSION_NUMBER" in text:  # OpenSSL, for a peer that answered without TLS

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Final
@@ -52,16 +53,22 @@ def load_stored_endpoint(spool_dir: Path) -> str | None:
     is that secret's, not a previous one's); ``OSError`` as ``load_stored_secret``."""
     path = spool_dir / ENDPOINT_FILE_NAME
     try:
-        endpoint_id, _, digest = path.read_text(encoding="utf-8").strip().partition(" ")
+        text = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as exc:
         raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
-    if digest:  # older versions wrote the id alone
+    endpoint_id, _, digest = text.rpartition(" ")
+    if not _DIGEST.fullmatch(digest):  # older versions wrote the id alone
+        endpoint_id, digest = text, ""
+    if digest:
         secret = load_stored_secret(spool_dir)
         if secret is None or _digest(secret) != digest:
             return None  # the id of the secret before: whose this one is, is not known
     return endpoint_id or None
+
+
+_DIGEST: Final = re.compile(r"[0-9a-f]{16}")
 
 
 def _digest(secret: str) -> str:

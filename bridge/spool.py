@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS events (
 )
 """
 _ADD_PARKED: Final = "ALTER TABLE events ADD COLUMN parked TEXT"  # spools of versions before
+_INDEX_RECEIVED_AT: Final = (
+    "CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at)"  # the oldest age
+)
 SCHEMA_VERSION: Final = 1
 """The spool's schema (SQLite's ``user_version``): 1 has ``parked``. A spool of an older schema is
 brought up to date when opened to write; one of a newer schema is refused, not misread."""
@@ -442,6 +445,7 @@ class _Database:
             if writing:
                 if not _has_parked_column(connection):
                     connection.execute(_ADD_PARKED)
+                connection.execute(_INDEX_RECEIVED_AT)
                 # Also the write that tells, now rather than at the first event to spool, a
                 # file SQLite opened read-only without a word (one this user may not write).
                 connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from bridge.config import KonProSettings, ReconcileSettings, SpoolSettings
-from bridge.events import Delivery
+from bridge.events import Delivery, body_digest, publishable
 from bridge.konpro import KonProClient
 from bridge.reconcile import Reconciler
 from bridge.secret_file import ENDPOINT_FILE_NAME, SECRET_FILE_NAME
@@ -55,8 +55,8 @@ async def test_an_event_id_older_versions_spooled_holds_up_no_event_behind_it(
     tmp_path: Path, start_bridge: BridgeFactory, bind_queue: QueueFactory
 ) -> None:
     """Older versions took event ids of up to 200 characters, which may be more than the 255
-    bytes of an AMQP message id: such a spooled event is parked, naming why, and the events
-    behind it go on."""
+    bytes of an AMQP message id: such a spooled event is published under its body's digest
+    (what the bridge uses without an event id), said, and the events behind it go on."""
     long_id = "é" * 200  # 400 bytes in UTF-8, accepted before 86d2d31
     _old_spool(
         tmp_path / "spool",
@@ -66,9 +66,15 @@ async def test_an_event_id_older_versions_spooled_holds_up_no_event_behind_it(
         ],
     )
     queue = await bind_queue()
-    async with start_bridge() as bridge:
-        messages = await drain(queue, expect=2, within=8.0)
-        assert "evt_2" in [m.message_id for m in messages], (bridge.spool.depth, messages)
+    with capture_logs() as logs:
+        async with start_bridge():
+            messages = await drain(queue, expect=2, within=8.0)
+    assert [m.message_id for m in messages] == [body_digest(envelope("v1")), "evt_2"]
+    assert messages[0].headers == {"KonPro-Event-Id": long_id}  # 400 bytes: a header holds it
+    [adjusted] = [line for line in logs if line["event"] == "spool.event_adjusted"]
+    assert adjusted["changes"] == [
+        "message id longer than AMQP's 255 bytes: the body's digest instead"
+    ]
 
 
 @contextlib.asynccontextmanager
@@ -291,3 +297,14 @@ async def test_a_spool_of_an_older_schema_is_brought_up_to_date(tmp_path: Path) 
         assert spool.depth == 1
     with contextlib.closing(sqlite3.connect(spool_dir / FILE_NAME)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+def test_a_header_older_versions_spooled_too_large_for_amqp_is_left_out() -> None:
+    """Before headers were bounded, a signature header of a few kilobytes could be spooled: the
+    event goes on without it, rather than be refused at every try."""
+    spooled = Delivery("avatar_video.success", b"{}", "evt_1", {"KonPro-Signature": "0" * 600})
+
+    adjusted, changes = publishable(spooled)
+
+    assert (adjusted.message_id, adjusted.headers) == ("evt_1", {})
+    assert changes == ["header KonPro-Signature over 512 bytes: left out"]
