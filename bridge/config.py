@@ -366,11 +366,7 @@ class Settings(BaseSettings):
     def learns_secret(self) -> bool:
         """Whether registration can give the bridge its signing secret: none is configured,
         and reconciliation runs in repair mode (verify mode registers nothing, stores nothing)."""
-        return (
-            not self.konpro.webhook_secrets
-            and why_not_reconcile(self) is None
-            and self.reconcile.mode == "repair"
-        )
+        return self.may_use_stored_secret() and self.reconcile.mode == "repair"
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value in force, so that log output can be scrubbed of them."""

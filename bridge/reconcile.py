@@ -264,7 +264,7 @@ class Reconciler:
         except KonProError as exc:
             result = self._failed(exc, done)
         except OSError as exc:  # the secret file could not be written: KonPro answered
-            log.error("reconcile.secret_store_failed", path=str(self._secret_dir), error=str(exc))
+            self._say_not_stored(exc)
             error = f"storing the signing secret failed: {exc}"
             stored = self._stored_this_run
             result = _result("error", error=error, actions=tuple(done), secret_stored=stored)
@@ -484,9 +484,12 @@ class Reconciler:
     def _registration_failed_at_stop(self, exc: Exception) -> None:
         """A registration let finish during a stop failed: said as ``run_once`` would say it."""
         if isinstance(exc, OSError):
-            log.error("reconcile.secret_store_failed", path=str(self._secret_dir), error=str(exc))
+            self._say_not_stored(exc)
         else:
             log.warning("reconcile.failed", error=str(exc), error_type=type(exc).__name__)
+
+    def _say_not_stored(self, exc: OSError) -> None:
+        log.error("reconcile.secret_store_failed", path=str(self._secret_dir), error=str(exc))
 
     async def _apply(self, action: Action) -> None:
         """Carry out one write other than a registration."""

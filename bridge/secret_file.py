@@ -26,14 +26,7 @@ def load_stored_secret(spool_dir: Path) -> str | None:
     A file that exists but cannot be read, or is not text, raises ``OSError``: better a failed
     start than a bridge that silently cannot check signatures.
     """
-    path = spool_dir / SECRET_FILE_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError as exc:  # damaged, or edited by hand: as unusable as unreadable
-        raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
-    return text.strip() or None
+    return _read_text(spool_dir / SECRET_FILE_NAME) or None
 
 
 def store_secret(spool_dir: Path, secret: str, endpoint_id: str) -> Path:
@@ -51,13 +44,9 @@ def store_secret(spool_dir: Path, secret: str, endpoint_id: str) -> Path:
 def load_stored_endpoint(spool_dir: Path) -> str | None:
     """The endpoint whose secret is stored, if the reconciler that stored it said (and the id
     is that secret's, not a previous one's); ``OSError`` as ``load_stored_secret``."""
-    path = spool_dir / ENDPOINT_FILE_NAME
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    text = _read_text(spool_dir / ENDPOINT_FILE_NAME)
+    if text is None:
         return None
-    except UnicodeDecodeError as exc:
-        raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
     endpoint_id, _, digest = text.rpartition(" ")
     if not _DIGEST.fullmatch(digest):  # older versions wrote the id alone
         endpoint_id, digest = text, ""
@@ -66,6 +55,17 @@ def load_stored_endpoint(spool_dir: Path) -> str | None:
         if secret is None or _digest(secret) != digest:
             return None  # the id of the secret before: whose this one is, is not known
     return endpoint_id or None
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, stripped; ``None`` if there is no file. One that cannot be read, or is
+    not UTF-8 text (damaged, or edited by hand), raises ``OSError``."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise OSError(f"{path} is not UTF-8 text ({exc.reason})") from None
 
 
 _DIGEST: Final = re.compile(r"[0-9a-f]{16}")

@@ -287,18 +287,15 @@ async def drop_stalled_readers(server: web.Server, *, after: float) -> None:
         now = time.monotonic()
         still: dict[RequestHandler, tuple[int, float]] = {}
         for handler in server.connections:
-            transport = handler.transport
-            unsent = transport.get_write_buffer_size() if transport is not None else 0
-            if not unsent:
+            if not (unsent := _unsent(handler)):
                 continue
             before = waiting.get(handler)
             if before is None or before[0] != unsent:  # new, or the client took some
                 still[handler] = (unsent, now)
             elif now - before[1] < after:
                 still[handler] = before
-            elif transport is not None:
-                log.info("http.stalled_reader_dropped", unsent_bytes=unsent, waited_s=after)
-                transport.abort()
+            else:
+                _drop(handler, unsent, waited_s=after)
         waiting = still
 
 
@@ -306,10 +303,20 @@ def drop_unsent(server: web.Server) -> None:
     """Abort every connection with an answer its client has not taken: at the end of a stop's
     grace, aiohttp would otherwise wait for it a second time."""
     for handler in server.connections:
-        transport = handler.transport
-        if transport is not None and transport.get_write_buffer_size():
-            log.info("http.stalled_reader_dropped", unsent_bytes=transport.get_write_buffer_size())
-            transport.abort()
+        if unsent := _unsent(handler):
+            _drop(handler, unsent)
+
+
+def _unsent(handler: RequestHandler) -> int:
+    """Bytes of answers on the connection its client has not taken yet."""
+    transport = handler.transport
+    return transport.get_write_buffer_size() if transport is not None else 0
+
+
+def _drop(handler: RequestHandler, unsent: int, **why: float) -> None:
+    log.info("http.stalled_reader_dropped", unsent_bytes=unsent, **why)
+    if handler.transport is not None:
+        handler.transport.abort()
 
 
 def create_app(

@@ -123,7 +123,7 @@ class Supervisor:
         self._stop_reader, self._stop_writer = multiprocessing.connection.Pipe(duplex=False)
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in _STOP_SIGNALS:
             signal.signal(signum, self._request_stop)
         count = self._settings.server.workers
         log.info("workers.starting", workers=count)
