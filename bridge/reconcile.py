@@ -34,7 +34,7 @@ from bridge.konpro import (
     RateLimited,
     ValidationFailed,
 )
-from bridge.secret_file import load_stored_endpoint, load_stored_secret, store_secret
+from bridge.secret_file import load_stored, load_stored_secret, store_secret
 from bridge.tasks import outlasting_cancellation
 
 log = structlog.get_logger(__name__)
@@ -424,11 +424,11 @@ class Reconciler:
         )
 
     async def _unknown_secret_outdated(self, endpoint_id: str) -> str | None:
-        stored = await asyncio.to_thread(load_stored_secret, self._secret_dir)
-        stored_for = await asyncio.to_thread(load_stored_endpoint, self._secret_dir)
+        stored = await asyncio.to_thread(load_stored, self._secret_dir)
+        stored_for = stored.endpoint_id if stored is not None else None
         if stored is not None and stored_for in {endpoint_id, None}:
             return None  # its secret; or stored by a version that did not note whose it is
-        if stored is None or stored_for is None:
+        if stored_for is None:
             return (
                 "KonPro does not return the signing secret of the endpoint kept, and none is "
                 "stored (the answer to its registration was lost, or the volume that kept it): "
@@ -541,8 +541,9 @@ class Reconciler:
         value = secret.get_secret_value() if secret is not None else ""
         if self._configured_secrets or not value or endpoint_id is None:
             return
-        if await asyncio.to_thread(load_stored_secret, self._secret_dir) == value:
-            if await asyncio.to_thread(load_stored_endpoint, self._secret_dir) != endpoint_id:
+        stored = await asyncio.to_thread(load_stored, self._secret_dir)
+        if stored is not None and stored.value == value:
+            if stored.endpoint_id != endpoint_id:
                 await asyncio.to_thread(store_secret, self._secret_dir, value, endpoint_id)
             return
         path = await asyncio.to_thread(store_secret, self._secret_dir, value, endpoint_id)

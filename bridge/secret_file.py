@@ -13,8 +13,9 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 SECRET_FILE_NAME: Final = "webhook_secret"  # noqa: S105 - a file name, not a secret
 ENDPOINT_FILE_NAME: Final = "webhook_secret.endpoint"  # whose secret it is
@@ -41,19 +42,38 @@ def store_secret(spool_dir: Path, secret: str, endpoint_id: str) -> Path:
     return target
 
 
+class StoredSecret(NamedTuple):
+    """The secret on disk, and the endpoint it is known to belong to (``None``: not known)."""
+
+    value: str
+    endpoint_id: str | None
+
+
+def load_stored(spool_dir: Path) -> StoredSecret | None:
+    """The stored secret with its endpoint, each file read once; ``OSError`` as
+    ``load_stored_secret``."""
+    secret = load_stored_secret(spool_dir)
+    if secret is None:
+        return None
+    return StoredSecret(secret, _endpoint_of(spool_dir, secret))
+
+
 def load_stored_endpoint(spool_dir: Path) -> str | None:
     """The endpoint whose secret is stored, if the reconciler that stored it said (and the id
     is that secret's, not a previous one's); ``OSError`` as ``load_stored_secret``."""
+    stored = load_stored(spool_dir)
+    return stored.endpoint_id if stored is not None else None
+
+
+def _endpoint_of(spool_dir: Path, secret: str) -> str | None:
     text = _read_text(spool_dir / ENDPOINT_FILE_NAME)
     if text is None:
         return None
     endpoint_id, _, digest = text.rpartition(" ")
     if not _DIGEST.fullmatch(digest):  # older versions wrote the id alone
-        endpoint_id, digest = text, ""
-    if digest:
-        secret = load_stored_secret(spool_dir)
-        if secret is None or _digest(secret) != digest:
-            return None  # the id of the secret before: whose this one is, is not known
+        return text or None
+    if _digest(secret) != digest:
+        return None  # the id of the secret before: whose this one is, is not known
     return endpoint_id or None
 
 
@@ -78,6 +98,7 @@ def _digest(secret: str) -> str:
 
 def _write_privately(directory: Path, name: str, text: str) -> Path:
     target = directory / name
+    _remove_left_behind(directory, name)
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.")  # mode 0600
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
@@ -90,6 +111,19 @@ def _write_privately(directory: Path, name: str, text: str) -> Path:
             os.unlink(temporary)
         raise
     return target
+
+
+_LEFT_BEHIND_AFTER: Final = 60.0  # seconds; a write takes milliseconds
+
+
+def _remove_left_behind(directory: Path, name: str) -> None:
+    """Remove the temporary copies a killed write left (each holds a secret); one younger than
+    a minute may be another process's write in progress, and is left to it."""
+    now = time.time()
+    for leftover in directory.glob(f".{name}.*"):
+        with contextlib.suppress(OSError):
+            if now - leftover.lstat().st_mtime > _LEFT_BEHIND_AFTER:
+                leftover.unlink()
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,13 @@ from bridge.config import KonProSettings, ReconcileSettings, SpoolSettings
 from bridge.events import Delivery, body_digest, publishable
 from bridge.konpro import KonProClient
 from bridge.reconcile import Reconciler
-from bridge.secret_file import ENDPOINT_FILE_NAME, SECRET_FILE_NAME
+from bridge.secret_file import (
+    ENDPOINT_FILE_NAME,
+    SECRET_FILE_NAME,
+    StoredSecret,
+    load_stored,
+    store_secret,
+)
 from bridge.spool import FILE_NAME, SCHEMA_VERSION, Spool, SpoolUnusable
 from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
@@ -149,6 +156,27 @@ async def test_a_secret_stored_without_its_endpoint_id_is_not_called_another_end
         result = await reconciler.run_once()
 
     assert (result.kind, result.error) == ("ok", None)
+
+
+def test_a_copy_of_the_secret_a_killed_write_left_is_removed_by_the_next_store(
+    tmp_path: Path,
+) -> None:
+    """A kill between writing the secret's temporary copy and renaming it leaves that copy: the
+    next store removes it, so copies of old secrets do not pile up beside the spool. One written
+    a moment ago may be another process's write in progress, and is left to it."""
+    tmp_path.mkdir(exist_ok=True)
+    left_by_a_kill = tmp_path / f".{SECRET_FILE_NAME}.k1ll3d"
+    left_by_a_kill.write_text("whsec_old\n")
+    an_hour_ago = time.time() - 3600
+    os.utime(left_by_a_kill, (an_hour_ago, an_hour_ago))
+    being_written = tmp_path / f".{ENDPOINT_FILE_NAME}.wr1t1ng"
+    being_written.write_text("")
+
+    store_secret(tmp_path, "whsec_new", "ep_1")
+
+    assert not left_by_a_kill.exists()
+    assert being_written.exists()
+    assert load_stored(tmp_path) == StoredSecret("whsec_new", "ep_1")
 
 
 NOW = 1_800_000_000.0
