@@ -236,22 +236,21 @@ class Bridge:
         workers of a supervisor killed outright stop gracefully, holding theirs meanwhile, and
         a process manager starts the bridge again at once."""
         path = spool_dir(self.settings.spool.path, self.worker)
-        deadline = asyncio.get_running_loop().time() + stop_allowance(self.settings)
-        said = False
-        while True:
-            try:
-                return await Spool.open(self.settings.spool.at(path))
-            except SpoolLocked as exc:
-                if asyncio.get_running_loop().time() >= deadline:
-                    raise StartupError(f"cannot open the spool at {path}: {exc}") from exc
-                if not said:
-                    log.warning("spool.locked_at_start", path=str(path), error=str(exc))
-                    said = True
-                await asyncio.sleep(_LOCKED_SPOOL_POLL_SECONDS)
-            except (OSError, SpoolOpenFailed) as exc:
-                raise StartupError(
-                    f"cannot open the spool at {self.settings.spool.path}: {exc}"
-                ) from exc
+        try:
+            return await Spool.open_when_free(
+                self.settings.spool.at(path),
+                poll_interval=_LOCKED_SPOOL_POLL_SECONDS,
+                on_locked=lambda exc: log.warning(
+                    "spool.locked_at_start", path=str(path), error=str(exc)
+                ),
+                give_up_after=stop_allowance(self.settings),
+            )
+        except SpoolLocked as exc:
+            raise StartupError(f"cannot open the spool at {path}: {exc}") from exc
+        except (OSError, SpoolOpenFailed) as exc:
+            raise StartupError(
+                f"cannot open the spool at {self.settings.spool.path}: {exc}"
+            ) from exc
 
     def _use_stored_secret(self) -> None:
         if not self.settings.konpro.webhook_secret.get_secret_value():

@@ -25,7 +25,6 @@ from bridge.spool import (
     Spool,
     SpooledEvent,
     SpoolError,
-    SpoolLocked,
     SpoolOpenFailed,
     delete_spool_files,
 )
@@ -546,22 +545,20 @@ class LeftBehindSpools:
         await asyncio.gather(*(self._forward_when_free(path) for path in self._paths))
 
     async def _forward_when_free(self, path: Path) -> None:
-        said = False
-        while True:
-            try:
-                await self._forward(path)
-                return
-            except SpoolLocked as exc:
-                if not said:
-                    _log.info("spool.left_behind_locked", path=str(path), error=str(exc))
-                    said = True
-                await asyncio.sleep(LEFT_BEHIND_POLL_SECONDS)
-            except (OSError, SpoolOpenFailed) as exc:
-                _log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
-                return
+        try:
+            spool = await Spool.open_when_free(
+                self._settings.at(path),
+                poll_interval=LEFT_BEHIND_POLL_SECONDS,
+                on_locked=lambda exc: _log.info(
+                    "spool.left_behind_locked", path=str(path), error=str(exc)
+                ),
+            )
+            await self._forward(path, spool)
+        except (OSError, SpoolOpenFailed) as exc:
+            _log.warning("spool.left_behind_skipped", path=str(path), error=str(exc))
 
-    async def _forward(self, path: Path) -> None:
-        async with await Spool.open(self._settings.at(path)) as spool:
+    async def _forward(self, path: Path, spool: Spool) -> None:
+        async with spool:
             if spool.depth:
                 _log.warning(
                     "spool.left_behind",

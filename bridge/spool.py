@@ -196,6 +196,32 @@ class Spool:
             raise
         return cls(settings, database, executor, clock, lock_fd)
 
+    @classmethod
+    async def open_when_free(
+        cls,
+        settings: SpoolSettings,
+        *,
+        poll_interval: float,
+        on_locked: Callable[[SpoolLocked], None],
+        give_up_after: float | None = None,
+    ) -> Self:
+        """Open the spool once the process that holds its lock lets go (a worker still stopping
+        gracefully), calling ``on_locked`` the first time it is found held. After
+        ``give_up_after`` seconds, if given, ``SpoolLocked`` is raised."""
+        loop = asyncio.get_running_loop()
+        deadline = None if give_up_after is None else loop.time() + give_up_after
+        told = False
+        while True:
+            try:
+                return await cls.open(settings)
+            except SpoolLocked as exc:
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+                if not told:
+                    on_locked(exc)
+                    told = True
+            await asyncio.sleep(poll_interval)
+
     async def close(self) -> None:
         """Finish the commits in flight, then close the file. Appends after this raise."""
         if self._closed:
