@@ -1,8 +1,8 @@
 """The benchmark harness runs end to end and accounts for every 2xx; no timing is asserted.
 
 About a second per contender, for the light contenders only: the naive and lean bridges, the
-ceilings, and konpro-bridge when it is importable. Needs wrk (installed with apt-get when missing
-and possible) and the local RabbitMQ.
+ceilings, and konpro-bridge when it is importable. Needs wrk (``scripts/test`` installs it where it
+can: Debian's package, as root) and the local RabbitMQ; a test never installs anything itself.
 """
 
 from __future__ import annotations
@@ -27,17 +27,7 @@ CONTENDERS = (
     "ceiling_publish_lean",
     "ceiling_http",
 )
-
-
-def _wrk_available() -> bool:
-    if shutil.which("wrk"):
-        return True
-    apt = shutil.which("apt-get")
-    if apt and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "wrk"]):
-            subprocess.run(cmd, env=env, capture_output=True, check=False, timeout=300)
-    return shutil.which("wrk") is not None
+NO_WRK = "wrk is not installed (scripts/test installs it as root on Debian: apt-get install -y wrk)"
 
 
 def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -57,8 +47,8 @@ def run_bench(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_benchmark_runs_and_every_2xx_is_a_stored_message(tmp_path: Path) -> None:
-    if not _wrk_available():
-        pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk)")
+    if shutil.which("wrk") is None:
+        pytest.skip(NO_WRK)
     out = tmp_path / "report.json"
     proc = run_bench(
         "bench.run",
@@ -104,12 +94,14 @@ def test_benchmark_runs_and_every_2xx_is_a_stored_message(tmp_path: Path) -> Non
 def test_instruction_counts_come_from_the_bridge_answering_under_callgrind(tmp_path: Path) -> None:
     if shutil.which("valgrind") is None:
         pytest.skip("valgrind is not installed (apt-get install -y valgrind)")
-    if not _wrk_available():
-        pytest.skip("wrk is not installed and could not be installed (apt-get install -y wrk)")
+    if shutil.which("wrk") is None:
+        pytest.skip(NO_WRK)
     out = tmp_path / "instructions.json"
+    # Counting starts by retranslating the bridge's code under valgrind: on a busy machine the
+    # first answers take over a second, so a second of posting could count none.
     proc = run_bench(
         "bench.instructions",
-        *("--only", "konpro-bridge", "--seconds", "1", "--warmup", "1", "--json-out", str(out)),
+        *("--only", "konpro-bridge", "--seconds", "4", "--warmup", "1", "--json-out", str(out)),
     )
     [result] = json.loads(out.read_text())
 
