@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 import structlog
 
@@ -51,6 +50,7 @@ from bridge.publisher import Publisher
 from bridge.samples import sample_body
 from bridge.signatures import sign
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.support.chaos import Fault, parse_lines
 from tests.support.observing import scrape, value
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
@@ -66,20 +66,6 @@ SHUTDOWN_TIMEOUT = 3.0
 
 
 # --- the plan of faults ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One step of the plan: ``kind`` for ``seconds``, then ``pause`` seconds of calm."""
-
-    kind: str
-    seconds: float
-    pause: float
-    detail: float = 0.0  # the slow link's delay per chunk; the wait before a kill in an outage
-
-    def __str__(self) -> str:
-        extra = f"/{self.detail:.2f}" if self.detail else ""
-        return f"{self.kind}({self.seconds:.1f}{extra})"
 
 
 FAULTS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
@@ -373,19 +359,6 @@ def fail_after(why: str) -> Iterator[None]:
         yield
     except TimeoutError:
         pytest.fail(why)
-
-
-def parse_lines(log: bytes) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """JSON log lines, and the lines that are not JSON (which should not exist)."""
-    lines, strays = [], []
-    for text in log.splitlines():
-        if not text.strip():
-            continue
-        try:
-            lines.append(orjson.loads(text))
-        except orjson.JSONDecodeError:
-            strays.append(text)
-    return lines, strays
 
 
 # --- the specification -------------------------------------------------------------------------

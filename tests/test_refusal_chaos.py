@@ -54,12 +54,12 @@ import pytest
 from bridge.signatures import sign
 from tests import test_chaos
 from tests.conftest import proxied_amqp_url
+from tests.support.chaos import Fault, parse_lines
 from tests.support.observing import scrape, value
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
-from tests.test_chaos import Fault, parse_lines
 
 SEEDS = [int(seed) for seed in os.environ.get("KONPRO_PARK_CHAOS_SEED", "2").split(",")]
 SECONDS = float(os.environ.get("KONPRO_PARK_CHAOS_SECONDS", "6"))
