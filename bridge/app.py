@@ -64,7 +64,9 @@ class Bridge:
         self.metrics = Metrics(
             event_types=settings.konpro.events, exchanges=settings.amqp.exchanges
         )
-        self.publisher = Publisher(settings.amqp, self.metrics)
+        self.publisher = Publisher(
+            settings.amqp, self.metrics, max_unsent_bytes=settings.server.max_bytes_in_flight
+        )
         self._bodies_in_flight = BodiesInFlight(settings.server.max_bytes_in_flight)
         self._watch_live_gauges()
         konpro = settings.konpro

@@ -212,7 +212,7 @@ def _spool_drain(args: argparse.Namespace, settings: Settings) -> int:
     from bridge.publisher import Publisher  # noqa: PLC0415
     from bridge.spool import Spool, SpoolLocked, SpoolUnusable  # noqa: PLC0415
 
-    publisher = Publisher(settings.amqp)
+    publisher = Publisher(settings.amqp, max_unsent_bytes=settings.server.max_bytes_in_flight)
 
     run = _DrainRun()
 

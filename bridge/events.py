@@ -62,6 +62,11 @@ class PublishFailed(DeliveryRefused):
     """The broker did not confirm the message; it may or may not have stored it."""
 
 
+class PublishAbandoned(PublishFailed):
+    """The process is stopping and no longer waits for the confirm (its grace period ran out):
+    the stop's doing, not a failure of the event, which stays spooled for the next start."""
+
+
 class MessageRefused(PublishFailed):
     """The broker refused a message itself, not the link: RabbitMQ closes the channel with
     PRECONDITION_FAILED for a message over its ``max_message_size``. Publishing it again fails

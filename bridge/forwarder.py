@@ -20,7 +20,13 @@ from typing import Final, Protocol
 import structlog
 
 from bridge.config import SpoolSettings
-from bridge.events import Delivery, DeliveryRefused, MessageRefused, publishable
+from bridge.events import (
+    Delivery,
+    DeliveryRefused,
+    MessageRefused,
+    PublishAbandoned,
+    publishable,
+)
 from bridge.spool import (
     Spool,
     SpooledEvent,
@@ -224,6 +230,8 @@ async def _note_failure(
     """Count the attempt, and park an event the broker keeps refusing: the events behind it
     would otherwise wait until someone changes the broker's settings. A refusal is this event's
     when the broker names its size, or when it was the only publish on the channel."""
+    if isinstance(failure, PublishAbandoned):
+        return  # the stop's doing: no attempt against the event
     with suppress(SpoolError):  # the count is a hint; the failure is the news
         await spool.record_attempt(entry.id)
     if not isinstance(failure, MessageRefused):
@@ -346,7 +354,7 @@ class Forwarder:
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and this_task_is_cancelled():
                     raise
-                if self._stopping.is_set():
+                if self._stopping.is_set() or isinstance(exc, PublishAbandoned):
                     return  # no retry: what is left is the stop's to report (and the next start's)
                 if self._parked_meanwhile(before=parked):
                     delay = self._retry_delay  # the event at fault is out of the way now

@@ -17,7 +17,6 @@ so it is declared again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import functools
 import random
@@ -26,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 from urllib.parse import unquote
 
 import aio_pika
@@ -38,11 +37,12 @@ from aio_pika.abc import (
     AbstractRobustQueue,
     ExchangeType,
 )
+from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
 from bridge.config import AmqpSettings, Route, masked_url
 from bridge.contract import APP_ID, ContractProperties
-from bridge.events import Delivery, MessageRefused, PublishFailed
+from bridge.events import Delivery, MessageRefused, PublishAbandoned, PublishFailed
 from bridge.metrics import Metrics
 from bridge.tasks import cancel_and_wait, this_task_is_cancelled
 
@@ -55,6 +55,9 @@ CONNECT_TIMEOUT = 10.0
 _CHANNEL_RESTORE_GRACE = 5.0  # seconds a channel the broker closed may take to come back
 _REDECLARE_INTERVAL = 5.0  # seconds at least between declaring the topology again after a return
 _STILL_DOWN_AT_LEAST_EVERY = 600.0  # seconds at most between reports of a broker link still down
+DEFAULT_MAX_UNSENT_BYTES = 64 * 2**20  # server.max_bytes_in_flight's default
+_UNSENT_LOOK_INTERVAL = 0.25  # seconds between looks at what the broker has not read yet
+_CLOSE_WITHIN = 2.0  # seconds for a close; a broker that reads nothing has its socket aborted
 
 
 class BrokerUnavailable(PublishFailed):
@@ -153,11 +156,56 @@ class Outage:
         return round(now - self.started, 1)
 
 
-class Publisher:
-    """Owns the AMQP connection; safe to call ``publish`` from many tasks at once."""
+class _KeptTransport(TransportFactory):
+    """aiormq's own TCP or TLS transport, kept in sight. What the broker has not read of what
+    the bridge sent is, on this side, the one sign of a broker that blocks publishers (a memory
+    or disk alarm: it stops reading), and a close that cannot be written is ended by aborting.
+    Publishing does not wait for its frames to be written (see ``Publisher.publish``), so
+    without a look here they would pile up unsent for as long as the alarm lasts."""
 
-    def __init__(self, settings: AmqpSettings, metrics: Metrics | None = None) -> None:
+    def __init__(self, url: URL) -> None:
+        tls = url.scheme == "amqps"
+        self._opens: TransportFactory = TLSTransportFactory() if tls else TCPTransportFactory()
+        self._transport: asyncio.WriteTransport | None = None
+
+    async def create(
+        self, url: URL, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await self._opens.create(url, **kwargs)
+        self._transport = writer.transport
+        return reader, writer
+
+    def unsent(self) -> int:
+        """Bytes written to the current connection that the broker has not taken yet."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return 0
+        return transport.get_write_buffer_size()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class Publisher:
+    """Owns the AMQP connection; safe to call ``publish`` from many tasks at once.
+
+    At most ``max_unsent_bytes`` of frames the broker has not read are kept: past that (a broker
+    that blocks publishers reads nothing), publishes are refused, so spooled, until it reads.
+    """
+
+    def __init__(
+        self,
+        settings: AmqpSettings,
+        metrics: Metrics | None = None,
+        *,
+        max_unsent_bytes: int = DEFAULT_MAX_UNSENT_BYTES,
+    ) -> None:
         self._settings = settings
+        self._max_unsent = max_unsent_bytes
+        self._link: _KeptTransport | None = None
+        self._not_reading_since: float | None = None  # wall clock
+        self._reading_watch: asyncio.Task[None] | None = None
         self._metrics = metrics or Metrics(exchanges=settings.exchanges)
         self._router = Router(settings.exchange, settings.routes)
         self._connection: AbstractRobustConnection | None = None
@@ -234,7 +282,9 @@ class Publisher:
         if channel is None or not self.is_ready:
             raise BrokerUnavailable(self.not_ready_reason() or "broker unavailable")
         if self._abandoned_because is not None:  # the stop's grace is over: no new confirm waits
-            raise BrokerUnavailable(self._abandoned_because)
+            raise PublishAbandoned(self._abandoned_because)
+        if self._link is not None and self._link.unsent() > self._max_unsent:
+            raise BrokerUnavailable(self._broker_not_reading(self._link))
         exchange_name = self._router.exchange_for(delivery.event_type)
         self._in_flight[message_id] = []
         try:
@@ -311,6 +361,44 @@ class Publisher:
             "alarm; see its log) or be overloaded; deliveries are spooled meanwhile"
         )
 
+    @property
+    def not_reading_reason(self) -> str | None:
+        """Why publishes are refused although the link is up, while the broker reads nothing."""
+        if self._not_reading_since is None:
+            return None
+        return (
+            f"the broker has not read what the bridge sent since "
+            f"{_iso_utc(self._not_reading_since)} (over {self._max_unsent} bytes unsent): it "
+            "blocks publishers (a memory or disk alarm; see its log) or the link stalls; "
+            "deliveries are spooled until it reads again"
+        )
+
+    def _broker_not_reading(self, link: _KeptTransport) -> str:
+        if self._not_reading_since is None:
+            self._not_reading_since = time.time()
+            log.warning(
+                "amqp.broker_not_reading",
+                unsent_bytes=link.unsent(),
+                detail=self.not_reading_reason,
+            )
+            self._reading_watch = asyncio.create_task(
+                self._until_reading_again(link), name="amqp-reading-watch"
+            )
+        return self.not_reading_reason or "the broker reads nothing"
+
+    async def _until_reading_again(self, link: _KeptTransport) -> None:
+        """Publish again once the broker has read half of what waited; on another link (a
+        reconnect), the new link's state tells."""
+        # A look now and then: nothing tells when the transport's buffer drains.
+        while link is self._link and link.unsent() > self._max_unsent // 2:  # noqa: ASYNC110
+            await asyncio.sleep(_UNSENT_LOOK_INTERVAL)
+        since, self._not_reading_since = self._not_reading_since, None
+        if link is self._link and since is not None:
+            log.warning(
+                "amqp.broker_reading_again", not_reading_for_s=round(time.time() - since, 3)
+            )
+            self._notify_ready()
+
     def _confirms_late(self) -> None:
         if self._confirms_late_since is None:
             self._confirms_late_since = time.time()
@@ -331,7 +419,7 @@ class Publisher:
         ``exc`` is ``None`` when the wait for the confirm was cancelled under it."""
         self._confirms_missed = True
         if exc is None:
-            return PublishFailed(self._abandoned_because or f"publish failed: {_LINK_GIVEN_UP}")
+            return self._cancelled_under_the_wait()
         if isinstance(exc, TimeoutError):
             self._confirms_late()
             return PublishFailed("broker did not confirm in time")
@@ -353,13 +441,18 @@ class Publisher:
             return PublishFailed(f"broker refused the message: {_describe(exc)}")
         return PublishFailed(f"publish failed: {_describe(exc)}")
 
+    def _cancelled_under_the_wait(self) -> PublishFailed:
+        if self._abandoned_because is not None:
+            return PublishAbandoned(self._abandoned_because)
+        return PublishFailed(f"publish failed: {_LINK_GIVEN_UP}")
+
     def abandon_confirm_waits(self, reason: str) -> int:
         """Stop waiting for the confirms not yet received: each of those publishes fails with
         ``reason`` (the broker may still store the message). How many there were.
 
         For a shutdown whose grace period has run out: the deliveries behind them are then
         spooled and answered instead of cut off. A confirm that has arrived is not undone.
-        Publishes after this are refused (``BrokerUnavailable``), so spooled too: one that was
+        Publishes after this are refused (``PublishAbandoned``), so spooled too: one that was
         waiting its turn behind another with its message id must not wait on.
         """
         underlay = self._underlay
@@ -407,11 +500,14 @@ class Publisher:
     async def _connect_once(self) -> None:
         # Built here rather than by connect_robust() so that close() can reach a connection that
         # is still connecting: its reconnect task must not outlive the publisher.
+        url = aio_pika.connection.make_url(self._settings.url.get_secret_value())
         connection = aio_pika.RobustConnection(
-            aio_pika.connection.make_url(self._settings.url.get_secret_value()),
+            url,
             client_properties={"connection_name": APP_ID},
             reconnect_interval=self._settings.reconnect_interval,
         )
+        # aiormq opens the socket through this (aio-pika hands its connection's kwargs on).
+        self._link = connection.kwargs["transport_factory"] = _KeptTransport(url)
         self._connection = connection
         await connection.connect(timeout=CONNECT_TIMEOUT)
         connection.close_callbacks.add(self._connection_lost)
@@ -472,10 +568,27 @@ class Publisher:
 
     async def _discard_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        link, self._link = self._link, None
         self._underlay, self._topology = None, None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
+        await cancel_and_wait(self._reading_watch)
+        self._reading_watch = self._not_reading_since = None
+        if connection is None:
+            return
+        # A broker that reads nothing (a memory or disk alarm) would have aiormq wait three
+        # heartbeat timeouts to write its Connection.Close: past a moment, the socket is
+        # aborted. Nothing unsent is owed: each delivery behind it was spooled when its confirm
+        # did not come.
+        aborting = None
+        if link is not None:
+            loop = asyncio.get_running_loop()
+            aborting = loop.call_later(_CLOSE_WITHIN, _abort_unread, link)
+        try:
+            await connection.close()
+        except Exception:  # noqa: BLE001, S110 - a connection being let go of
+            pass
+        finally:
+            if aborting is not None:
+                aborting.cancel()
 
     def _connection_lost(self, connection: object, exc: BaseException | None = None) -> None:
         """The link went down, or (with an outage under way) a reconnect attempt failed."""
@@ -557,6 +670,16 @@ class Publisher:
             down_for = outage.lasted(time.monotonic())
             # At the level the loss was told at: a log read at warning tells its end too.
             log.warning("amqp.reconnected", down_for_s=down_for, failed_attempts=outage.attempts)
+
+
+def _abort_unread(link: _KeptTransport) -> None:
+    if unsent := link.unsent():
+        log.warning(
+            "amqp.close_aborted",
+            unsent_bytes=unsent,
+            detail=f"the broker read nothing for {_CLOSE_WITHIN:g} s: the connection is cut",
+        )
+    link.abort()
 
 
 _LINK_GIVEN_UP = "no frames from the broker within the heartbeat timeout (connection given up)"

@@ -71,7 +71,8 @@ class StatusReport:
 
     def _broker(self) -> dict[str, Any]:
         reason = self._publisher.not_ready_reason()
-        late = self._publisher.confirms_late_reason if reason is None else None
+        stalled = self._publisher.not_reading_reason or self._publisher.confirms_late_reason
+        late = stalled if reason is None else None
         return {
             "connected": reason is None,
             "since": _iso(self._publisher.link_changed_at),

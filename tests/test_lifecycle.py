@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from bridge.app import Bridge
@@ -22,6 +23,8 @@ from bridge.events import Delivery
 from bridge.spool import Spool
 from bridge.tasks import cancel_and_wait
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
+from tests.support.deliveries import envelope
+from tests.support.observing import seen
 from tests.support.process import (
     CAN_SWITCH_USER,
     NOBODY,
@@ -492,3 +495,82 @@ async def test_a_stop_asked_for_while_starting_does_not_start_serving_first(
     assert '"bridge.listening"' not in after_the_signal, after_the_signal
     # Nor did it wait out the 3 s it gives a broker that does not answer.
     assert '"bridge.listening_before_broker"' not in after_the_signal, after_the_signal
+
+
+async def test_a_stop_that_abandons_confirms_does_not_count_a_failed_forward_against_the_event(
+    start_proxied_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A broker that goes silent at the moment of a restart: when the grace period runs out,
+    the bridge abandons the confirms still due (README, Running it), the forwarder's among
+    them. That is the stop doing its job, not a failure of the spooled event: the forwarder,
+    still running until the sites are closed, takes it for one, counts a failed attempt
+    against the event (``attempts``, the poison-message hint; ``test_spool`` says "being
+    stopped is not a failure of the event") and logs ``spool.forward_failed`` ("the bridge is
+    stopping", ``retry_in`` 1 s), a warning an operator reads as a broker problem."""
+    async with start_proxied_bridge(
+        server={"shutdown_timeout": 1.0}, amqp={"publish_timeout": 3.0}
+    ) as bridge:
+        broker_proxy.hold()  # the link stays up; the broker says nothing more
+
+        async def post(video: str, event_id: str) -> int:
+            headers = {**JSON, "KonPro-Event-Id": event_id}
+            async with http.post(
+                bridge.webhook_url, data=envelope(video), headers=headers
+            ) as response:
+                return response.status
+
+        assert await post("v-spooled", "evt-spooled") == 202  # its publish timed out
+        # The forwarder now publishes it, and waits (up to 60 s) for the confirm.
+        await eventually(lambda: "evt-spooled" in bridge.publisher._in_flight)
+        live = asyncio.create_task(post("v-live", "evt-live"))  # waits for its confirm too
+        await eventually(lambda: "evt-live" in bridge.publisher._in_flight)
+        with structlog.testing.capture_logs() as logs:
+            await bridge.stop()  # the grace (1 s) runs out before the publish timeout (3 s)
+        assert await live == 202
+        broker_proxy.release()
+
+    assert seen(logs, "bridge.confirms_abandoned")
+    assert seen(logs, "spool.forward_failed") == []
+    async with await Spool.open(SpoolSettings(path=tmp_path / "spool")) as spool:
+        entries = {entry.delivery.message_id: entry for entry in await spool.peek(10)}
+    assert entries["evt-spooled"].attempts == 0  # being stopped is no failure of the event
+
+
+async def test_a_stop_while_the_broker_reads_nothing_ends_within_its_grace(
+    start_proxied_bridge: BridgeFactory,
+    broker_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    """RabbitMQ under a memory or disk alarm stops reading from publishing connections. The
+    bridge goes on publishing meanwhile (each publish times out and its delivery is spooled,
+    202), and what it writes piles up unsent in its socket. A stop then (a rollout, an operator
+    restarting a bridge that "only spools") must end within ``server.shutdown_timeout`` plus
+    about 2 s (README, Running it): a process manager kills it past its allowance, and the
+    supervisor of several workers does (``workers.kill``) after ``shutdown_timeout`` + 5 s. It
+    may not wait for the broker to take bytes it will not read: aiormq's close waits to write
+    its Connection.Close for up to three heartbeat timeouts (183 s at RabbitMQ's 60 s)."""
+    grace = 1.0
+    async with start_proxied_bridge(
+        server={"shutdown_timeout": grace}, amqp={"publish_timeout": 1.0}
+    ) as bridge:
+        broker_proxy.hold()  # the link stays up; nothing more reaches the broker
+        bodies = [  # 100 kB each, 8 MB in all: a few thousand of KonPro's own deliveries
+            envelope(f"v{n:03d}-" + "x" * 100_000) for n in range(80)
+        ]
+
+        async def post(body: bytes) -> int:
+            async with http.post(bridge.webhook_url, data=body, headers=JSON) as response:
+                return response.status
+
+        assert set(await asyncio.gather(*map(post, bodies))) == {202}
+        stopping = asyncio.create_task(bridge.stop())
+        try:
+            # Generous: the README's bound is the grace plus about 2 s.
+            done, _ = await asyncio.wait({stopping}, timeout=grace + 14.0)
+            assert stopping in done, "the stop still waits for the broker to read its socket"
+        finally:
+            await broker_proxy.cut()  # what ends a stop still waiting
+            await stopping

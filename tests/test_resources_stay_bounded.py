@@ -27,7 +27,10 @@ from bridge.config import Settings
 from bridge.events import Delivery, body_digest
 from bridge.spool import Spool
 from tests.conftest import AMQP_URL, make_settings
+from tests.support.deliveries import envelope
+from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess, free_port
+from tests.support.waiting import eventually
 
 JSON = {"Content-Type": "application/json"}
 MiB = 1024 * 1024
@@ -366,3 +369,61 @@ async def test_at_the_end_of_the_grace_a_client_that_reads_nothing_is_dropped(
 
     assert code == 0
     assert '"http.stalled_reader_dropped"' in bridge.log()
+
+
+def resident_bytes(bridge: BridgeProcess) -> int:
+    assert bridge.process is not None
+    for line in Path(f"/proc/{bridge.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("VmRSS")
+
+
+async def test_deliveries_during_a_broker_memory_alarm_do_not_pile_up_in_memory(
+    tmp_path: Path,
+    exchange_name: str,
+    private_broker: PrivateBroker,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Under a memory or disk alarm RabbitMQ blocks publishers: it stops reading their
+    sockets, and the link stays up. The bridge answers each delivery 202 from the spool once
+    its publish times out (README, Troubleshooting: "deliveries are spooled meanwhile"), but
+    the frames of every one of those publishes stay in its socket's send buffer, which grows
+    without bound for as long as the alarm lasts: every body KonPro sends meanwhile, twice
+    over with the forwarder's attempts. ``server.max_bytes_in_flight`` bounds what the bridge
+    holds for a delivery (README, Floods); past the answer, nothing does, and an alarm of an
+    hour at KonPro's rate is an OOM kill. (And once the alarm ends, all of it reaches the
+    broker, a second copy of every event spooled meanwhile.)"""
+    mib = 2**20
+    sections: dict[str, dict[str, object]] = {
+        "server": {"max_body_bytes": 262_144, "max_bytes_in_flight": 4 * mib},
+        "amqp": {"url": private_broker.url, "exchange": exchange_name, "publish_timeout": 0.5},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+    bridge = BridgeProcess(tmp_path, sections)
+    await bridge.start()
+
+    async def post(body: bytes) -> int:
+        async with http.post(bridge.webhook_url, data=body, headers=JSON) as response:
+            return response.status
+
+    statuses: set[int] = set()
+    try:
+        before = resident_bytes(bridge)
+        private_broker.raise_memory_alarm()
+        for batch in range(20):  # 40 MB in all, 2 MB at a time: within max_bytes_in_flight
+            bodies = [envelope(f"v{batch}-{n:02d}-" + "x" * 100_000) for n in range(20)]
+            statuses |= set(await asyncio.gather(*map(post, bodies)))
+        grew = resident_bytes(bridge) - before
+        said = bridge.log()
+        private_broker.clear_memory_alarm()
+        await eventually(lambda: '"amqp.broker_reading_again"' in bridge.log(), within=30)
+    finally:
+        private_broker.clear_memory_alarm()
+        await bridge.stop()
+    assert statuses == {202}  # the alarm held every publish: each one spooled
+    # The README's cost of what is in flight (2.5 times max_bytes_in_flight), and room to spare.
+    assert grew <= 2.5 * 4 * mib + 10 * mib, f"RSS grew {grew / mib:.0f} MiB for 40 MB spooled"
+    assert '"amqp.broker_not_reading"' in said

@@ -25,6 +25,7 @@ from bridge.secret_file import load_stored_secret, store_secret
 from bridge.workers import RestartBackoff, Supervisor, WorkerBody
 from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
+from tests.support.deliveries import envelope
 from tests.support.process import BridgeProcess, free_port, run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -581,3 +582,46 @@ async def test_with_several_workers_the_supervisor_lets_the_registration_finish_
     assert '"workers.kill"' not in bridge.log()
     assert code == 0
     assert load_stored_secret(tmp_path / "spool") == endpoint["secret"]
+
+
+async def test_workers_stopped_while_the_broker_reads_nothing_stop_cleanly(
+    tmp_path: Path,
+    exchange_name: str,
+    broker_proxy: TcpProxy,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The same stop under the supervisor of ``server.workers = 2``: each worker must stop
+    gracefully within the allowance, and the bridge exit 0. Instead each worker waits on
+    aiormq's close until the supervisor kills it (``workers.kill``, an error), with its spool
+    and its connection left to the kill, and the bridge exits 9."""
+    sections: dict[str, dict[str, object]] = {
+        "server": {"shutdown_timeout": 1.0, "workers": 2},
+        "amqp": {
+            "url": proxied_amqp_url(broker_proxy),
+            "exchange": exchange_name,
+            "publish_timeout": 1.0,
+        },
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+    bridge = BridgeProcess(tmp_path, sections)
+    await bridge.start()
+    try:
+        broker_proxy.hold()
+        bodies = [envelope(f"v{n:03d}-" + "x" * 100_000) for n in range(200)]
+
+        async def post(body: bytes) -> int:
+            async with http.post(bridge.webhook_url, data=body, headers=JSON) as response:
+                return response.status
+
+        assert set(await asyncio.gather(*map(post, bodies))) == {202}
+        bridge.send(signal.SIGTERM)
+        exit_code = await bridge.wait(within=60)
+    finally:
+        await broker_proxy.cut()
+        if bridge.process is not None and bridge.process.returncode is None:
+            bridge.process.kill()
+            await bridge.process.wait()
+    assert '"workers.kill"' not in bridge.log()
+    assert exit_code == 0
