@@ -10,19 +10,23 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 import pytest
 import structlog
 from aio_pika.abc import AbstractChannel
+from structlog.testing import capture_logs
 
 from bridge.app import Bridge
 from bridge.events import InvalidEvent, parse_event_type
+from bridge.signatures import sign
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
 from tests.support import raw_http
-from tests.support.deliveries import JSON
-from tests.support.observing import scrape, value
+from tests.support.deliveries import JSON, envelope, post_status
+from tests.support.observing import scrape, seen, value
 from tests.support.process import BridgeProcess
 from tests.support.waiting import eventually
 
+SECRET = "whsec_configured_1f2e"
 VALID = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'
 
 BAD_BODIES = {
@@ -541,3 +545,127 @@ def test_an_event_type_beyond_a_doubles_range_is_not_said_to_be_a_body_that_is_n
         parse_event_type(body)
 
     assert str(refused.value) == "event_type must be a string"
+
+
+async def test_a_chunked_body_one_byte_over_the_limit_is_answered_413_and_one_at_it_taken(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    """A body sent without a Content-Length is counted as it arrives: one byte over
+    ``server.max_body_bytes`` is refused, a body of exactly that size is taken."""
+    queue = await bind_queue("#")
+    limit = 4096
+
+    def padded(size: int, video: str) -> bytes:
+        body = envelope(video)
+        return body[:-1] + b" " * (size - len(body)) + b"}"
+
+    async def chunked(body: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+            await asyncio.sleep(0.05)  # not all with the headers: counted as it arrives
+
+    at_limit, over_limit = padded(limit, "v_at"), padded(limit + 1, "v_over")
+    async with start_bridge(server={"max_body_bytes": limit}) as bridge:
+        over = await post_status(http, bridge.webhook_url, chunked(over_limit))  # type: ignore[arg-type]
+        at = await post_status(http, bridge.webhook_url, chunked(at_limit))  # type: ignore[arg-type]
+
+    assert (over, at) == (413, 200)
+    assert [m.body for m in await drain(queue, expect=1)] == [at_limit]
+
+
+async def test_an_empty_body_is_named_as_such_even_when_signatures_are_checked(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A proxy that drops bodies leaves KonPro's signature header in place: the answer and the
+    log line must say "body is empty", not a 401 "signature mismatch" that sends the operator
+    after the secret."""
+    signed_for_the_real_body = {**JSON, "KonPro-Signature": sign(VALID, SECRET)}
+    with capture_logs() as logs:
+        async with (
+            start_bridge(konpro={"webhook_secret": SECRET}) as bridge,
+            http.post(bridge.webhook_url, data=b"", headers=signed_for_the_real_body) as response,
+        ):
+            answer = (response.status, await response.json())
+    assert answer == (400, {"error": "invalid_event", "detail": "body is empty"})
+    [line] = seen(logs, "webhook.rejected")
+    assert line["detail"] == "body is empty"
+
+
+def webhook_path(bridge: Bridge) -> bytes:
+    return urlsplit(bridge.webhook_url).path.encode()
+
+
+@pytest.mark.parametrize("expect", [b"100-continue", b"something-else"])
+async def test_an_http_1_0_delivery_with_an_expect_header_is_taken_as_if_it_had_none(
+    expect: bytes, start_bridge: BridgeFactory, bind_queue: QueueFactory
+) -> None:
+    """HTTP/1.0 has no ``100 Continue``: the header means nothing there (aiohttp ignores it
+    too). An old proxy that forwards it must not get a 417 for every delivery, nor a
+    ``100 Continue`` its protocol does not know."""
+    queue = await bind_queue("#")
+    body = envelope("v_http10_" + expect.decode())
+    async with start_bridge() as bridge:
+        answer = await raw_http.exchange(
+            bridge.port,
+            b"POST %s HTTP/1.0\r\nHost: bridge\r\nContent-Type: application/json\r\n"
+            b"Expect: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (webhook_path(bridge), expect, len(body), body),
+        )
+    assert answer.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")), answer
+    assert b"100 Continue" not in answer
+    assert [m.body for m in await drain(queue, expect=1)] == [body]
+
+
+async def test_expect_100_continue_lets_a_body_of_exactly_the_limit_be_sent(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory
+) -> None:
+    """``server.max_body_bytes`` is the largest body taken: announced with ``Expect:
+    100-continue``, a body of exactly that size is asked for and published, not refused 413."""
+    queue = await bind_queue("#")
+    limit = 4096
+    body = envelope("v_at_limit")
+    body = body[:-1] + b" " * (limit - len(body)) + b"}"
+    async with start_bridge(server={"max_body_bytes": limit}) as bridge:
+        answer = await raw_http.exchange(
+            bridge.port,
+            b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (webhook_path(bridge), len(body), body),
+        )
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer[:200]
+    assert [m.body for m in await drain(queue, expect=1)] == [body]
+
+
+async def test_options_with_an_unknown_expectation_is_answered_417_not_500(
+    start_bridge: BridgeFactory,
+) -> None:
+    """KonPro's registration check is an OPTIONS; whatever the Expect header, it gets the
+    bridge's own 417, never aiohttp's, which quotes the header and turns invalid UTF-8 into a
+    500 (the module's promise: every request the bridge answers)."""
+    async with start_bridge() as bridge:
+        answer = await raw_http.exchange(
+            bridge.port,
+            b"OPTIONS %s HTTP/1.1\r\nHost: bridge\r\nExpect: \xb0\xff\r\n"
+            b"Connection: close\r\n\r\n" % webhook_path(bridge),
+        )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 417"), answer
+    assert orjson.loads(body)["error"] == "expectation_failed"
+
+
+async def test_the_100_continue_expectation_is_read_whatever_its_case(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory
+) -> None:
+    """Expectation values are case-insensitive (RFC 9110): a client or proxy that writes
+    ``100-Continue`` gets its body asked for and the event published, not a 417 at every try."""
+    queue = await bind_queue("#")
+    body = envelope("v_expect_case")
+    async with start_bridge() as bridge:
+        answer = await raw_http.exchange(
+            bridge.port,
+            b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-Continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (webhook_path(bridge), len(body), body),
+        )
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer[:200]
+    assert [m.body for m in await drain(queue, expect=1)] == [body]

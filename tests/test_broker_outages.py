@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -504,3 +505,84 @@ async def test_at_log_level_warning_the_end_of_an_outage_is_still_told(
     events = [orjson.loads(line)["event"] for line in bridge.log().splitlines()]
     assert "amqp.connection_lost" in events
     assert "amqp.reconnected" in events, f"the log at level warning: {events}"
+
+
+async def test_the_first_connect_backs_off_to_at_most_its_ceiling(
+    tmp_path: Path, exchange_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bridge started while the broker is down tries again, doubling its wait up to a ceiling
+    (30 s): uncapped, after an hour's outage it would wait another hour before noticing the
+    broker is back, spooling meanwhile. Shrunk here (first 10 ms, ceiling 50 ms) to see many
+    attempts."""
+    monkeypatch.setattr("bridge.publisher._FIRST_RETRY_DELAY", 0.01)
+    monkeypatch.setattr("bridge.publisher._MAX_CONNECT_DELAY", 0.05)
+    with socket.socket() as unused:  # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    url = f"amqp://guest:guest@127.0.0.1:{port}/"
+    publisher = Publisher(make_settings(tmp_path, exchange_name, amqp={"url": url}).amqp)
+    with capture_logs() as logs:
+        await publisher.start()
+        try:
+            await eventually(lambda: len(seen(logs, "amqp.connect_failed")) >= 10, within=20)
+        finally:
+            await publisher.close()
+    waits = [line["retry_in"] for line in seen(logs, "amqp.connect_failed")]
+    assert max(waits) <= 0.05 * 1.2, waits
+
+
+async def test_a_broker_that_blocks_publishers_is_told_once_not_at_every_delivery(
+    tmp_path: Path,
+    exchange_name: str,
+    private_broker: PrivateBroker,
+    private_queue: aio_pika.abc.AbstractQueue,
+    http: aiohttp.ClientSession,
+) -> None:
+    """During a memory alarm every publish times out: ``amqp.confirms_late`` is said once, when
+    it starts, and ``/status`` keeps saying since when, instead of a warning for every delivery
+    and a time that moves with each."""
+    settings = make_settings(
+        tmp_path, exchange_name, amqp={"url": private_broker.url, "publish_timeout": 0.5}
+    )
+    async with Bridge(settings) as bridge:
+        await asyncio.wait_for(bridge.publisher.until_ready(), 10)
+        private_broker.raise_memory_alarm()
+        try:
+            await asyncio.sleep(1.0)  # the broker has told the connection it is blocked
+            with capture_logs() as logs:
+                reasons = []
+                for n in range(3):
+                    body = envelope(f"mutA-alarm-{n}")
+                    assert await post_status(http, bridge.webhook_url, body) == 202
+                    reasons.append(bridge.publisher.confirms_late_reason)
+        finally:
+            private_broker.clear_memory_alarm()
+        await eventually(lambda: bridge.spool.depth == 0, within=90)
+    assert len(seen(logs, "amqp.confirms_late")) == 1
+    assert reasons[0] is not None
+    assert reasons == [reasons[0]] * 3  # the same "since"
+
+
+async def test_a_deleted_unrouted_queue_is_declared_again_and_keeps_the_next_unrouted_event(
+    start_bridge: BridgeFactory,
+    channel: aio_pika.abc.AbstractChannel,
+    exchange_name: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Someone deletes the queue ``<exchange>.unrouted`` (it looks like a dead letter heap): an
+    event no queue is bound for is then returned, spooled, and the topology declared again,
+    queue included, so that the event is kept there and the spool drains.
+
+    Not a mutant's killer: the suite had no test of a deleted unrouted *queue* (only of the
+    exchanges). Mutating ``Topology._unrouted_queue`` (``await queue.declare()`` -> ``pass``)
+    does not make it fail: the bind to the missing queue closes the channel, and the robust
+    channel's restore declares the queue again. It fails if the event is lost or stuck.
+    """
+    unrouted = f"{exchange_name}.unrouted"
+    body = envelope("v_unrouted_queue_deleted")
+    async with start_bridge() as bridge:
+        await channel.queue_delete(unrouted)
+        assert await post_status(http, bridge.webhook_url, body) in (200, 202)
+        await eventually(lambda: bridge.spool.depth == 0, within=30)
+        queue = await channel.get_queue(unrouted)
+        assert [m.body for m in await drain(queue, expect=1)] == [body]

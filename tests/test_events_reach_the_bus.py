@@ -27,8 +27,11 @@ from bridge.events import (
     MAX_EVENT_ID_BYTES,
     MAX_FORWARDED_HEADER_BYTES,
     Delivery,
+    body_digest,
+    publishable,
 )
 from tests.conftest import BridgeFactory, QueueFactory, drain
+from tests.support.deliveries import JSON, envelope, post_status
 from tests.support.private_broker import PrivateBroker
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -316,3 +319,52 @@ async def test_many_deliveries_in_flight_at_once_are_all_confirmed_and_stored(
     assert {status for status, _ in answers} == {200}
     stored = await drain(queue, expect=len(bodies))
     assert sorted(m.body for m in stored) == sorted(bodies)
+
+
+def test_a_spooled_message_id_of_255_bytes_is_kept_and_one_of_256_replaced() -> None:
+    """An AMQP message id is a short string: at most 255 bytes. A spooled event whose id is
+    one byte longer would fail at every try and hold up the events behind it."""
+    fits = Delivery("avatar_video.success", b"{}", "é" * 127 + "e", {})  # 255 bytes
+    too_long = Delivery("avatar_video.success", b"{}", "é" * 128, {})  # 256 bytes
+
+    assert publishable(fits) == (fits, [])
+    adjusted, changes = publishable(too_long)
+    assert adjusted.message_id == body_digest(b"{}")
+    assert changes == ["message id longer than AMQP's 255 bytes: the body's digest instead"]
+
+
+async def test_an_empty_event_id_header_gives_the_body_digest_as_the_message_id(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    """An empty ``KonPro-Event-Id`` is no event id: consumers drop repeats by message id, so
+    two events published under the same empty id could be taken for one, and the second lost."""
+    queue = await bind_queue("#")
+    first, second = envelope("v_empty_id_1"), envelope("v_empty_id_2")
+    async with start_bridge() as bridge:
+        for body in (first, second):
+            headers = {**JSON, "KonPro-Event-Id": ""}
+            assert await post_status(http, bridge.webhook_url, body, headers) == 200
+    messages = await drain(queue, expect=2)
+    assert [m.message_id for m in messages] == [body_digest(first), body_digest(second)]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Content-Type": "application/octet-stream"}], ids=str)
+async def test_a_delivery_without_a_json_content_type_header_is_taken(
+    headers: dict[str, str],
+    start_bridge: BridgeFactory,
+    bind_queue: QueueFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A delivery with no Content-Type (aiohttp reads it as ``application/octet-stream``) is
+    taken: a proxy or client that drops the header must not cost the events (415 for ever)."""
+    queue = await bind_queue("#")
+    body = envelope("v_untyped")
+    async with start_bridge() as bridge:
+        # skip_auto_headers: aiohttp would otherwise add its own octet-stream for bytes.
+        post = http.post(
+            bridge.webhook_url, data=body, headers=headers, skip_auto_headers={"Content-Type"}
+        )
+        async with post as response:
+            status = response.status
+    assert status == 200
+    assert [m.body for m in await drain(queue, expect=1)] == [body]

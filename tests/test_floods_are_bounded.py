@@ -16,6 +16,8 @@ import pytest
 import structlog
 
 from bridge.app import Bridge
+from bridge.events import DeliveryRefused
+from bridge.server import BodiesInFlight
 from tests.conftest import BridgeFactory, QueueFactory, drain
 from tests.support.observing import scrape, status, value
 from tests.support.tcp_proxy import TcpProxy
@@ -259,3 +261,16 @@ async def test_a_delivery_refused_503_mid_body_gets_its_answer_while_still_sendi
             assert answer.startswith(b"HTTP/1.1 503"), answer[:100]
         finally:
             holder.close()
+
+
+def test_the_bytes_in_flight_may_reach_the_bound_and_not_pass_it() -> None:
+    """``server.max_bytes_in_flight`` is a bound: what would pass it is refused (503), what
+    reaches it exactly is taken; what is given back may be taken again."""
+    bodies = BodiesInFlight(10_000)
+    bodies.take(6_000)
+    bodies.take(4_000)  # exactly the bound
+    with pytest.raises(DeliveryRefused, match=r"10000 bytes of requests in flight, 1 more"):
+        bodies.take(1)
+    bodies.give_back(4_000)
+    bodies.take(4_000)
+    assert bodies.held == 10_000

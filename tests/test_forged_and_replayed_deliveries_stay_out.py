@@ -398,3 +398,31 @@ async def test_a_delivery_refused_401_can_be_matched_with_the_one_konpro_reports
     (line,) = seen(logs, "webhook.rejected")
     assert line["detail"] == "signature mismatch"
     assert "evt_hunt_obs_401" in line.values(), f"nothing names the refused delivery: {line}"
+
+
+async def test_with_a_secret_an_unsigned_body_is_refused_401_before_it_is_read_as_json(
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    """With a webhook secret, the signature is checked first: an unsigned body gets the bare 401
+    whatever it holds, so that a stranger learns nothing of the envelope check from the answer,
+    and cannot make the bridge read bodies the slow way (the standard library's parser, for one
+    that msgspec refuses or that may name a key twice: "with a webhook secret, only signed
+    ones")."""
+    bodies = [
+        b"not json",
+        b'{"event_type": "a.fail", "event_type": "a.success", "event_data": {}}',
+        b'{"event_type": "a.b", "event_data": {"title": "\\ud83d"}, "x": '
+        + b"[" * 500
+        + b"]" * 500
+        + b"}",
+    ]
+    answers = []
+    with capture_logs() as logs:
+        async with start_bridge(konpro={"webhook_secret": SECRET}) as bridge:
+            for body in bodies:
+                async with http.post(bridge.webhook_url, data=body, headers=JSON) as response:
+                    answers.append((response.status, await response.json()))
+    assert answers == [(401, {"error": "unauthorized"})] * len(bodies)
+    assert [line["detail"] for line in seen(logs, "webhook.rejected")] == [
+        "missing signature"
+    ] * len(bodies)

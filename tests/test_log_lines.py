@@ -12,12 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import orjson
+import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from bridge.config import LogSettings
+from bridge.events import claimed_event_id
 from bridge.logs import LineWriter, configure_logging
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, BridgeFactory
+from tests.support.deliveries import JSON, envelope, post_status
+from tests.support.observing import seen
 from tests.support.process import BridgeProcess
 
 
@@ -135,3 +141,37 @@ async def test_off_a_terminal_the_default_format_is_one_json_object_per_line(
     assert len(lines) >= 3
     events = [orjson.loads(line)["event"] for line in lines]
     assert "bridge.listening" in events
+
+
+@pytest.mark.parametrize(
+    "claimed", ["e" * 201, "evt_1\nwebhook.accepted forged=1", "evt\x1b[2J"], ids=repr
+)
+def test_a_refused_deliverys_claimed_event_id_is_logged_only_if_the_bridge_would_take_it(
+    claimed: str,
+) -> None:
+    """The ``webhook.rejected`` line names the event id the delivery claims (unsigned, from
+    whoever sent it): one too long or not printable (a newline forging a log line in the console
+    format, a terminal escape) is left out, not copied into the log."""
+    assert claimed_event_id({"KonPro-Event-Id": claimed}) is None
+    assert claimed_event_id({"KonPro-Event-Id": "evt_1"}) == "evt_1"
+
+
+async def test_a_delivery_refused_503_once_read_is_named_in_its_log_line(
+    start_bridge_cut_off: BridgeFactory, http: aiohttp.ClientSession
+) -> None:
+    """A 503 for a delivery the bridge had read (the spool full) names its message id, to match
+    it with KonPro's list of failed deliveries; a 4xx names who sent it (``remote``)."""
+    async with start_bridge_cut_off(spool={"max_events": 1}) as bridge:
+        url = bridge.webhook_url
+        assert await post_status(http, url, envelope("v_fills_the_spool")) == 202
+        with capture_logs() as logs:
+            headers = {**JSON, "KonPro-Event-Id": "evt_refused_503"}
+            assert await post_status(http, url, envelope("v_refused"), headers) == 503
+            assert await post_status(http, url, b"not json") == 400
+    [refused] = seen(logs, "webhook.refused")
+    assert (refused["message_id"], refused["event_type"]) == (
+        "evt_refused_503",
+        "avatar_video.success",
+    )
+    [rejected] = seen(logs, "webhook.rejected")
+    assert rejected["remote"] == "127.0.0.1"

@@ -23,9 +23,12 @@ import structlog
 from aio_pika.abc import AbstractChannel
 
 from bridge.app import Bridge
-from bridge.events import Delivery, PublishFailed
+from bridge.config import SpoolSettings
+from bridge.events import Delivery, Outcome, PublishFailed
 from bridge.forwarder import Forwarder
 from bridge.publisher import Publisher
+from bridge.relay import Relay
+from bridge.signatures import ReplayGuard
 from bridge.spool import Spool
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.observing import scrape, value
@@ -476,3 +479,38 @@ async def test_a_spooled_event_the_broker_returns_is_not_removed_from_the_spool_
         f"the spooled event was removed from the spool (depth {depth} after its forward) "
         "although the broker returned it: it is on no queue"
     )
+
+
+class Unconfirming:
+    """A stand-in for the publisher: fails (as an unconfirmed publish does) the message ids
+    it is told to, takes the rest."""
+
+    def __init__(self, *failing: str) -> None:
+        self.failing = set(failing)
+        self.published: list[str] = []
+
+    async def publish(self, delivery: Delivery) -> None:
+        if delivery.message_id in self.failing:
+            raise PublishFailed("broker did not confirm in time")
+        self.published.append(delivery.message_id)
+
+
+async def test_a_delivery_spooled_by_the_relay_wakes_the_forwarder_and_a_published_one_not(
+    tmp_path: Path,
+) -> None:
+    """The relay tells the forwarder at once when it spools: otherwise a spooled event waits
+    for the forwarder's safety-net look, 30 s, or for the next publish that happens to wake it
+    (on a quiet night, the next delivery)."""
+    woken: list[None] = []
+    publisher = Unconfirming("evt_unconfirmed")
+    async with await Spool.open(SpoolSettings(path=tmp_path / "spool")) as spool:
+        relay = Relay(
+            publisher,  # type: ignore[arg-type]
+            spool,
+            lambda: woken.append(None),
+            ReplayGuard(window=600, max_entries=100),
+        )
+        published = await relay.deliver(Delivery("a.b", b'{"n": 1}', "evt_confirmed"))
+        assert (published, woken) == (Outcome.PUBLISHED, [])
+        spooled = await relay.deliver(Delivery("a.b", b'{"n": 2}', "evt_unconfirmed"))
+        assert (spooled, len(woken), spool.depth) == (Outcome.SPOOLED, 1, 1)

@@ -973,3 +973,29 @@ async def test_a_spool_written_before_parking_existed_is_read_and_upgraded(
         (entry,) = await spool.peek(10)
         await spool.note_refusal(entry.id, REFUSAL, certain=True)
         assert (spool.depth, spool.parked) == (1, 1)
+
+
+async def test_a_message_rabbitmq_refuses_for_its_size_is_refused_naming_that_size(
+    tmp_path: Path, exchange_name: str, private_broker: PrivateBroker
+) -> None:
+    """RabbitMQ refuses a message over ``max_message_size`` with a PRECONDITION_FAILED whose
+    text names the size; every publish in flight on the channel fails with it. The bridge reads
+    the size from the broker's own words to tell which message was refused (``blames``): a
+    spooled event that failed beside a live oversized one is then not counted as refused, and
+    one refused for itself is parked at once. Pinned against a real broker, so that a RabbitMQ
+    whose wording changes is noticed here, not by events parked for another's size."""
+    settings = make_settings(tmp_path, exchange_name, amqp={"url": private_broker.url})
+    publisher = Publisher(settings.amqp)
+    oversized = Delivery("avatar_video.success", b"0" * 8000, "evt_oversized")
+    with private_broker.max_message_size(4096):
+        await publisher.start()
+        try:
+            await asyncio.wait_for(publisher.until_ready(), 10)
+            with pytest.raises(MessageRefused) as refused:
+                await publisher.publish(oversized)
+        finally:
+            await publisher.close()
+
+    assert refused.value.size == 8000
+    assert refused.value.blames(oversized.body) is True
+    assert refused.value.blames(b"0" * 16) is False

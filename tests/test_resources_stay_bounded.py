@@ -427,3 +427,42 @@ async def test_deliveries_during_a_broker_memory_alarm_do_not_pile_up_in_memory(
     # The README's cost of what is in flight (2.5 times max_bytes_in_flight), and room to spare.
     assert grew <= 2.5 * 4 * mib + 10 * mib, f"RSS grew {grew / mib:.0f} MiB for 40 MB spooled"
     assert '"amqp.broker_not_reading"' in said
+
+
+READS_PER_TURN = 64
+
+
+async def test_a_client_that_reads_its_answers_steadily_is_not_dropped(
+    tmp_path: Path, exchange_name: str
+) -> None:
+    """Only a client that has taken *nothing* for ``server.keepalive_timeout`` is dropped: one
+    that keeps reading the answers to requests it pipelined (a proxy, a scraper) keeps its
+    connection, since each sweep sees it took some.
+
+    The bridge sees what a client took only through the transport's buffer, which moves when
+    the kernel's send buffer has a third or so free: a client reading slower than that per
+    ``keepalive_timeout`` (here, on loopback, about 400 KB/s against 2 s) is dropped as if it
+    read nothing. This one reads about 1 MB/s."""
+    settings = sections(tmp_path, exchange_name, keepalive_timeout=2.0, body_timeout=2.0)
+    async with BridgeProcess(tmp_path, settings) as bridge:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", bridge.port))
+        client.setblocking(False)
+        received = 0
+        try:
+            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
+            loop = asyncio.get_running_loop()
+            for _ in range(24):  # 6 s, three times keepalive_timeout: 256 KiB every 0.25 s
+                await asyncio.sleep(0.25)
+                for _ in range(READS_PER_TURN):
+                    chunk = await asyncio.wait_for(loop.sock_recv(client, 4096), 5)
+                    assert chunk, f"the bridge closed the connection after {received} bytes"
+                    received += len(chunk)
+            still_held = holds_connection_from(bridge, client)
+        finally:
+            client.close()
+        log = bridge.log()
+
+    assert still_held, [line for line in log.splitlines() if "http." in line]
+    assert "http.stalled_reader_dropped" not in log

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from bridge.signatures import ReplayGuard, SignatureRejected, SignatureVerifier, sign
+from bridge.signatures import Authenticator, ReplayGuard, SignatureRejected, SignatureVerifier, sign
 
 SECRET = "whsec_current"
 OLD_SECRET = "whsec_retiring"
@@ -180,3 +180,76 @@ def test_replay_guard_with_a_zero_setting_is_disabled(window: float, max_entries
     assert not guard.enabled
     assert not guard.seen("evt_1")
     assert len(guard) == 0
+
+
+def rejection(verify: Authenticator, body: bytes, headers: dict[str, str]) -> str:
+    with pytest.raises(SignatureRejected) as excinfo:
+        verify.verify(body, headers)
+    return excinfo.value.reason
+
+
+def test_a_secret_learnt_again_replaces_the_one_learnt_before() -> None:
+    """A new registration (``endpoint.add`` after the endpoint was lost) revokes the old
+    secret and KonPro signs with the new one from then on: the bridge must take the new one,
+    or every genuine delivery is refused 401 until a restart."""
+    authenticator = Authenticator([], timestamp_tolerance=300)
+    authenticator.learn_secret("whsec_first_registration")
+    authenticator.learn_secret("whsec_second_registration")
+
+    authenticator.verify(BODY, {"KonPro-Signature": sign(BODY, "whsec_second_registration")})
+    old = {"KonPro-Signature": sign(BODY, "whsec_first_registration")}
+    assert rejection(authenticator, BODY, old) == "signature mismatch"
+
+
+def test_the_configured_secret_still_passes_once_one_is_learnt() -> None:
+    """The configured secrets stay for the process's life (README: the bridge checks against
+    ``konpro.webhook_secret``, ``previous_webhook_secrets`` *or* the learnt one): learning a
+    secret must not turn away deliveries signed with the configured one."""
+    authenticator = Authenticator([SECRET], timestamp_tolerance=300)
+    authenticator.learn_secret("whsec_learnt_at_run_time")
+
+    authenticator.verify(BODY, {"KonPro-Signature": sign(BODY, SECRET)})
+    authenticator.verify(BODY, {"KonPro-Signature": sign(BODY, "whsec_learnt_at_run_time")})
+
+
+def test_a_signature_with_spaces_between_its_hex_digits_is_malformed() -> None:
+    """``bytes.fromhex`` skips spaces: the signature must be exactly 64 hex digits, else it is
+    told apart in the log as ``malformed signature`` (a proxy or client mangling the header),
+    not ``signature mismatch`` (a wrong secret), which sends the operator the wrong way."""
+    authenticator = Authenticator([SECRET], timestamp_tolerance=300)
+    good = sign(BODY, SECRET)
+    spaced = " ".join(good[i : i + 2] for i in range(0, len(good), 2))  # 95 characters
+    assert rejection(authenticator, BODY, {"KonPro-Signature": spaced}) == "malformed signature"
+    short = "ab " * 16 + "ab" * 8  # 64 characters, 24 bytes
+    assert rejection(authenticator, BODY, {"KonPro-Signature": short}) == "malformed signature"
+
+
+def test_the_replay_memory_forgets_the_least_recently_taken_body_first() -> None:
+    """A body remembered again (told by a sibling worker after this one took it too) starts its
+    window again and moves to the back of the memory: when the memory is full, the oldest goes,
+    not the freshest, which a replay could then get onto the bus again."""
+    clock = FakeClock()
+    guard = ReplayGuard(window=60, max_entries=2, clock=clock)
+    guard.remember("a")
+    clock.now = 1
+    guard.remember("b")
+    clock.now = 2
+    guard.heard("a")  # a sibling took it too
+    clock.now = 3
+    guard.remember("c")  # full: "b" is the oldest
+    assert [guard.seen(key) for key in ("a", "b", "c")] == [True, False, True]
+
+
+def test_a_body_remembered_again_does_not_hold_older_ones_past_their_window() -> None:
+    """Expiry walks the memory oldest first: a body remembered again must not keep the ones
+    behind it (taken earlier) beyond their window."""
+    clock = FakeClock()
+    guard = ReplayGuard(window=60, max_entries=10, clock=clock)
+    guard.remember("a")
+    clock.now = 10
+    guard.remember("b")
+    clock.now = 50
+    guard.heard("a")
+    clock.now = 75  # "b" is 65 s old, "a" 25 s
+    assert not guard.seen("b")
+    assert guard.seen("a")
