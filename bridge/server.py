@@ -277,7 +277,9 @@ class WebhookHandler:
 
 async def drop_stalled_readers(server: web.Server, *, after: float) -> None:
     """Abort the connections whose client has taken nothing of an answer for ``after`` seconds
-    (a client that pipelines requests and reads none of the answers). aiohttp waits to write
+    (a client that pipelines requests and reads none of the answers; what it took shows only
+    as the transport's buffer shrinks, so one that reads far slower than the kernel's send
+    buffer empties looks the same). aiohttp waits to write
     for as long as such a client likes, and the keep-alive timer spares a connection that is
     writing: each would hold a file descriptor, what aiohttp parsed ahead, and a stop, which
     waits for its handlers. Aborted, not closed: a close would wait for the same unsent data."""
