@@ -18,6 +18,7 @@ spool (the daemon, or ``spool drain`` while the daemon is stopped): an exclusive
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import fcntl
 import os
 import shutil
@@ -426,7 +427,10 @@ class Spool:
         return count
 
     async def _call(self, function: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+        # In the caller's context: a line logged in the spool's thread names its worker too.
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, context.run, function)
 
     async def _write(self, function: Callable[[], _T]) -> _T:
         try:

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
@@ -206,15 +207,19 @@ async def test_one_unreadable_row_does_not_hold_up_every_other_event_in_the_spoo
     tmp_path: Path, start_bridge: BridgeFactory, bind_queue: QueueFactory
 ) -> None:
     """One row whose headers cannot be read (a damaged page, a row recovered from a corrupt
-    file) holds up nothing: it is forwarded without them, and that is said."""
+    file) holds up nothing: it is forwarded without them, and that is said, naming the worker
+    whose spool it is (the line is logged in the spool's own thread)."""
     await _fill_with_a_damaged_row(tmp_path / "spool")
     queue = await bind_queue()
-    with capture_logs() as logs:
+    with (
+        capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs,
+        structlog.contextvars.bound_contextvars(worker=0),
+    ):
         async with start_bridge():
             messages = await drain(queue, expect=3, within=6.0)
     assert sorted(m.message_id for m in messages) == ["evt_0", "evt_1", "evt_2"]
     [unreadable] = [line for line in logs if line["event"] == "spool.headers_unreadable"]
-    assert unreadable["message_id"] == "evt_1"
+    assert (unreadable["message_id"], unreadable.get("worker")) == ("evt_1", 0)
 
 
 async def test_spool_drain_of_a_spool_with_an_unreadable_row_ends_without_a_traceback(
