@@ -11,7 +11,6 @@ import io
 import logging
 import math
 import re
-import uuid
 from pathlib import Path
 from typing import Literal, TextIO
 
@@ -27,12 +26,11 @@ from bridge.app import Bridge
 from bridge.config import LogSettings
 from bridge.logs import configure_logging
 from bridge.samples import sample_body
-from bridge.signatures import SignatureVerifier, sign
-from bridge.tools import send_test_event
+from bridge.signatures import sign
 from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
 from tests.support.deliveries import envelope, post_status
-from tests.support.observing import Samples, scrape, seen, status, value
+from tests.support.observing import scrape, seen, status, value
 from tests.support.process import free_port
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -303,29 +301,6 @@ async def test_status_follows_the_broker_link_and_the_spool(
     assert again["broker"]["connected"] is True
     assert _when(again["broker"]["since"]) >= _when(down["broker"]["since"])
     assert again["spool"]["depth"] == 0
-
-
-async def test_a_test_event_is_accepted_and_verified_by_a_bridge_with_a_secret(
-    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
-) -> None:
-    queue = await bind_queue("video_translate.*")
-    async with start_bridge(konpro={"webhook_secret": SECRET}) as bridge:
-        settings = bridge.settings.model_copy(
-            update={"server": bridge.settings.server.model_copy(update={"port": bridge.port})}
-        )
-        answer = await send_test_event(settings, "video_translate.success")
-        forged = await send_test_event(settings, "video_translate.success", secret="whsec_x")
-        samples: Samples = await scrape(http, bridge.url + "/metrics")
-
-    assert answer.status == 200
-    assert orjson.loads(answer.body)["outcome"] == "published"
-    assert forged.status == 401
-    [message] = await drain(queue, expect=1)
-    SignatureVerifier([SECRET], timestamp_tolerance=60).verify(message.body, message.headers)
-    assert message.message_id == message.headers["KonPro-Event-Id"]
-    assert uuid.UUID(hex=message.message_id)
-    rejected = value(samples, RECEIVED, event_type="other", outcome="rejected_signature")
-    assert rejected == 1
 
 
 def _when(iso: str) -> dt.datetime:

@@ -1,4 +1,7 @@
-"""`konpro-bridge tail` and `send-test-event`, run as an operator runs them, against a bridge."""
+"""The operator's commands run as an operator runs them, as processes against a running bridge:
+``tail``, ``send-test-event`` and ``healthcheck`` (the image's HEALTHCHECK): exit codes, what they
+print, and what reaches the bus. What each command does, in detail, is in
+``test_operator_tools.py``, called in-process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""``send-test-event`` delivers what KonPro would; ``tail`` shows what reaches the exchange."""
+"""``send-test-event`` delivers what KonPro would; ``tail`` shows what reaches the exchange.
+
+Called in-process, to show what they do in detail; ``test_operator_commands.py`` runs them as
+processes."""
 
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from bridge.events import DOCUMENTED_EVENT_TYPES, EVENT_ID_HEADER, parse_event_t
 from bridge.samples import sample_event
 from bridge.signatures import SignatureRejected, SignatureVerifier
 from bridge.tools import format_json, format_line, local_webhook_url, send_test_event, tail
-from tests.conftest import BridgeFactory, drain, make_settings
+from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
+from tests.support.observing import scrape, value
 from tests.support.private_broker import PrivateBroker
 
 SECRET = "whsec_test_tools_secret"
@@ -322,3 +326,31 @@ def test_tail_shows_the_event_data_of_an_event_taken_by_the_json_grammar() -> No
 
     assert '"event_type"' not in line, line
     assert '"video_id"' in line, line
+
+
+async def test_a_test_event_is_accepted_and_verified_by_a_bridge_with_a_secret(
+    start_bridge: BridgeFactory, bind_queue: QueueFactory, http: aiohttp.ClientSession
+) -> None:
+    queue = await bind_queue("video_translate.*")
+    async with start_bridge(konpro={"webhook_secret": SECRET}) as bridge:
+        settings = bridge.settings.model_copy(
+            update={"server": bridge.settings.server.model_copy(update={"port": bridge.port})}
+        )
+        answer = await send_test_event(settings, "video_translate.success")
+        forged = await send_test_event(settings, "video_translate.success", secret="whsec_x")
+        samples = await scrape(http, bridge.url + "/metrics")
+
+    assert answer.status == 200
+    assert orjson.loads(answer.body)["outcome"] == "published"
+    assert forged.status == 401
+    [message] = await drain(queue, expect=1)
+    SignatureVerifier([SECRET], timestamp_tolerance=60).verify(message.body, message.headers)
+    assert message.message_id == message.headers["KonPro-Event-Id"]
+    assert uuid.UUID(hex=message.message_id)
+    rejected = value(
+        samples,
+        "konpro_bridge_events_received_total",
+        event_type="other",
+        outcome="rejected_signature",
+    )
+    assert rejected == 1
