@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import stat
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -707,18 +708,20 @@ async def test_a_spool_open_cancelled_while_it_takes_the_lock_leaves_the_spool_u
     settings = SpoolSettings(path=tmp_path / "spool")
     real_lock = spool_module._lock
 
+    locking = threading.Event()
+
     def slow_lock(directory: Path) -> int:  # a slow volume (NFS, a busy disk)
         fd = real_lock(directory)
+        locking.set()
         time.sleep(0.3)
         return fd
 
     monkeypatch.setattr(spool_module, "_lock", slow_lock)
     opening = asyncio.create_task(Spool.open(settings))
-    await asyncio.sleep(0.1)
+    await waiting.eventually(locking.is_set)  # the lock is held from here on, by whoever took it
     opening.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await opening
-    await asyncio.sleep(0.6)
     monkeypatch.setattr(spool_module, "_lock", real_lock)
 
     async with await Spool.open(settings) as spool:
