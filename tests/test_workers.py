@@ -377,10 +377,11 @@ async def test_a_stop_during_a_restart_back_off_does_not_wait_it_out(tmp_path: P
     supervisor = start_supervisor(settings, fails_at_once, RestartBackoff(60.0, 60.0))
     try:
         failed = [settings.spool.path.parent / f"worker-{i}-failed" for i in (0, 1)]
-        await eventually(lambda: all(marker.exists() for marker in failed))
-        await asyncio.sleep(0.5)  # the supervisor has seen them end and is in its back-off
         assert supervisor.pid is not None
-        os.kill(supervisor.pid, signal.SIGTERM)
+        pid = supervisor.pid
+        # Once it has seen them end (reaped them), the supervisor is in its back-off.
+        await eventually(lambda: all(m.exists() for m in failed) and not worker_pids(pid))
+        os.kill(pid, signal.SIGTERM)
         await asyncio.to_thread(supervisor.join, 20)
         assert supervisor.exitcode is not None, "still waiting out its back-off"
     finally:
@@ -404,8 +405,11 @@ async def test_a_stop_while_a_dead_worker_waits_to_restart_is_still_a_clean_stop
     settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
     supervisor = start_supervisor(settings, worker_0_dies_at_once, RestartBackoff(60.0, 60.0))
     try:
-        await eventually((settings.spool.path.parent / "worker-0-failed").exists)
-        await asyncio.sleep(0.5)  # the supervisor has seen it end and is in its back-off
+        assert supervisor.pid is not None
+        pid = supervisor.pid
+        failed = settings.spool.path.parent / "worker-0-failed"
+        # Once it has seen it end (reaped it), the supervisor is in its back-off.
+        await eventually(lambda: failed.exists() and len(worker_pids(pid)) == 1)
     finally:
         await stop_supervisor(supervisor)
     assert supervisor.exitcode == 0
@@ -500,14 +504,22 @@ async def test_a_worker_that_dies_of_an_error_nobody_caught_is_started_again(
     assert supervisor.exitcode == 0
 
 
-def _slow_after_fork(_: object) -> None:
-    time.sleep(0.5)
+class _HoldTheForkWindow:
+    """Preload: each forked worker, between ``fork()`` and its own code, notes that it is there
+    (a file ``forked-<pid>``) and stays until a stop is pending for it (5 s at most), as a
+    loaded machine may take a moment; nothing else changes."""
 
+    def __init__(self, markers: Path) -> None:
+        self.markers = markers
 
-def _widen_the_fork_window() -> None:
-    """Preload: each forked worker takes half a second between ``fork()`` and its own code, as
-    a loaded machine may take a moment; nothing else changes."""
-    multiprocessing.util.register_after_fork(_widen_the_fork_window, _slow_after_fork)
+    def __call__(self) -> None:
+        multiprocessing.util.register_after_fork(self, _HoldTheForkWindow.hold)
+
+    def hold(self) -> None:
+        (self.markers / f"forked-{os.getpid()}").touch()
+        deadline = time.monotonic() + 5.0
+        while signal.SIGTERM not in signal.sigpending() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def _serve_until_stopped(settings: Settings, index: int, replays: ReplayLink) -> int:
@@ -517,8 +529,13 @@ def _serve_until_stopped(settings: Settings, index: int, replays: ReplayLink) ->
     return 0
 
 
+def _markers(directory: Path, pattern: str) -> list[Path]:
+    return list(directory.glob(pattern))
+
+
 def _supervise(settings: Settings) -> None:
-    supervisor = Supervisor(settings, _serve_until_stopped, preload=_widen_the_fork_window)
+    window = _HoldTheForkWindow(settings.spool.path.parent)
+    supervisor = Supervisor(settings, _serve_until_stopped, preload=window)
     raise SystemExit(supervisor.run())
 
 
@@ -533,7 +550,7 @@ async def test_a_stop_that_comes_as_the_workers_are_forked_stops_them(tmp_path: 
     supervisor = multiprocessing.get_context("fork").Process(target=_supervise, args=(settings,))
     supervisor.start()
     try:
-        await asyncio.sleep(0.25)  # the workers are forked, and in their first half second
+        await eventually(lambda: len(_markers(tmp_path, "forked-*")) == 2)  # both in the window
         assert supervisor.pid is not None
         os.kill(supervisor.pid, signal.SIGTERM)
         await asyncio.to_thread(supervisor.join, 20)
@@ -541,6 +558,7 @@ async def test_a_stop_that_comes_as_the_workers_are_forked_stops_them(tmp_path: 
         supervisor.kill()
     # Not 9: a worker that lost its stop is killed once shutdown_timeout + 5 s are over.
     assert supervisor.exitcode == 0
+    assert not _markers(tmp_path, "worker-*-ran")  # each was stopped in the window
 
 
 async def test_with_several_workers_the_supervisor_lets_the_registration_finish_too(
