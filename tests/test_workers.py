@@ -244,7 +244,7 @@ async def test_only_worker_0_registers_and_every_worker_enforces_the_secret_it_l
 
 
 async def test_a_worker_that_cannot_read_the_stored_secret_says_so_once_and_keeps_checking(
-    tmp_path: Path, exchange_name: str
+    tmp_path: Path, exchange_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Say, a secret file an operator's ``reconcile --once`` wrote as another user: the worker
     keeps the secret in force, and still stops gracefully."""
@@ -252,6 +252,16 @@ async def test_a_worker_that_cannot_read_the_stored_secret_says_so_once_and_keep
     settings = make_settings(tmp_path, exchange_name, konpro=konpro, reconcile={"enabled": True})
     store_secret(settings.spool.path, "whsec_in_force", "endpoint-1")
     secret_file = settings.spool.path / "webhook_secret"
+    unreadable_looks: list[OSError] = []
+
+    def load_counting(spool_dir: Path) -> str | None:
+        try:
+            return load_stored_secret(spool_dir)
+        except OSError as exc:
+            unreadable_looks.append(exc)
+            raise
+
+    monkeypatch.setattr("bridge.app.load_stored_secret", load_counting)
     with capture_logs() as logs:
         async with Bridge(settings, worker=1) as bridge:
             secret_file.unlink()
@@ -261,7 +271,7 @@ async def test_a_worker_that_cannot_read_the_stored_secret_says_so_once_and_keep
                 return [e["error"] for e in logs if e["event"] == "bridge.secret_unreadable"]
 
             await eventually(lambda: bool(said()))
-            await asyncio.sleep(2.5)  # the worker looks for the secret every two seconds
+            await eventually(lambda: len(unreadable_looks) >= 2)  # it looked again, said no more
             unsigned = await post_each_on_a_new_connection(bridge.webhook_url, bodies(1))
 
     assert said() == [f"[Errno 21] Is a directory: '{secret_file}'"]
