@@ -243,8 +243,15 @@ async def test_deliveries_are_served_past_the_soft_file_descriptor_limit(
     async with LimitedBridgeProcess(
         tmp_path, sections(tmp_path, exchange_name), nofile=(64, 4096)
     ) as bridge:
-        with idle_connections(bridge.port, 60):
-            await asyncio.sleep(0.3)  # accepted (or closed) by now
+        with idle_connections(bridge.port, 60) as idle:
+
+            def taken() -> int:
+                return sum(holds_connection_from(bridge, sock) for sock in idle)
+
+            try:
+                await eventually(lambda: taken() == len(idle))  # all of them accepted, held
+            except TimeoutError:
+                pytest.fail(f"the bridge took {taken()} of {len(idle)} idle connections")
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
                 try:
                     status = await post(http, bridge.webhook_url, plain_event(300))
