@@ -478,11 +478,21 @@ async def test_a_bridge_started_while_the_broker_is_silent_connects_once_it_answ
     completes the handshake, and is given up while the bridge opens its channel."""
     url = proxied_amqp_url(broker_proxy) + "?heartbeat=1"
     broker_proxy.hold()
-    started = asyncio.get_running_loop().time()
-    async with start_bridge(wait_ready=False, amqp={"url": url}) as bridge:
-        await asyncio.sleep(started + 7.5 - asyncio.get_running_loop().time())
-        broker_proxy.release()
-        await eventually(lambda: bridge.publisher.is_ready, within=3)
+    loop = asyncio.get_running_loop()
+
+    async def first_connect_attempt() -> float:
+        await eventually(lambda: broker_proxy.sent_upstream > 0, within=15, every=0.01)
+        return loop.time()
+
+    attempt = asyncio.create_task(first_connect_attempt())
+    with structlog.testing.capture_logs() as logs:
+        async with start_bridge(wait_ready=False, amqp={"url": url}) as bridge:
+            held_since = await attempt  # the connection's first bytes wait in the proxy
+            await asyncio.sleep(held_since + 7.5 - loop.time())  # the broker's silence
+            broker_proxy.release()
+            await eventually(lambda: bridge.publisher.is_ready, within=15)
+
+    assert [line for line in logs if line["log_level"] in ("error", "critical")] == []
 
 
 HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
