@@ -401,12 +401,15 @@ async def test_a_bridge_killed_while_its_spool_drains_publishes_again_only_what_
     assert await first.wait() == -signal.SIGKILL
     broker_proxy.delay = 0.0
 
-    async with BridgeProcess(tmp_path, sections):
-        received += [m.message_id for m in await drain(queue, expect=60 - len(received) + 3)]
-        await eventually(some_forwarded, within=15)
-        await asyncio.sleep(1.0)
-        await some_forwarded()
     ids = [hashlib.sha256(data).hexdigest() for data in bodies]
+    async with BridgeProcess(tmp_path, sections) as second:
+
+        async def all_forwarded() -> bool:  # and confirmed: then they are all on the queue
+            await some_forwarded()
+            return set(received) >= set(ids) and await spool_depth(second.url) == 0
+
+        await eventually(all_forwarded, within=30)
+        await some_forwarded()
     assert set(received) == set(ids)  # nothing lost
     again = len(received) - len(set(received))
     assert again <= 3, f"{again} events confirmed before the kill were published again"
