@@ -31,7 +31,7 @@ from bridge.relay import Relay
 from bridge.signatures import ReplayGuard
 from bridge.spool import Spool
 from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
-from tests.support.observing import scrape, value
+from tests.support.observing import scrape, seen, value
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy
@@ -359,10 +359,12 @@ async def test_a_left_behind_spool_still_locked_at_start_is_forwarded_once_it_is
         await old_worker.append(
             Delivery("avatar_video.success", envelope("avatar_video.success", "stranded"), "evt-s")
         )
-        async with start_bridge():
-            await asyncio.sleep(1.5)  # the bridge has started and looked at worker-1
-            await old_worker.close()  # the old worker is gone now
-            received = await drain(queue, expect=1, within=15)
+        with structlog.testing.capture_logs() as logs:
+            async with start_bridge():
+                # The bridge has started, and found worker-1's spool locked.
+                await eventually(lambda: bool(seen(logs, "spool.left_behind_locked")))
+                await old_worker.close()  # the old worker is gone now
+                received = await drain(queue, expect=1, within=15)
     finally:
         await old_worker.close()
     assert [m.message_id for m in received] == ["evt-s"], "the left-behind event was stranded"
