@@ -330,8 +330,10 @@ async def test_a_returned_message_is_not_taken_for_confirmed_when_its_message_id
         shared_id = {"KonPro-Event-Id": f"evt-{uuid.uuid4().hex[:8]}"}
         unroutable = envelope("avatar_video.fail", "v-fail")
         routable = envelope("avatar_video.success", "v-ok")
+        before = broker_proxy.sent_upstream
         first = asyncio.create_task(post_body(http, bridge.webhook_url, unroutable, shared_id))
-        await asyncio.sleep(0.1)  # published first: its return arrives first
+        # Published first (on its way to the broker): its return arrives first.
+        await eventually(lambda: broker_proxy.sent_upstream - before >= len(unroutable))
         second = asyncio.create_task(post_body(http, bridge.webhook_url, routable, shared_id))
         answers = await asyncio.gather(first, second)
         broker_proxy.delay = 0.0
@@ -467,8 +469,9 @@ async def test_a_spooled_event_the_broker_returns_is_not_removed_from_the_spool_
         await channel.queue_delete(f"{exchange_name}.unrouted")
         broker_proxy.delay = 0.3  # slow confirms and returns: both publishes are in flight
         try:
+            before = broker_proxy.sent_upstream
             forwarder.start()  # publishes the spooled event at once
-            await asyncio.sleep(0.1)
+            await eventually(lambda: broker_proxy.sent_upstream - before >= len(spooled.body))
             with contextlib.suppress(PublishFailed):  # the relay would spool it: not at issue
                 await publisher.publish(live)
             broker_proxy.delay = 0.0
