@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from bridge.samples import sample_event
 from examples.consumer import Consumer, ConsumerConfig, Event, RecentKeys, declare, parse_args
 from tests.conftest import AMQP_URL
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
@@ -48,11 +49,22 @@ async def prepare(channel: AbstractChannel, config: ConsumerConfig) -> None:
     await declare(channel, config)
 
 
+async def queue_counts(channel: AbstractChannel, queue: str) -> tuple[int, int]:
+    """The queue's ready messages and consumers, as the broker counts them now (a robust
+    channel answers a passive declare of a queue it declared before from its own memory)."""
+    underlay = await channel.get_underlay_channel()
+    declared = await underlay.queue_declare(queue, passive=True)
+    assert declared.message_count is not None
+    assert declared.consumer_count is not None
+    return declared.message_count, declared.consumer_count
+
+
 async def ready_messages(channel: AbstractChannel, queue: str) -> int:
-    declared = await channel.declare_queue(queue, passive=True)
-    count = declared.declaration_result.message_count
-    assert count is not None
-    return count
+    return (await queue_counts(channel, queue))[0]
+
+
+async def consumed(channel: AbstractChannel, queue: str) -> bool:
+    return (await queue_counts(channel, queue))[1] > 0
 
 
 async def test_each_event_is_handled_once_and_every_copy_is_acked(
@@ -133,10 +145,11 @@ async def test_a_failed_event_is_requeued_and_handled_on_redelivery(
 async def test_setting_stop_ends_consumption_and_leaves_unhandled_events_queued(
     channel: AbstractChannel, config: ConsumerConfig
 ) -> None:
+    await prepare(channel, config)
     stop = asyncio.Event()
     consumer = Consumer(config, _never_called)
     task = asyncio.create_task(consumer.run(stop))
-    await asyncio.sleep(0.5)  # consuming by now; nothing is published
+    await eventually(lambda: consumed(channel, config.queue))  # nothing is published
 
     stop.set()
     stats = await asyncio.wait_for(task, 10)
