@@ -50,7 +50,7 @@ from tests.conftest import (
     proxied_amqp_url,
 )
 from tests.support.deliveries import delivery
-from tests.support.observing import scrape, value
+from tests.support.observing import scrape, seen, value
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
@@ -378,33 +378,42 @@ async def test_a_left_behind_spool_holding_a_parked_event_holds_up_no_other(
     assert {m.message_id for m in received} == {"evt_1", "evt_2"}
 
 
-async def test_a_limit_raised_at_run_time_lets_a_parked_event_through_within_two_intervals(
+async def test_a_limit_raised_at_run_time_lets_a_parked_event_through_at_the_second_retry(
     tmp_path: Path,
     private_broker: PrivateBroker,
     private_queue: aio_pika.abc.AbstractQueue,
     start_bridge: BridgeFactory,
 ) -> None:
     """RabbitMQ reads the limit when a channel opens, and the channel the bridge reopened after
-    the refusal keeps the old one: raised at run time, the first retry after the raise is still
-    refused, and the event goes through at the next (README: within two intervals)."""
+    the refusal keeps the old one: raised at run time, the first retry after the raise may
+    still be refused, but that refusal reopens the channel under the new limit, and the next
+    retry puts the event through (README: within two intervals). An operator who raised the
+    limit is not left waiting on a parked event for ever."""
     interval = 3.0
     await spool_before_start(tmp_path / "spool", [delivery(99, size=TOO_LARGE)])
     with contextlib.ExitStack() as limit, structlog.testing.capture_logs() as logs:
         limit.enter_context(private_broker.max_message_size(BROKER_LIMIT))
         spool = {"parked_retry_interval": interval}
         async with start_bridge(amqp={"url": private_broker.url}, spool=spool) as bridge:
-            await eventually(lambda: bridge.spool.parked == 1)
-            await asyncio.sleep(0.5)  # the channel is back, opened under the old limit
+            await eventually(
+                lambda: (
+                    bridge.spool.parked == 1
+                    and bool(seen(logs, "amqp.channel_closed"))
+                    and bridge.publisher.is_ready
+                )  # the channel is back, opened under the old limit
+            )
             limit.close()  # the operator raises the broker's max_message_size
-            raised, raised_at = len(logs), time.monotonic()
-            await eventually(lambda: bridge.spool.depth == 0, within=3 * interval)
-            took = time.monotonic() - raised_at
+            raised = len(logs)
+            await eventually(lambda: bridge.spool.depth == 0, within=5 * interval)
         received = await drain(private_queue, expect=1)
 
     assert [m.message_id for m in received] == ["evt_99"]
-    after_the_raise = [line["event"] for line in logs[raised:]]
-    assert took <= 2 * interval + 0.5, (took, after_the_raise)
-    assert after_the_raise.count("spool.parked_released") == 1
+    retries = ("spool.parked_still_refused", "spool.parked_released")
+    after_the_raise = [line["event"] for line in logs[raised:] if line["event"] in retries]
+    assert after_the_raise in (
+        ["spool.parked_released"],  # one refused just before the raise reopened the channel
+        ["spool.parked_still_refused", "spool.parked_released"],
+    ), after_the_raise
 
 
 async def test_parked_events_of_a_left_behind_spool_are_counted_where_operators_look(
