@@ -60,7 +60,7 @@ async def test_sigterm_lets_in_flight_publishes_finish_then_exits_zero(
         tmp_path, settings(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
     )
     await bridge.start()
-    broker_proxy.delay = 0.4  # every confirm now takes a while: the publishes are in flight
+    broker_proxy.mute()  # the broker takes the publishes; their confirms wait in the proxy
     url = bridge.webhook_url
     bodies = [
         orjson.dumps({"event_type": "avatar_video.success", "event_data": {"video_id": f"v{i}"}})
@@ -71,9 +71,16 @@ async def test_sigterm_lets_in_flight_publishes_finish_then_exits_zero(
         async with http.post(url, data=body, headers=JSON) as r:
             return r.status
 
+    async def all_in_flight() -> bool:  # every body read, and held until its answer
+        async with http.get(bridge.url + "/status") as response:
+            held: int = (await response.json())["intake"]["bytes_in_flight"]
+        return held == sum(map(len, bodies))
+
     posts = [asyncio.create_task(post(body)) for body in bodies]
-    await asyncio.sleep(0.2)
+    await eventually(all_in_flight)
     bridge.send(signal.SIGTERM)
+    await eventually(lambda: '"bridge.stopping"' in bridge.log())  # publishes still in flight
+    broker_proxy.release()
     statuses = await asyncio.gather(*posts)
     exit_code = await bridge.wait()
 
