@@ -225,7 +225,7 @@ def _post_all_then_read(port: int, body: bytes) -> bytes:
 
 
 async def test_a_delivery_refused_503_mid_body_gets_its_answer_while_still_sending(
-    start_bridge: BridgeFactory,
+    start_bridge: BridgeFactory, http: aiohttp.ClientSession
 ) -> None:
     """``lingering_time=0`` (app.py): a delivery refused while its body is still arriving
     (``server.max_bytes_in_flight`` reached) is answered 503, and its connection is closed at
@@ -251,7 +251,12 @@ async def test_a_delivery_refused_503_mid_body_gets_its_answer_while_still_sendi
                 + f"Content-Length: {body_limit}\r\n\r\n".encode()
                 + b" " * (15 * 1024 * 1024),
             )
-            await asyncio.sleep(0.5)
+
+            async def room_held() -> bool:  # the bridge has read the 15 MiB
+                held: int = (await status(http, bridge))["intake"]["bytes_in_flight"]
+                return held >= 15 * 1024 * 1024
+
+            await eventually(room_held)
             try:
                 answer = await loop.run_in_executor(
                     None, _post_all_then_read, bridge.port, b" " * (body_limit - 100)
