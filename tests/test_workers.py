@@ -232,9 +232,15 @@ async def test_only_worker_0_registers_and_every_worker_enforces_the_secret_it_l
     async with BridgeProcess(tmp_path, settings) as bridge:
         await every_worker_listening(bridge)
         await eventually((tmp_path / "spool" / "webhook_secret").exists)
-        await asyncio.sleep(2.5)  # the other worker looks for it every two seconds
+
+        async def worker_1_enforces_it() -> bool:  # it looks for the secret every two seconds
+            await post_each_on_a_new_connection(bridge.webhook_url, bodies(1))
+            return 1 in worker_lines(bridge.log(), "webhook.rejected")
+
+        await eventually(worker_1_enforces_it, within=15, every=0.1)
+        before = len(bridge.log())
         unsigned = await post_each_on_a_new_connection(bridge.webhook_url, bodies(20))
-        answered_by = worker_lines(bridge.log(), "webhook.rejected")
+        answered_by = worker_lines(bridge.log()[before:], "webhook.rejected")
         reconciling_off = worker_lines(bridge.log(), "reconcile.off")
 
     assert [call.name for call in fake_konpro.writes] == ["endpoint.add"]  # once, not per worker
