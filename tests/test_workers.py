@@ -160,7 +160,13 @@ async def test_metrics_from_any_worker_count_the_deliveries_of_all_of_them(
         await eventually(lambda: worker_lines(bridge.log(), "amqp.connected") == {0, 1})
         await post_each_on_a_new_connection(bridge.webhook_url, events)
         assert worker_lines(bridge.log(), "webhook.accepted") == {0, 1}
-        await asyncio.sleep(1.5)  # the live gauges are refreshed every second
+
+        async def live_gauges_refreshed() -> bool:  # every second, by each worker
+            metrics = await scrape(bridge.url + "/metrics")
+            gauges = ("broker_connected", "spool_depth")
+            return [metrics.get(f"konpro_bridge_{name}") for name in gauges] == [1, 0]
+
+        await eventually(live_gauges_refreshed)
         scrapes = [await scrape(bridge.url + "/metrics") for _ in range(8)]
 
     received = 'events_received_total{event_type="avatar_video.success",outcome="published"}'
