@@ -219,22 +219,26 @@ async def test_a_full_spool_answers_503_and_drops_nothing_it_accepted(
     assert sorted(received) == sorted(event_id for event_id, status in answers if status == 202)
 
 
-async def test_a_slow_broker_link_delays_answers_but_every_accepted_event_is_stored(
+async def test_over_a_slow_broker_link_every_accepted_event_is_stored_confirmed_or_spooled(
     start_proxied_bridge: BridgeFactory,
     broker_proxy: TcpProxy,
     bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
+    """Confirms that come slowly, but within ``amqp.publish_timeout``, are waited for (200);
+    those that do not come in time have their deliveries spooled (202) and forwarded later.
+    Either way KonPro gets no 5xx for a slow broker, and every event answered 2xx reaches it."""
     queue = await bind_queue("#")
-    async with start_proxied_bridge(amqp={"publish_timeout": 3.0}) as bridge:
+    async with start_proxied_bridge(amqp={"publish_timeout": 10.0}) as bridge:
         url = bridge.webhook_url
-        # Slow, but the confirms come within the publish timeout: 0.1 s per chunk each way,
-        # and 20 publishes make at most 20 chunks.
+        # Slow, but the confirms come well within the publish timeout: 0.1 s per chunk each
+        # way, and 20 publishes make at most 20 chunks.
         broker_proxy.delay = 0.1
         slow = await asyncio.gather(*(post(http, url, n) for n in range(20)))
-        broker_proxy.delay = 3.5  # slower than the publish timeout: spooled, then forwarded
-        slower = await asyncio.gather(*(post(http, url, n) for n in range(20, 25)))
         broker_proxy.delay = 0.0
+        broker_proxy.mute()  # no confirm comes within the publish timeout: spooled, forwarded
+        slower = await asyncio.gather(*(post(http, url, n) for n in range(20, 25)))
+        broker_proxy.release()
         await eventually(lambda: bridge.spool.depth == 0, within=20)
 
     assert {status for _, status in slow} == {200}
