@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import aiohttp
@@ -187,9 +187,11 @@ async def test_a_client_that_never_reads_its_answers_is_disconnected(
         client.connect(("127.0.0.1", bridge.port))
         try:
             client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 1000)
-            await asyncio.sleep(0.5)
+            with suppress(TimeoutError):
+                await eventually(lambda: holds_connection_from(bridge, client))
             held_at_first = holds_connection_from(bridge, client)
-            await asyncio.sleep(5.0)  # more than twice keepalive_timeout
+            with suppress(TimeoutError):  # keepalive_timeout is 2 s
+                await eventually(lambda: not holds_connection_from(bridge, client), within=15)
             still_held = holds_connection_from(bridge, client)
         finally:
             client.close()
@@ -272,9 +274,17 @@ async def test_the_metrics_port_closes_idle_connections_as_the_main_port_does(
         main = socket.create_connection(("127.0.0.1", bridge.port))
         metrics = socket.create_connection(("127.0.0.1", metrics_port))
         try:
-            await asyncio.sleep(0.3)
+            with suppress(TimeoutError):
+                await eventually(lambda: holds_connection_from(bridge, metrics, metrics_port))
             held_at_first = holds_connection_from(bridge, metrics, metrics_port)
-            await asyncio.sleep(3.0)  # six times keepalive_timeout
+            with suppress(TimeoutError):  # keepalive_timeout is 0.5 s
+                await eventually(
+                    lambda: (
+                        not holds_connection_from(bridge, main)
+                        and not holds_connection_from(bridge, metrics, metrics_port)
+                    ),
+                    within=15,
+                )
             main_held = holds_connection_from(bridge, main)
             metrics_held = holds_connection_from(bridge, metrics, metrics_port)
         finally:
@@ -283,7 +293,7 @@ async def test_the_metrics_port_closes_idle_connections_as_the_main_port_does(
 
     assert held_at_first  # the probe finds the connection
     assert not main_held  # the main port closed its idle connection
-    assert not metrics_held, "the metrics port still holds a connection idle for 3 s"
+    assert not metrics_held, "the metrics port still holds a connection idle for 15 s"
 
 
 # --- Forwarding the spool --------------------------------------------------------------------
