@@ -162,10 +162,20 @@ async def test_a_delivery_waiting_behind_one_with_its_event_id_is_answered_when_
         except aiohttp.ClientError as exc:
             return type(exc).__name__
 
+    async def held_in_flight() -> int:  # bytes of the bodies (and headers) the bridge holds
+        async with http.get(bridge.url + "/status") as response:
+            held: int = (await response.json())["intake"]["bytes_in_flight"]
+            return held
+
+    async def second_read(first_held: int) -> bool:  # and waiting for its turn
+        return await held_in_flight() >= first_held + len(bodies[1])
+
+    before = broker_proxy.sent_upstream
     first = asyncio.create_task(post(bodies[0]))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: broker_proxy.sent_upstream - before >= len(bodies[0]))  # published
+    first_held = await held_in_flight()
     second = asyncio.create_task(post(bodies[1]))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: second_read(first_held))
     bridge.send(signal.SIGTERM)
     answers = await asyncio.gather(first, second)
     assert await bridge.wait(within=1.0 + 5.0) == 0, bridge.log()
