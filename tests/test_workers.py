@@ -414,6 +414,7 @@ def worker_0_dies_at_once(settings: Settings, index: int, replays: ReplayLink) -
     if index == 0:
         (settings.spool.path.parent / "worker-0-failed").touch()
         return 70  # as a worker that crashed
+    (settings.spool.path.parent / "worker-1-ran").touch()
     time.sleep(60)
     return 0
 
@@ -429,9 +430,10 @@ async def test_a_stop_while_a_dead_worker_waits_to_restart_is_still_a_clean_stop
     try:
         assert supervisor.pid is not None
         pid = supervisor.pid
-        failed = settings.spool.path.parent / "worker-0-failed"
+        markers = settings.spool.path.parent
+        failed, ran = markers / "worker-0-failed", markers / "worker-1-ran"
         # Once it has seen it end (reaped it), the supervisor is in its back-off.
-        await eventually(lambda: failed.exists() and len(worker_pids(pid)) == 1)
+        await eventually(lambda: failed.exists() and ran.exists() and len(worker_pids(pid)) == 1)
     finally:
         await stop_supervisor(supervisor)
     assert supervisor.exitcode == 0
