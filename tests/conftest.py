@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,29 +15,17 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from bridge.app import Bridge
-from bridge.config import Settings
+from tests.support.harness import (
+    AMQP_URL,
+    BROKER_HOST,
+    BROKER_PORT,
+    BridgeFactory,
+    QueueFactory,
+    make_settings,
+    proxied_amqp_url,
+)
 from tests.support.private_broker import PrivateBroker, can_run_a_private_broker
 from tests.support.tcp_proxy import TcpProxy
-
-AMQP_URL = os.environ.get("KONPRO_BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
-
-BridgeFactory = Callable[..., AbstractAsyncContextManager[Bridge]]
-QueueFactory = Callable[..., Awaitable[AbstractQueue]]
-
-
-def make_settings(tmp_path: Path, exchange: str, **sections: dict[str, Any]) -> Settings:
-    """Settings for a test bridge: a free port, its own exchange and spool, no reconciliation."""
-    data: dict[str, dict[str, Any]] = {
-        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout": 5.0},
-        "amqp": {"url": AMQP_URL, "exchange": exchange, "reconnect_interval": 0.2},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return Settings.model_validate(data)
 
 
 @pytest.fixture(scope="session")
@@ -152,10 +139,6 @@ async def broker_proxy() -> AsyncIterator[TcpProxy]:
         yield proxy
 
 
-def proxied_amqp_url(proxy: TcpProxy) -> str:
-    return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
-
-
 @pytest.fixture
 def start_proxied_bridge(start_bridge: BridgeFactory, broker_proxy: TcpProxy) -> BridgeFactory:
     """Starts a bridge whose link to the broker runs through ``broker_proxy``, for the test to
@@ -184,21 +167,3 @@ def start_bridge_cut_off(
             yield bridge
 
     return start
-
-
-async def drain(queue: AbstractQueue, *, expect: int, within: float = 5.0) -> list[Any]:
-    """Collects exactly ``expect`` messages (acking them), then checks nothing else arrives."""
-    messages: list[Any] = []
-    deadline = asyncio.get_running_loop().time() + within
-    while len(messages) < expect and asyncio.get_running_loop().time() < deadline:
-        message = await queue.get(fail=False)
-        if message is None:
-            await asyncio.sleep(0.02)
-            continue
-        await message.ack()
-        messages.append(message)
-    await asyncio.sleep(0.1)
-    while (extra := await queue.get(fail=False)) is not None:
-        await extra.ack()
-        messages.append(extra)
-    return messages

@@ -19,9 +19,9 @@ from structlog.testing import capture_logs
 from bridge.app import Bridge
 from bridge.events import InvalidEvent, parse_event_type
 from bridge.signatures import sign
-from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain
 from tests.support import raw_http
 from tests.support.deliveries import JSON, envelope, post_status
+from tests.support.harness import AMQP_URL, BridgeFactory, QueueFactory, drain
 from tests.support.observing import scrape, seen, value
 from tests.support.process import BridgeProcess
 from tests.support.waiting import eventually

@@ -26,8 +26,14 @@ from bridge.events import Delivery, PublishFailed
 from bridge.forwarder import Forwarder
 from bridge.publisher import Outage, Publisher
 from bridge.spool import Spool
-from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.deliveries import envelope, post_status
+from tests.support.harness import (
+    BridgeFactory,
+    QueueFactory,
+    drain,
+    make_settings,
+    proxied_amqp_url,
+)
 from tests.support.observing import seen
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess

@@ -49,8 +49,8 @@ from bridge.events import DOCUMENTED_EVENT_TYPES
 from bridge.publisher import Publisher
 from bridge.samples import sample_body
 from bridge.signatures import sign
-from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.chaos import Fault, parse_lines
+from tests.support.harness import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.observing import scrape, value
 from tests.support.process import BridgeProcess
 from tests.support.tcp_proxy import TcpProxy

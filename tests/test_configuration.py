@@ -16,8 +16,8 @@ from pydantic import BaseModel, SecretStr
 from structlog.testing import capture_logs
 
 from bridge.config import ConfigError, Settings, load_settings
-from tests.conftest import BridgeFactory
 from tests.support.deliveries import envelope, post_status
+from tests.support.harness import BridgeFactory
 from tests.support.observing import seen
 
 ROOT = Path(__file__).resolve().parent.parent

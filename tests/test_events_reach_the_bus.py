@@ -30,8 +30,8 @@ from bridge.events import (
     body_digest,
     publishable,
 )
-from tests.conftest import BridgeFactory, QueueFactory, drain
 from tests.support.deliveries import JSON, envelope, post_status
+from tests.support.harness import BridgeFactory, QueueFactory, drain
 from tests.support.private_broker import PrivateBroker
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually

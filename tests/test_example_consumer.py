@@ -12,7 +12,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from bridge.samples import sample_event
 from examples.consumer import Consumer, ConsumerConfig, Event, RecentKeys, declare, parse_args
-from tests.conftest import AMQP_URL
+from tests.support.harness import AMQP_URL
 from tests.support.waiting import eventually
 
 

@@ -18,7 +18,7 @@ import structlog
 from bridge.app import Bridge
 from bridge.events import DeliveryRefused
 from bridge.server import BodiesInFlight
-from tests.conftest import BridgeFactory, QueueFactory, drain
+from tests.support.harness import BridgeFactory, QueueFactory, drain
 from tests.support.observing import scrape, status, value
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually

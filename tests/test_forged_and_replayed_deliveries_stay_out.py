@@ -18,9 +18,9 @@ from structlog.testing import capture_logs
 from bridge.app import Bridge, StartupError
 from bridge.replay_mesh import ReplayMesh
 from bridge.signatures import sign
-from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, make_settings
 from tests.fake_konpro import FakeKonPro
 from tests.support.deliveries import JSON, envelope, post_status
+from tests.support.harness import AMQP_URL, BridgeFactory, QueueFactory, drain, make_settings
 from tests.support.observing import seen
 from tests.support.process import BridgeProcess, free_port
 from tests.support.tcp_proxy import TcpProxy

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from bridge.app import Bridge
 from bridge.events import InvalidEvent, parse_event_type
 from bridge.signatures import sign
-from tests.conftest import BridgeFactory, QueueFactory, drain
 from tests.support import raw_http
+from tests.support.harness import BridgeFactory, QueueFactory, drain
 
 SECRET = "whsec_property_based"
 VALID_BODY = b'{"event_type": "avatar_video.success", "event_data": {"video_id": "v1"}}'

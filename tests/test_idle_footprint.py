@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from bridge.app import release_free_heap
-from tests.conftest import AMQP_URL
+from tests.support.harness import AMQP_URL
 from tests.support.process import BridgeProcess
 
 

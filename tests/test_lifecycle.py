@@ -22,8 +22,14 @@ from bridge.config import SpoolSettings
 from bridge.events import Delivery
 from bridge.spool import Spool
 from bridge.tasks import cancel_and_wait
-from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.deliveries import envelope
+from tests.support.harness import (
+    BridgeFactory,
+    QueueFactory,
+    drain,
+    make_settings,
+    proxied_amqp_url,
+)
 from tests.support.observing import seen
 from tests.support.process import (
     CAN_SWITCH_USER,

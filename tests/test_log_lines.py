@@ -21,8 +21,8 @@ from structlog.testing import capture_logs
 from bridge.config import LogSettings
 from bridge.events import claimed_event_id
 from bridge.logs import LineWriter, configure_logging
-from tests.conftest import AMQP_URL, BridgeFactory
 from tests.support.deliveries import JSON, envelope, post_status
+from tests.support.harness import AMQP_URL, BridgeFactory
 from tests.support.observing import seen
 from tests.support.process import BridgeProcess
 

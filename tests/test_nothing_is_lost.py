@@ -30,7 +30,13 @@ from bridge.publisher import Publisher
 from bridge.relay import Relay
 from bridge.signatures import ReplayGuard
 from bridge.spool import Spool
-from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
+from tests.support.harness import (
+    BridgeFactory,
+    QueueFactory,
+    drain,
+    make_settings,
+    proxied_amqp_url,
+)
 from tests.support.observing import scrape, seen, value
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess
@@ -281,7 +287,7 @@ async def test_a_broker_that_blocks_publishers_gets_bounded_answers_and_loses_no
     private_queue: aio_pika.abc.AbstractQueue,
     http: aiohttp.ClientSession,
 ) -> None:
-    from tests.conftest import make_settings  # noqa: PLC0415
+    from tests.support.harness import make_settings  # noqa: PLC0415
 
     settings = make_settings(
         tmp_path, exchange_name, amqp={"url": private_broker.url, "publish_timeout": 0.5}

@@ -27,9 +27,9 @@ from bridge.config import LogSettings
 from bridge.logs import configure_logging
 from bridge.samples import sample_body
 from bridge.signatures import sign
-from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
 from tests.support.deliveries import envelope, post_status
+from tests.support.harness import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.observing import scrape, seen, status, value
 from tests.support.process import free_port
 from tests.support.tcp_proxy import TcpProxy

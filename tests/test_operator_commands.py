@@ -17,7 +17,7 @@ import pytest
 from bridge.app import Bridge
 from bridge.samples import sample_body
 from bridge.signatures import SignatureVerifier
-from tests.conftest import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.support.harness import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.process import free_port, start_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 

@@ -29,7 +29,7 @@ from bridge.events import DOCUMENTED_EVENT_TYPES, EVENT_ID_HEADER, parse_event_t
 from bridge.samples import sample_event
 from bridge.signatures import SignatureRejected, SignatureVerifier
 from bridge.tools import format_json, format_line, local_webhook_url, send_test_event, tail
-from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings
+from tests.support.harness import BridgeFactory, QueueFactory, drain, make_settings
 from tests.support.observing import scrape, value
 from tests.support.private_broker import PrivateBroker
 

@@ -53,8 +53,8 @@ import pytest
 
 from bridge.signatures import sign
 from tests import test_chaos
-from tests.conftest import proxied_amqp_url
 from tests.support.chaos import Fault, parse_lines
+from tests.support.harness import proxied_amqp_url
 from tests.support.observing import scrape, value
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess

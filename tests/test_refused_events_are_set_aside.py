@@ -41,7 +41,8 @@ from bridge.spool import (
     SpooledEvent,
     _Database,
 )
-from tests.conftest import (
+from tests.support.deliveries import delivery
+from tests.support.harness import (
     AMQP_URL,
     BridgeFactory,
     QueueFactory,
@@ -49,7 +50,6 @@ from tests.conftest import (
     make_settings,
     proxied_amqp_url,
 )
-from tests.support.deliveries import delivery
 from tests.support.observing import scrape, seen, value
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import run_command, write_toml

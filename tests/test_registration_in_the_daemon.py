@@ -24,8 +24,14 @@ from bridge.logs import redactor
 from bridge.reconcile import Reconciler, ReconcileResult
 from bridge.secret_file import load_stored_secret
 from bridge.signatures import sign
-from tests.conftest import BridgeFactory, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
+from tests.support.harness import (
+    BridgeFactory,
+    QueueFactory,
+    drain,
+    make_settings,
+    proxied_amqp_url,
+)
 from tests.support.observing import seen, shown
 from tests.support.process import free_port
 from tests.support.tcp_proxy import TcpProxy

@@ -26,8 +26,8 @@ import pytest
 from bridge.config import Settings
 from bridge.events import Delivery, body_digest
 from bridge.spool import Spool
-from tests.conftest import AMQP_URL, make_settings
 from tests.support.deliveries import envelope
+from tests.support.harness import AMQP_URL, make_settings
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess, free_port
 from tests.support.waiting import eventually

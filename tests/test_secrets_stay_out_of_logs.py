@@ -18,8 +18,8 @@ from bridge.config import LogSettings
 from bridge.konpro import KonProClient, KonProError
 from bridge.logs import configure_logging, redactor
 from bridge.signatures import sign
-from tests.conftest import BridgeFactory
 from tests.fake_konpro import FakeKonPro
+from tests.support.harness import BridgeFactory
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess, free_port
 from tests.support.tcp_proxy import TcpProxy

@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractQueue
 
 from bridge.config import SpoolSettings
 from bridge.spool import Spool
-from tests.conftest import AMQP_URL, QueueFactory, drain, proxied_amqp_url
+from tests.support.harness import AMQP_URL, QueueFactory, drain, proxied_amqp_url
 from tests.support.process import (
     CAN_SWITCH_USER,
     NOBODY,

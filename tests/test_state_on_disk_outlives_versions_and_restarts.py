@@ -32,9 +32,9 @@ from bridge.secret_file import (
     store_secret,
 )
 from bridge.spool import FILE_NAME, SCHEMA_VERSION, Spool, SpoolUnusable
-from tests.conftest import BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
 from tests.support.deliveries import envelope, post_status
+from tests.support.harness import BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.process import BridgeProcess, run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually

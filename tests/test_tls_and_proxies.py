@@ -18,8 +18,8 @@ import pytest
 
 from bridge.app import Bridge
 from bridge.config import Settings
-from tests.conftest import AMQP_URL, BridgeFactory, proxied_amqp_url
 from tests.fake_konpro import EVENT_TYPES, FakeKonPro
+from tests.support.harness import AMQP_URL, BridgeFactory, proxied_amqp_url
 from tests.support.private_broker import PrivateBroker, can_run_a_private_broker
 from tests.support.process import free_port, run_command, start_command, write_toml
 from tests.support.tcp_proxy import TcpProxy

@@ -23,9 +23,9 @@ from bridge.config import Settings
 from bridge.replay_mesh import ReplayLink
 from bridge.secret_file import load_stored_secret, store_secret
 from bridge.workers import RestartBackoff, Supervisor, WorkerBody
-from tests.conftest import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.fake_konpro import FakeKonPro
 from tests.support.deliveries import envelope
+from tests.support.harness import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
 from tests.support.process import BridgeProcess, free_port, run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
