@@ -616,3 +616,36 @@ async def test_the_warning_about_a_public_url_path_names_the_answer_deliveries_r
     (doubt,) = [entry["detail"] for entry in seen(logs, "bridge.setting_doubtful")]
     assert "public_url" in doubt
     assert f"get {answered}" in doubt, f"deliveries get {answered}; the warning says: {doubt}"
+
+
+@pytest.mark.parametrize(
+    ("toml", "refused"),
+    [
+        ("[server]\nmax_body_bytes = 50000\nmax_bytes_in_flight = 60000\n", True),
+        ("[server]\nmax_body_bytes = 50000\nmax_bytes_in_flight = 66383\n", True),
+        ("[server]\nmax_body_bytes = 50000\nmax_bytes_in_flight = 66384\n", False),
+        ("[server]\nmax_body_bytes = 50000\n[spool]\nmax_bytes = 49999\n", True),
+        ("[server]\nmax_body_bytes = 50000\n[spool]\nmax_bytes = 50000\n", False),
+    ],
+    ids=[
+        "in flight: one body, no room for its header fields",
+        "in flight: one byte short of the allowance",
+        "in flight: exactly one body and the allowance",
+        "spool: one byte short of one body",
+        "spool: exactly one body",
+    ],
+)
+def test_the_bounds_that_must_hold_one_delivery_are_exact(
+    tmp_path: Path, toml: str, refused: bool
+) -> None:
+    """max_bytes_in_flight must hold the largest body plus 16384 bytes of header fields, and
+    spool.max_bytes the largest body, as the refusals say: a bound below that would answer 503
+    to (or never spool) a delivery the bridge claims to take."""
+    config = tmp_path / "bounds.toml"
+    config.write_text(toml)
+
+    if refused:
+        with pytest.raises(ConfigError, match="must be at least"):
+            load_settings(config)
+    else:
+        load_settings(config)

@@ -7,7 +7,9 @@ import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import orjson
 import pytest
+from aiohttp import web
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
@@ -465,3 +467,114 @@ async def test_the_api_key_never_appears_in_repr_errors_or_logs(
     assert "***" in str(errors[0])
     assert logs
     assert key not in repr(logs)
+
+
+async def test_an_endpoint_konpro_says_is_not_found_under_a_400_is_not_found(
+    fake_konpro: FakeKonPro,
+) -> None:
+    """KonPro's answer for an id it does not have is not documented: a 404, or a 400 whose
+    message says "not found". Either is NotFound, so that a delete retried after it took
+    effect (its answer lost at a gateway) is done, as asked, rather than a failed run."""
+    not_found = orjson.dumps({"code": 40004, "message": "Endpoint not found"})
+    endpoint_id = fake_konpro.add("https://bridge.example/hook")
+    client = KonProClient(
+        fake_konpro.url,
+        SecretStr(fake_konpro.api_key),
+        timeout=2.0,
+        max_attempts=3,
+        backoff_base=0.01,
+        backoff_max=0.1,
+    )
+    async with client:
+        fake_konpro.answer_next(1, 400, body=not_found)
+        with pytest.raises(NotFound):
+            await client.update_endpoint(endpoint_id, events=None)
+
+        fake_konpro.serve_then_fail_next(1, 504)  # deleted, but the answer was lost
+        fake_konpro.answer_next(1, 400, body=not_found)
+        await client.delete_endpoint(endpoint_id)
+
+    assert fake_konpro.endpoints == {}
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def test_a_redirect_from_the_api_does_not_take_the_api_key_to_another_host() -> None:
+    """The API key goes in a header of its own (x-api-key), which aiohttp does not strip when
+    it follows a redirect to another host: a redirect (a misconfigured proxy, a hijacked DNS
+    name) must be an error, and the key must never reach the host it points to."""
+    key = "test-api-key-" + "k" * 20
+    seen_elsewhere: list[dict[str, str]] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen_elsewhere.append(dict(request.headers))
+        return web.json_response({"code": 100, "data": [], "message": "ok"})
+
+    other = web.Application()
+    other.router.add_route("*", "/{tail:.*}", elsewhere)
+    other_runner, other_url = await _serve(other)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(other_url + request.path)
+
+    api = web.Application()
+    api.router.add_route("*", "/{tail:.*}", redirect)
+    api_runner, api_url = await _serve(api)
+    try:
+        async with KonProClient(api_url, SecretStr(key), timeout=2.0, max_attempts=1) as client:
+            with pytest.raises(KonProError):
+                await client.list_endpoints()
+    finally:
+        await api_runner.cleanup()
+        await other_runner.cleanup()
+
+    assert not [headers for headers in seen_elsewhere if key in headers.values()]
+
+
+def retrying_client(fake: FakeKonPro) -> KonProClient:
+    return KonProClient(
+        fake.url,
+        SecretStr(fake.api_key),
+        timeout=2.0,
+        max_attempts=4,
+        backoff_base=0.01,
+        backoff_max=0.1,
+    )
+
+
+async def test_a_delete_that_took_effect_stays_done_whatever_failures_come_after(
+    fake_konpro: FakeKonPro,
+) -> None:
+    """A delete whose answer a gateway lost (504) may have deleted the endpoint; a rate limit
+    on the retry does not undo that: the NotFound at the next attempt means done, as asked, not
+    a failed reconciliation run."""
+    endpoint_id = fake_konpro.add("https://bridge.example/hook")
+    fake_konpro.serve_then_fail_next(1, 504, call="endpoint.delete")  # deleted, answer lost
+    fake_konpro.answer_next(1, 429, retry_after="0", call="endpoint.delete")
+
+    async with retrying_client(fake_konpro) as client:
+        await client.delete_endpoint(endpoint_id)
+
+    assert fake_konpro.count("endpoint.delete") == 3
+    assert fake_konpro.endpoints == {}
+
+
+async def test_a_long_error_message_from_konpro_is_cut_short(fake_konpro: FakeKonPro) -> None:
+    """KonPro's error text goes into log lines and /status: a page of HTML or a stack trace
+    in it is cut to 300 characters, not copied whole into every line."""
+    long = orjson.dumps({"code": 40001, "message": "missing parameter " + "x" * 5000})
+    fake_konpro.answer_next(1, 400, body=long)
+
+    async with retrying_client(fake_konpro) as client:
+        with pytest.raises(ValidationFailed) as caught:
+            await client.list_endpoints()
+
+    assert caught.value.message.startswith("missing parameter x")
+    assert len(caught.value.message) == 300

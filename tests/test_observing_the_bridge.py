@@ -23,12 +23,16 @@ from aio_pika.abc import AbstractChannel
 from structlog.testing import capture_logs
 
 from bridge.app import Bridge
-from bridge.config import LogSettings
+from bridge.config import AmqpSettings, LogSettings, SpoolSettings
 from bridge.logs import configure_logging
+from bridge.publisher import Publisher
 from bridge.samples import sample_body
+from bridge.server import BodiesInFlight
 from bridge.signatures import sign
+from bridge.spool import Spool
+from bridge.status import StatusReport
 from tests.fake_konpro import FakeKonPro
-from tests.support.deliveries import envelope, post_status
+from tests.support.deliveries import delivery, envelope, post_status
 from tests.support.harness import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
 from tests.support.observing import scrape, seen, status, value
 from tests.support.process import free_port
@@ -400,3 +404,30 @@ async def test_status_says_why_the_spool_refuses_deliveries(
             status = await response.json()
     assert status["broker"]["connected"] is False
     assert status["spool"]["refusing"].startswith("disk nearly full"), status["spool"]
+
+
+async def test_status_says_whether_this_workers_own_spool_refuses_not_a_left_behind_one(
+    tmp_path: Path,
+) -> None:
+    """`spool.refusing` tells why deliveries are answered 503: only the spool they go to (this
+    worker's own, the first) decides that. A left-behind spool being forwarded, full to its
+    limit, takes no delivery and refuses none."""
+    limits = SpoolSettings(path=tmp_path / "spool", max_events=1)
+    async with (
+        await Spool.open(limits) as own,
+        await Spool.open(limits.at(tmp_path / "spool" / "worker-1")) as left_behind,
+    ):
+        await left_behind.append(delivery(0))
+        assert left_behind.why_full() is not None
+        report = StatusReport(
+            Publisher(AmqpSettings()), lambda: [own, left_behind], BodiesInFlight(1 << 20)
+        )
+
+        spool = (await report.collect())["spool"]
+        assert (spool["depth"], spool["refusing"]) == (1, None)
+
+        await own.append(delivery(1))
+        spool = (await report.collect())["spool"]
+        assert spool["depth"] == 2
+        assert spool["refusing"] is not None
+        assert spool["refusing"].startswith("spool full")

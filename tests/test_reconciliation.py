@@ -28,7 +28,13 @@ from bridge.reconcile import (
     plan,
     same_events,
 )
-from bridge.secret_file import load_stored_endpoint, load_stored_secret, store_secret
+from bridge.secret_file import (
+    ENDPOINT_FILE_NAME,
+    SECRET_FILE_NAME,
+    load_stored_endpoint,
+    load_stored_secret,
+    store_secret,
+)
 from bridge.status import registration_ok
 from bridge.tasks import cancel_and_wait
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
@@ -952,3 +958,88 @@ async def test_a_verify_run_that_cannot_read_the_secret_file_says_so(
     assert result.kind == "error"
     assert result.error is not None
     assert result.error.startswith("the stored signing secret cannot be read: ")
+
+
+async def test_a_rate_limit_pause_does_not_outlast_the_run_that_asked_for_it(
+    fake_konpro: FakeKonPro, reconcilers: Reconcilers, tmp_path: Path
+) -> None:
+    """After a 429 that asked for a long pause, a run that fails otherwise (a 503) backs off
+    as a 503 calls for: the pause was the 429's answer, not the next failure's."""
+    reconcile = reconcilers.make(ELSEWHERE, max_attempts=1)
+    fake_konpro.answer_next(1, 429, retry_after="60")
+    assert (await reconcile.run_once()).kind == "error"
+    assert reconcile.next_run_in(failures=1) >= 0.3  # the pause, within max_backoff (0.3 s)
+    fake_konpro.answer_next(1, 503)
+
+    assert (await reconcile.run_once()).kind == "error"
+
+    # The back-off of two failures: 0.1 s doubled, +/-10%; not the 429's pause.
+    assert reconcile.next_run_in(failures=2) < 0.3
+
+
+async def test_a_stored_secret_without_its_endpoint_id_gets_it_back_from_the_next_run(
+    fake_konpro: FakeKonPro, reconcilers: Reconcilers, tmp_path: Path
+) -> None:
+    """A secret file whose endpoint id is missing (an older version's, or a kill between the
+    two writes) is completed by the next run that sees KonPro tell the same secret. Without
+    that, once the endpoint is deleted as a duplicate and KonPro tells no secret, the replica
+    could not tell that the secret it holds is not the kept endpoint's, and would report ok
+    while every delivery is refused (401)."""
+    spool = tmp_path / "spool"
+    ours = fake_konpro.add(ELSEWHERE, list(EVENTS), created_at=2_000_000_000)
+    spool.mkdir(mode=0o700)
+    (spool / SECRET_FILE_NAME).write_text(fake_konpro.endpoints[ours]["secret"] + "\n")
+    assert not (spool / ENDPOINT_FILE_NAME).exists()
+    reconcile = reconcilers.make(ELSEWHERE, max_attempts=1, spool=spool)
+
+    assert (await reconcile.run_once()).kind == "ok"
+
+    assert load_stored_endpoint(spool) == ours
+    # Later another replica's older registration wins, and KonPro stops telling secrets.
+    kept = fake_konpro.add(ELSEWHERE, list(EVENTS), created_at=1_000_000_000)
+    fake_konpro.list_secrets = False
+    result = await reconcile.run_once()
+    assert result.kind == "error"
+    assert f"not the kept endpoint {kept}'s" in (result.error or "")
+
+
+async def test_a_run_that_reached_konpro_but_could_not_store_the_secret_ends_a_refused_key_spell(
+    fake_konpro: FakeKonPro, reconcilers: Reconcilers, tmp_path: Path
+) -> None:
+    """A refused key is said once until a run gets through. A run KonPro answered gets through,
+    even if the disk then refused the secret: a key refused again afterwards (revoked anew) is
+    news, and gets its line; were it not, the reconciler would also keep retrying a storage
+    failure at the slow interval of a refused key instead of backing off."""
+    fake_konpro.add(ELSEWHERE, list(EVENTS))
+    not_a_directory = tmp_path / "spool"
+    not_a_directory.write_text("")  # the secret cannot be stored under it
+    reconcile = reconcilers.make(ELSEWHERE, max_attempts=1, spool=not_a_directory)
+
+    with capture_logs() as logs:
+        fake_konpro.answer_next(1, 401)
+        assert (await reconcile.run_once()).kind == "error"
+        stored = await reconcile.run_once()
+        assert stored.kind == "error"
+        assert "storing the signing secret failed" in (stored.error or "")
+        fake_konpro.answer_next(1, 401)
+        assert (await reconcile.run_once()).kind == "error"
+
+    refused = [entry for entry in logs if entry["event"] == "reconcile.authentication_failed"]
+    assert len(refused) == 2
+
+
+async def test_unknown_configured_event_types_are_warned_about_once(
+    fake_konpro: FakeKonPro, reconcilers: Reconcilers, tmp_path: Path
+) -> None:
+    """The event types are checked once a process: an unknown one is one warning, not one per
+    run (every 5 minutes, for ever), and KonPro's list is not asked for at every run."""
+    events = (*EVENTS, "avatar_video.brand_new")
+    reconcile = reconcilers.make(ELSEWHERE, events=events, mode="verify", max_attempts=1)
+
+    with capture_logs() as logs:
+        for _ in range(3):
+            await reconcile.run_once()
+
+    warned = [entry for entry in logs if entry["event"] == "reconcile.unknown_event_types"]
+    assert len(warned) == 1
+    assert fake_konpro.count("webhook.list") == 1

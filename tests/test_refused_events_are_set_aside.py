@@ -1009,3 +1009,27 @@ async def test_a_message_rabbitmq_refuses_for_its_size_is_refused_naming_that_si
     assert refused.value.size == 8000
     assert refused.value.blames(oversized.body) is True
     assert refused.value.blames(b"0" * 16) is False
+
+
+async def test_spool_drain_tries_larger_parked_events_after_a_refusal_that_names_no_size(
+    spool: Spool,
+) -> None:
+    """Only a refusal by size tells that every larger event would be refused too; one whose
+    text names no size says nothing about the others, so `spool drain` still tries them."""
+    await spool.append(delivery(0, size=16))
+    await spool.append(delivery(1, size=64))
+    for entry in await spool.peek(10):
+        assert await spool.note_refusal(entry.id, "refused", certain=True)
+    published: list[str] = []
+
+    async def publish(event: Delivery) -> None:
+        if event.message_id == "evt_0":
+            raise MessageRefused("PRECONDITION_FAILED - refused, no size named")
+        published.append(event.message_id)
+
+    async def usable() -> None:
+        return None
+
+    assert await drain_parked(spool, publish, usable=usable) == (1, 1)
+    assert published == ["evt_1"]
+    assert (spool.depth, spool.parked) == (1, 1)

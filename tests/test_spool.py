@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 import bridge.spool as spool_module
 from bridge.config import SpoolSettings
 from bridge.events import Delivery, DeliveryRefused
-from bridge.forwarder import Forwarder, drain
+from bridge.forwarder import BATCH_BYTES, Forwarder, drain, forwarding
 from bridge.spool import (
     FILE_NAME,
     LOCK_NAME,
@@ -778,3 +778,98 @@ async def test_the_oldest_age_is_the_earliest_stamp_not_the_first_rows(tmp_path:
         status = await spool.status()
 
     assert status.oldest_age == 600.0
+
+
+async def test_an_event_larger_than_a_forwarding_batch_is_still_forwarded(spool: Spool) -> None:
+    """The forwarder reads the spool in batches of at most BATCH_BYTES of bodies, "or the first
+    event alone if it is larger": an event over that budget (server.max_body_bytes may be 16 MiB)
+    must still come out of the spool, or it and every event behind it would wait for ever while
+    the drain reports the spool empty."""
+    await spool.append(delivery(0, size=BATCH_BYTES + 1))
+    await spool.append(delivery(1))
+    published: list[str] = []
+
+    async def publish(event: Delivery) -> None:
+        published.append(event.message_id)
+
+    assert await drain(spool, publish) == 2
+    assert published == ["evt_0", "evt_1"]
+    assert spool.depth == 0
+
+
+def test_commits_after_a_removal_are_still_synced_to_disk(tmp_path: Path) -> None:
+    """Removals run with synchronous=NORMAL (a removal lost costs a duplicate); the events
+    spooled after one must be committed with FULL again: in WAL mode NORMAL lets a power cut
+    take back an event a 202 was given for. Asked of the spool's own connection, after a
+    delete and the insert that follows it."""
+    database = _Database.open(tmp_path / "spool")
+    try:
+        database.insert([delivery(0)])
+        [event] = database.oldest(1)
+        database.delete([event.id])
+        database.insert([delivery(1)])
+        assert database._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        database.close()
+
+
+async def test_a_spool_file_with_a_damaged_page_is_called_corrupt(tmp_path: Path) -> None:
+    """A spool file whose pages are damaged (SQLITE_CORRUPT, where a file that is not a
+    database at all is SQLITE_NOTADB) gets the advice that helps: move it aside and recover its
+    events, not "check the volume"."""
+    spool_settings = settings(tmp_path)
+    async with await Spool.open(spool_settings) as spool:
+        await spool.append(delivery(0))
+    path = spool_settings.path / "spool.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    damaged = bytearray(path.read_bytes())
+    damaged[100:600] = b"\xff" * 500  # the first page's b-tree: the schema
+    path.write_bytes(bytes(damaged))
+
+    with pytest.raises(SpoolUnusable, match="is not a usable spool") as caught:
+        await Spool.open(spool_settings)
+
+    assert "move it aside" in str(caught.value)
+
+
+async def test_an_event_stamped_ahead_of_the_clock_is_reported_as_just_spooled(
+    tmp_path: Path,
+) -> None:
+    """Every event in the spool was stamped while the clock ran ahead (then stepped back): the
+    oldest age is 0, not a negative number of seconds for /status, `spool status` and alerts."""
+    now = RECEIVED_AT
+    async with await Spool.open(settings(tmp_path), clock=lambda: now) as spool:
+        await spool.append(delivery(0, received_at=now + 3600.0))
+        status = await spool.status()
+
+    assert status.oldest_age == 0.0
+
+
+def test_the_oldest_age_over_several_workers_spools_is_that_of_the_oldest_event() -> None:
+    """/status and `spool status` add the workers' spools up; the age is the longest any event
+    has waited (an empty spool has none), or an alert on it misses a worker stuck for an hour."""
+    statuses = [
+        SpoolStatus(depth=1, bytes=10, oldest_age=5.0),
+        SpoolStatus(depth=0, bytes=0, oldest_age=None),
+        SpoolStatus(depth=3, bytes=30, oldest_age=3600.0, parked=1),
+    ]
+
+    assert SpoolStatus.of_all(statuses) == SpoolStatus(
+        depth=4, bytes=40, oldest_age=3600.0, parked=1
+    )
+    assert SpoolStatus.of_all([]) == SpoolStatus(depth=0, bytes=0, oldest_age=None)
+
+
+async def test_a_forward_waits_up_to_60_s_for_its_confirm() -> None:
+    """README: "A forward waits up to 60 s for its confirm, where a live delivery waits
+    amqp.publish_timeout": a broker confirming slowly (a stalled disk) still gets the spool
+    drained, each event once, rather than every forward timing out and being published again."""
+    asked: list[float | None] = []
+
+    async def publish(delivery: Delivery, within: float | None = None) -> None:
+        asked.append(within)
+
+    await forwarding(publish)(delivery(0))
+
+    assert asked == [60.0]

@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import sqlite3
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -369,3 +370,29 @@ def test_a_header_older_versions_spooled_too_large_for_amqp_is_left_out() -> Non
 
     assert (adjusted.message_id, adjusted.headers) == ("evt_1", {})
     assert changes == ["header KonPro-Signature over 512 bytes: left out"]
+
+
+def test_a_secret_stored_before_the_spool_exists_makes_its_directory_private(
+    tmp_path: Path,
+) -> None:
+    """`reconcile --once` may run before the daemon ever did, and so make spool.path itself.
+    The spool then lives in that directory (its files are made with SQLite's default 0644):
+    made 0700, as the spool makes it, the events and the secret stay the bridge user's."""
+    spool = tmp_path / "var" / "spool"
+
+    store_secret(spool, "whsec_" + "s" * 24, "e" * 32)
+
+    assert stat.S_IMODE(spool.stat().st_mode) == 0o700
+    assert stat.S_IMODE((spool / SECRET_FILE_NAME).stat().st_mode) == 0o600
+
+
+def test_a_secret_that_cannot_be_stored_leaves_no_copy_behind(tmp_path: Path) -> None:
+    """A write that fails half-way (here the rename: something else holds the name) removes
+    its temporary file: no stray copy of the signing secret is left beside the spool."""
+    spool = tmp_path / "spool"
+    (spool / SECRET_FILE_NAME).mkdir(parents=True)  # the rename over it fails
+
+    with pytest.raises(IsADirectoryError):
+        store_secret(spool, "whsec_" + "s" * 24, "e" * 32)
+
+    assert sorted(path.name for path in spool.iterdir()) == [SECRET_FILE_NAME]

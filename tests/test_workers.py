@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import FrameType
 
 import aiohttp
 import orjson
@@ -672,3 +673,162 @@ async def test_workers_stopped_while_the_broker_reads_nothing_stop_cleanly(
             await bridge.process.wait()
     assert '"workers.kill"' not in bridge.log()
     assert exit_code == 0
+
+
+def _started(settings: Settings, index: int) -> None:
+    (settings.spool.path.parent / f"worker-{index}-started").touch()
+
+
+def fails_its_stop(settings: Settings, index: int, replays: ReplayLink) -> int:
+    """A worker whose graceful stop fails: it exits 3 when told to stop."""
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(3)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    _started(settings, index)
+    time.sleep(60)
+    return 0
+
+
+def dies_of_sigint_when_stopped(settings: Settings, index: int, replays: ReplayLink) -> int:
+    """A worker that a terminal's Ctrl-C ends before its handlers are in place: killed by
+    SIGINT (exit code -2) as the stop comes."""
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    _started(settings, index)
+    time.sleep(60)
+    return 0
+
+
+async def test_a_worker_whose_stop_fails_makes_the_bridges_stop_fail(tmp_path: Path) -> None:
+    """The supervisor's exit code is the worst of its workers' stops: a worker that could not
+    stop cleanly (its events may be in doubt) is not hidden behind a 0 for systemd or the
+    orchestrator."""
+    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
+    supervisor = start_supervisor(settings, fails_its_stop)
+    markers = [settings.spool.path.parent / f"worker-{i}-started" for i in (0, 1)]
+    try:
+        await eventually(lambda: all(marker.exists() for marker in markers))
+    finally:
+        await stop_supervisor(supervisor)
+
+    assert supervisor.exitcode == 3
+
+
+async def test_a_worker_ended_by_a_terminals_ctrl_c_is_a_clean_stop(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal reaches every process of the group, workers included; one ended by
+    that SIGINT stopped as asked, like one ended by the supervisor's SIGTERM: exit code 0."""
+    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
+    supervisor = start_supervisor(settings, dies_of_sigint_when_stopped)
+    markers = [settings.spool.path.parent / f"worker-{i}-started" for i in (0, 1)]
+    try:
+        await eventually(lambda: all(marker.exists() for marker in markers))
+    finally:
+        await stop_supervisor(supervisor)
+
+    assert supervisor.exitcode == 0
+
+
+def cannot_start_once_worker_1_runs(settings: Settings, index: int, replays: ReplayLink) -> int:
+    """Worker 0 cannot start (exit code 1) once worker 1 is up; worker 1 fails its stop."""
+    if index == 1:
+        return fails_its_stop(settings, index, replays)
+    marker = settings.spool.path.parent / "worker-1-started"
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 1
+
+
+def test_a_worker_that_cannot_start_decides_the_exit_code_over_a_failed_stop_of_another(
+    tmp_path: Path,
+) -> None:
+    """Exit code 1 says "could not start: a restart will not fix it" (a process manager then
+    stops trying); the stop of the other workers that follows, however it goes, must not
+    replace it."""
+    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
+    supervisor = start_supervisor(settings, cannot_start_once_worker_1_runs)
+    supervisor.join(30)
+    supervisor.kill()
+
+    assert supervisor.exitcode == 1
+
+
+def notes_its_pid(settings: Settings, index: int, replays: ReplayLink) -> int:
+    (settings.spool.path.parent / f"worker-{index}-pid").write_text(str(os.getpid()))
+    time.sleep(60)
+    return 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+async def test_workers_of_a_supervisor_killed_outright_stop_too(tmp_path: Path) -> None:
+    """A supervisor killed with SIGKILL (the OOM killer) cannot stop its workers; the kernel
+    does (a parent-death SIGTERM). Else they would go on serving the port unsupervised and
+    holding their spools, and the bridge could never be started again."""
+    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
+    supervisor = start_supervisor(settings, notes_its_pid)
+    notes = [settings.spool.path.parent / f"worker-{i}-pid" for i in (0, 1)]
+    pids: list[int] = []
+    try:
+        await eventually(lambda: all(note.exists() and note.read_text() for note in notes))
+        pids = [int(note.read_text()) for note in notes]
+        assert supervisor.pid is not None
+        os.kill(supervisor.pid, signal.SIGKILL)
+        supervisor.join(10)
+        await eventually(lambda: not any(_running(pid) for pid in pids))
+    finally:
+        for pid in filter(_running, pids):  # the orphans this test made, by their ids
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_the_spool_depth_metric_does_not_count_a_dead_workers_spool_twice(
+    tmp_path: Path, exchange_name: str, broker_proxy: TcpProxy
+) -> None:
+    """A worker killed (the OOM killer) and started again reports its spool anew; the depth a
+    scrape reports must not also hold what the dead process last reported, or an alert on
+    spool_depth sees events that are not there, and a drained spool never reads 0."""
+    await broker_proxy.cut()
+    bridge = BridgeProcess(
+        tmp_path, sections(tmp_path, exchange_name, proxied_amqp_url(broker_proxy))
+    )
+    await bridge.start(wait_ready=False)
+    try:
+        await every_worker_listening(bridge)
+        events = bodies(30)
+        statuses = await post_each_on_a_new_connection(bridge.webhook_url, events)
+        assert statuses == [202] * len(events)
+
+        async def depth() -> float:
+            return (await scrape(bridge.url + "/metrics"))["konpro_bridge_spool_depth"]
+
+        async def all_spooled() -> bool:
+            return await depth() == len(events)
+
+        await eventually(all_spooled)
+        assert bridge.process is not None
+        supervisor = bridge.process.pid
+        victim = worker_pids(supervisor)[1]
+        os.kill(victim, signal.SIGKILL)
+        await eventually(
+            lambda: len(worker_pids(supervisor)) == 2 and victim not in worker_pids(supervisor)
+        )
+        await eventually(lambda: bridge.log().count('"bridge.listening"') >= 3, within=20)
+        await eventually(all_spooled)
+        # Live gauges are at most a second old: the new worker has reported by now.
+        for _ in range(3):
+            await asyncio.sleep(1.0)
+            assert await depth() == len(events)
+    finally:
+        await bridge.stop()
