@@ -580,13 +580,9 @@ async def test_a_deleted_unrouted_queue_is_declared_again_and_keeps_the_next_unr
 ) -> None:
     """Someone deletes the queue ``<exchange>.unrouted`` (it looks like a dead letter heap): an
     event no queue is bound for is then returned, spooled, and the topology declared again,
-    queue included, so that the event is kept there and the spool drains.
-
-    Not a mutant's killer: the suite had no test of a deleted unrouted *queue* (only of the
-    exchanges). Mutating ``Topology._unrouted_queue`` (``await queue.declare()`` -> ``pass``)
-    does not make it fail: the bind to the missing queue closes the channel, and the robust
-    channel's restore declares the queue again. It fails if the event is lost or stuck.
-    """
+    queue included, so that the event is kept there and the spool drains. (Whether the bridge's
+    declare or the robust channel's restore brings the queue back, the event must not be lost
+    or stuck.)"""
     unrouted = f"{exchange_name}.unrouted"
     body = envelope("v_unrouted_queue_deleted")
     async with start_bridge() as bridge:
