@@ -21,7 +21,7 @@ from bridge.events import InvalidEvent, parse_event_type
 from bridge.signatures import sign
 from tests.support import raw_http
 from tests.support.deliveries import JSON, envelope, post_status
-from tests.support.harness import AMQP_URL, BridgeFactory, QueueFactory, drain
+from tests.support.harness import BridgeFactory, QueueFactory, drain, process_sections
 from tests.support.observing import scrape, seen, value
 from tests.support.process import BridgeProcess
 from tests.support.waiting import eventually
@@ -402,12 +402,7 @@ def daemon_logging_json(tmp_path: Path, exchange_name: str) -> BridgeProcess:
     """The bridge as deployed, in a process of its own: what reaches its log is aiohttp's too."""
     return BridgeProcess(
         tmp_path,
-        {
-            "amqp": {"url": AMQP_URL, "exchange": exchange_name},
-            "spool": {"path": str(tmp_path / "spool")},
-            "reconcile": {"enabled": False},
-            "log": {"format": "json"},
-        },
+        process_sections(tmp_path, exchange_name),
     )
 
 

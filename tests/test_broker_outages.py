@@ -32,6 +32,7 @@ from tests.support.harness import (
     QueueFactory,
     drain,
     make_settings,
+    process_sections,
     proxied_amqp_url,
 )
 from tests.support.observing import seen
@@ -158,16 +159,12 @@ async def test_an_outage_is_logged_once_then_less_and_less_often_and_its_end_say
 ) -> None:
     """aio-pika retries every reconnect_interval; a line per attempt (and aiormq's errors
     beside them) would bury what happened. /status keeps the time the link went down."""
-    sections: dict[str, dict[str, object]] = {
-        "amqp": {
-            "url": proxied_amqp_url(broker_proxy),
-            "exchange": exchange_name,
-            "reconnect_interval": 0.1,
-        },
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
+    sections = process_sections(
+        tmp_path,
+        exchange_name,
+        amqp_url=proxied_amqp_url(broker_proxy),
+        amqp={"reconnect_interval": 0.1},
+    )
     async with BridgeProcess(tmp_path, sections) as bridge:
         await broker_proxy.cut()
         await eventually(lambda: "amqp.still_down" in bridge.log())
@@ -488,16 +485,13 @@ async def test_at_log_level_warning_the_end_of_an_outage_is_still_told(
 ) -> None:
     """Every delivery logs an info line, so a busy deployment may run at ``warning``: the
     line that ends an outage shows wherever the one that began it did."""
-    sections: dict[str, dict[str, object]] = {
-        "amqp": {
-            "url": proxied_amqp_url(broker_proxy),
-            "exchange": exchange_name,
-            "reconnect_interval": 0.1,
-        },
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json", "level": "warning"},
-    }
+    sections = process_sections(
+        tmp_path,
+        exchange_name,
+        amqp_url=proxied_amqp_url(broker_proxy),
+        amqp={"reconnect_interval": 0.1},
+        log={"level": "warning"},
+    )
     async with BridgeProcess(tmp_path, sections) as bridge:
         await broker_proxy.cut()
         await eventually(lambda: "amqp.still_down" in bridge.log())

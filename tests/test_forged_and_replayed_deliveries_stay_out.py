@@ -20,7 +20,13 @@ from bridge.replay_mesh import ReplayMesh
 from bridge.signatures import sign
 from tests.fake_konpro import FakeKonPro
 from tests.support.deliveries import JSON, envelope, post_status
-from tests.support.harness import AMQP_URL, BridgeFactory, QueueFactory, drain, make_settings
+from tests.support.harness import (
+    BridgeFactory,
+    QueueFactory,
+    drain,
+    make_settings,
+    process_sections,
+)
 from tests.support.observing import seen
 from tests.support.process import BridgeProcess, free_port
 from tests.support.tcp_proxy import TcpProxy
@@ -311,14 +317,13 @@ async def test_a_capture_replayed_to_another_worker_is_not_published_again(
     """With ``server.workers = 2`` the kernel hands each connection to either worker; each
     tells the other what it took, so a replay is a duplicate wherever it lands."""
     queue = await bind_queue("#")
-    sections: dict[str, dict[str, Any]] = {
-        "server": {"workers": 2},
-        "amqp": {"url": AMQP_URL, "exchange": exchange_name, "reconnect_interval": 0.2},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-        **SIGNED,
-    }
+    sections = process_sections(
+        tmp_path,
+        exchange_name,
+        amqp={"reconnect_interval": 0.2},
+        server={"workers": 2},
+        konpro=SIGNED["konpro"],
+    )
     outcomes = []
     async with BridgeProcess(tmp_path, sections) as bridge:
         await eventually(lambda: len(lines_of(bridge.log(), "bridge.listening")) == 2)

@@ -15,17 +15,12 @@ import orjson
 import pytest
 
 from bridge.app import release_free_heap
-from tests.support.harness import AMQP_URL
+from tests.support.harness import process_sections
 from tests.support.process import BridgeProcess
 
 
 def sections(tmp_path: Path, exchange: str) -> dict[str, dict[str, object]]:
-    return {
-        "amqp": {"url": AMQP_URL, "exchange": exchange},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"level": "debug", "format": "json"},
-    }
+    return process_sections(tmp_path, exchange, log={"level": "debug"})
 
 
 async def test_the_running_bridge_maps_no_cxx_runtime(tmp_path: Path, exchange_name: str) -> None:

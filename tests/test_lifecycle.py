@@ -28,6 +28,7 @@ from tests.support.harness import (
     QueueFactory,
     drain,
     make_settings,
+    process_sections,
     proxied_amqp_url,
 )
 from tests.support.observing import seen
@@ -46,12 +47,7 @@ JSON = {"Content-Type": "application/json"}
 
 
 def settings(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
-    return {
-        "amqp": {"url": amqp_url, "exchange": exchange},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
+    return process_sections(tmp_path, exchange, amqp_url=amqp_url)
 
 
 async def test_sigterm_lets_in_flight_publishes_finish_then_exits_zero(
@@ -513,12 +509,7 @@ async def test_a_stop_asked_for_while_starting_does_not_start_serving_first(
     port = frozen_broker.sockets[0].getsockname()[1]
     bridge = BridgeProcess(
         tmp_path,
-        {
-            "amqp": {"url": f"amqp://guest:guest@127.0.0.1:{port}/", "exchange": exchange_name},
-            "spool": {"path": str(tmp_path / "spool")},
-            "reconcile": {"enabled": False},
-            "log": {"format": "json"},
-        },
+        process_sections(tmp_path, exchange_name, amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/"),
     )
     try:
         await bridge.start(wait_listening=False)

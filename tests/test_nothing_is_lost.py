@@ -35,6 +35,7 @@ from tests.support.harness import (
     QueueFactory,
     drain,
     make_settings,
+    process_sections,
     proxied_amqp_url,
 )
 from tests.support.observing import scrape, seen, value
@@ -125,12 +126,9 @@ async def test_a_connection_the_broker_closes_under_load_is_reopened_and_loses_n
 ) -> None:
     """A broker restart or an operator's ``rabbitmqctl close_connection``: the broker says
     goodbye (320 CONNECTION_FORCED) instead of the link just going quiet."""
-    sections: dict[str, dict[str, object]] = {
-        "amqp": {"url": private_broker.url, "exchange": exchange_name, "reconnect_interval": 0.2},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
+    sections = process_sections(
+        tmp_path, exchange_name, amqp_url=private_broker.url, amqp={"reconnect_interval": 0.2}
+    )
     async with BridgeProcess(tmp_path, sections) as bridge:
         load = asyncio.create_task(post_steadily(http, bridge.webhook_url, seconds=4.0))
         await asyncio.sleep(1.0)

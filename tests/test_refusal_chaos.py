@@ -52,7 +52,7 @@ import orjson
 import pytest
 
 from bridge.signatures import sign
-from tests import test_chaos
+from tests.support import chaos
 from tests.support.chaos import Fault, parse_lines
 from tests.support.harness import proxied_amqp_url
 from tests.support.observing import scrape, value
@@ -114,7 +114,7 @@ def plan_faults(rng: random.Random, seconds: float) -> list[Fault]:
 
 
 @dataclass(kw_only=True)
-class Answer(test_chaos.Answer):
+class Answer(chaos.Answer):
     large: bool
     """Larger than the broker's limit."""
 
@@ -168,7 +168,7 @@ async def post_until(stop: asyncio.Event, url: str, rng: random.Random) -> list[
 
 
 @dataclass(kw_only=True)
-class Chaos(test_chaos.Chaos):
+class Chaos(chaos.Chaos):
     """test_chaos's faults of the link and the bridge, and the broker's limit raised or lowered
     at run time (RabbitMQ applies it to channels opened later)."""
 
@@ -270,6 +270,7 @@ async def test_no_accepted_event_is_lost_while_the_broker_refuses_some_and_fault
         bridge,
         WORKERS,
         random.Random(rng.random()),
+        shutdown_timeout=SHUTDOWN_TIMEOUT,
         broker=private_broker,
         default_limit=default_limit,
     )

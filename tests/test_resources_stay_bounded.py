@@ -27,7 +27,7 @@ from bridge.config import Settings
 from bridge.events import Delivery, body_digest
 from bridge.spool import Spool
 from tests.support.deliveries import envelope
-from tests.support.harness import AMQP_URL, make_settings
+from tests.support.harness import make_settings, process_sections
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess, free_port
 from tests.support.waiting import eventually
@@ -37,13 +37,7 @@ MiB = 1024 * 1024
 
 
 def sections(tmp_path: Path, exchange: str, **server: object) -> dict[str, dict[str, object]]:
-    return {
-        "server": dict(server),
-        "amqp": {"url": AMQP_URL, "exchange": exchange},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
+    return process_sections(tmp_path, exchange, server=dict(server))
 
 
 def proc_status(bridge: BridgeProcess, field: str) -> int:
@@ -412,13 +406,13 @@ async def test_deliveries_during_a_broker_memory_alarm_do_not_pile_up_in_memory(
     hour at KonPro's rate is an OOM kill. (And once the alarm ends, all of it reaches the
     broker, a second copy of every event spooled meanwhile.)"""
     mib = 2**20
-    sections: dict[str, dict[str, object]] = {
-        "server": {"max_body_bytes": 262_144, "max_bytes_in_flight": 4 * mib},
-        "amqp": {"url": private_broker.url, "exchange": exchange_name, "publish_timeout": 0.5},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
+    sections = process_sections(
+        tmp_path,
+        exchange_name,
+        amqp_url=private_broker.url,
+        amqp={"publish_timeout": 0.5},
+        server={"max_body_bytes": 262_144, "max_bytes_in_flight": 4 * mib},
+    )
     bridge = BridgeProcess(tmp_path, sections)
     await bridge.start()
 

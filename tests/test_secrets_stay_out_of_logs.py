@@ -19,7 +19,7 @@ from bridge.konpro import KonProClient, KonProError
 from bridge.logs import configure_logging, redactor
 from bridge.signatures import sign
 from tests.fake_konpro import FakeKonPro
-from tests.support.harness import BridgeFactory
+from tests.support.harness import BridgeFactory, process_sections
 from tests.support.private_broker import PrivateBroker
 from tests.support.process import BridgeProcess, free_port
 from tests.support.tcp_proxy import TcpProxy
@@ -95,12 +95,13 @@ async def test_a_broker_that_refuses_the_password_logs_the_failure_but_not_the_p
     tmp_path: Path, exchange_name: str, http: aiohttp.ClientSession
 ) -> None:
     bad_login = f"amqp://guest:{AMQP_PASSWORD}@127.0.0.1:5672/"
-    sections: dict[str, dict[str, object]] = {
-        "amqp": {"url": bad_login, "exchange": exchange_name, "reconnect_interval": 0.2},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"level": "debug", "format": "json"},
-    }
+    sections = process_sections(
+        tmp_path,
+        exchange_name,
+        amqp_url=bad_login,
+        amqp={"reconnect_interval": 0.2},
+        log={"level": "debug"},
+    )
     bridge = BridgeProcess(tmp_path, sections)
     await bridge.start(wait_ready=False)
     await eventually(lambda: "ACCESS_REFUSED" in bridge.log())

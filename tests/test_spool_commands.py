@@ -17,7 +17,7 @@ from aio_pika.abc import AbstractQueue
 
 from bridge.config import SpoolSettings
 from bridge.spool import Spool
-from tests.support.harness import AMQP_URL, QueueFactory, drain, proxied_amqp_url
+from tests.support.harness import AMQP_URL, QueueFactory, drain, process_sections, proxied_amqp_url
 from tests.support.process import (
     CAN_SWITCH_USER,
     NOBODY,
@@ -30,12 +30,7 @@ from tests.support.tcp_proxy import TcpProxy
 
 
 def sections(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
-    return {
-        "amqp": {"url": amqp_url, "exchange": exchange},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
+    return process_sections(tmp_path, exchange, amqp_url=amqp_url)
 
 
 async def spool_some_events(

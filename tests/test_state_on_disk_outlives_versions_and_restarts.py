@@ -35,7 +35,13 @@ from bridge.secret_file import (
 from bridge.spool import FILE_NAME, SCHEMA_VERSION, Spool, SpoolUnusable
 from tests.fake_konpro import FakeKonPro, WebhookReceiver
 from tests.support.deliveries import envelope, post_status
-from tests.support.harness import BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.support.harness import (
+    BridgeFactory,
+    QueueFactory,
+    drain,
+    process_sections,
+    proxied_amqp_url,
+)
 from tests.support.process import BridgeProcess, run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -271,18 +277,13 @@ async def test_a_start_right_after_the_supervisor_was_killed_waits_for_its_worke
     their spools meanwhile: a start made at once (a process manager's) waits for them, saying
     so, rather than exit 1; and the deliveries the old workers answered reach the bus."""
     queue = await bind_queue()
-    sections: dict[str, dict[str, Any]] = {
-        "server": {"workers": 2, "shutdown_timeout": 4.0},
-        "amqp": {
-            "url": proxied_amqp_url(broker_proxy),
-            "exchange": exchange_name,
-            "reconnect_interval": 0.2,
-            "publish_timeout": 8.0,
-        },
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
+    sections = process_sections(
+        tmp_path,
+        exchange_name,
+        amqp_url=proxied_amqp_url(broker_proxy),
+        amqp={"reconnect_interval": 0.2, "publish_timeout": 8.0},
+        server={"workers": 2, "shutdown_timeout": 4.0},
+    )
     old = BridgeProcess(tmp_path, sections)
     await old.start()
     assert old.process is not None

@@ -26,7 +26,14 @@ from bridge.secret_file import load_stored_secret, store_secret
 from bridge.workers import RestartBackoff, Supervisor, WorkerBody
 from tests.fake_konpro import FakeKonPro
 from tests.support.deliveries import envelope
-from tests.support.harness import AMQP_URL, QueueFactory, drain, make_settings, proxied_amqp_url
+from tests.support.harness import (
+    AMQP_URL,
+    QueueFactory,
+    drain,
+    make_settings,
+    process_sections,
+    proxied_amqp_url,
+)
 from tests.support.process import BridgeProcess, free_port, run_command, write_toml
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
@@ -37,13 +44,13 @@ JSON = {"Content-Type": "application/json"}
 
 
 def sections(tmp_path: Path, exchange: str, amqp_url: str) -> dict[str, dict[str, object]]:
-    return {
-        "server": {"workers": 2},
-        "amqp": {"url": amqp_url, "exchange": exchange, "reconnect_interval": 0.2},
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
+    return process_sections(
+        tmp_path,
+        exchange,
+        amqp_url=amqp_url,
+        amqp={"reconnect_interval": 0.2},
+        server={"workers": 2},
+    )
 
 
 def bodies(count: int) -> list[bytes]:
@@ -642,17 +649,13 @@ async def test_workers_stopped_while_the_broker_reads_nothing_stop_cleanly(
     gracefully within the allowance, and the bridge exit 0. Instead each worker waits on
     aiormq's close until the supervisor kills it (``workers.kill``, an error), with its spool
     and its connection left to the kill, and the bridge exits 9."""
-    sections: dict[str, dict[str, object]] = {
-        "server": {"shutdown_timeout": 1.0, "workers": 2},
-        "amqp": {
-            "url": proxied_amqp_url(broker_proxy),
-            "exchange": exchange_name,
-            "publish_timeout": 1.0,
-        },
-        "spool": {"path": str(tmp_path / "spool")},
-        "reconcile": {"enabled": False},
-        "log": {"format": "json"},
-    }
+    sections = process_sections(
+        tmp_path,
+        exchange_name,
+        amqp_url=proxied_amqp_url(broker_proxy),
+        amqp={"publish_timeout": 1.0},
+        server={"shutdown_timeout": 1.0, "workers": 2},
+    )
     bridge = BridgeProcess(tmp_path, sections)
     await bridge.start()
     try:

@@ -37,6 +37,23 @@ def make_settings(tmp_path: Path, exchange: str, **sections: dict[str, Any]) -> 
     return Settings.model_validate(data)
 
 
+def process_sections(
+    tmp_path: Path, exchange: str, *, amqp_url: str = AMQP_URL, **sections: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The settings of a bridge run as a process (``BridgeProcess``), as ``make_settings`` gives
+    them in-process: its own exchange and spool, no reconciliation, JSON log lines. Each keyword
+    adds to its section."""
+    data: dict[str, dict[str, Any]] = {
+        "amqp": {"url": amqp_url, "exchange": exchange},
+        "spool": {"path": str(tmp_path / "spool")},
+        "reconcile": {"enabled": False},
+        "log": {"format": "json"},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return data
+
+
 def proxied_amqp_url(proxy: TcpProxy) -> str:
     return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
 
