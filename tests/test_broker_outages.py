@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import itertools
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +429,26 @@ async def test_a_publish_waiting_behind_one_with_its_message_id_does_not_wait_fo
                 await second
 
 
+@asynccontextmanager
+async def under_a_memory_alarm(
+    tmp_path: Path, exchange_name: str, private_broker: PrivateBroker
+) -> AsyncIterator[Bridge]:
+    """A bridge whose broker keeps the connection but blocks publishers (a memory alarm) for as
+    long as the block runs; then the alarm is cleared, and the spool must drain."""
+    settings = make_settings(
+        tmp_path, exchange_name, amqp={"url": private_broker.url, "publish_timeout": 0.5}
+    )
+    async with Bridge(settings) as bridge:
+        await asyncio.wait_for(bridge.publisher.until_ready(), 10)
+        private_broker.raise_memory_alarm()
+        try:
+            await asyncio.sleep(1.0)  # the broker has told the connection it is blocked
+            yield bridge
+        finally:
+            private_broker.clear_memory_alarm()
+        await eventually(lambda: bridge.spool.depth == 0, within=90)
+
+
 async def test_status_tells_a_broker_that_blocks_publishing(
     tmp_path: Path,
     exchange_name: str,
@@ -436,23 +458,12 @@ async def test_status_tells_a_broker_that_blocks_publishing(
 ) -> None:
     """A memory alarm: the broker keeps the connection and blocks publishers. Deliveries are
     spooled, and ``/status`` says why, although the link is up."""
-    settings = make_settings(
-        tmp_path, exchange_name, amqp={"url": private_broker.url, "publish_timeout": 0.5}
-    )
-    async with Bridge(settings) as bridge:
-        await asyncio.wait_for(bridge.publisher.until_ready(), 10)
-        private_broker.raise_memory_alarm()
-        try:
-            await asyncio.sleep(1.0)  # the broker has told the connection it is blocked
-            answers = [
-                await post_status(http, bridge.webhook_url, envelope(f"alarm-{n}"))
-                for n in range(3)
-            ]
-            async with http.get(bridge.url + "/status") as response:
-                broker = (await response.json())["broker"]
-        finally:
-            private_broker.clear_memory_alarm()
-        await eventually(lambda: bridge.spool.depth == 0, within=90)
+    async with under_a_memory_alarm(tmp_path, exchange_name, private_broker) as bridge:
+        answers = [
+            await post_status(http, bridge.webhook_url, envelope(f"alarm-{n}")) for n in range(3)
+        ]
+        async with http.get(bridge.url + "/status") as response:
+            broker = (await response.json())["broker"]
     assert answers == [202, 202, 202]  # nothing could be published
     assert broker["reason"] is not None, f"/status during a memory alarm: {broker}"
     assert "memory" in broker["reason"] or "block" in broker["reason"]
@@ -544,23 +555,13 @@ async def test_a_broker_that_blocks_publishers_is_told_once_not_at_every_deliver
     """During a memory alarm every publish times out: ``amqp.confirms_late`` is said once, when
     it starts, and ``/status`` keeps saying since when, instead of a warning for every delivery
     and a time that moves with each."""
-    settings = make_settings(
-        tmp_path, exchange_name, amqp={"url": private_broker.url, "publish_timeout": 0.5}
-    )
-    async with Bridge(settings) as bridge:
-        await asyncio.wait_for(bridge.publisher.until_ready(), 10)
-        private_broker.raise_memory_alarm()
-        try:
-            await asyncio.sleep(1.0)  # the broker has told the connection it is blocked
-            with capture_logs() as logs:
-                reasons = []
-                for n in range(3):
-                    body = envelope(f"mutA-alarm-{n}")
-                    assert await post_status(http, bridge.webhook_url, body) == 202
-                    reasons.append(bridge.publisher.confirms_late_reason)
-        finally:
-            private_broker.clear_memory_alarm()
-        await eventually(lambda: bridge.spool.depth == 0, within=90)
+    async with under_a_memory_alarm(tmp_path, exchange_name, private_broker) as bridge:
+        with capture_logs() as logs:
+            reasons = []
+            for n in range(3):
+                body = envelope(f"blocked-{n}")
+                assert await post_status(http, bridge.webhook_url, body) == 202
+                reasons.append(bridge.publisher.confirms_late_reason)
     assert len(seen(logs, "amqp.confirms_late")) == 1
     assert reasons[0] is not None
     assert reasons == [reasons[0]] * 3  # the same "since"

@@ -708,33 +708,29 @@ def dies_of_sigint_when_stopped(settings: Settings, index: int, replays: ReplayL
     return 0
 
 
-async def test_a_worker_whose_stop_fails_makes_the_bridges_stop_fail(tmp_path: Path) -> None:
-    """The supervisor's exit code is the worst of its workers' stops: a worker that could not
-    stop cleanly (its events may be in doubt) is not hidden behind a 0 for systemd or the
-    orchestrator."""
+async def exit_code_of_a_stop(tmp_path: Path, body: WorkerBody) -> int | None:
+    """The supervisor's exit code when told to stop once both its workers run ``body``."""
     settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
-    supervisor = start_supervisor(settings, fails_its_stop)
+    supervisor = start_supervisor(settings, body)
     markers = [settings.spool.path.parent / f"worker-{i}-started" for i in (0, 1)]
     try:
         await eventually(lambda: all(marker.exists() for marker in markers))
     finally:
         await stop_supervisor(supervisor)
+    return supervisor.exitcode
 
-    assert supervisor.exitcode == 3
+
+async def test_a_worker_whose_stop_fails_makes_the_bridges_stop_fail(tmp_path: Path) -> None:
+    """The supervisor's exit code is the worst of its workers' stops: a worker that could not
+    stop cleanly (its events may be in doubt) is not hidden behind a 0 for systemd or the
+    orchestrator."""
+    assert await exit_code_of_a_stop(tmp_path, fails_its_stop) == 3
 
 
 async def test_a_worker_ended_by_a_terminals_ctrl_c_is_a_clean_stop(tmp_path: Path) -> None:
     """Ctrl-C in a terminal reaches every process of the group, workers included; one ended by
     that SIGINT stopped as asked, like one ended by the supervisor's SIGTERM: exit code 0."""
-    settings = make_settings(tmp_path, "unused", server={"workers": 2, "port": free_port()})
-    supervisor = start_supervisor(settings, dies_of_sigint_when_stopped)
-    markers = [settings.spool.path.parent / f"worker-{i}-started" for i in (0, 1)]
-    try:
-        await eventually(lambda: all(marker.exists() for marker in markers))
-    finally:
-        await stop_supervisor(supervisor)
-
-    assert supervisor.exitcode == 0
+    assert await exit_code_of_a_stop(tmp_path, dies_of_sigint_when_stopped) == 0
 
 
 def cannot_start_once_worker_1_runs(settings: Settings, index: int, replays: ReplayLink) -> int:
