@@ -18,6 +18,7 @@ spool (the daemon, or ``spool drain`` while the daemon is stopped): an exclusive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import fcntl
 import os
@@ -26,7 +27,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
@@ -180,15 +181,20 @@ class Spool:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         loop = asyncio.get_running_loop()
         lock_fd = None
+        opening: asyncio.Future[_Database] | None = None
         try:
             # The lock first, a spool another process owns is not even opened; and at once, on
             # this thread: taken in the executor, a cancelled open would leave it held.
             if exclusive:
                 lock_fd = _lock(settings.path)
             # Whoever takes the lock will write: a file it may not write is an error now.
-            opening = partial(_Database.open, settings.path, writing=exclusive)
-            database = await loop.run_in_executor(executor, opening)
+            opening = loop.run_in_executor(
+                executor, partial(_Database.open, settings.path, writing=exclusive)
+            )
+            database = await asyncio.shield(opening)
         except BaseException as exc:
+            if opening is not None:
+                await _close_when_opened(opening, executor)
             executor.shutdown(wait=False)
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -651,6 +657,18 @@ def _headers(stored: bytes | str, message_id: str) -> dict[str, str]:
         detail="forwarded without its KonPro headers",
     )
     return {}
+
+
+async def _close_when_opened(opening: asyncio.Future[_Database], executor: Executor) -> None:
+    """An open cancelled while its thread opens the file (a stop during start-up): let the
+    thread finish and close what it opened (there: SQLite's objects keep to their thread)
+    before the lock is let go, or the next owner could meet the file half made ("database is
+    locked" while its schema is written)."""
+    with contextlib.suppress(asyncio.CancelledError):  # cancelled again: the thread ends anyway
+        await asyncio.wait([opening])
+        if opening.done() and not opening.cancelled() and opening.exception() is None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(executor, opening.result().close)
 
 
 def _unusable(directory: Path, error: sqlite3.DatabaseError) -> SpoolUnusable:

@@ -704,7 +704,9 @@ async def test_a_spool_open_cancelled_while_it_takes_the_lock_leaves_the_spool_u
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stop during start-up cancels the open: the lock is taken at once, on the loop's
-    thread, so no executor thread can take it after the open is gone and hold it for ever."""
+    thread, so no executor thread can take it after the open is gone and hold it for ever; and
+    what the thread was opening is closed before the lock is let go, so that the next owner
+    does not meet the file half made ("database is locked")."""
     settings = SpoolSettings(path=tmp_path / "spool")
     real_lock = spool_module._lock
 
