@@ -425,18 +425,17 @@ class Reconciler:
 
     async def _unknown_secret_outdated(self, endpoint_id: str) -> str | None:
         stored = await asyncio.to_thread(load_stored, self._secret_dir)
-        stored_for = stored.endpoint_id if stored is not None else None
-        if stored is not None and stored_for in {endpoint_id, None}:
-            return None  # its secret; or stored by a version that did not note whose it is
-        if stored_for is None:
+        if stored is None:
             return (
                 "KonPro does not return the signing secret of the endpoint kept, and none is "
                 "stored (the answer to its registration was lost, or the volume that kept it): "
                 "signatures cannot be checked; set konpro.webhook_secret to that endpoint's "
                 "secret"
             )
+        if stored.endpoint_id in {endpoint_id, None}:
+            return None  # its secret; or stored by a version that did not note whose it is
         return (
-            f"the stored signing secret is endpoint {stored_for}'s, not the kept endpoint "
+            f"the stored signing secret is endpoint {stored.endpoint_id}'s, not the kept endpoint "
             f"{endpoint_id}'s (it was deleted, or moved to another URL), and KonPro does not "
             "return the secret of the endpoint kept: its deliveries are refused (401); set "
             "konpro.webhook_secret to that endpoint's secret"

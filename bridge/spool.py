@@ -18,7 +18,6 @@ spool (the daemon, or ``spool drain`` while the daemon is stopped): an exclusive
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import fcntl
 import os
@@ -664,9 +663,9 @@ async def _close_when_opened(opening: asyncio.Future[_Database], executor: Execu
     thread finish and close what it opened (there: SQLite's objects keep to their thread)
     before the lock is let go, or the next owner could meet the file half made ("database is
     locked" while its schema is written)."""
-    with contextlib.suppress(asyncio.CancelledError):  # cancelled again: the thread ends anyway
+    with suppress(asyncio.CancelledError):  # cancelled again: the thread ends anyway
         await asyncio.wait([opening])
-        if opening.done() and not opening.cancelled() and opening.exception() is None:
+        if not opening.cancelled() and opening.exception() is None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(executor, opening.result().close)
 
