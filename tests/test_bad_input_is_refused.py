@@ -256,18 +256,23 @@ async def test_konpro_headers_of_512_bytes_each_reach_the_bus_with_the_event(
     assert message.headers == largest
 
 
+def webhook_path(bridge: Bridge | BridgeProcess) -> bytes:
+    return urlsplit(bridge.webhook_url).path.encode()
+
+
 async def raw_post(
     bridge: Bridge | BridgeProcess,
     header: bytes,
     body: bytes,
     *,
     path: str | None = None,
+    version: bytes = b"1.1",
 ) -> bytes:
     """POST with ``header`` as given, bytes no client library would send; the whole answer."""
-    target = (path or urlsplit(bridge.webhook_url).path).encode()
+    target = path.encode() if path is not None else webhook_path(bridge)
     head = (
-        b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n%s\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (target, header, len(body))
+        b"POST %s HTTP/%s\r\nHost: bridge\r\nContent-Type: application/json\r\n%s\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (target, version, header, len(body))
     )
     return await raw_http.exchange(bridge.port, head + body)
 
@@ -296,11 +301,10 @@ async def test_an_expectation_other_than_100_continue_is_answered_417(
 async def head_of_answer_to_expectation(bridge: Bridge, expectation: bytes, length: int) -> bytes:
     """POST headers with ``Expect: <expectation>`` and no body; the answer's head. The connection
     is left open by the client, as one waiting for ``100 Continue`` does."""
-    path = urlsplit(bridge.webhook_url).path.encode()
     return await raw_http.answer_head(
         bridge.port,
         b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
-        b"Expect: %s\r\nContent-Length: %d\r\n\r\n" % (path, expectation, length),
+        b"Expect: %s\r\nContent-Length: %d\r\n\r\n" % (webhook_path(bridge), expectation, length),
     )
 
 
@@ -586,10 +590,6 @@ async def test_an_empty_body_is_named_as_such_even_when_signatures_are_checked(
     assert line["detail"] == "body is empty"
 
 
-def webhook_path(bridge: Bridge) -> bytes:
-    return urlsplit(bridge.webhook_url).path.encode()
-
-
 @pytest.mark.parametrize("expect", [b"100-continue", b"something-else"])
 async def test_an_http_1_0_delivery_with_an_expect_header_is_taken_as_if_it_had_none(
     expect: bytes, start_bridge: BridgeFactory, bind_queue: QueueFactory
@@ -600,12 +600,7 @@ async def test_an_http_1_0_delivery_with_an_expect_header_is_taken_as_if_it_had_
     queue = await bind_queue("#")
     body = envelope("v_http10_" + expect.decode())
     async with start_bridge() as bridge:
-        answer = await raw_http.exchange(
-            bridge.port,
-            b"POST %s HTTP/1.0\r\nHost: bridge\r\nContent-Type: application/json\r\n"
-            b"Expect: %s\r\nContent-Length: %d\r\n\r\n%s"
-            % (webhook_path(bridge), expect, len(body), body),
-        )
+        answer = await raw_post(bridge, b"Expect: " + expect, body, version=b"1.0")
     assert answer.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")), answer
     assert b"100 Continue" not in answer
     assert [m.body for m in await drain(queue, expect=1)] == [body]
@@ -621,12 +616,7 @@ async def test_expect_100_continue_lets_a_body_of_exactly_the_limit_be_sent(
     body = envelope("v_at_limit")
     body = body[:-1] + b" " * (limit - len(body)) + b"}"
     async with start_bridge(server={"max_body_bytes": limit}) as bridge:
-        answer = await raw_http.exchange(
-            bridge.port,
-            b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
-            b"Expect: 100-continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (webhook_path(bridge), len(body), body),
-        )
+        answer = await raw_post(bridge, b"Expect: 100-continue", body)
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer[:200]
     assert [m.body for m in await drain(queue, expect=1)] == [body]
 
@@ -656,11 +646,6 @@ async def test_the_100_continue_expectation_is_read_whatever_its_case(
     queue = await bind_queue("#")
     body = envelope("v_expect_case")
     async with start_bridge() as bridge:
-        answer = await raw_http.exchange(
-            bridge.port,
-            b"POST %s HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
-            b"Expect: 100-Continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (webhook_path(bridge), len(body), body),
-        )
+        answer = await raw_post(bridge, b"Expect: 100-Continue", body)
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer[:200]
     assert [m.body for m in await drain(queue, expect=1)] == [body]
