@@ -28,6 +28,7 @@ from bridge.konpro import (
     parse_retry_after,
 )
 from tests.fake_konpro import EVENT_TYPES, FakeKonPro, WebhookReceiver
+from tests.support.serving import serving
 
 pytest_plugins = ("tests.fake_konpro",)
 
@@ -477,15 +478,7 @@ async def test_an_endpoint_konpro_says_is_not_found_under_a_400_is_not_found(
     effect (its answer lost at a gateway) is done, as asked, rather than a failed run."""
     not_found = orjson.dumps({"code": 40004, "message": "Endpoint not found"})
     endpoint_id = fake_konpro.add("https://bridge.example/hook")
-    client = KonProClient(
-        fake_konpro.url,
-        SecretStr(fake_konpro.api_key),
-        timeout=2.0,
-        max_attempts=3,
-        backoff_base=0.01,
-        backoff_max=0.1,
-    )
-    async with client:
+    async with client_for(fake_konpro, max_attempts=3, backoff_max=0.1) as client:
         fake_konpro.answer_next(1, 400, body=not_found)
         with pytest.raises(NotFound):
             await client.update_endpoint(endpoint_id, events=None)
@@ -495,15 +488,6 @@ async def test_an_endpoint_konpro_says_is_not_found_under_a_400_is_not_found(
         await client.delete_endpoint(endpoint_id)
 
     assert fake_konpro.endpoints == {}
-
-
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 async def test_a_redirect_from_the_api_does_not_take_the_api_key_to_another_host() -> None:
@@ -519,34 +503,21 @@ async def test_a_redirect_from_the_api_does_not_take_the_api_key_to_another_host
 
     other = web.Application()
     other.router.add_route("*", "/{tail:.*}", elsewhere)
-    other_runner, other_url = await _serve(other)
+    async with serving(other) as other_url:
 
-    async def redirect(request: web.Request) -> web.Response:
-        raise web.HTTPTemporaryRedirect(other_url + request.path)
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPTemporaryRedirect(other_url + request.path)
 
-    api = web.Application()
-    api.router.add_route("*", "/{tail:.*}", redirect)
-    api_runner, api_url = await _serve(api)
-    try:
-        async with KonProClient(api_url, SecretStr(key), timeout=2.0, max_attempts=1) as client:
+        api = web.Application()
+        api.router.add_route("*", "/{tail:.*}", redirect)
+        async with (
+            serving(api) as api_url,
+            KonProClient(api_url, SecretStr(key), timeout=2.0, max_attempts=1) as client,
+        ):
             with pytest.raises(KonProError):
                 await client.list_endpoints()
-    finally:
-        await api_runner.cleanup()
-        await other_runner.cleanup()
 
     assert not [headers for headers in seen_elsewhere if key in headers.values()]
-
-
-def retrying_client(fake: FakeKonPro) -> KonProClient:
-    return KonProClient(
-        fake.url,
-        SecretStr(fake.api_key),
-        timeout=2.0,
-        max_attempts=4,
-        backoff_base=0.01,
-        backoff_max=0.1,
-    )
 
 
 async def test_a_delete_that_took_effect_stays_done_whatever_failures_come_after(
@@ -559,7 +530,7 @@ async def test_a_delete_that_took_effect_stays_done_whatever_failures_come_after
     fake_konpro.serve_then_fail_next(1, 504, call="endpoint.delete")  # deleted, answer lost
     fake_konpro.answer_next(1, 429, retry_after="0", call="endpoint.delete")
 
-    async with retrying_client(fake_konpro) as client:
+    async with client_for(fake_konpro, max_attempts=4, backoff_max=0.1) as client:
         await client.delete_endpoint(endpoint_id)
 
     assert fake_konpro.count("endpoint.delete") == 3
@@ -572,7 +543,7 @@ async def test_a_long_error_message_from_konpro_is_cut_short(fake_konpro: FakeKo
     long = orjson.dumps({"code": 40001, "message": "missing parameter " + "x" * 5000})
     fake_konpro.answer_next(1, 400, body=long)
 
-    async with retrying_client(fake_konpro) as client:
+    async with client_for(fake_konpro, max_attempts=4, backoff_max=0.1) as client:
         with pytest.raises(ValidationFailed) as caught:
             await client.list_endpoints()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -14,12 +15,12 @@ from typing import get_args
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from bridge.events import DOCUMENTED_EVENT_TYPES, Outcome
 from bridge.metrics import OUTCOMES, RECONCILE_RESULTS, Metrics, metrics_app
 from bridge.reconcile import ResultKind
 from tests.support.observing import Samples, samples_of, scrape, value
+from tests.support.serving import serving
 
 Serve = Callable[[Metrics], Awaitable[str]]
 
@@ -27,20 +28,12 @@ Serve = Callable[[Metrics], Awaitable[str]]
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
     """Serves a ``Metrics`` on a free port through the real aiohttp app; yields its URL."""
-    runners: list[web.AppRunner] = []
+    async with contextlib.AsyncExitStack() as servers:
 
-    async def start(metrics: Metrics) -> str:
-        runner = web.AppRunner(metrics_app(metrics))
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}/metrics"
+        async def start(metrics: Metrics) -> str:
+            return await servers.enter_async_context(serving(metrics_app(metrics))) + "/metrics"
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+        yield start
 
 
 async def test_each_call_shows_up_under_its_name_and_labels(

@@ -32,6 +32,7 @@ from bridge.tools import format_json, format_line, local_webhook_url, send_test_
 from tests.support.harness import BridgeFactory, QueueFactory, drain, make_settings
 from tests.support.observing import scrape, value
 from tests.support.private_broker import PrivateBroker
+from tests.support.serving import serving
 
 SECRET = "whsec_test_tools_secret"
 
@@ -53,12 +54,9 @@ async def receiver() -> AsyncIterator[Receiver]:
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    receiver.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    yield receiver
-    await runner.cleanup()
+    async with serving(app) as url:
+        receiver.url = url + "/hook"
+        yield receiver
 
 
 @pytest.mark.parametrize("event_type", [*DOCUMENTED_EVENT_TYPES, "instant_avatar.success"])
