@@ -90,9 +90,12 @@ async def channel(amqp: AbstractRobustConnection) -> AbstractChannel:
 
 @pytest.fixture
 def bind_queue(channel: AbstractChannel, exchange_name: str) -> QueueFactory:
-    """Declares an exclusive queue bound to an exchange (the test's own by default)."""
+    """Declares an exclusive queue bound to an exchange (the test's own by default), with the
+    queue ``arguments`` given (``FULL_AT_ONE``: one that refuses publishes once it holds one)."""
 
-    async def bind(routing_key: str = "#", exchange: str | None = None) -> AbstractQueue:
+    async def bind(
+        routing_key: str = "#", exchange: str | None = None, arguments: dict[str, Any] | None = None
+    ) -> AbstractQueue:
         target = exchange or exchange_name
         await channel.declare_exchange(
             target,
@@ -100,7 +103,7 @@ def bind_queue(channel: AbstractChannel, exchange_name: str) -> QueueFactory:
             durable=True,
             arguments={"alternate-exchange": f"{target}.unrouted"},
         )
-        queue = await channel.declare_queue(exclusive=True)
+        queue = await channel.declare_queue(exclusive=True, arguments=arguments)
         await queue.bind(target, routing_key)
         return queue
 

@@ -31,6 +31,7 @@ from bridge.relay import Relay
 from bridge.signatures import ReplayGuard
 from bridge.spool import Spool
 from tests.support.harness import (
+    FULL_AT_ONE,
     BridgeFactory,
     QueueFactory,
     drain,
@@ -253,21 +254,11 @@ async def test_over_a_slow_broker_link_every_accepted_event_is_stored_confirmed_
 
 async def test_an_event_the_broker_nacks_is_spooled_and_forwarded_once_there_is_room(
     start_bridge: BridgeFactory,
-    channel: aio_pika.abc.AbstractChannel,
+    bind_queue: QueueFactory,
     exchange_name: str,
     http: aiohttp.ClientSession,
 ) -> None:
-    # A consumer's queue that holds one message and refuses more: the broker nacks the publish.
-    await channel.declare_exchange(
-        exchange_name,
-        aio_pika.ExchangeType.TOPIC,
-        durable=True,
-        arguments={"alternate-exchange": f"{exchange_name}.unrouted"},
-    )
-    queue = await channel.declare_queue(
-        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
-    )
-    await queue.bind(exchange_name, "#")
+    queue = await bind_queue("#", arguments=FULL_AT_ONE)  # the broker nacks what it refuses
     async with start_bridge() as bridge:
         first = await post(http, bridge.webhook_url, 1)
         second = await post(http, bridge.webhook_url, 2)

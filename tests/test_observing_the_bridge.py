@@ -14,12 +14,10 @@ import re
 from pathlib import Path
 from typing import Literal, TextIO
 
-import aio_pika
 import aiohttp
 import orjson
 import pytest
 import structlog
-from aio_pika.abc import AbstractChannel
 from structlog.testing import capture_logs
 
 from bridge.app import Bridge
@@ -33,7 +31,14 @@ from bridge.spool import Spool
 from bridge.status import StatusReport
 from tests.fake_konpro import FakeKonPro
 from tests.support.deliveries import delivery, envelope, post_status
-from tests.support.harness import AMQP_URL, BridgeFactory, QueueFactory, drain, proxied_amqp_url
+from tests.support.harness import (
+    AMQP_URL,
+    FULL_AT_ONE,
+    BridgeFactory,
+    QueueFactory,
+    drain,
+    proxied_amqp_url,
+)
 from tests.support.observing import scrape, seen, status, value
 from tests.support.process import free_port
 from tests.support.tcp_proxy import TcpProxy
@@ -356,23 +361,13 @@ def _result(bridge: Bridge) -> str | None:
 
 async def test_a_spooled_event_the_broker_keeps_refusing_is_named_in_the_forwarders_log_line(
     start_bridge: BridgeFactory,
-    channel: AbstractChannel,
-    exchange_name: str,
+    bind_queue: QueueFactory,
     http: aiohttp.ClientSession,
 ) -> None:
     """One consumer's queue is full and refuses publishes (``x-overflow: reject-publish``):
     the forwarder's failure line names the event and its type, the routing key that leads to
     that queue, and the broker's reason rather than an exception's repr."""
-    exchange = await channel.declare_exchange(
-        exchange_name,
-        aio_pika.ExchangeType.TOPIC,
-        durable=True,
-        arguments={"alternate-exchange": f"{exchange_name}.unrouted"},
-    )
-    full = await channel.declare_queue(
-        exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
-    )
-    await full.bind(exchange, "avatar_video.fail")
+    await bind_queue("avatar_video.fail", arguments=FULL_AT_ONE)
     with capture_logs() as logs:
         async with start_bridge() as bridge:
             assert (

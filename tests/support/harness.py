@@ -8,7 +8,7 @@ import os
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from aio_pika.abc import AbstractQueue
 
@@ -18,6 +18,10 @@ from tests.support.tcp_proxy import TcpProxy
 
 AMQP_URL = os.environ.get("KONPRO_BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 5672
+
+FULL_AT_ONE: Final = {"x-max-length": 1, "x-overflow": "reject-publish"}
+"""Arguments of a consumer's queue that holds one message and refuses more: the broker then nacks
+each publish routed to it."""
 
 BridgeFactory = Callable[..., AbstractAsyncContextManager[Bridge]]
 QueueFactory = Callable[..., Awaitable[AbstractQueue]]
